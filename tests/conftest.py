@@ -1,0 +1,212 @@
+"""Shared fixtures: real PostgreSQL and NATS (the machine's, or embedded ones), never mocks.
+
+With ``TWINSTORE_TEST_DATABASE_URL`` and ``TWINSTORE_TEST_NATS_URL`` set the tests use those
+servers; otherwise they start the embedded servers once per session. Each session gets its own
+database and its own NATS subject prefix / stream, so runs never see each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import bcrypt
+import httpx
+import nats
+import pytest
+import pytest_asyncio
+
+from twinstore.api.app import create_app
+from twinstore.runtime import Runtime
+from twinstore.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTH = ("ditto", "ditto")
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` pointing at another database (keeps host, socket and query)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[tuple[str, str]]:
+    """(admin database URL, NATS URL) of real servers."""
+    db = os.environ.get("TWINSTORE_TEST_DATABASE_URL")
+    bus = os.environ.get("TWINSTORE_TEST_NATS_URL")
+    if db and bus:
+        yield db, bus
+        return
+    from twinstore.embedded import EmbeddedServers
+
+    tmp = Path(tempfile.mkdtemp(prefix="twinstore-test-"))
+    embedded = EmbeddedServers(tmp)
+    embedded_db, embedded_bus = embedded.start()
+    try:
+        yield db or embedded_db, bus or embedded_bus
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("users") / "users.htpasswd"
+    lines = [
+        f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)).decode()}"
+        for user, pw in {"ditto": "ditto", "other": "secret"}.items()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def fresh_database(admin_url: str) -> str:
+    """Create an empty database for this session and return its URL."""
+    name = f"twinstore_test_{os.getpid()}_{secrets.token_hex(3)}"
+
+    async def create() -> None:
+        con = await asyncpg.connect(admin_url)
+        try:
+            await con.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await con.close()
+
+    asyncio.run(create())
+    return with_database(admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def settings(servers: tuple[str, str], users_file: Path) -> Settings:
+    admin_url, nats_url = servers
+    return load_settings(
+        {},
+        database_url=fresh_database(admin_url),
+        nats_url=nats_url,
+        users_file=str(users_file),
+        nats_prefix=f"t{secrets.token_hex(4)}",
+        snapshot_every=10,
+        relay_poll_interval=0.05,
+        max_body_bytes=262_144,
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    rt = Runtime(settings)
+    await rt.open()
+    try:
+        yield rt
+    finally:
+        await rt.close()
+        nc = await nats.connect(settings.nats_url)
+        try:
+            await nc.jetstream().delete_stream(rt.subjects.events_stream)
+        except Exception:
+            pass
+        await nc.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, runtime)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://twinstore", auth=AUTH) as c:
+        yield c
+
+
+def new_thing_id(prefix: str = "org.test") -> str:
+    return f"{prefix}:{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def thing_id() -> str:
+    return new_thing_id()
+
+
+# ---- server processes ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """A real ``twinstore serve`` process on the test database and NATS."""
+
+    def __init__(self, settings: Settings, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "TWINSTORE_DATABASE_URL": settings.database_url or "",
+            "TWINSTORE_NATS_URL": settings.nats_url or "",
+            "TWINSTORE_USERS_FILE": settings.users_file or "",
+            "TWINSTORE_NATS_PREFIX": settings.nats_prefix,
+            "TWINSTORE_RELAY_POLL_INTERVAL": "0.05",
+            "TWINSTORE_SNAPSHOT_EVERY": str(settings.snapshot_every),
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        self.log = tempfile.NamedTemporaryFile(prefix="twinstore-server-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "twinstore.cli", "serve", "--port", str(self.port)],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server did not become healthy: {Path(self.log.name).read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return Path(self.log.name).read_text()
+
+
+@pytest.fixture
+def server_process(settings: Settings, runtime: Runtime) -> Iterator[Any]:
+    """Factory of server processes, all stopped at the end of the test."""
+    started: list[ServerProcess] = []
+
+    def make(**env: str) -> ServerProcess:
+        proc = ServerProcess(settings, **env)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()

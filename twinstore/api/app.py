@@ -1,0 +1,115 @@
+"""The litestar application: routes, the one error handler, health, OpenAPI.
+
+``create_app(settings, runtime=None)``: the lifespan opens a :class:`Runtime` unless one is
+passed in (tests pass their own).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from litestar import Litestar, Request, Response, get
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+
+import twinstore
+from twinstore.api.things import json_response, thing_handlers
+from twinstore.model.errors import DittoError, PreconditionNotModifiedError
+from twinstore.runtime import Runtime
+from twinstore.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("twinstore.api")
+
+_HTTP_ERRORS = {
+    400: ("things:request.invalid", "Check the request."),
+    404: ("gateway:routing.notfound", "Check the URL: this resource does not exist in the API."),
+    405: ("gateway:method.notallowed", "Check the HTTP method: the resource does not support it."),
+    413: ("things:thing.tooLarge", "Reduce the size of the request body."),
+}
+
+
+def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Map every exception to Ditto's error body; unknown ones are logged and become 500."""
+    correlation = request.headers.get("correlation-id") or request.query_params.get("correlation-id")
+    headers = {"correlation-id": correlation} if correlation else {}
+    if isinstance(exc, PreconditionNotModifiedError):
+        return json_response(304, headers={**headers, "etag": exc.etag})
+    if isinstance(exc, DittoError):
+        body = exc.to_dict()
+        if exc.status == 401:
+            headers["www-authenticate"] = 'Basic realm="twinstore"'
+        return Response(content=orjson.dumps(body), status_code=exc.status, media_type="application/json", headers=headers)
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        code, description = _HTTP_ERRORS.get(status, ("gateway:request.invalid", "Check the request."))
+        body = {"status": status, "error": code, "message": str(exc.detail), "description": description}
+        return Response(content=orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+    log.exception("unhandled error", extra={"correlation_id": correlation, "path": request.url.path})
+    body = {
+        "status": 500,
+        "error": "things:internalerror",
+        "message": "An unexpected error occurred; it was logged.",
+        "description": "Report this with the correlation id if it persists.",
+    }
+    return Response(content=orjson.dumps(body), status_code=500, media_type="application/json", headers=headers)
+
+
+@get("/health", operation_id="getHealth", tags=["Operations"], summary="Database and NATS status (200 / 503)")
+async def health(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime: Runtime = request.app.state.runtime
+    ok, body = await runtime.health()
+    return json_response(200 if ok else 503, body)
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
+    """The ASGI app; opens (and closes) a runtime unless one is given."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if runtime is not None:
+            app.state.runtime = runtime
+            yield
+            return
+        own = Runtime(settings)
+        await own.open()
+        app.state.runtime = own
+        try:
+            yield
+        finally:
+            await own.close()
+
+    app = Litestar(
+        route_handlers=[health, *thing_handlers()],
+        lifespan=[lifespan],
+        exception_handlers={Exception: ditto_error_handler},
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="twinstore",
+            version=twinstore.__version__,
+            description="Eclipse Ditto HTTP API v2 compatible digital-twin service.",
+            path="/api/2/openapi",
+            render_plugins=[ScalarRenderPlugin()],
+        ),
+        debug=False,
+    )
+    app.state.default_namespace = "org.eclipse.ditto"
+    if runtime is not None:
+        app.state.runtime = runtime
+    return app
+
+
+def app_from_environment() -> Litestar:
+    """App factory for multi-worker serving: settings come from ``TWINSTORE_*``."""
+    from twinstore.logs import configure_logging
+    from twinstore.settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)

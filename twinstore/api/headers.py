@@ -1,0 +1,55 @@
+"""Ditto headers of an HTTP request; each may also be given as a query parameter (as Ditto)."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgspec
+from litestar import Request
+
+from twinstore.model.errors import HeaderInvalidError, InvalidInputError
+from twinstore.model.etag import parse_etags
+from twinstore.model.fields import parse_fields
+
+__all__ = ["DittoHeaders", "parse_headers"]
+
+
+class DittoHeaders(msgspec.Struct, kw_only=True):
+    correlation_id: str
+    response_required: bool = True
+    if_match: list[str] | None = None
+    if_none_match: list[str] | None = None
+    fields: list[list[str]] | None = None
+
+
+def header(request: Request, name: str) -> str | None:
+    """A Ditto header from the headers, else from the query string."""
+    value = request.headers.get(name)
+    if value is None:
+        value = request.query_params.get(name)
+    return value
+
+
+def _bool(name: str, value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise HeaderInvalidError(f"The value '{value}' of the header '{name}' is not a valid boolean.")
+
+
+def parse_headers(request: Request) -> DittoHeaders:
+    """Parse and validate the Ditto headers of ``request``."""
+    fields_text = request.query_params.get("fields")
+    if fields_text is not None and not fields_text.strip():
+        raise InvalidInputError("The 'fields' parameter must not be empty.", error="json.fieldselector.invalid")
+    return DittoHeaders(
+        correlation_id=header(request, "correlation-id") or str(uuid.uuid4()),
+        response_required=_bool("response-required", header(request, "response-required"), True),
+        if_match=parse_etags(header(request, "if-match")),
+        if_none_match=parse_etags(header(request, "if-none-match")),
+        fields=parse_fields(fields_text) if fields_text is not None else None,
+    )

@@ -1,0 +1,262 @@
+"""The Ditto HTTP API v2 for things: ``/api/2/things`` and every sub-resource.
+
+Every Ditto thing resource is a JSON pointer into the thing (``/attributes/a`` or
+``/features/f/properties/x``), so one set of handlers serves all of them; the table
+``RESOURCES`` gives each Ditto route its pointer, methods and documentation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+from litestar import Request, Response, delete, get, patch, post, put
+from litestar.handlers import HTTPRouteHandler
+
+from twinstore.api.headers import DittoHeaders, parse_headers
+from twinstore.model.errors import (
+    InvalidInputError,
+    JsonInvalidError,
+    UnsupportedMediaTypeError,
+)
+from twinstore.model.ids import validate_namespace, validate_thing_id
+from twinstore.model.thing import Command, Create, Delete, JsonPatch, Merge, Modify
+from twinstore.service import ThingService
+from twinstore.store.journal import Committed, WriteRequest
+
+__all__ = ["RESOURCES", "thing_handlers"]
+
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+LIST_LIMIT = 200
+
+T = "/api/2/things/{thingId:str}"
+F = T + "/features/{featureId:str}"
+
+# (route, pointer template, methods, noun for docs)
+RESOURCES: list[tuple[str, str, tuple[str, ...], str]] = [
+    (T, "", ("GET", "PUT", "PATCH", "DELETE"), "thing"),
+    (T + "/policyId", "/policyId", ("GET", "PUT"), "policy ID of a thing"),
+    (T + "/definition", "/definition", ("GET", "PUT", "PATCH", "DELETE"), "definition of a thing"),
+    (T + "/attributes", "/attributes", ("GET", "PUT", "PATCH", "DELETE"), "attributes of a thing"),
+    (
+        T + "/attributes/{attributePath:path}",
+        "/attributes{attributePath}",
+        ("GET", "PUT", "PATCH", "DELETE"),
+        "attribute of a thing",
+    ),
+    (T + "/features", "/features", ("GET", "PUT", "PATCH", "DELETE"), "features of a thing"),
+    (F, "/features/{featureId}", ("GET", "PUT", "PATCH", "DELETE"), "feature"),
+    (
+        F + "/definition",
+        "/features/{featureId}/definition",
+        ("GET", "PUT", "PATCH", "DELETE"),
+        "definition of a feature",
+    ),
+    (
+        F + "/properties",
+        "/features/{featureId}/properties",
+        ("GET", "PUT", "PATCH", "DELETE"),
+        "properties of a feature",
+    ),
+    (
+        F + "/properties/{propertyPath:path}",
+        "/features/{featureId}/properties{propertyPath}",
+        ("GET", "PUT", "PATCH", "DELETE"),
+        "property of a feature",
+    ),
+    (
+        F + "/desiredProperties",
+        "/features/{featureId}/desiredProperties",
+        ("GET", "PUT", "PATCH", "DELETE"),
+        "desired properties of a feature",
+    ),
+    (
+        F + "/desiredProperties/{propertyPath:path}",
+        "/features/{featureId}/desiredProperties{propertyPath}",
+        ("GET", "PUT", "PATCH", "DELETE"),
+        "desired property of a feature",
+    ),
+]
+
+
+def json_response(
+    status: int, body: Any = None, headers: dict[str, str] | None = None
+) -> Response[bytes]:
+    content = b"" if body is None and status in (202, 204, 304) else orjson.dumps(body)
+    return Response(content=content, status_code=status, media_type=JSON, headers=headers or {})
+
+
+def _media_type(request: Request[Any, Any, Any]) -> str:
+    return (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+
+
+async def read_json(request: Request[Any, Any, Any], allowed: tuple[str, ...], *, optional: bool = False) -> Any:
+    """The request body as JSON, after checking its media type (415) and syntax (400)."""
+    body = await request.body()
+    if optional and not body.strip():
+        return None
+    media = _media_type(request)
+    if media not in allowed:
+        raise UnsupportedMediaTypeError(
+            f"The Media-Type '{media or '<none>'}' is not supported for this resource and "
+            f"method; use one of: {', '.join(allowed)}."
+        )
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise JsonInvalidError(f"Failed to parse JSON string '{body[:200].decode(errors='replace')}': {exc}") from None
+
+
+def _pointer(template: str, params: dict[str, Any]) -> str:
+    return template.format(**params) or "/"
+
+
+def _base_headers(h: DittoHeaders) -> dict[str, str]:
+    return {"correlation-id": h.correlation_id}
+
+
+async def _subject(request: Request[Any, Any, Any]) -> str:
+    auth = request.app.state.runtime.auth
+    return str(await auth.authenticate(request.headers.get("authorization")))
+
+
+def _service(request: Request[Any, Any, Any]) -> ThingService:
+    service: ThingService = request.app.state.runtime.service
+    return service
+
+
+def _write_response(
+    request: Request[Any, Any, Any], h: DittoHeaders, done: Committed, location: str | None = None
+) -> Response[bytes]:
+    from twinstore.model import etag
+    from twinstore.model import patch as jp
+    from twinstore.model.ids import parse_pointer
+
+    event = done.event
+    parts = parse_pointer(event.path)
+    headers = _base_headers(h)
+    if done.after.doc is not None:
+        value = jp.get_at(done.after.doc, parts)
+        if value is not jp.MISSING:
+            headers["etag"] = etag.etag_of(value, done.after.revision, parts)
+    if not h.response_required:
+        return json_response(202, headers=headers)
+    if event.action == "created" and request.method in ("PUT", "POST"):
+        headers["location"] = location or str(request.url).split("?")[0]
+        body = event.value
+        return json_response(201, body, headers)
+    return json_response(204, headers=headers)
+
+
+def _command(method: str, media: str, pointer: str, body: Any) -> Command:
+    if method == "PUT":
+        return Modify(path=pointer, value=body)
+    if method == "DELETE":
+        return Delete(path=pointer)
+    if media == JSON_PATCH:
+        return JsonPatch(path=pointer, value=body)
+    return Merge(path=pointer, value=body)
+
+
+def _make(method: str, template: str) -> Callable[[Request[Any, Any, Any]], Coroutine[Any, Any, Response[bytes]]]:
+    async def handler(request: Request[Any, Any, Any]) -> Response[bytes]:
+        subject = await _subject(request)
+        h = parse_headers(request)
+        thing_id = validate_thing_id(request.path_params["thingId"])
+        pointer = _pointer(template, request.path_params)
+        service = _service(request)
+        if method == "GET":
+            got = await service.retrieve(
+                thing_id, pointer, fields=h.fields, if_match=h.if_match, if_none_match=h.if_none_match
+            )
+            return json_response(200, got.value, {**_base_headers(h), "etag": got.etag})
+        body = None
+        if method == "PUT":
+            body = await read_json(request, (JSON,))
+        elif method == "PATCH":
+            body = await read_json(request, (MERGE_PATCH, JSON_PATCH))
+        command = _command(method, _media_type(request), pointer, body)
+        done = await service.write(
+            WriteRequest(
+                thing_id=thing_id,
+                command=command,
+                originator=subject,
+                correlation_id=h.correlation_id,
+                if_match=h.if_match,
+                if_none_match=h.if_none_match,
+            )
+        )
+        return _write_response(request, h, done)
+
+    return handler
+
+
+_DECORATORS = {"GET": get, "PUT": put, "PATCH": patch, "DELETE": delete}
+_VERBS = {"GET": "Retrieve", "PUT": "Create or replace", "PATCH": "Merge or JSON-patch", "DELETE": "Delete"}
+
+
+def _operation_id(method: str, route: str) -> str:
+    words = [w for w in route.replace("/api/2/", "").split("/") if w and not w.startswith("{")]
+    return method.lower() + "".join(w[0].upper() + w[1:] for w in words)
+
+
+async def list_things(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """GET /api/2/things: the things named by ``ids`` (in that order) or all, sorted by id."""
+    await _subject(request)
+    h = parse_headers(request)
+    ids_param = request.query_params.get("ids")
+    service = _service(request)
+    if ids_param is not None:
+        ids = [i.strip() for i in ids_param.split(",") if i.strip()]
+        if not ids:
+            raise InvalidInputError("The 'ids' parameter must name at least one Thing ID.")
+        things = await service.retrieve_many(ids, h.fields)
+    else:
+        things = await service.list_things(h.fields, LIST_LIMIT)
+    return json_response(200, things, _base_headers(h))
+
+
+async def create_thing(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """POST /api/2/things: create a thing with a generated id in ``namespace``."""
+    subject = await _subject(request)
+    h = parse_headers(request)
+    body = await read_json(request, (JSON,), optional=True)
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise InvalidInputError("The body of a new Thing must be a JSON object.", error="things:thing.invalid")
+    body.pop("thingId", None)  # "any thingId specified in the request body will be ignored"
+    namespace = validate_namespace(request.query_params.get("namespace", request.app.state.default_namespace))
+    thing_id = f"{namespace}:{uuid.uuid4()}"
+    done = await _service(request).write(
+        WriteRequest(thing_id=thing_id, command=Create(value=body), originator=subject, correlation_id=h.correlation_id)
+    )
+    base = str(request.url).split("?")[0].rstrip("/")
+    return _write_response(request, h, done, location=f"{base}/{thing_id}")
+
+
+def thing_handlers() -> list[HTTPRouteHandler]:
+    """Route handlers for every thing resource of the Ditto API."""
+    handlers: list[HTTPRouteHandler] = [
+        get("/api/2/things", operation_id="getThings", tags=["Things"],
+            summary="Retrieve things by ids (or all visible things)")(list_things),
+        post("/api/2/things", operation_id="postThings", tags=["Things"],
+             summary="Create a thing with a generated id", status_code=201)(create_thing),
+    ]
+    for route, template, methods, noun in RESOURCES:
+        for method in methods:
+            handlers.append(
+                _DECORATORS[method](
+                    route,
+                    operation_id=_operation_id(method, route),
+                    summary=f"{_VERBS[method]} the {noun}",
+                    tags=["Features" if "/features" in route else "Things"],
+                    name=f"{method} {route}",
+                    status_code=200,
+                )(_make(method, template))
+            )
+    return handlers

@@ -1,0 +1,172 @@
+"""Relay: publish every committed journal event to NATS JetStream, exactly once in effect.
+
+One relay per deployment is active at a time: every process runs one, and the one holding a
+session-level PostgreSQL advisory lock (``RELAY_LOCK``) publishes; the others wait to take
+over. The leader tails the journal by ``position`` (commit order, see the journal module) from
+a cursor kept in ``relay_cursor`` and publishes each event as a Ditto Protocol envelope with
+``Nats-Msg-Id: thing:<id>:<revision>``, so a republish after a crash is dropped by JetStream.
+The cursor is saved only after a whole batch was acknowledged by JetStream, so a crash can
+only cause a republish of at most one batch, which the duplicate window drops (consumers also
+see the revision in every envelope and ignore revisions they already have).
+
+Waking: the local journal calls :meth:`Relay.notify` after each commit; events committed by
+other processes are picked up by polling (``poll_interval``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+import nats.js
+import nats.js.api
+import nats.js.errors
+import orjson
+from nats.aio.client import Client as NATS
+
+from twinstore.bus.envelope import event_envelope
+from twinstore.bus.subjects import Subjects
+from twinstore.store.journal import event_from_row
+
+__all__ = ["Relay", "ensure_events_stream"]
+
+log = logging.getLogger("twinstore.relay")
+
+RELAY_LOCK = 7_242_003
+CURSOR = "events"
+POSITION_HEADER = "Twinstore-Position"
+
+SELECT_AFTER = """
+SELECT position, id, revision, ts, action, path, value::text AS value, originator, correlation_id
+FROM journal WHERE position > $1 ORDER BY position LIMIT $2
+"""
+SELECT_CURSOR = "SELECT position FROM relay_cursor WHERE name = $1"
+SAVE_CURSOR = """
+INSERT INTO relay_cursor (name, position) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET position = greatest(relay_cursor.position, excluded.position)
+"""
+
+
+async def ensure_events_stream(
+    js: nats.js.JetStreamContext, subjects: Subjects, max_age_seconds: float
+) -> None:
+    """Create or update the events stream (file storage, dedup window 2 minutes)."""
+    config = nats.js.api.StreamConfig(
+        name=subjects.events_stream,
+        subjects=[subjects.events_wildcard],
+        storage=nats.js.api.StorageType.FILE,
+        retention=nats.js.api.RetentionPolicy.LIMITS,
+        max_age=max_age_seconds,
+        duplicate_window=120.0,
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(config)
+
+
+class Relay:
+    """Publishes the journal to JetStream while it holds the relay lock."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        nc: NATS,
+        subjects: Subjects,
+        *,
+        poll_interval: float = 0.2,
+        batch: int = 1000,
+    ) -> None:
+        self.pool = pool
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = subjects
+        self.poll_interval = poll_interval
+        self.batch = batch
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.is_leader = False
+        self.published = 0
+        self.position = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="twinstore-relay")
+
+    async def stop(self) -> None:
+        """Publish what is committed (if leader), then stop."""
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def notify(self) -> None:
+        """Called after a local commit: publish without waiting for the next poll."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with self.pool.acquire() as lock_con:
+                    while not await lock_con.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):
+                        await asyncio.sleep(max(self.poll_interval, 1.0))
+                    try:
+                        self.is_leader = True
+                        log.info("relay is leader")
+                        await self._lead()
+                    finally:
+                        self.is_leader = False
+                        with contextlib.suppress(Exception):
+                            await lock_con.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("relay failed; retrying")
+                await asyncio.sleep(1.0)
+
+    async def _lead(self) -> None:
+        self.position = await self._start_position()
+        while True:
+            published = await self.publish_pending()
+            if published < self.batch:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                self._wake.clear()
+
+    async def _start_position(self) -> int:
+        async with self.pool.acquire() as con:
+            return int(await con.fetchval(SELECT_CURSOR, CURSOR) or 0)
+
+    async def publish_pending(self) -> int:
+        """Publish one batch after the cursor; returns how many events were published."""
+        async with self.pool.acquire() as con:
+            rows = await con.fetch(SELECT_AFTER, self.position, self.batch)
+        if not rows:
+            return 0
+        futures: list[asyncio.Future[Any]] = []
+        for row in rows:
+            event = event_from_row(row)
+            headers = {
+                "Nats-Msg-Id": f"thing:{event.thing_id}:{event.revision}",
+                POSITION_HEADER: str(row["position"]),
+                "Ditto-Thing-Id": event.thing_id,
+            }
+            futures.append(
+                await self.js.publish_async(
+                    self.subjects.event_subject(event.thing_id),
+                    orjson.dumps(event_envelope(event)),
+                    headers=headers,
+                )
+            )
+        # All or nothing for the cursor: on any failure the batch is republished (dedup ids).
+        await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+        self.position = rows[-1]["position"]
+        self.published += len(rows)
+        async with self.pool.acquire() as con:
+            await con.execute(SAVE_CURSOR, CURSOR, self.position)
+        return len(rows)

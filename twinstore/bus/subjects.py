@@ -1,0 +1,38 @@
+"""NATS subjects and streams of twinstore (one place; adapters and workers use it).
+
+Committed events go to ``<prefix>.events.<partition>`` where ``partition`` is
+``crc32(thing_id) % partitions``: all events of one thing land on one subject, in revision
+order, and consumers can spread partitions over workers.
+
+>>> Subjects("twinstore", 16).event_subject("org.acme:pump-1")
+'twinstore.events.15'
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import msgspec
+
+__all__ = ["Subjects", "partition_of"]
+
+
+def partition_of(thing_id: str, partitions: int) -> int:
+    """Stable partition of a thing id (the same in every process and language: crc32)."""
+    return zlib.crc32(thing_id.encode()) % partitions
+
+
+class Subjects(msgspec.Struct, frozen=True):
+    prefix: str = "twinstore"
+    partitions: int = 16
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix.upper().replace('.', '_')}_EVENTS"
+
+    @property
+    def events_wildcard(self) -> str:
+        return f"{self.prefix}.events.>"
+
+    def event_subject(self, thing_id: str) -> str:
+        return f"{self.prefix}.events.{partition_of(thing_id, self.partitions)}"

@@ -1,0 +1,174 @@
+"""The ``twinstore`` command line: ``serve`` and ``migrate``.
+
+Run ``twinstore --help`` or ``twinstore serve --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from twinstore.logs import configure_logging
+from twinstore.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("twinstore")
+
+DESCRIPTION = """\
+twinstore: an event-sourced digital-twin service speaking Eclipse Ditto's HTTP API v2.
+
+Configuration, lowest to highest precedence: built-in defaults, a TOML file (--config or
+TWINSTORE_CONFIG; keys as in the settings list of the README), environment variables
+TWINSTORE_<NAME> (e.g. TWINSTORE_DATABASE_URL, TWINSTORE_NATS_URL, TWINSTORE_USERS_FILE),
+then command-line options.
+
+Without TWINSTORE_DATABASE_URL and TWINSTORE_NATS_URL, `serve` starts an embedded
+PostgreSQL and an embedded NATS (JetStream) under --data-dir and runs in development mode:
+if no users file is configured it creates the user ditto/ditto and says so in its log.
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument(
+        "--data-dir", metavar="DIR",
+        help="directory of the embedded servers' data and the dev users file (default ./.twinstore)",
+    )
+    parser.add_argument("--database-url", metavar="URL", help="PostgreSQL URL (default: embedded)")
+    parser.add_argument("--nats-url", metavar="URL", help="NATS URL (default: embedded)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twinstore", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve", help="run the HTTP API, the journal and the NATS relay",
+        description="Run the Ditto-compatible HTTP API on --host:--port. Applies migrations at start.",
+    )
+    _common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--workers", type=int, help="HTTP worker processes (default 1)")
+    serve.add_argument("--users-file", metavar="FILE", help="htpasswd file with bcrypt hashes")
+    migrate = sub.add_parser(
+        "migrate", help="apply the database schema and exit",
+        description="Apply missing migrations (safe while servers run or start concurrently).",
+    )
+    _common(migrate)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        None,
+        args.config,
+        data_dir=args.data_dir,
+        database_url=args.database_url,
+        nats_url=args.nats_url,
+        log_level=args.log_level,
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        workers=getattr(args, "workers", None),
+        users_file=getattr(args, "users_file", None),
+    )
+
+
+def _start_embedded(settings: Settings) -> tuple[Settings, object]:
+    """Start embedded servers for what is not configured; development mode."""
+    from twinstore.auth import default_dev_users
+    from twinstore.embedded import EmbeddedServers
+
+    data_dir = Path(settings.data_dir).resolve()
+    servers = EmbeddedServers(data_dir)
+    database_url, nats_url = servers.start()
+    changes: dict[str, object] = {
+        "database_url": settings.database_url or database_url,
+        "nats_url": settings.nats_url or nats_url,
+        "dev_mode": True,
+    }
+    if settings.users_file is None:
+        changes["users_file"] = str(default_dev_users(data_dir))
+        log.warning(
+            "development mode: no users file configured, created default user 'ditto' with "
+            "password 'ditto' (do not use in production)",
+            extra={"users_file": changes["users_file"]},
+        )
+    import msgspec
+
+    return msgspec.structs.replace(settings, **changes), servers  # type: ignore[arg-type]
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    servers = None
+    if settings.embedded:
+        settings, servers = _start_embedded(settings)
+    if settings.users_file is None:
+        log.warning("no users file configured: every API request will be refused with 401")
+    try:
+        log.info("serving", extra={"host": settings.host, "port": settings.port})
+        if settings.workers > 1:
+            # Workers re-create the app from the environment (stateless processes).
+            for name in ("database_url", "nats_url", "users_file"):
+                value = getattr(settings, name)
+                if value:
+                    os.environ["TWINSTORE_" + name.upper()] = str(value)
+            uvicorn.run(
+                "twinstore.api.app:app_from_environment", factory=True, host=settings.host,
+                port=settings.port, workers=settings.workers, log_config=None,
+                access_log=False, timeout_graceful_shutdown=20,
+            )
+        else:
+            from twinstore.api.app import create_app
+
+            uvicorn.run(
+                create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                access_log=False, timeout_graceful_shutdown=20,
+            )
+    finally:
+        if servers is not None:
+            servers.stop()  # type: ignore[attr-defined]
+
+
+async def _migrate(settings: Settings) -> int:
+    from twinstore.runtime import create_pool
+    from twinstore.store.schema import migrate
+
+    assert settings.database_url is not None
+    pool = await create_pool(settings.database_url, 1)
+    try:
+        async with pool.acquire() as con:
+            return await migrate(con)
+    finally:
+        await pool.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
+    if args.command == "serve":
+        serve(settings)
+    elif args.command == "migrate":
+        servers = None
+        if settings.database_url is None:
+            settings, servers = _start_embedded(settings)
+        try:
+            version = asyncio.run(_migrate(settings))
+            print(f"schema is at version {version}")
+        finally:
+            if servers is not None:
+                servers.stop()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,237 @@
+"""The one error hierarchy of twinstore, each class carrying Ditto's fields.
+
+::
+
+    DittoError                      (status, error code, message, description)
+    ├── InvalidInputError           400  bad JSON, bad id, bad path, bad header ...
+    │   ├── JsonInvalidError        400  json.invalid
+    │   ├── ThingIdInvalidError     400  things:id.invalid
+    │   ├── ThingIdNotSettableError 400  things:id.notsettable
+    │   ├── ThingInvalidError       400  things:thing.invalid (shape of a thing)
+    │   ├── PatchInvalidError       400  things:patch.invalid (RFC 6902 / 7396)
+    │   └── HeaderInvalidError      400  header.invalid
+    ├── AuthenticationError         401  gateway:authentication.failed
+    ├── NotFoundError               404  things:thing.notfound and friends
+    ├── PreconditionFailedError     412  things:precondition.failed
+    ├── PreconditionNotModifiedError 304 things:precondition.notmodified
+    ├── TooLargeError               413  things:thing.tooLarge
+    ├── UnsupportedMediaTypeError   415  mediatype.unsupported
+    ├── ConflictError               409  things:thing.conflict (internal retries exhausted)
+    └── UnavailableError            503  things:persistence.unavailable
+
+One handler in the API turns any of them into
+``{"status", "error", "message", "description"}``; NATS ingestion maps the same classes
+to outcomes (4xx -> terminate and report, 503 -> retry later).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AuthenticationError",
+    "ConflictError",
+    "DittoError",
+    "HeaderInvalidError",
+    "InvalidInputError",
+    "JsonInvalidError",
+    "NotFoundError",
+    "PatchInvalidError",
+    "PreconditionFailedError",
+    "PreconditionNotModifiedError",
+    "ThingIdInvalidError",
+    "ThingIdNotSettableError",
+    "ThingInvalidError",
+    "TooLargeError",
+    "UnavailableError",
+    "UnsupportedMediaTypeError",
+    "not_found",
+]
+
+
+class DittoError(Exception):
+    """Base of all errors reported to clients in Ditto's error format."""
+
+    status: ClassVar[int] = 500
+    error: ClassVar[str] = "things:internalerror"
+    description: ClassVar[str] = "An unexpected error occurred."
+
+    def __init__(
+        self, message: str, *, description: str | None = None, error: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.instance_description = description or type(self).description
+        self.instance_error = error or type(self).error
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Ditto error body.
+
+        >>> NotFoundError("gone").to_dict()["status"]
+        404
+        """
+        return {
+            "status": self.status,
+            "error": self.instance_error,
+            "message": self.message,
+            "description": self.instance_description,
+        }
+
+
+class InvalidInputError(DittoError):
+    status = 400
+    error = "things:request.invalid"
+    description = "Check the request: its path, headers and body."
+
+
+class JsonInvalidError(InvalidInputError):
+    error = "json.invalid"
+    description = "Check if the JSON was valid (e.g. on https://jsonlint.com) and if it was in required format."
+
+
+class ThingIdInvalidError(InvalidInputError):
+    error = "things:id.invalid"
+    description = (
+        "It must conform to the namespaced entity ID notation (see Ditto documentation): "
+        "a namespace of dot-separated Java-like identifiers, a colon, and a name without "
+        "control characters or slashes; at most 256 characters."
+    )
+
+
+class ThingIdNotSettableError(InvalidInputError):
+    error = "things:id.notsettable"
+    description = (
+        "Either delete the Thing ID from the body or use the same Thing ID as in the URL path."
+    )
+
+
+class ThingInvalidError(InvalidInputError):
+    error = "things:thing.invalid"
+    description = "Check the structure of the Thing (see Ditto's thing JSON schema)."
+
+
+class PatchInvalidError(InvalidInputError):
+    error = "things:patch.invalid"
+    description = "Check the patch document (RFC 7396 merge patch or RFC 6902 JSON patch)."
+
+
+class HeaderInvalidError(InvalidInputError):
+    error = "header.invalid"
+    description = "Verify that the header has the correct syntax and try again."
+
+
+class AuthenticationError(DittoError):
+    status = 401
+    error = "gateway:authentication.failed"
+    description = "Check if your credentials were correct."
+
+
+class NotFoundError(DittoError):
+    status = 404
+    error = "things:thing.notfound"
+    description = (
+        "Check if the ID of your requested Thing was correct and you have sufficient "
+        "permissions."
+    )
+
+
+class PreconditionFailedError(DittoError):
+    status = 412
+    error = "things:precondition.failed"
+    description = "The comparison of the provided precondition header with the current ETag value failed."
+
+
+class PreconditionNotModifiedError(DittoError):
+    status = 304
+    error = "things:precondition.notmodified"
+    description = "The comparison of the provided precondition header with the current ETag value was true."
+
+    def __init__(self, message: str, etag: str) -> None:
+        super().__init__(message)
+        self.etag = etag
+
+
+class TooLargeError(DittoError):
+    status = 413
+    error = "things:thing.tooLarge"
+    description = "Reduce the size of the request body or of the Thing."
+
+
+class UnsupportedMediaTypeError(DittoError):
+    status = 415
+    error = "mediatype.unsupported"
+    description = "Use one of the media types the resource supports for this method."
+
+
+class ConflictError(DittoError):
+    status = 409
+    error = "things:thing.conflict"
+    description = "Concurrent modifications kept conflicting; retry the request."
+
+
+class UnavailableError(DittoError):
+    status = 503
+    error = "things:persistence.unavailable"
+    description = "The persistence is not reachable right now; retry later."
+
+
+# What is missing, addressed by the first path segments (relative to the thing), and the
+# Ditto error code used for it. The longest matching prefix wins.
+_NOT_FOUND: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("attributes", "*", "**"), "things:attribute.notfound", "attribute"),
+    (("attributes",), "things:attributes.notfound", "attributes"),
+    (("features", "*", "properties", "*", "**"), "things:feature.property.notfound", "property"),
+    (("features", "*", "properties"), "things:feature.properties.notfound", "properties"),
+    (
+        ("features", "*", "desiredProperties", "*", "**"),
+        "things:feature.desiredProperty.notfound",
+        "desired property",
+    ),
+    (
+        ("features", "*", "desiredProperties"),
+        "things:feature.desiredProperties.notfound",
+        "desired properties",
+    ),
+    (("features", "*", "definition"), "things:feature.definition.notfound", "feature definition"),
+    (("features", "*"), "things:feature.notfound", "feature"),
+    (("features",), "things:features.notfound", "features"),
+    (("definition",), "things:definition.notfound", "definition"),
+    (("policyId",), "things:policyId.notfound", "policy ID"),
+)
+
+
+def _matches(pattern: tuple[str, ...], parts: list[str]) -> bool:
+    if pattern[-1] == "**":
+        fixed = pattern[:-1]
+        if len(parts) < len(fixed):
+            return False
+    else:
+        fixed = pattern
+        if len(parts) != len(fixed):
+            return False
+    return all(p in ("*", part) for p, part in zip(fixed, parts, strict=False))
+
+
+def not_found(thing_id: str, parts: list[str]) -> NotFoundError:
+    """The Ditto "not found" error for a missing resource of a thing.
+
+    >>> not_found("a:b", ["features", "f", "properties", "x"]).instance_error
+    'things:feature.property.notfound'
+    >>> not_found("a:b", []).instance_error
+    'things:thing.notfound'
+    """
+    if not parts:
+        return NotFoundError(
+            f"The Thing with ID '{thing_id}' could not be found or requester had "
+            "insufficient permissions to access it."
+        )
+    for pattern, code, noun in _NOT_FOUND:
+        if _matches(pattern, parts):
+            where = "/" + "/".join(parts)
+            return NotFoundError(
+                f"The {noun} at '{where}' of the Thing with ID '{thing_id}' does not exist or "
+                "the requester had insufficient permissions to access it.",
+                error=code,
+                description=f"Check if the {noun} path and the Thing ID were correct.",
+            )
+    return NotFoundError(f"'/{'/'.join(parts)}' of the Thing '{thing_id}' does not exist.")

@@ -1,0 +1,326 @@
+"""Things: state, commands, events, ``decide`` and ``evolve`` (Ditto's strategies, pure).
+
+An event is Ditto Protocol's own shape: an ``action`` (created, modified, merged, deleted),
+a JSON ``path`` inside the thing and a ``value``. That one shape covers every Ditto event
+(``featurePropertyModified`` is ``modified`` at ``/features/f/properties/p``), maps 1:1 onto
+the protocol envelope and onto the journal row, and keeps ``evolve`` a single ``match``.
+
+>>> from datetime import datetime, UTC
+>>> now = datetime(2026, 1, 1, tzinfo=UTC)
+>>> s0 = ThingState.absent("org.acme:pump")
+>>> e1 = decide(s0, Modify(path="/", value={"attributes": {"a": 1}}), now)
+>>> (e1.action, e1.revision)
+('created', 1)
+>>> s1 = evolve(s0, e1)
+>>> e2 = decide(s1, Modify(path="/attributes/a", value=2), now)
+>>> evolve(s1, e2).doc["attributes"]
+{'a': 2}
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from twinstore.model import patch as jp
+from twinstore.model.errors import (
+    ConflictError,
+    InvalidInputError,
+    ThingIdNotSettableError,
+    ThingInvalidError,
+    not_found,
+)
+from twinstore.model.ids import parse_pointer, validate_key, validate_thing_id
+
+__all__ = [
+    "Command",
+    "Create",
+    "Delete",
+    "Event",
+    "JsonPatch",
+    "Merge",
+    "Modify",
+    "ThingState",
+    "decide",
+    "evolve",
+    "replay",
+    "validate_path",
+    "validate_thing",
+]
+
+Action = Literal["created", "modified", "merged", "deleted"]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """One committed change of one thing; the journal row without its audit columns."""
+
+    thing_id: str
+    revision: int
+    timestamp: datetime
+    action: Action
+    path: str
+    value: Any = None
+    originator: str = ""
+    correlation_id: str | None = None
+
+
+class ThingState(msgspec.Struct, kw_only=True):
+    """A thing at a revision; ``doc is None`` means absent or deleted (revisions continue)."""
+
+    thing_id: str
+    revision: int = 0
+    created: datetime | None = None
+    modified: datetime | None = None
+    doc: dict[str, Any] | None = None
+
+    @classmethod
+    def absent(cls, thing_id: str) -> ThingState:
+        return cls(thing_id=thing_id)
+
+    @property
+    def exists(self) -> bool:
+        return self.doc is not None
+
+
+# ---- commands --------------------------------------------------------------------------
+
+
+class Modify(msgspec.Struct, tag=True, kw_only=True):
+    """PUT: create or replace the value at ``path``."""
+
+    path: str
+    value: Any
+
+
+class Create(msgspec.Struct, tag=True, kw_only=True):
+    """POST /things: create a thing that must not exist yet."""
+
+    value: dict[str, Any]
+    path: str = "/"
+
+
+class Merge(msgspec.Struct, tag=True, kw_only=True):
+    """PATCH with ``application/merge-patch+json`` (RFC 7396)."""
+
+    path: str
+    value: Any
+
+
+class JsonPatch(msgspec.Struct, tag=True, kw_only=True):
+    """PATCH with ``application/json-patch+json`` (RFC 6902)."""
+
+    path: str
+    value: Any
+
+
+class Delete(msgspec.Struct, tag=True, kw_only=True):
+    """DELETE the value at ``path`` (``/`` deletes the thing)."""
+
+    path: str
+
+
+Command = Modify | Create | Merge | JsonPatch | Delete
+
+
+# ---- validation ------------------------------------------------------------------------
+
+_TOP_LEVEL = ("thingId", "policyId", "definition", "attributes", "features")
+_FEATURE_KEYS = ("definition", "properties", "desiredProperties")
+_DEFINITION_RE = re.compile(r"^([_a-zA-Z0-9\-.]+):([_a-zA-Z0-9\-.]+):([_a-zA-Z0-9\-.]+)$|^https?://\S+$")
+
+
+def validate_path(parts: list[str]) -> None:
+    """Refuse pointers that do not address a resource of a thing."""
+    if not parts:
+        return
+    head = parts[0]
+    ok = (
+        (head in ("policyId", "definition") and len(parts) == 1)
+        or head == "attributes"
+        or (head == "features" and len(parts) <= 2)
+        or (
+            head == "features"
+            and (parts[2] == "definition" and len(parts) == 3 or parts[2] in _FEATURE_KEYS[1:])
+        )
+    )
+    if not ok:
+        raise InvalidInputError(f"The path '/{'/'.join(parts)}' does not address a Thing resource.")
+    for part in parts:
+        validate_key(part)
+
+
+def _check_keys(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if not key or "/" in key:
+                raise ThingInvalidError(f"The JSON key '{key}' in '{where}' is not valid.")
+            _check_keys(child, where)
+    elif isinstance(value, list):
+        for child in value:
+            _check_keys(child, where)
+
+
+def _validate_feature(feature_id: str, feature: Any) -> None:
+    validate_key(feature_id)
+    if not isinstance(feature, dict):
+        raise ThingInvalidError(f"The Feature '{feature_id}' must be a JSON object.")
+    definition = feature.get("definition")
+    if definition is not None and (
+        not isinstance(definition, list)
+        or not all(isinstance(d, str) and _DEFINITION_RE.match(d) for d in definition)
+    ):
+        raise ThingInvalidError(
+            f"The definition of Feature '{feature_id}' must be an array of identifiers "
+            "'namespace:name:version'."
+        )
+    for key in ("properties", "desiredProperties"):
+        if key in feature and not isinstance(feature[key], dict):
+            raise ThingInvalidError(f"'{key}' of Feature '{feature_id}' must be a JSON object.")
+        _check_keys(feature.get(key), f"/features/{feature_id}/{key}")
+
+
+def validate_thing(doc: Any, thing_id: str) -> dict[str, Any]:
+    """Check a whole thing document; returns it with ``thingId`` set and unknown keys dropped."""
+    if not isinstance(doc, dict):
+        raise ThingInvalidError("A Thing must be a JSON object.")
+    if doc.get("thingId", thing_id) != thing_id:
+        raise ThingIdNotSettableError(
+            f"The Thing ID in the request body '{doc.get('thingId')}' is not equal to the "
+            f"Thing ID '{thing_id}' in the request URI."
+        )
+    policy_id = doc.get("policyId")
+    if policy_id is not None:
+        if not isinstance(policy_id, str):
+            raise ThingInvalidError("'policyId' must be a string.")
+        validate_thing_id(policy_id)
+    definition = doc.get("definition")
+    if definition is not None and not (isinstance(definition, str) and _DEFINITION_RE.match(definition)):
+        raise ThingInvalidError("'definition' must be 'namespace:name:version' or a URL.")
+    attributes = doc.get("attributes")
+    if attributes is not None and not isinstance(attributes, dict):
+        raise ThingInvalidError("'attributes' must be a JSON object.")
+    _check_keys(attributes, "/attributes")
+    features = doc.get("features")
+    if features is not None:
+        if not isinstance(features, dict):
+            raise ThingInvalidError("'features' must be a JSON object.")
+        for feature_id, feature in features.items():
+            _validate_feature(feature_id, feature)
+    result = {"thingId": thing_id}
+    result.update((key, doc[key]) for key in _TOP_LEVEL[1:] if key in doc)
+    return result
+
+
+# ---- decide / evolve -------------------------------------------------------------------
+
+
+def _with_default_policy(doc: dict[str, Any]) -> dict[str, Any]:
+    """A new thing without ``policyId`` gets the default policy: the thing's own id (Ditto)."""
+    if "policyId" in doc:
+        return doc
+    return {"thingId": doc["thingId"], "policyId": doc["thingId"], **doc}
+
+
+def _require_parent(state: ThingState, parts: list[str]) -> dict[str, Any]:
+    """The current document; 404 if the thing, or the feature a path lies in, is missing."""
+    if state.doc is None:
+        raise not_found(state.thing_id, [])
+    if len(parts) > 2 and parts[0] == "features" and jp.get_at(state.doc, parts[:2]) is jp.MISSING:
+        raise not_found(state.thing_id, parts[:2])
+    return state.doc
+
+
+def decide(state: ThingState, command: Command, now: datetime) -> Event:
+    """Turn one command into exactly one event, or raise a :class:`DittoError`."""
+    parts = parse_pointer(command.path)
+    validate_path(parts)
+    common = {"thing_id": state.thing_id, "revision": state.revision + 1, "timestamp": now}
+    match command:
+        case Create(value=value):
+            if state.exists:
+                raise ConflictError(
+                    f"The Thing with ID '{state.thing_id}' already exists.",
+                    error="things:thing.conflict",
+                )
+            doc = _with_default_policy(validate_thing(value, state.thing_id))
+            return Event(**common, action="created", path="/", value=doc)
+        case Modify(value=value) if not parts:
+            doc = validate_thing(value, state.thing_id)
+            if not state.exists:
+                doc = _with_default_policy(doc)
+            action: Action = "modified" if state.exists else "created"
+            return Event(**common, action=action, path="/", value=doc)
+        case Modify(value=value):
+            current = _require_parent(state, parts)
+            validate_thing(jp.set_at(current, parts, value), state.thing_id)
+            existed = jp.get_at(current, parts) is not jp.MISSING
+            return Event(**common, action="modified" if existed else "created", path=command.path, value=value)
+        case Merge(value=value):
+            current = _require_parent(state, parts)
+            if not parts and not isinstance(value, dict):
+                raise ThingInvalidError("A merge patch of a Thing must be a JSON object.")
+            merged = jp.merge_patch(jp.get_at(current, parts), value)
+            after = jp.remove_at(current, parts) if merged is None else jp.set_at(current, parts, merged)
+            validate_thing(after, state.thing_id)
+            return Event(**common, action="merged", path=command.path, value=value)
+        case JsonPatch(value=operations):
+            current = _require_parent(state, parts)
+            target = jp.get_at(current, parts)
+            if target is jp.MISSING:
+                raise not_found(state.thing_id, parts)
+            patched = jp.apply_json_patch(target, operations)
+            after = validate_thing(jp.set_at(current, parts, patched) if parts else patched, state.thing_id)
+            where = parts + jp.changed_prefix(target, operations)
+            new = jp.get_at(after, where)
+            if new is jp.MISSING:
+                return Event(**common, action="deleted", path="/" + "/".join(where))
+            old = jp.get_at(current, where)
+            act: Action = "created" if old is jp.MISSING else "modified"
+            return Event(**common, action=act, path="/" + "/".join(where), value=new)
+        case Delete():
+            current = _require_parent(state, parts)
+            if parts and jp.get_at(current, parts) is jp.MISSING:
+                raise not_found(state.thing_id, parts)
+            return Event(**common, action="deleted", path=command.path)
+    raise AssertionError(f"unknown command {command!r}")  # pragma: no cover
+
+
+def evolve(state: ThingState, event: Event) -> ThingState:
+    """Apply one event; the inverse of nothing, the fold step of replay."""
+    parts = parse_pointer(event.path)
+    doc = state.doc or {}
+    created = state.created
+    match event.action:
+        case "created" | "modified" if not parts:
+            doc = event.value
+            if event.action == "created":
+                created = event.timestamp
+        case "created" | "modified":
+            doc = jp.set_at(doc, parts, event.value)
+        case "merged":
+            merged = jp.merge_patch(jp.get_at(doc, parts), event.value)
+            doc = jp.remove_at(doc, parts) if merged is None else jp.set_at(doc, parts, merged)
+        case "deleted" if not parts:
+            return ThingState(
+                thing_id=state.thing_id, revision=event.revision, created=None,
+                modified=event.timestamp, doc=None,
+            )
+        case "deleted":
+            doc = jp.remove_at(doc, parts)
+    return ThingState(
+        thing_id=state.thing_id,
+        revision=event.revision,
+        created=created,
+        modified=event.timestamp,
+        doc=doc,
+    )
+
+
+def replay(state: ThingState, events: list[Event]) -> ThingState:
+    """Fold ``events`` over ``state`` (a snapshot or :meth:`ThingState.absent`)."""
+    for event in events:
+        state = evolve(state, event)
+    return state

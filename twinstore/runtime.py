@@ -1,0 +1,125 @@
+"""Open and close what a twinstore process runs on: pool, NATS, journal, relay, service, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import asyncpg
+import nats
+import orjson
+from nats.aio.client import Client as NATS
+
+from twinstore.auth import BasicAuth
+from twinstore.bus.relay import Relay, ensure_events_stream
+from twinstore.bus.subjects import Subjects
+from twinstore.service import ThingService
+from twinstore.settings import Settings
+from twinstore.store.codec import dumps
+from twinstore.store.journal import Journal
+from twinstore.store.schema import MIGRATIONS, current_version, migrate
+
+__all__ = ["Runtime", "create_pool"]
+
+log = logging.getLogger("twinstore")
+
+
+async def _init_connection(con: asyncpg.Connection) -> None:
+    await con.set_type_codec("jsonb", encoder=dumps, decoder=orjson.loads, schema="pg_catalog")
+
+
+async def create_pool(url: str, size: int = 10) -> asyncpg.Pool:
+    """One pool per process; JSON codecs set once per connection."""
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=size, init=_init_connection)
+    assert pool is not None
+    return pool
+
+
+class Runtime:
+    """Everything a process needs, opened in order and closed in reverse."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.nats_prefix, settings.event_partitions)
+        self.pool: asyncpg.Pool | None = None
+        self.nc: NATS | None = None
+        self.journal: Journal | None = None
+        self.relay: Relay | None = None
+        self.service: ThingService | None = None
+        self.auth = BasicAuth(settings.users_file)
+        self._owned: list[str] = []
+
+    async def open(self, *, pool: asyncpg.Pool | None = None, nc: NATS | None = None) -> None:
+        s = self.settings
+        if s.database_url is None or s.nats_url is None:
+            raise RuntimeError("database_url and nats_url must be set (or embedded servers started)")
+        if pool is None:
+            pool = await create_pool(s.database_url, s.pool_size)
+            self._owned.append("pool")
+        self.pool = pool
+        async with pool.acquire() as con:
+            await migrate(con)
+        if nc is None:
+            nc = await nats.connect(
+                s.nats_url, name="twinstore", max_reconnect_attempts=-1, reconnect_time_wait=1
+            )
+            self._owned.append("nats")
+        self.nc = nc
+        await ensure_events_stream(nc.jetstream(), self.subjects, s.events_max_age_seconds)
+        self.relay = Relay(pool, nc, self.subjects, poll_interval=s.relay_poll_interval)
+        relay = self.relay
+        self.journal = Journal(
+            pool,
+            snapshot_every=s.snapshot_every,
+            max_batch=s.max_batch,
+            max_thing_bytes=s.max_thing_bytes,
+            on_commit=lambda events: relay.notify(),
+        )
+        self.journal.start()
+        self.relay.start()
+        self.service = ThingService(self.journal)
+
+    async def close(self) -> None:
+        """Finish in-flight writes, publish what was committed, then disconnect."""
+        if self.journal is not None:
+            await self.journal.stop()
+        if self.relay is not None:
+            if self.relay.is_leader:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._flush_relay(), 5)
+            await self.relay.stop()
+        if self.nc is not None and "nats" in self._owned:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        if self.pool is not None and "pool" in self._owned:
+            await self.pool.close()
+
+    async def _flush_relay(self) -> None:
+        assert self.relay is not None
+        while await self.relay.publish_pending():
+            pass
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """Database and NATS status as Ditto's health shape (``UP`` / ``DOWN``)."""
+        db: dict[str, Any] = {"status": "DOWN"}
+        if self.pool is not None:
+            try:
+                start = time.perf_counter()
+                async with self.pool.acquire(timeout=2) as con:
+                    version = await asyncio.wait_for(current_version(con), 2)
+                db = {
+                    "status": "UP" if version >= len(MIGRATIONS) else "DOWN",
+                    "schemaVersion": version,
+                    "latencyMs": round((time.perf_counter() - start) * 1000, 2),
+                }
+            except Exception as exc:  # any failure means the database is not usable
+                db = {"status": "DOWN", "reason": str(exc) or type(exc).__name__}
+        bus: dict[str, Any] = {"status": "DOWN"}
+        if self.nc is not None and self.nc.is_connected:
+            bus = {"status": "UP", "relayLeader": bool(self.relay and self.relay.is_leader)}
+        ok = db["status"] == "UP" and bus["status"] == "UP"
+        return ok, {"status": "UP" if ok else "DOWN", "children": {"database": db, "nats": bus}}
+

@@ -1,0 +1,100 @@
+"""Database schema and migrations; safe when several processes migrate at once.
+
+Every table's key leads with the entity id so journal and projection can be distributed by
+id (Citus) without change; no query in the write path joins across things.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+log = logging.getLogger("twinstore.store")
+
+# A constant advisory-lock key: serialises concurrent `migrate` runs (server starts, the CLI).
+MIGRATION_LOCK = 7_242_001
+
+MIGRATIONS: list[str] = [
+    # 1: journal, projection, snapshots, relay cursor
+    """
+    CREATE TABLE journal (
+        entity          text        NOT NULL,
+        id              text        NOT NULL,
+        revision        bigint      NOT NULL,
+        position        bigint      GENERATED ALWAYS AS IDENTITY,
+        ts              timestamptz NOT NULL,
+        action          text        NOT NULL,
+        path            text        NOT NULL,
+        value           json,
+        originator      text        NOT NULL,
+        correlation_id  text,
+        hash            bytea       NOT NULL,
+        PRIMARY KEY (entity, id, revision)
+    );
+    CREATE INDEX journal_position ON journal (position);
+    CREATE INDEX journal_ts ON journal (entity, id, ts);
+
+    CREATE TABLE things (
+        id          text        PRIMARY KEY,
+        revision    bigint      NOT NULL,
+        created     timestamptz,
+        modified    timestamptz NOT NULL,
+        policy_id   text,
+        doc         jsonb,
+        hash        bytea       NOT NULL
+    );
+    CREATE INDEX things_namespace ON things (split_part(id, ':', 1));
+
+    CREATE TABLE snapshots (
+        entity      text        NOT NULL,
+        id          text        NOT NULL,
+        revision    bigint      NOT NULL,
+        created     timestamptz,
+        modified    timestamptz NOT NULL,
+        doc         jsonb,
+        PRIMARY KEY (entity, id, revision)
+    );
+
+    CREATE TABLE relay_cursor (
+        name        text        PRIMARY KEY,
+        position    bigint      NOT NULL
+    );
+    """,
+]
+
+CREATE_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS twinstore_migrations (
+    version  integer     PRIMARY KEY,
+    applied  timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Apply missing migrations in one transaction; returns the schema version.
+
+    A transaction-scoped advisory lock makes concurrent callers wait for each other, so N
+    processes starting together apply each migration exactly once.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(CREATE_MIGRATIONS)
+        applied = await conn.fetchval("SELECT coalesce(max(version), 0) FROM twinstore_migrations")
+        for version, sql in enumerate(MIGRATIONS, start=1):
+            if version <= applied:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO twinstore_migrations (version) VALUES ($1)", version)
+            log.info("applied migration", extra={"version": version})
+        return len(MIGRATIONS)
+
+
+async def current_version(conn: asyncpg.Connection) -> int:
+    """The applied schema version (0 when never migrated)."""
+    exists = await conn.fetchval("SELECT to_regclass('twinstore_migrations') IS NOT NULL")
+    if not exists:
+        return 0
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM twinstore_migrations"))
