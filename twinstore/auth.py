@@ -14,8 +14,8 @@ is dropped when the users file changes (mtime/size) or after ``ttl`` seconds.
 
 from __future__ import annotations
 
-import base64
 import asyncio
+import base64
 import binascii
 import hashlib
 import hmac
@@ -35,7 +35,9 @@ log = logging.getLogger("twinstore.auth")
 
 def write_users_file(path: Path, users: dict[str, str]) -> None:
     """Write an htpasswd file with bcrypt hashes (``$2b$``, cost 10)."""
-    lines = [f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(10)).decode()}" for user, pw in users.items()]
+    lines = [
+        f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(10)).decode()}" for user, pw in users.items()
+    ]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
 
@@ -99,8 +101,10 @@ class BasicAuth:
         except (binascii.Error, UnicodeDecodeError):
             raise AuthenticationError("The Basic credentials are not valid base64 'user:password'.") from None
         hashed = self._users.get(user)
-        if not sep or hashed is None or not await asyncio.to_thread(
-            bcrypt.checkpw, password.encode(), hashed
+        if (
+            not sep
+            or hashed is None
+            or not await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
         ):
             raise AuthenticationError("The username or password is not correct.")
         subject = f"nginx:{user}"
@@ -117,4 +121,3 @@ def default_dev_users(data_dir: Path) -> Path:
         data_dir.mkdir(parents=True, exist_ok=True)
         write_users_file(path, {"ditto": "ditto"})
     return path
-

@@ -36,7 +36,8 @@ if no users file is configured it creates the user ditto/ditto and says so in it
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     parser.add_argument(
-        "--data-dir", metavar="DIR",
+        "--data-dir",
+        metavar="DIR",
         help="directory of the embedded servers' data and the dev users file (default ./.twinstore)",
     )
     parser.add_argument("--database-url", metavar="URL", help="PostgreSQL URL (default: embedded)")
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
-        "serve", help="run the HTTP API, the journal and the NATS relay",
+        "serve",
+        help="run the HTTP API, the journal and the NATS relay",
         description="Run the Ditto-compatible HTTP API on --host:--port. Applies migrations at start.",
     )
     _common(serve)
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="HTTP worker processes (default 1)")
     serve.add_argument("--users-file", metavar="FILE", help="htpasswd file with bcrypt hashes")
     migrate = sub.add_parser(
-        "migrate", help="apply the database schema and exit",
+        "migrate",
+        help="apply the database schema and exit",
         description="Apply missing migrations (safe while servers run or start concurrently).",
     )
     _common(migrate)
@@ -103,7 +106,7 @@ def _start_embedded(settings: Settings) -> tuple[Settings, object]:
         )
     import msgspec
 
-    return msgspec.structs.replace(settings, **changes), servers  # type: ignore[arg-type]
+    return msgspec.structs.replace(settings, **changes), servers
 
 
 def serve(settings: Settings) -> None:
@@ -123,16 +126,25 @@ def serve(settings: Settings) -> None:
                 if value:
                     os.environ["TWINSTORE_" + name.upper()] = str(value)
             uvicorn.run(
-                "twinstore.api.app:app_from_environment", factory=True, host=settings.host,
-                port=settings.port, workers=settings.workers, log_config=None,
-                access_log=False, timeout_graceful_shutdown=20,
+                "twinstore.api.app:app_from_environment",
+                factory=True,
+                host=settings.host,
+                port=settings.port,
+                workers=settings.workers,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=20,
             )
         else:
             from twinstore.api.app import create_app
 
             uvicorn.run(
-                create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=20,
+                create_app(settings),
+                host=settings.host,
+                port=settings.port,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=20,
             )
     finally:
         if servers is not None:

@@ -122,4 +122,3 @@ class Runtime:
             bus = {"status": "UP", "relayLeader": bool(self.relay and self.relay.is_leader)}
         ok = db["status"] == "UP" and bus["status"] == "UP"
         return ok, {"status": "UP" if ok else "DOWN", "children": {"database": db, "nats": bus}}
-

@@ -68,8 +68,11 @@ class ThingService:
         tag = None if value is jp.MISSING else etag.etag_of(value, state.revision, parts)
         if if_match is not None or if_none_match is not None:
             etag.check(
-                if_match, if_none_match, current_tag=tag,
-                thing_tag=etag.etag_of(None, state.revision, []), read=True,
+                if_match,
+                if_none_match,
+                current_tag=tag,
+                thing_tag=etag.etag_of(None, state.revision, []),
+                read=True,
             )
         if value is jp.MISSING or tag is None:
             raise not_found(thing_id, parts)

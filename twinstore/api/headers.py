@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import msgspec
 from litestar import Request
@@ -13,6 +14,8 @@ from twinstore.model.fields import parse_fields
 
 __all__ = ["DittoHeaders", "parse_headers"]
 
+AnyRequest = Request[Any, Any, Any]
+
 
 class DittoHeaders(msgspec.Struct, kw_only=True):
     correlation_id: str
@@ -22,7 +25,7 @@ class DittoHeaders(msgspec.Struct, kw_only=True):
     fields: list[list[str]] | None = None
 
 
-def header(request: Request, name: str) -> str | None:
+def header(request: AnyRequest, name: str) -> str | None:
     """A Ditto header from the headers, else from the query string."""
     value = request.headers.get(name)
     if value is None:
@@ -41,11 +44,13 @@ def _bool(name: str, value: str | None, default: bool) -> bool:
     raise HeaderInvalidError(f"The value '{value}' of the header '{name}' is not a valid boolean.")
 
 
-def parse_headers(request: Request) -> DittoHeaders:
+def parse_headers(request: AnyRequest) -> DittoHeaders:
     """Parse and validate the Ditto headers of ``request``."""
     fields_text = request.query_params.get("fields")
     if fields_text is not None and not fields_text.strip():
-        raise InvalidInputError("The 'fields' parameter must not be empty.", error="json.fieldselector.invalid")
+        raise InvalidInputError(
+            "The 'fields' parameter must not be empty.", error="json.fieldselector.invalid"
+        )
     return DittoHeaders(
         correlation_id=header(request, "correlation-id") or str(uuid.uuid4()),
         response_required=_bool("response-required", header(request, "response-required"), True),

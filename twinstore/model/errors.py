@@ -56,9 +56,7 @@ class DittoError(Exception):
     error: ClassVar[str] = "things:internalerror"
     description: ClassVar[str] = "An unexpected error occurred."
 
-    def __init__(
-        self, message: str, *, description: str | None = None, error: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, description: str | None = None, error: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.instance_description = description or type(self).description
@@ -86,7 +84,9 @@ class InvalidInputError(DittoError):
 
 class JsonInvalidError(InvalidInputError):
     error = "json.invalid"
-    description = "Check if the JSON was valid (e.g. on https://jsonlint.com) and if it was in required format."
+    description = (
+        "Check if the JSON was valid (e.g. on https://jsonlint.com) and if it was in required format."
+    )
 
 
 class ThingIdInvalidError(InvalidInputError):
@@ -100,9 +100,7 @@ class ThingIdInvalidError(InvalidInputError):
 
 class ThingIdNotSettableError(InvalidInputError):
     error = "things:id.notsettable"
-    description = (
-        "Either delete the Thing ID from the body or use the same Thing ID as in the URL path."
-    )
+    description = "Either delete the Thing ID from the body or use the same Thing ID as in the URL path."
 
 
 class ThingInvalidError(InvalidInputError):
@@ -129,10 +127,7 @@ class AuthenticationError(DittoError):
 class NotFoundError(DittoError):
     status = 404
     error = "things:thing.notfound"
-    description = (
-        "Check if the ID of your requested Thing was correct and you have sufficient "
-        "permissions."
-    )
+    description = "Check if the ID of your requested Thing was correct and you have sufficient permissions."
 
 
 class PreconditionFailedError(DittoError):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -143,7 +143,7 @@ def validate_path(parts: list[str]) -> None:
         or (head == "features" and len(parts) <= 2)
         or (
             head == "features"
-            and (parts[2] == "definition" and len(parts) == 3 or parts[2] in _FEATURE_KEYS[1:])
+            and ((parts[2] == "definition" and len(parts) == 3) or parts[2] in _FEATURE_KEYS[1:])
         )
     )
     if not ok:
@@ -217,6 +217,12 @@ def validate_thing(doc: Any, thing_id: str) -> dict[str, Any]:
 # ---- decide / evolve -------------------------------------------------------------------
 
 
+class _Next(NamedTuple):
+    thing_id: str
+    revision: int
+    timestamp: datetime
+
+
 def _with_default_policy(doc: dict[str, Any]) -> dict[str, Any]:
     """A new thing without ``policyId`` gets the default policy: the thing's own id (Ditto)."""
     if "policyId" in doc:
@@ -237,7 +243,7 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
     """Turn one command into exactly one event, or raise a :class:`DittoError`."""
     parts = parse_pointer(command.path)
     validate_path(parts)
-    common = {"thing_id": state.thing_id, "revision": state.revision + 1, "timestamp": now}
+    common = _Next(thing_id=state.thing_id, revision=state.revision + 1, timestamp=now)
     match command:
         case Create(value=value):
             if state.exists:
@@ -246,18 +252,23 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
                     error="things:thing.conflict",
                 )
             doc = _with_default_policy(validate_thing(value, state.thing_id))
-            return Event(**common, action="created", path="/", value=doc)
+            return Event(**common._asdict(), action="created", path="/", value=doc)
         case Modify(value=value) if not parts:
             doc = validate_thing(value, state.thing_id)
             if not state.exists:
                 doc = _with_default_policy(doc)
             action: Action = "modified" if state.exists else "created"
-            return Event(**common, action=action, path="/", value=doc)
+            return Event(**common._asdict(), action=action, path="/", value=doc)
         case Modify(value=value):
             current = _require_parent(state, parts)
             validate_thing(jp.set_at(current, parts, value), state.thing_id)
             existed = jp.get_at(current, parts) is not jp.MISSING
-            return Event(**common, action="modified" if existed else "created", path=command.path, value=value)
+            return Event(
+                **common._asdict(),
+                action="modified" if existed else "created",
+                path=command.path,
+                value=value,
+            )
         case Merge(value=value):
             current = _require_parent(state, parts)
             if not parts and not isinstance(value, dict):
@@ -265,7 +276,7 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
             merged = jp.merge_patch(jp.get_at(current, parts), value)
             after = jp.remove_at(current, parts) if merged is None else jp.set_at(current, parts, merged)
             validate_thing(after, state.thing_id)
-            return Event(**common, action="merged", path=command.path, value=value)
+            return Event(**common._asdict(), action="merged", path=command.path, value=value)
         case JsonPatch(value=operations):
             current = _require_parent(state, parts)
             target = jp.get_at(current, parts)
@@ -276,15 +287,15 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
             where = parts + jp.changed_prefix(target, operations)
             new = jp.get_at(after, where)
             if new is jp.MISSING:
-                return Event(**common, action="deleted", path="/" + "/".join(where))
+                return Event(**common._asdict(), action="deleted", path="/" + "/".join(where))
             old = jp.get_at(current, where)
             act: Action = "created" if old is jp.MISSING else "modified"
-            return Event(**common, action=act, path="/" + "/".join(where), value=new)
+            return Event(**common._asdict(), action=act, path="/" + "/".join(where), value=new)
         case Delete():
             current = _require_parent(state, parts)
             if parts and jp.get_at(current, parts) is jp.MISSING:
                 raise not_found(state.thing_id, parts)
-            return Event(**common, action="deleted", path=command.path)
+            return Event(**common._asdict(), action="deleted", path=command.path)
     raise AssertionError(f"unknown command {command!r}")  # pragma: no cover
 
 
@@ -305,8 +316,11 @@ def evolve(state: ThingState, event: Event) -> ThingState:
             doc = jp.remove_at(doc, parts) if merged is None else jp.set_at(doc, parts, merged)
         case "deleted" if not parts:
             return ThingState(
-                thing_id=state.thing_id, revision=event.revision, created=None,
-                modified=event.timestamp, doc=None,
+                thing_id=state.thing_id,
+                revision=event.revision,
+                created=None,
+                modified=event.timestamp,
+                doc=None,
             )
         case "deleted":
             doc = jp.remove_at(doc, parts)

@@ -49,8 +49,16 @@ def chain_hash(
 ) -> bytes:
     """sha-256 over the previous hash and the canonical encoding of one journal row."""
     header = orjson.dumps(
-        [entity, entity_id, revision, ts.isoformat(timespec="microseconds"), action, path,
-         originator, correlation_id]
+        [
+            entity,
+            entity_id,
+            revision,
+            ts.isoformat(timespec="microseconds"),
+            action,
+            path,
+            originator,
+            correlation_id,
+        ]
     )
     digest = hashlib.sha256(previous)
     digest.update(len(header).to_bytes(4, "big"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-import asyncpg
+from twinstore.store import Connection
 
 __all__ = ["MIGRATIONS", "migrate"]
 
@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS twinstore_migrations (
 """
 
 
-async def migrate(conn: asyncpg.Connection) -> int:
+async def migrate(conn: Connection) -> int:
     """Apply missing migrations in one transaction; returns the schema version.
 
     A transaction-scoped advisory lock makes concurrent callers wait for each other, so N
@@ -92,7 +92,7 @@ async def migrate(conn: asyncpg.Connection) -> int:
         return len(MIGRATIONS)
 
 
-async def current_version(conn: asyncpg.Connection) -> int:
+async def current_version(conn: Connection) -> int:
     """The applied schema version (0 when never migrated)."""
     exists = await conn.fetchval("SELECT to_regclass('twinstore_migrations') IS NOT NULL")
     if not exists:
