@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -109,12 +110,19 @@ def _start_embedded(settings: Settings) -> tuple[Settings, object]:
     return msgspec.structs.replace(settings, **changes), servers
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
     servers = None
     if settings.embedded:
         settings, servers = _start_embedded(settings)
+        # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler
+        # the process would die before the embedded servers are stopped below.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if settings.users_file is None:
         log.warning("no users file configured: every API request will be refused with 401")
     try:

@@ -98,6 +98,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             render_plugins=[ScalarRenderPlugin()],
         ),
         debug=False,
+        logging_config=None,
     )
     app.state.default_namespace = "org.eclipse.ditto"
     if runtime is not None:

@@ -223,11 +223,12 @@ class _Next(NamedTuple):
     timestamp: datetime
 
 
-def _with_default_policy(doc: dict[str, Any]) -> dict[str, Any]:
-    """A new thing without ``policyId`` gets the default policy: the thing's own id (Ditto)."""
+def _with_default_policy(doc: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Without ``policyId`` a thing keeps its previous policy, else gets its own id (Ditto's default)."""
     if "policyId" in doc:
         return doc
-    return {"thingId": doc["thingId"], "policyId": doc["thingId"], **doc}
+    policy_id = (previous or {}).get("policyId", doc["thingId"])
+    return {"thingId": doc["thingId"], "policyId": policy_id, **doc}
 
 
 def _require_parent(state: ThingState, parts: list[str]) -> dict[str, Any]:
@@ -254,9 +255,8 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
             doc = _with_default_policy(validate_thing(value, state.thing_id))
             return Event(**common._asdict(), action="created", path="/", value=doc)
         case Modify(value=value) if not parts:
-            doc = validate_thing(value, state.thing_id)
-            if not state.exists:
-                doc = _with_default_policy(doc)
+            # A replacement without policyId keeps the thing's policy; a new thing gets its own.
+            doc = _with_default_policy(validate_thing(value, state.thing_id), state.doc)
             action: Action = "modified" if state.exists else "created"
             return Event(**common._asdict(), action=action, path="/", value=doc)
         case Modify(value=value):
