@@ -200,7 +200,8 @@ _VERBS = {"GET": "Retrieve", "PUT": "Create or replace", "PATCH": "Merge or JSON
 
 
 def _operation_id(method: str, route: str) -> str:
-    words = [w for w in route.replace("/api/2/", "").split("/") if w and not w.startswith("{")]
+    """``PUT /api/2/things/{thingId:str}/attributes`` -> ``putThingsThingIdAttributes``."""
+    words = [w.strip("{}").split(":")[0] for w in route.replace("/api/2/", "").split("/") if w]
     return method.lower() + "".join(w[0].upper() + w[1:] for w in words)
 
 
