@@ -45,12 +45,16 @@ def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Resp
         body = exc.to_dict()
         if exc.status == 401:
             headers["www-authenticate"] = 'Basic realm="twinstore"'
-        return Response(content=orjson.dumps(body), status_code=exc.status, media_type="application/json", headers=headers)
+        return Response(
+            content=orjson.dumps(body), status_code=exc.status, media_type="application/json", headers=headers
+        )
     if isinstance(exc, HTTPException):
         status = exc.status_code
         code, description = _HTTP_ERRORS.get(status, ("gateway:request.invalid", "Check the request."))
         body = {"status": status, "error": code, "message": str(exc.detail), "description": description}
-        return Response(content=orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+        return Response(
+            content=orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+        )
     log.exception("unhandled error", extra={"correlation_id": correlation, "path": request.url.path})
     body = {
         "status": 500,
@@ -58,7 +62,9 @@ def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Resp
         "message": "An unexpected error occurred; it was logged.",
         "description": "Report this with the correlation id if it persists.",
     }
-    return Response(content=orjson.dumps(body), status_code=500, media_type="application/json", headers=headers)
+    return Response(
+        content=orjson.dumps(body), status_code=500, media_type="application/json", headers=headers
+    )
 
 
 @get("/health", operation_id="getHealth", tags=["Operations"], summary="Database and NATS status (200 / 503)")

@@ -83,9 +83,7 @@ RESOURCES: list[tuple[str, str, tuple[str, ...], str]] = [
 ]
 
 
-def json_response(
-    status: int, body: Any = None, headers: dict[str, str] | None = None
-) -> Response[bytes]:
+def json_response(status: int, body: Any = None, headers: dict[str, str] | None = None) -> Response[bytes]:
     content = b"" if body is None and status in (202, 204, 304) else orjson.dumps(body)
     return Response(content=content, status_code=status, media_type=JSON, headers=headers or {})
 
@@ -94,7 +92,9 @@ def _media_type(request: Request[Any, Any, Any]) -> str:
     return (request.headers.get("content-type") or "").split(";")[0].strip().lower()
 
 
-async def read_json(request: Request[Any, Any, Any], allowed: tuple[str, ...], *, optional: bool = False) -> Any:
+async def read_json(
+    request: Request[Any, Any, Any], allowed: tuple[str, ...], *, optional: bool = False
+) -> Any:
     """The request body as JSON, after checking its media type (415) and syntax (400)."""
     body = await request.body()
     if optional and not body.strip():
@@ -108,7 +108,9 @@ async def read_json(request: Request[Any, Any, Any], allowed: tuple[str, ...], *
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise JsonInvalidError(f"Failed to parse JSON string '{body[:200].decode(errors='replace')}': {exc}") from None
+        raise JsonInvalidError(
+            f"Failed to parse JSON string '{body[:200].decode(errors='replace')}': {exc}"
+        ) from None
 
 
 def _pointer(template: str, params: dict[str, Any]) -> str:
@@ -162,7 +164,9 @@ def _command(method: str, media: str, pointer: str, body: Any) -> Command:
     return Merge(path=pointer, value=body)
 
 
-def _make(method: str, template: str) -> Callable[[Request[Any, Any, Any]], Coroutine[Any, Any, Response[bytes]]]:
+def _make(
+    method: str, template: str
+) -> Callable[[Request[Any, Any, Any]], Coroutine[Any, Any, Response[bytes]]]:
     async def handler(request: Request[Any, Any, Any]) -> Response[bytes]:
         subject = await _subject(request)
         h = parse_headers(request)
@@ -229,12 +233,16 @@ async def create_thing(request: Request[Any, Any, Any]) -> Response[bytes]:
     if body is None:
         body = {}
     if not isinstance(body, dict):
-        raise InvalidInputError("The body of a new Thing must be a JSON object.", error="things:thing.invalid")
+        raise InvalidInputError(
+            "The body of a new Thing must be a JSON object.", error="things:thing.invalid"
+        )
     body.pop("thingId", None)  # "any thingId specified in the request body will be ignored"
     namespace = validate_namespace(request.query_params.get("namespace", request.app.state.default_namespace))
     thing_id = f"{namespace}:{uuid.uuid4()}"
     done = await _service(request).write(
-        WriteRequest(thing_id=thing_id, command=Create(value=body), originator=subject, correlation_id=h.correlation_id)
+        WriteRequest(
+            thing_id=thing_id, command=Create(value=body), originator=subject, correlation_id=h.correlation_id
+        )
     )
     base = str(request.url).split("?")[0].rstrip("/")
     return _write_response(request, h, done, location=f"{base}/{thing_id}")
@@ -243,10 +251,19 @@ async def create_thing(request: Request[Any, Any, Any]) -> Response[bytes]:
 def thing_handlers() -> list[HTTPRouteHandler]:
     """Route handlers for every thing resource of the Ditto API."""
     handlers: list[HTTPRouteHandler] = [
-        get("/api/2/things", operation_id="getThings", tags=["Things"],
-            summary="Retrieve things by ids (or all visible things)")(list_things),
-        post("/api/2/things", operation_id="postThings", tags=["Things"],
-             summary="Create a thing with a generated id", status_code=201)(create_thing),
+        get(
+            "/api/2/things",
+            operation_id="getThings",
+            tags=["Things"],
+            summary="Retrieve things by ids (or all visible things)",
+        )(list_things),
+        post(
+            "/api/2/things",
+            operation_id="postThings",
+            tags=["Things"],
+            summary="Create a thing with a generated id",
+            status_code=201,
+        )(create_thing),
     ]
     for route, template, methods, noun in RESOURCES:
         for method in methods:

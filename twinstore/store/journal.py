@@ -39,6 +39,7 @@ from twinstore.model.errors import (
 )
 from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Command, Event, ThingState, decide, evolve, replay
+from twinstore.store import Connection
 from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, loads
 
 __all__ = ["Committed", "Journal", "WriteRequest"]
@@ -266,8 +267,16 @@ class Journal:
                     continue
                 value = None if event.action == "deleted" else canonical(event.value)
                 head = chain_hash(
-                    heads[req.thing_id], ENTITY, event.thing_id, event.revision, event.timestamp,
-                    event.action, event.path, value, event.originator, event.correlation_id,
+                    heads[req.thing_id],
+                    ENTITY,
+                    event.thing_id,
+                    event.revision,
+                    event.timestamp,
+                    event.action,
+                    event.path,
+                    value,
+                    event.originator,
+                    event.correlation_id,
                 )
                 heads[req.thing_id] = head
                 states[req.thing_id] = after
@@ -291,9 +300,7 @@ class Journal:
             )
         now = datetime.now(UTC)
         event = decide(before, req.command, now)
-        event = msgspec.structs.replace(
-            event, originator=req.originator, correlation_id=req.correlation_id
-        )
+        event = msgspec.structs.replace(event, originator=req.originator, correlation_id=req.correlation_id)
         after = evolve(before, event)
         if after.doc is not None and len(dumps(after.doc)) > self.max_thing_bytes:
             raise TooLargeError(
@@ -304,7 +311,7 @@ class Journal:
 
     async def _append(
         self,
-        con: asyncpg.Connection,
+        con: Connection,
         rows: list[_Row],
         finals: dict[str, ThingState],
         heads: dict[str, bytes],
@@ -363,8 +370,12 @@ class Journal:
         return [_state(r["id"], r) for r in rows]
 
     async def events(
-        self, thing_id: str, after_revision: int = 0, to_revision: int = 2**62,
-        *, con: asyncpg.Connection | None = None,
+        self,
+        thing_id: str,
+        after_revision: int = 0,
+        to_revision: int = 2**62,
+        *,
+        con: Connection | None = None,
     ) -> list[Event]:
         """Events of one thing with ``after_revision < revision <= to_revision``."""
         if con is None:
@@ -374,9 +385,7 @@ class Journal:
             rows = await con.fetch(SELECT_EVENTS, thing_id, after_revision, to_revision)
         return [event_from_row(r) for r in rows]
 
-    async def load_at(
-        self, thing_id: str, revision: int, *, con: asyncpg.Connection | None = None
-    ) -> ThingState:
+    async def load_at(self, thing_id: str, revision: int, *, con: Connection | None = None) -> ThingState:
         """The state at ``revision``: nearest snapshot at or before it plus later events."""
         if con is None:
             async with self.pool.acquire() as c:
