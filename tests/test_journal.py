@@ -1,0 +1,119 @@
+"""The journal on real PostgreSQL: group commit, gapless revisions, hash chain, snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import new_thing_id
+from twinstore.model.errors import NotFoundError, PreconditionFailedError
+from twinstore.model.thing import Delete, Merge, Modify, ThingState, replay
+from twinstore.runtime import Runtime
+from twinstore.store.codec import GENESIS, chain_hash
+from twinstore.store.journal import Journal, WriteRequest
+
+
+def journal(runtime: Runtime) -> Journal:
+    assert runtime.journal is not None
+    return runtime.journal
+
+
+def put(thing_id: str, path: str, value: object, **kw: object) -> WriteRequest:
+    return WriteRequest(
+        thing_id=thing_id, command=Modify(path=path, value=value), originator="nginx:test", **kw
+    )  # type: ignore[arg-type]
+
+
+async def test_concurrent_writes_share_transactions(runtime: Runtime) -> None:
+    j = journal(runtime)
+    thing_id = new_thing_id()
+    await j.write(put(thing_id, "/", {"features": {"f": {"properties": {}}}}))
+    batches_before = j.batches
+    results = await asyncio.gather(
+        *(j.write(put(thing_id, f"/features/f/properties/p{i}", i)) for i in range(200))
+    )
+    assert sorted(r.event.revision for r in results) == list(range(2, 202))
+    assert j.batches - batches_before < 200  # group commit: fewer transactions than writes
+    state = await j.load(thing_id)
+    assert state.revision == 201
+    assert state.doc is not None and len(state.doc["features"]["f"]["properties"]) == 200
+
+
+async def test_failed_write_in_a_batch_does_not_affect_neighbours(runtime: Runtime) -> None:
+    j = journal(runtime)
+    a, b = new_thing_id(), new_thing_id()
+    await j.write(put(a, "/", {}))
+    results = await asyncio.gather(
+        j.write(put(a, "/attributes/x", 1)),
+        j.write(put(b, "/attributes/x", 1)),  # b does not exist: 404
+        j.write(put(a, "/attributes/y", 2, if_match=['"rev:99"'])),  # 412
+        j.write(put(a, "/attributes/z", 3)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], NotFoundError)
+    assert isinstance(results[2], PreconditionFailedError)
+    state = await j.load(a)
+    assert state.revision == 3 and state.doc == {"thingId": a, "policyId": a, "attributes": {"x": 1, "z": 3}}
+    assert not (await j.load(b)).exists
+
+
+async def test_hash_chain_and_gapless_journal(runtime: Runtime) -> None:
+    j = journal(runtime)
+    thing_id = new_thing_id()
+    await j.write(put(thing_id, "/", {"attributes": {"a": 1}}))
+    for i in range(5):
+        await j.write(
+            WriteRequest(
+                thing_id=thing_id,
+                command=Merge(path="/attributes", value={"a": i, "b": None}),
+                originator="nginx:x",
+            )
+        )
+    await j.write(
+        WriteRequest(thing_id=thing_id, command=Delete(path="/"), originator="nginx:x", correlation_id="c-1")
+    )
+    assert runtime.pool is not None
+    async with runtime.pool.acquire() as con:
+        rows = await con.fetch(
+            "SELECT * , value::text AS v FROM journal WHERE entity = 'thing' AND id = $1 ORDER BY revision",
+            thing_id,
+        )
+        head = await con.fetchval("SELECT hash FROM things WHERE id = $1", thing_id)
+    assert [r["revision"] for r in rows] == list(range(1, 8))
+    previous = GENESIS
+    for r in rows:
+        value = None if r["v"] is None else r["v"].encode()
+        expected = chain_hash(
+            previous,
+            "thing",
+            r["id"],
+            r["revision"],
+            r["ts"],
+            r["action"],
+            r["path"],
+            value,
+            r["originator"],
+            r["correlation_id"],
+        )
+        assert bytes(r["hash"]) == expected
+        previous = expected
+    assert bytes(head) == previous
+    assert rows[-1]["action"] == "deleted" and rows[-1]["correlation_id"] == "c-1"
+
+
+@pytest.mark.parametrize("target", [1, 9, 10, 11, 25, 30])
+async def test_snapshot_plus_later_events_equals_full_replay(runtime: Runtime, target: int) -> None:
+    j = journal(runtime)  # the test settings snapshot every 10 revisions
+    thing_id = new_thing_id()
+    await j.write(put(thing_id, "/", {"attributes": {}}))
+    for i in range(2, 31):
+        await j.write(put(thing_id, f"/attributes/a{i % 4}", i))
+    assert runtime.pool is not None
+    async with runtime.pool.acquire() as con:
+        snaps = await con.fetch("SELECT revision FROM snapshots WHERE id = $1 ORDER BY revision", thing_id)
+    assert [s["revision"] for s in snaps] == [10, 20, 30]
+    full = replay(ThingState.absent(thing_id), await j.events(thing_id, 0, target))
+    assert await j.load_at(thing_id, target) == full
+    if target == 30:
+        assert await j.load(thing_id) == full
