@@ -8,6 +8,7 @@ database and its own NATS subject prefix / stream, so runs never see each other'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -110,10 +111,8 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
     finally:
         await rt.close()
         nc = await nats.connect(settings.nats_url)
-        try:
+        with contextlib.suppress(Exception):
             await nc.jetstream().delete_stream(rt.subjects.events_stream)
-        except Exception:
-            pass
         await nc.close()
 
 
@@ -162,22 +161,26 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
-        self.log = tempfile.NamedTemporaryFile(prefix="twinstore-server-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twinstore.cli", "serve", "--port", str(self.port)],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
+        fd, self.log_path = tempfile.mkstemp(prefix="twinstore-server-", suffix=".log")
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "twinstore.cli", "serve", "--port", str(self.port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-3000:]}")
+                raise RuntimeError(f"server exited: {Path(self.log_path).read_text()[-3000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"server did not become healthy: {Path(self.log.name).read_text()[-3000:]}")
+        raise RuntimeError(f"server did not become healthy: {Path(self.log_path).read_text()[-3000:]}")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -194,7 +197,7 @@ class ServerProcess:
                 self.proc.wait()
 
     def logs(self) -> str:
-        return Path(self.log.name).read_text()
+        return Path(self.log_path).read_text()
 
 
 @pytest.fixture
