@@ -26,9 +26,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+## bench: benchmarks (bench/api.py needs wrk: apt-get install wrk); results go to BENCHMARKS.md
 bench: $(STAMP)
 	$(BIN)/python bench/journal.py
-	$(BIN)/python bench/http.py
+	$(BIN)/python bench/api.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

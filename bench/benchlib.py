@@ -1,0 +1,266 @@
+"""Helpers shared by the benchmarks: throw-away databases, machine notes, tables, BENCHMARKS.md.
+
+The benchmarks are scripts (``python bench/api.py``, ``python bench/journal.py``); this module
+sits beside them and is imported as ``benchlib``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import psutil
+
+__all__ = [
+    "ROOT",
+    "CpuMeter",
+    "CpuUse",
+    "command_line",
+    "create_database",
+    "default_database_url",
+    "default_nats_url",
+    "drop_database",
+    "machine_notes",
+    "markdown_table",
+    "percentile",
+    "process_cpu",
+    "wait_quiet",
+    "write_section",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_database_url() -> str:
+    """The admin database the benchmarks create their own databases from."""
+    return os.environ.get("TWINSTORE_TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def default_nats_url() -> str:
+    return os.environ.get("TWINSTORE_TEST_NATS_URL") or "nats://127.0.0.1:4222"
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` pointing at another database (keeps host, port, user and query)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+async def create_database(admin_url: str, prefix: str) -> tuple[str, str]:
+    """Create an empty database; returns (name, URL)."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    con = await asyncpg.connect(admin_url)
+    try:
+        await con.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await con.close()
+    return name, with_database(admin_url, name)
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    con = await asyncpg.connect(admin_url)
+    try:
+        await con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await con.close()
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of already sorted values, nearest rank."""
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values) + 0.5) - 1))
+    return sorted_values[index]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table that also reads well on a terminal (columns padded)."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+    rule = "| " + " | ".join("-" * w for w in widths) + " |"
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else "unknown CPU"
+
+
+def _memory_gib() -> str:
+    try:
+        for row in Path("/proc/meminfo").read_text().splitlines():
+            if row.startswith("MemTotal:"):
+                return f"{int(row.split()[1]) / 1024 / 1024:.0f} GiB"
+    except OSError:
+        pass
+    return "unknown memory"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "twinstore"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return out + (" (twinstore/ modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+async def machine_notes(database_url: str) -> list[str]:
+    """One line each: date, CPU, PostgreSQL and its durability settings, Python, commit."""
+    con = await asyncpg.connect(database_url)
+    try:
+        version = await con.fetchval("SHOW server_version")
+        settings = {
+            name: await con.fetchval(f"SHOW {name}")
+            for name in ("synchronous_commit", "fsync", "wal_sync_method", "shared_buffers", "commit_delay")
+        }
+    finally:
+        await con.close()
+    pg = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return [
+        f"date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"machine: {os.cpu_count()} cores ({_cpu_model()}), {_memory_gib()}, {platform.platform()}",
+        f"PostgreSQL {version} on the same machine ({pg})",
+        f"Python {platform.python_version()}, twinstore commit {_git_commit()}",
+    ]
+
+
+@dataclass
+class CpuUse:
+    """CPU used during a phase, in cores (1.0 = one core busy all the time).
+
+    ``other`` is every other process on the machine (the machine may be shared: other test
+    runs compete for the same cores and make the figures lower than on a quiet machine).
+    """
+
+    server: float = 0.0
+    postgres: float = 0.0
+    client: float = 0.0
+    other: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.server:.2f} / {self.postgres:.2f} / {self.client:.2f} / {self.other:.2f}"
+
+
+def process_cpu(proc: psutil.Process) -> float:
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+Snapshot = tuple[float, dict[int, float], dict[int, float], float]
+
+
+class CpuMeter:
+    """CPU seconds of the server's processes, of PostgreSQL's and of the whole machine."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+
+    def _server(self) -> dict[int, float]:
+        if self.server_pid is None:
+            return {}
+        try:
+            root = psutil.Process(self.server_pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return {}
+        return {p.pid: process_cpu(p) for p in procs}
+
+    @staticmethod
+    def _postgres() -> dict[int, float]:
+        out: dict[int, float] = {}
+        for pid in psutil.pids():
+            try:
+                proc = psutil.Process(pid)
+                if proc.name().startswith("postgres"):
+                    out[pid] = process_cpu(proc)
+            except psutil.Error:
+                continue
+        return out
+
+    @staticmethod
+    def _busy() -> float:
+        """CPU seconds the whole machine spent busy so far."""
+        t = psutil.cpu_times()
+        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+    def start(self) -> Snapshot:
+        return time.monotonic(), self._server(), self._postgres(), self._busy()
+
+    def stop(self, begin: Snapshot, client_seconds: float) -> CpuUse:
+        """Cores used since ``begin``; ``client_seconds``: CPU the load generator used meanwhile."""
+        t0, server0, pg0, busy0 = begin
+        elapsed = max(time.monotonic() - t0, 1e-9)
+        server1, pg1 = self._server(), self._postgres()
+        server = sum(v - server0.get(pid, 0.0) for pid, v in server1.items())
+        pg = sum(v - pg0.get(pid, 0.0) for pid, v in pg1.items())
+        other = max(0.0, self._busy() - busy0 - server - pg - client_seconds)
+        return CpuUse(server / elapsed, pg / elapsed, client_seconds / elapsed, other / elapsed)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
+    """Wait up to ``max_wait`` s until the machine's busy cores (1 s sample) drop below
+    ``threshold``: the machine may be shared with other work. Returns the last sample."""
+    deadline = time.monotonic() + max_wait
+    busy = psutil.cpu_percent(interval=1.0) * (os.cpu_count() or 1) / 100
+    while busy >= threshold and time.monotonic() < deadline:
+        busy = psutil.cpu_percent(interval=1.0) * (os.cpu_count() or 1) / 100
+    return busy
+
+
+def command_line() -> str:
+    """How this benchmark was started, relative to the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        shown = str(script.relative_to(ROOT))
+    except ValueError:
+        shown = str(script)
+    return shlex.join([".venv/bin/python", shown, *sys.argv[1:]])
+
+
+def write_section(path: Path, key: str, text: str) -> None:
+    """Replace the section ``key`` of the results file (or append it), keeping the others."""
+    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    if path.exists():
+        current = path.read_text()
+    else:
+        current = (
+            "# Benchmarks\n\nFigures measured by the scripts in `bench/`; each section is rewritten "
+            "by its script (`make bench` runs them all) and says how it was run, on what, and what "
+            "limits the figures.\n\n"
+        )
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    updated = pattern.sub(lambda _: block, current) if pattern.search(current) else current + "\n" + block
+    path.write_text(updated)
