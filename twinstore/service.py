@@ -31,9 +31,33 @@ def view(state: ThingState, fields: list[list[str]] | None) -> dict[str, Any]:
     doc = state.doc or {}
     if fields is None:
         return doc
-    meta = {"_revision": state.revision, "_created": _iso(state.created), "_modified": _iso(state.modified)}
+    meta = {
+        "_namespace": state.thing_id.partition(":")[0],
+        "_revision": state.revision,
+        "_created": _iso(state.created),
+        "_modified": _iso(state.modified),
+    }
     full = {**doc, **{k: v for k, v in meta.items() if v is not None}}
     return select(full, fields)  # type: ignore[no-any-return]
+
+
+def missing_level(doc: dict[str, Any], parts: list[str]) -> list[str]:
+    """The first missing level of ``parts`` as Ditto's retrieve commands report it.
+
+    A missing feature is ``feature.notfound`` for everything below it, missing attributes or
+    feature properties are ``attributes.notfound`` / ``feature.properties.notfound`` for every
+    path inside them; otherwise the path itself is missing.
+    """
+    if len(parts) > 1 and parts[0] == "attributes":
+        levels = [parts[:1]]
+    elif len(parts) > 2 and parts[0] == "features":
+        levels = [parts[:2], parts[:3]] if len(parts) > 3 else [parts[:2]]
+    else:
+        levels = []
+    for level in levels:
+        if jp.get_at(doc, level) is jp.MISSING:
+            return level
+    return parts
 
 
 class Retrieved(msgspec.Struct, kw_only=True):
@@ -75,7 +99,7 @@ class ThingService:
                 read=True,
             )
         if value is jp.MISSING or tag is None:
-            raise not_found(thing_id, parts)
+            raise not_found(thing_id, missing_level(state.doc, parts))
         if not parts:
             value = view(state, fields)
         elif fields is not None:

@@ -18,8 +18,9 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 
 import twinstore
+from twinstore.api.headers import correlation_id
 from twinstore.api.things import json_response, thing_handlers
-from twinstore.model.errors import DittoError, PreconditionNotModifiedError
+from twinstore.model.errors import DittoError, PreconditionFailedError, PreconditionNotModifiedError
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings
 
@@ -37,7 +38,10 @@ _HTTP_ERRORS = {
 
 def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Map every exception to Ditto's error body; unknown ones are logged and become 500."""
-    correlation = request.headers.get("correlation-id") or request.query_params.get("correlation-id")
+    try:
+        correlation = correlation_id(request)
+    except DittoError:  # not echoed when it is not a valid header value
+        correlation = None
     headers = {"correlation-id": correlation} if correlation else {}
     if isinstance(exc, PreconditionNotModifiedError):
         return json_response(304, headers={**headers, "etag": exc.etag})
@@ -45,6 +49,8 @@ def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Resp
         body = exc.to_dict()
         if exc.status == 401:
             headers["www-authenticate"] = 'Basic realm="twinstore"'
+        if isinstance(exc, PreconditionFailedError) and exc.etag is not None:
+            headers["etag"] = exc.etag  # as Ditto: a 412 names the current entity tag
         return Response(
             content=orjson.dumps(body), status_code=exc.status, media_type="application/json", headers=headers
         )

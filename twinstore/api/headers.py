@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -12,7 +13,7 @@ from twinstore.model.errors import HeaderInvalidError, InvalidInputError
 from twinstore.model.etag import parse_etags
 from twinstore.model.fields import parse_fields
 
-__all__ = ["DittoHeaders", "parse_headers"]
+__all__ = ["DittoHeaders", "correlation_id", "parse_headers"]
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -31,6 +32,19 @@ def header(request: AnyRequest, name: str) -> str | None:
     if value is None:
         value = request.query_params.get(name)
     return value
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def correlation_id(request: AnyRequest) -> str | None:
+    """The request's correlation id (header or query); control characters make it invalid."""
+    value = header(request, "correlation-id")
+    if value is not None and _CONTROL.search(value):
+        raise HeaderInvalidError(
+            f"The value {value!r} of the header 'correlation-id' must not contain control characters."
+        )
+    return value or None
 
 
 def _bool(name: str, value: str | None, default: bool) -> bool:
@@ -52,7 +66,7 @@ def parse_headers(request: AnyRequest) -> DittoHeaders:
             "The 'fields' parameter must not be empty.", error="json.fieldselector.invalid"
         )
     return DittoHeaders(
-        correlation_id=header(request, "correlation-id") or str(uuid.uuid4()),
+        correlation_id=correlation_id(request) or str(uuid.uuid4()),
         response_required=_bool("response-required", header(request, "response-required"), True),
         if_match=parse_etags(header(request, "if-match")),
         if_none_match=parse_etags(header(request, "if-none-match")),

@@ -7,6 +7,7 @@ Every Ditto thing resource is a JSON pointer into the thing (``/attributes/a`` o
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -88,6 +89,10 @@ def json_response(status: int, body: Any = None, headers: dict[str, str] | None 
     return Response(content=content, status_code=status, media_type=JSON, headers=headers or {})
 
 
+# An escaped NUL (``\u0000`` after an even number of backslashes); raw NULs are not valid JSON.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def _media_type(request: Request[Any, Any, Any]) -> str:
     return (request.headers.get("content-type") or "").split(";")[0].strip().lower()
 
@@ -106,11 +111,15 @@ async def read_json(
             f"method; use one of: {', '.join(allowed)}."
         )
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise JsonInvalidError(
             f"Failed to parse JSON string '{body[:200].decode(errors='replace')}': {exc}"
         ) from None
+    if _NUL.search(body):
+        # PostgreSQL's jsonb cannot hold U+0000; refused here rather than failing the commit.
+        raise JsonInvalidError("JSON strings and keys must not contain the NUL character (\\u0000).")
+    return value
 
 
 def _pointer(template: str, params: dict[str, Any]) -> str:
@@ -132,14 +141,19 @@ def _service(request: Request[Any, Any, Any]) -> ThingService:
 
 
 def _write_response(
-    request: Request[Any, Any, Any], h: DittoHeaders, done: Committed, location: str | None = None
+    request: Request[Any, Any, Any],
+    h: DittoHeaders,
+    done: Committed,
+    location: str | None = None,
+    pointer: str = "/",
 ) -> Response[bytes]:
     from twinstore.model import etag
     from twinstore.model import patch as jp
     from twinstore.model.ids import parse_pointer
 
     event = done.event
-    parts = parse_pointer(event.path)
+    # The ETag of the resource the request addressed (a JSON patch's event may lie deeper).
+    parts = parse_pointer(pointer)
     headers = _base_headers(h)
     if done.after.doc is not None:
         value = jp.get_at(done.after.doc, parts)
@@ -147,7 +161,9 @@ def _write_response(
             headers["etag"] = etag.etag_of(value, done.after.revision, parts)
     if not h.response_required:
         return json_response(202, headers=headers)
-    if event.action == "created" and request.method in ("PUT", "POST"):
+    # PATCH of a whole thing that did not exist creates it (as Ditto's ModifyToCreateThingTransformer).
+    creates = request.method in ("PUT", "POST") or (request.method == "PATCH" and event.path == "/")
+    if event.action == "created" and creates:
         headers["location"] = location or str(request.url).split("?")[0]
         body = event.value
         return json_response(201, body, headers)
@@ -194,7 +210,7 @@ def _make(
                 if_none_match=h.if_none_match,
             )
         )
-        return _write_response(request, h, done)
+        return _write_response(request, h, done, pointer=pointer)
 
     return handler
 
@@ -229,9 +245,8 @@ async def create_thing(request: Request[Any, Any, Any]) -> Response[bytes]:
     """POST /api/2/things: create a thing with a generated id in ``namespace``."""
     subject = await _subject(request)
     h = parse_headers(request)
-    body = await read_json(request, (JSON,), optional=True)
-    if body is None:
-        body = {}
+    # No body at all creates an empty thing; a JSON ``null`` is not a thing.
+    body = await read_json(request, (JSON,)) if (await request.body()).strip() else {}
     if not isinstance(body, dict):
         raise InvalidInputError(
             "The body of a new Thing must be a JSON object.", error="things:thing.invalid"

@@ -8,6 +8,11 @@
     │   ├── ThingIdInvalidError     400  things:id.invalid
     │   ├── ThingIdNotSettableError 400  things:id.notsettable
     │   ├── ThingInvalidError       400  things:thing.invalid (shape of a thing)
+    │   ├── PolicyIdInvalidError    400  policies:id.invalid
+    │   ├── DefinitionIdentifierInvalidError 400 things:definition.identifier.invalid
+    │   ├── MergeInvalidError       400  things:merge.invalid (null or {} merged into a thing)
+    │   ├── PolicyIdNotDeletableError 400 things:policyId.notdeletable
+    │   ├── ThingIdNotDeletableError 400 things:id.notdeletable
     │   ├── PatchInvalidError       400  things:patch.invalid (RFC 6902 / 7396)
     │   └── HeaderInvalidError      400  header.invalid
     ├── AuthenticationError         401  gateway:authentication.failed
@@ -31,15 +36,20 @@ from typing import Any, ClassVar
 __all__ = [
     "AuthenticationError",
     "ConflictError",
+    "DefinitionIdentifierInvalidError",
     "DittoError",
     "HeaderInvalidError",
     "InvalidInputError",
     "JsonInvalidError",
+    "MergeInvalidError",
     "NotFoundError",
     "PatchInvalidError",
+    "PolicyIdInvalidError",
+    "PolicyIdNotDeletableError",
     "PreconditionFailedError",
     "PreconditionNotModifiedError",
     "ThingIdInvalidError",
+    "ThingIdNotDeletableError",
     "ThingIdNotSettableError",
     "ThingInvalidError",
     "TooLargeError",
@@ -108,6 +118,34 @@ class ThingInvalidError(InvalidInputError):
     description = "Check the structure of the Thing (see Ditto's thing JSON schema)."
 
 
+class PolicyIdInvalidError(InvalidInputError):
+    error = "policies:id.invalid"
+    description = "It must conform to the namespaced entity ID notation (see Ditto documentation)."
+
+
+class DefinitionIdentifierInvalidError(InvalidInputError):
+    error = "things:definition.identifier.invalid"
+    description = (
+        "An identifier string is expected to have the structure 'namespace:name:version' where each "
+        "segment must contain at least one char of [_a-zA-Z0-9\\-.] OR it must be a valid HTTP(s) URL."
+    )
+
+
+class MergeInvalidError(InvalidInputError):
+    error = "things:merge.invalid"
+    description = "Provide a non-empty JSON object to merge into the Thing."
+
+
+class PolicyIdNotDeletableError(InvalidInputError):
+    error = "things:policyId.notdeletable"
+    description = "A Thing always has a policy ID: set another one instead of removing it."
+
+
+class ThingIdNotDeletableError(InvalidInputError):
+    error = "things:id.notdeletable"
+    description = "The Thing ID is part of the Thing; it cannot be removed."
+
+
 class PatchInvalidError(InvalidInputError):
     error = "things:patch.invalid"
     description = "Check the patch document (RFC 7396 merge patch or RFC 6902 JSON patch)."
@@ -134,6 +172,10 @@ class PreconditionFailedError(DittoError):
     status = 412
     error = "things:precondition.failed"
     description = "The comparison of the provided precondition header with the current ETag value failed."
+
+    def __init__(self, message: str, etag: str | None = None) -> None:
+        super().__init__(message)
+        self.etag = etag  # the resource's current tag, sent back as ETag (None: it does not exist)
 
 
 class PreconditionNotModifiedError(DittoError):

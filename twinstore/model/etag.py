@@ -66,7 +66,8 @@ def check(
             raise PreconditionFailedError(
                 f"The comparison of precondition header 'if-match' for the requested Thing "
                 f"resource evaluated to false. Header value: '{', '.join(if_match)}', actual "
-                f"entity-tag: '{current_tag}'."
+                f"entity-tag: '{current_tag}'.",
+                etag=current_tag,
             )
     if if_none_match is not None and current_tag is not None:
         matched = "*" in if_none_match or current_tag in if_none_match
@@ -81,5 +82,6 @@ def check(
             raise PreconditionFailedError(
                 f"The comparison of precondition header 'if-none-match' for the requested Thing "
                 f"resource evaluated to false. Expected: '{', '.join(if_none_match)}' not to "
-                f"match actual: '{current_tag}'."
+                f"match actual: '{current_tag}'.",
+                etag=current_tag,
             )

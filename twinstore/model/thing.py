@@ -28,7 +28,14 @@ import msgspec
 from twinstore.model import patch as jp
 from twinstore.model.errors import (
     ConflictError,
+    DefinitionIdentifierInvalidError,
     InvalidInputError,
+    JsonInvalidError,
+    MergeInvalidError,
+    PolicyIdInvalidError,
+    PolicyIdNotDeletableError,
+    ThingIdInvalidError,
+    ThingIdNotDeletableError,
     ThingIdNotSettableError,
     ThingInvalidError,
     not_found,
@@ -129,7 +136,9 @@ Command = Modify | Create | Merge | JsonPatch | Delete
 
 _TOP_LEVEL = ("thingId", "policyId", "definition", "attributes", "features")
 _FEATURE_KEYS = ("definition", "properties", "desiredProperties")
-_DEFINITION_RE = re.compile(r"^([_a-zA-Z0-9\-.]+):([_a-zA-Z0-9\-.]+):([_a-zA-Z0-9\-.]+)$|^https?://\S+$")
+_DEFINITION_RE = re.compile(
+    r"^([_a-zA-Z0-9\-.]+):([_a-zA-Z0-9\-.]+):([_a-zA-Z0-9\-.]+)$|^https?://[^\s\x00-\x1f\x7f]+$"
+)
 
 
 def validate_path(parts: list[str]) -> None:
@@ -163,50 +172,66 @@ def _check_keys(value: Any, where: str) -> None:
             _check_keys(child, where)
 
 
+def _check_definition(identifier: Any, where: str) -> None:
+    if not isinstance(identifier, str):
+        raise JsonInvalidError(f"The definition identifier in '{where}' must be a JSON string.")
+    if not _DEFINITION_RE.match(identifier):
+        raise DefinitionIdentifierInvalidError(
+            f"Definition identifier <{identifier}> is invalid!",
+        )
+
+
 def _validate_feature(feature_id: str, feature: Any) -> None:
     validate_key(feature_id)
+    where = f"/features/{feature_id}"
     if not isinstance(feature, dict):
-        raise ThingInvalidError(f"The Feature '{feature_id}' must be a JSON object.")
-    definition = feature.get("definition")
-    if definition is not None and (
-        not isinstance(definition, list)
-        or not all(isinstance(d, str) and _DEFINITION_RE.match(d) for d in definition)
-    ):
-        raise ThingInvalidError(
-            f"The definition of Feature '{feature_id}' must be an array of identifiers "
-            "'namespace:name:version'."
-        )
+        raise JsonInvalidError(f"The Feature '{feature_id}' must be a JSON object.")
+    if "definition" in feature:
+        definition = feature["definition"]
+        if not isinstance(definition, list):
+            raise JsonInvalidError(
+                f"The definition of Feature '{feature_id}' must be an array of identifiers "
+                "'namespace:name:version'."
+            )
+        for identifier in definition:
+            _check_definition(identifier, where + "/definition")
     for key in ("properties", "desiredProperties"):
         if key in feature and not isinstance(feature[key], dict):
-            raise ThingInvalidError(f"'{key}' of Feature '{feature_id}' must be a JSON object.")
-        _check_keys(feature.get(key), f"/features/{feature_id}/{key}")
+            raise JsonInvalidError(f"'{key}' of Feature '{feature_id}' must be a JSON object.")
+    _check_keys(feature, where)
 
 
 def validate_thing(doc: Any, thing_id: str) -> dict[str, Any]:
-    """Check a whole thing document; returns it with ``thingId`` set and unknown keys dropped."""
+    """Check a whole thing document; returns it with ``thingId`` set and unknown keys dropped.
+
+    Wrong JSON types are ``json.invalid`` (as Ditto's JSON parsing reports them); ``null`` is
+    not a value of any known key (a merge patch removes with ``null``, it never stores it).
+    """
     if not isinstance(doc, dict):
-        raise ThingInvalidError("A Thing must be a JSON object.")
+        raise JsonInvalidError("A Thing must be a JSON object.")
     if doc.get("thingId", thing_id) != thing_id:
         raise ThingIdNotSettableError(
             f"The Thing ID in the request body '{doc.get('thingId')}' is not equal to the "
             f"Thing ID '{thing_id}' in the request URI."
         )
-    policy_id = doc.get("policyId")
-    if policy_id is not None:
+    if "policyId" in doc:
+        policy_id = doc["policyId"]
         if not isinstance(policy_id, str):
-            raise ThingInvalidError("'policyId' must be a string.")
-        validate_thing_id(policy_id)
-    definition = doc.get("definition")
-    if definition is not None and not (isinstance(definition, str) and _DEFINITION_RE.match(definition)):
-        raise ThingInvalidError("'definition' must be 'namespace:name:version' or a URL.")
-    attributes = doc.get("attributes")
-    if attributes is not None and not isinstance(attributes, dict):
-        raise ThingInvalidError("'attributes' must be a JSON object.")
-    _check_keys(attributes, "/attributes")
-    features = doc.get("features")
-    if features is not None:
+            raise JsonInvalidError("'policyId' must be a JSON string.")
+        try:
+            validate_thing_id(policy_id)
+        except ThingIdInvalidError:
+            raise PolicyIdInvalidError(f"Policy ID '{policy_id}' is not valid!") from None
+    if "definition" in doc:
+        _check_definition(doc["definition"], "/definition")
+    if "attributes" in doc:
+        if not isinstance(doc["attributes"], dict):
+            raise JsonInvalidError("'attributes' must be a JSON object.")
+        _check_keys(doc["attributes"], "/attributes")
+    if "features" in doc:
+        features = doc["features"]
         if not isinstance(features, dict):
-            raise ThingInvalidError("'features' must be a JSON object.")
+            raise JsonInvalidError("'features' must be a JSON object.")
         for feature_id, feature in features.items():
             _validate_feature(feature_id, feature)
     result = {"thingId": thing_id}
@@ -270,9 +295,22 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
                 value=value,
             )
         case Merge(value=value):
+            if not parts:
+                # As Ditto: null or {} cannot be merged into a thing, nor can its ids be removed.
+                if not isinstance(value, dict) or not value:
+                    raise MergeInvalidError("The provided json value can not be applied at this resource.")
+                if "thingId" in value and value["thingId"] is None:
+                    raise ThingIdNotDeletableError("The Thing ID of a Thing cannot be removed.")
+                if "policyId" in value and value["policyId"] is None:
+                    raise PolicyIdNotDeletableError(
+                        "The policyId of a Thing cannot be removed; set another one instead."
+                    )
+                if not state.exists:
+                    # Merging a whole thing that does not exist creates it (as Ditto does).
+                    created = validate_thing(jp.merge_patch({}, value), state.thing_id)
+                    doc = _with_default_policy(created)
+                    return Event(**common._asdict(), action="created", path="/", value=doc)
             current = _require_parent(state, parts)
-            if not parts and not isinstance(value, dict):
-                raise ThingInvalidError("A merge patch of a Thing must be a JSON object.")
             merged = jp.merge_patch(jp.get_at(current, parts), value)
             after = jp.remove_at(current, parts) if merged is None else jp.set_at(current, parts, merged)
             validate_thing(after, state.thing_id)
@@ -293,6 +331,8 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
             return Event(**common._asdict(), action=act, path="/" + "/".join(where), value=new)
         case Delete():
             current = _require_parent(state, parts)
+            if parts == ["policyId"]:
+                raise PolicyIdNotDeletableError("The policyId of a Thing cannot be deleted.")
             if parts and jp.get_at(current, parts) is jp.MISSING:
                 raise not_found(state.thing_id, parts)
             return Event(**common._asdict(), action="deleted", path=command.path)
