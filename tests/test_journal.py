@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tests.conftest import new_thing_id
-from twinstore.model.errors import NotFoundError, PreconditionFailedError
+from twinstore.model.errors import JsonInvalidError, NotFoundError, PreconditionFailedError
 from twinstore.model.thing import Delete, Merge, Modify, ThingState, replay
 from twinstore.runtime import Runtime
 from twinstore.store.codec import GENESIS, chain_hash
@@ -49,10 +49,12 @@ async def test_failed_write_in_a_batch_does_not_affect_neighbours(runtime: Runti
         j.write(put(b, "/attributes/x", 1)),  # b does not exist: 404
         j.write(put(a, "/attributes/y", 2, if_match=['"rev:99"'])),  # 412
         j.write(put(a, "/attributes/z", 3)),
+        j.write(put(a, "/attributes/n", "nul\x00")),  # PostgreSQL cannot store U+0000: 400
         return_exceptions=True,
     )
     assert isinstance(results[1], NotFoundError)
     assert isinstance(results[2], PreconditionFailedError)
+    assert isinstance(results[4], JsonInvalidError)
     state = await j.load(a)
     assert state.revision == 3 and state.doc == {"thingId": a, "policyId": a, "attributes": {"x": 1, "z": 3}}
     assert not (await j.load(b)).exists

@@ -7,13 +7,12 @@ Every Ditto thing resource is a JSON pointer into the thing (``/attributes/a`` o
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
-from litestar import Request, Response, delete, get, patch, post, put
+from litestar import Request, Response, delete, get, patch, post, put, route
 from litestar.handlers import HTTPRouteHandler
 
 from twinstore.api.headers import DittoHeaders, parse_headers
@@ -40,7 +39,7 @@ F = T + "/features/{featureId:str}"
 # (route, pointer template, methods, noun for docs)
 RESOURCES: list[tuple[str, str, tuple[str, ...], str]] = [
     (T, "", ("GET", "PUT", "PATCH", "DELETE"), "thing"),
-    (T + "/policyId", "/policyId", ("GET", "PUT"), "policy ID of a thing"),
+    (T + "/policyId", "/policyId", ("GET", "PUT", "PATCH"), "policy ID of a thing"),
     (T + "/definition", "/definition", ("GET", "PUT", "PATCH", "DELETE"), "definition of a thing"),
     (T + "/attributes", "/attributes", ("GET", "PUT", "PATCH", "DELETE"), "attributes of a thing"),
     (
@@ -89,10 +88,6 @@ def json_response(status: int, body: Any = None, headers: dict[str, str] | None 
     return Response(content=content, status_code=status, media_type=JSON, headers=headers or {})
 
 
-# An escaped NUL (``\u0000`` after an even number of backslashes); raw NULs are not valid JSON.
-_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
-
-
 def _media_type(request: Request[Any, Any, Any]) -> str:
     return (request.headers.get("content-type") or "").split(";")[0].strip().lower()
 
@@ -105,6 +100,10 @@ async def read_json(
     if optional and not body.strip():
         return None
     media = _media_type(request)
+    if not media and not body.strip():  # nothing sent: a missing body, not an unsupported one
+        raise JsonInvalidError(
+            f"The request has no body; this resource and method need a JSON body ({', '.join(allowed)})."
+        )
     if media not in allowed:
         raise UnsupportedMediaTypeError(
             f"The Media-Type '{media or '<none>'}' is not supported for this resource and "
@@ -116,9 +115,6 @@ async def read_json(
         raise JsonInvalidError(
             f"Failed to parse JSON string '{body[:200].decode(errors='replace')}': {exc}"
         ) from None
-    if _NUL.search(body):
-        # PostgreSQL's jsonb cannot hold U+0000; refused here rather than failing the commit.
-        raise JsonInvalidError("JSON strings and keys must not contain the NUL character (\\u0000).")
     return value
 
 
@@ -263,9 +259,26 @@ async def create_thing(request: Request[Any, Any, Any]) -> Response[bytes]:
     return _write_response(request, h, done, location=f"{base}/{thing_id}")
 
 
+def _options(path: str, methods: tuple[str, ...]) -> HTTPRouteHandler:
+    """OPTIONS with the resource's ``Allow`` header.
+
+    Declared explicitly: litestar's automatic OPTIONS handler only lists the methods of the
+    first handler registered for a path (here one handler per method), e.g. ``GET, OPTIONS``.
+    """
+    allow = ", ".join([*methods, "OPTIONS"])
+
+    async def handler() -> Response[bytes]:
+        return Response(content=b"", status_code=204, headers={"allow": allow})
+
+    return route(
+        path, http_method=["OPTIONS"], include_in_schema=False, name=f"OPTIONS {path}", status_code=200
+    )(handler)
+
+
 def thing_handlers() -> list[HTTPRouteHandler]:
     """Route handlers for every thing resource of the Ditto API."""
     handlers: list[HTTPRouteHandler] = [
+        _options("/api/2/things", ("GET", "POST")),
         get(
             "/api/2/things",
             operation_id="getThings",
@@ -280,15 +293,16 @@ def thing_handlers() -> list[HTTPRouteHandler]:
             status_code=201,
         )(create_thing),
     ]
-    for route, template, methods, noun in RESOURCES:
+    for path, template, methods, noun in RESOURCES:
+        handlers.append(_options(path, methods))
         for method in methods:
             handlers.append(
                 _DECORATORS[method](
-                    route,
-                    operation_id=_operation_id(method, route),
+                    path,
+                    operation_id=_operation_id(method, path),
                     summary=f"{_VERBS[method]} the {noun}",
-                    tags=["Features" if "/features" in route else "Things"],
-                    name=f"{method} {route}",
+                    tags=["Features" if "/features" in path else "Things"],
+                    name=f"{method} {path}",
                     status_code=200,
                 )(_make(method, template))
             )

@@ -13,12 +13,15 @@ hashed (sorted keys, orjson), so an auditor can recompute every hash from the st
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-__all__ = ["GENESIS", "canonical", "chain_hash", "dumps", "loads"]
+from twinstore.model.errors import JsonInvalidError
+
+__all__ = ["GENESIS", "canonical", "chain_hash", "dumps", "loads", "storable"]
 
 GENESIS = b"\x00" * 32
 
@@ -33,6 +36,28 @@ def dumps(value: Any) -> str:
 def canonical(value: Any) -> bytes:
     """The canonical encoding hashed and stored in the journal (sorted keys)."""
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+# An escaped NUL (``\u0000`` after an even number of backslashes) in encoded JSON.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def storable(encoded: bytes) -> bytes:
+    """``encoded`` JSON if PostgreSQL can store it, else :class:`JsonInvalidError` (400).
+
+    PostgreSQL's jsonb and text cannot hold U+0000; refusing it per write keeps one bad
+    value from failing the whole group-commit transaction it shares with other writes.
+
+    >>> storable(b'{"a":"x"}')
+    b'{"a":"x"}'
+    >>> storable(canonical({"a": chr(0)}))
+    Traceback (most recent call last):
+    ...
+    twinstore.model.errors.JsonInvalidError: JSON strings and keys must not contain the NUL ...
+    """
+    if _NUL.search(encoded):
+        raise JsonInvalidError("JSON strings and keys must not contain the NUL character (\\u0000).")
+    return encoded
 
 
 def chain_hash(

@@ -40,7 +40,7 @@ from twinstore.model.errors import (
 from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Command, Event, ThingState, decide, evolve, replay
 from twinstore.store import Connection
-from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, loads
+from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, loads, storable
 
 __all__ = ["Committed", "Journal", "WriteRequest"]
 
@@ -262,10 +262,10 @@ class Journal:
                 before = states[req.thing_id]
                 try:
                     event, after = self._decide(before, req)
+                    value = None if event.action == "deleted" else storable(canonical(event.value))
                 except DittoError as exc:
                     outcomes.append(exc)
                     continue
-                value = None if event.action == "deleted" else canonical(event.value)
                 head = chain_hash(
                     heads[req.thing_id],
                     ENTITY,
