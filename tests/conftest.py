@@ -72,6 +72,20 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def drop_database(admin_url: str, url: str) -> None:
+    """Drop a database made by :func:`fresh_database` (connections still open are ended)."""
+    name = urlsplit(url).path.lstrip("/")
+
+    async def drop() -> None:
+        con = await asyncpg.connect(admin_url)
+        try:
+            await con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await con.close()
+
+    asyncio.run(drop())
+
+
 def fresh_database(admin_url: str) -> str:
     """Create an empty database for this session and return its URL."""
     name = f"twinstore_test_{os.getpid()}_{secrets.token_hex(3)}"
@@ -88,11 +102,12 @@ def fresh_database(admin_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def settings(servers: tuple[str, str], users_file: Path) -> Settings:
+def settings(servers: tuple[str, str], users_file: Path) -> Iterator[Settings]:
     admin_url, nats_url = servers
-    return load_settings(
+    database_url = fresh_database(admin_url)
+    yield load_settings(
         {},
-        database_url=fresh_database(admin_url),
+        database_url=database_url,
         nats_url=nats_url,
         users_file=str(users_file),
         nats_prefix=f"t{secrets.token_hex(4)}",
@@ -100,6 +115,7 @@ def settings(servers: tuple[str, str], users_file: Path) -> Settings:
         relay_poll_interval=0.05,
         max_body_bytes=262_144,
     )
+    drop_database(admin_url, database_url)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -213,3 +229,11 @@ def server_process(settings: Settings, runtime: Runtime) -> Iterator[Any]:
     yield make
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def scratch_database(servers: tuple[str, str]) -> Iterator[str]:
+    """An extra empty database for one test, dropped afterwards."""
+    url = fresh_database(servers[0])
+    yield url
+    drop_database(servers[0], url)

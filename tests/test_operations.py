@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from tests.conftest import ROOT, fresh_database
+from tests.conftest import ROOT
 from twinstore.api.app import create_app
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings, load_settings
@@ -61,9 +61,8 @@ async def test_server_without_users_refuses_requests(settings: Settings, runtime
     assert r.json()["error"] == "gateway:authentication.failed"
 
 
-async def test_concurrent_migrations_apply_once(servers: tuple[str, str]) -> None:
-    url = await asyncio.to_thread(fresh_database, servers[0])
-    cons = [await asyncpg.connect(url) for _ in range(4)]
+async def test_concurrent_migrations_apply_once(scratch_database: str) -> None:
+    cons = [await asyncpg.connect(scratch_database) for _ in range(4)]
     try:
         versions = await asyncio.gather(*(migrate(c) for c in cons))
         assert versions == [len(MIGRATIONS)] * 4
@@ -93,8 +92,8 @@ def test_cli_help_explains_commands() -> None:
     assert "TWINSTORE_DATABASE_URL" in top.stdout and "migrate" in top.stdout
 
 
-def test_cli_migrate(servers: tuple[str, str]) -> None:
-    url = fresh_database(servers[0])
+def test_cli_migrate(scratch_database: str) -> None:
+    url = scratch_database
     out = subprocess.run(
         [
             sys.executable,
