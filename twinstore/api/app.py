@@ -58,6 +58,7 @@ def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Resp
         status = exc.status_code
         code, description = _HTTP_ERRORS.get(status, ("gateway:request.invalid", "Check the request."))
         body = {"status": status, "error": code, "message": str(exc.detail), "description": description}
+        headers.update(exc.headers or {})  # e.g. the Allow header a 405 must carry (RFC 9110)
         return Response(
             content=orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
         )

@@ -265,6 +265,12 @@ def _require_parent(state: ThingState, parts: list[str]) -> dict[str, Any]:
     return state.doc
 
 
+def _keep_policy(current: dict[str, Any], after: dict[str, Any]) -> None:
+    """A patch may change a thing's policyId but not remove it (every thing has a policy)."""
+    if "policyId" in current and "policyId" not in after:
+        raise PolicyIdNotDeletableError("The policyId of a Thing cannot be removed; set another one instead.")
+
+
 def decide(state: ThingState, command: Command, now: datetime) -> Event:
     """Turn one command into exactly one event, or raise a :class:`DittoError`."""
     parts = parse_pointer(command.path)
@@ -313,7 +319,7 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
             current = _require_parent(state, parts)
             merged = jp.merge_patch(jp.get_at(current, parts), value)
             after = jp.remove_at(current, parts) if merged is None else jp.set_at(current, parts, merged)
-            validate_thing(after, state.thing_id)
+            _keep_policy(current, validate_thing(after, state.thing_id))
             return Event(**common._asdict(), action="merged", path=command.path, value=value)
         case JsonPatch(value=operations):
             current = _require_parent(state, parts)
@@ -322,6 +328,7 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
                 raise not_found(state.thing_id, parts)
             patched = jp.apply_json_patch(target, operations)
             after = validate_thing(jp.set_at(current, parts, patched) if parts else patched, state.thing_id)
+            _keep_policy(current, after)
             where = parts + jp.changed_prefix(target, operations)
             new = jp.get_at(after, where)
             if new is jp.MISSING:
