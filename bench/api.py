@@ -49,6 +49,7 @@ import httpx
 import nats
 import psutil
 from benchlib import (
+    INSERT_EVENTS,
     ROOT,
     CpuMeter,
     CpuUse,
@@ -67,7 +68,6 @@ from benchlib import (
 
 from twinstore.auth import write_users_file
 from twinstore.bus.subjects import Subjects
-from twinstore.store.journal import INSERT_EVENTS
 
 USER, PASSWORD = "bench", "bench-password"
 AUTHORIZATION = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()

@@ -264,3 +264,11 @@ def write_section(path: Path, key: str, text: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     updated = pattern.sub(lambda _: block, current) if pattern.search(current) else current + "\n" + block
     path.write_text(updated)
+
+
+# The journal's event insert, for the raw baselines (the same rows and columns as the journal).
+INSERT_EVENTS = """
+INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
+SELECT 'thing', * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
+                             $6::json[], $7::text[], $8::text[], $9::bytea[])
+"""

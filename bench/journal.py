@@ -42,6 +42,7 @@ import orjson
 import psycopg
 import uvloop
 from benchlib import (
+    INSERT_EVENTS,
     ROOT,
     CpuMeter,
     CpuUse,
@@ -59,15 +60,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 
 from twinstore.model.thing import Create, Modify
 from twinstore.runtime import create_pool
-from twinstore.store.journal import (
-    INSERT_EVENTS,
-    LOCK_WRITES,
-    SELECT_FOR_WRITE,
-    UPSERT_THINGS,
-    WRITE_LOCK,
-    Journal,
-    WriteRequest,
-)
+from twinstore.store.journal import APPEND, LOCK_AND_READ, WRITE_LOCK, Journal, WriteRequest
 from twinstore.store.schema import migrate
 
 ORIGINATOR = "nginx:bench"
@@ -221,12 +214,11 @@ async def bench_journal_sql(
             t0 = time.monotonic()
             for ids, events, upsert in chunk:
                 async with con.transaction():
-                    await con.execute(LOCK_WRITES, WRITE_LOCK)
-                    if projection:
-                        await con.fetch(SELECT_FOR_WRITE, ids)
-                        await con.execute(INSERT_EVENTS, *events)
-                        await con.execute(UPSERT_THINGS, *upsert)
+                    if projection:  # the journal's two statements, no snapshot due
+                        await con.fetch(LOCK_AND_READ, ids)
+                        await con.execute(APPEND, *events, *upsert, [], [], [], [], [])
                     else:
+                        await con.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
                         await con.execute(INSERT_APPEND, *events)
                 transactions += 1
             elapsed += time.monotonic() - t0

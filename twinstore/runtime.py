@@ -31,9 +31,20 @@ async def _init_connection(con: asyncpg.Connection) -> None:
     await con.set_type_codec("jsonb", encoder=dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """Pool release hook: nothing to undo (asyncpg still rolls back an open transaction).
+
+    twinstore keeps no session state on pooled connections (no LISTEN, SET, cursors or
+    session advisory locks: the relay's lock lives on a connection of its own), so asyncpg's
+    default reset, one more round trip per request, is skipped.
+    """
+
+
 async def create_pool(url: str, size: int = 10) -> asyncpg.Pool:
     """One pool per process; JSON codecs set once per connection."""
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=size, init=_init_connection)
+    pool = await asyncpg.create_pool(
+        url, min_size=1, max_size=size, init=_init_connection, reset=_keep_session
+    )
     assert pool is not None
     return pool
 
@@ -69,7 +80,14 @@ class Runtime:
             self._owned.append("nats")
         self.nc = nc
         await ensure_events_stream(nc.jetstream(), self.subjects, s.events_max_age_seconds)
-        self.relay = Relay(pool, nc, self.subjects, poll_interval=s.relay_poll_interval)
+        database_url = s.database_url
+        self.relay = Relay(
+            pool,
+            nc,
+            self.subjects,
+            poll_interval=s.relay_poll_interval,
+            connect=lambda: asyncpg.connect(database_url),
+        )
         relay = self.relay
         self.journal = Journal(
             pool,

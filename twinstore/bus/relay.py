@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -77,10 +78,14 @@ class Relay:
         nc: NATS,
         subjects: Subjects,
         *,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
         poll_interval: float = 0.2,
         batch: int = 1000,
     ) -> None:
         self.pool = pool
+        # The leader lock is a session lock: it lives on a connection of its own, never on a
+        # pooled one (pooled connections are not reset on release).
+        self.connect = connect
         self.nc = nc
         self.js = nc.jetstream()
         self.subjects = subjects
@@ -112,22 +117,39 @@ class Relay:
     async def _run(self) -> None:
         while True:
             try:
-                async with self.pool.acquire() as lock_con:
+                lock_con = await self.connect()
+                try:
                     while not await lock_con.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):
                         await asyncio.sleep(max(self.poll_interval, 1.0))
+                    self.is_leader = True
+                    log.info("relay is leader")
+                    # Leading ends when the lock connection dies (another process takes over).
+                    lead = asyncio.create_task(self._lead())
+                    watch = asyncio.create_task(self._watch(lock_con))
                     try:
-                        self.is_leader = True
-                        log.info("relay is leader")
-                        await self._lead()
+                        done, _ = await asyncio.wait({lead, watch}, return_when=asyncio.FIRST_COMPLETED)
+                        for task in done:
+                            task.result()
                     finally:
-                        self.is_leader = False
-                        with contextlib.suppress(Exception):
-                            await lock_con.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK)
+                        for task in (lead, watch):
+                            task.cancel()
+                        await asyncio.gather(lead, watch, return_exceptions=True)
+                finally:
+                    self.is_leader = False
+                    with contextlib.suppress(Exception):
+                        await lock_con.close(timeout=2)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("relay failed; retrying")
                 await asyncio.sleep(1.0)
+
+    async def _watch(self, lock_con: asyncpg.Connection) -> None:
+        """Return when the connection holding the leader lock is lost."""
+        while not lock_con.is_closed():
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await lock_con.fetchval("SELECT 1", timeout=5)
 
     async def _lead(self) -> None:
         self.position = await self._start_position()

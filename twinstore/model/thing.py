@@ -292,7 +292,8 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
             return Event(**common._asdict(), action=action, path="/", value=doc)
         case Modify(value=value):
             current = _require_parent(state, parts)
-            validate_thing(jp.set_at(current, parts, value), state.thing_id)
+            # The rest of the document is valid already: checking the value in place is enough.
+            validate_thing(jp.set_at({}, parts, value), state.thing_id)
             existed = jp.get_at(current, parts) is not jp.MISSING
             return Event(
                 **common._asdict(),
@@ -318,8 +319,11 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
                     return Event(**common._asdict(), action="created", path="/", value=doc)
             current = _require_parent(state, parts)
             merged = jp.merge_patch(jp.get_at(current, parts), value)
-            after = jp.remove_at(current, parts) if merged is None else jp.set_at(current, parts, merged)
-            _keep_policy(current, validate_thing(after, state.thing_id))
+            if not parts or parts[0] == "policyId":
+                after = jp.remove_at(current, parts) if merged is None else jp.set_at(current, parts, merged)
+                _keep_policy(current, validate_thing(after, state.thing_id))
+            elif merged is not None:  # below the top level only the merged value can be invalid
+                validate_thing(jp.set_at({}, parts, merged), state.thing_id)
             return Event(**common._asdict(), action="merged", path=command.path, value=value)
         case JsonPatch(value=operations):
             current = _require_parent(state, parts)

@@ -41,39 +41,36 @@ from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Command, Event, ThingState, decide, evolve, replay
 from twinstore.store import Connection
 from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, loads, storable
+from twinstore.store.schema import WRITE_LOCK
 
-__all__ = ["Committed", "Journal", "WriteRequest"]
+__all__ = ["APPEND", "LOCK_AND_READ", "WRITE_LOCK", "Committed", "Journal", "WriteRequest"]
 
 log = logging.getLogger("twinstore.store")
 
 ENTITY = "thing"
-WRITE_LOCK = 7_242_002
 
-LOCK_WRITES = "SELECT pg_advisory_xact_lock($1)"
-
-SELECT_FOR_WRITE = """
-SELECT id, revision, created, modified, doc, hash FROM things WHERE id = any($1::text[])
+# Takes WRITE_LOCK, then reads the locked state (one round trip; see schema migration 2).
+LOCK_AND_READ = """
+SELECT id, revision, created, modified, doc, hash FROM twinstore_lock_and_read($1::text[])
 """
 
-INSERT_EVENTS = """
-INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
-SELECT 'thing', * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
-                             $6::json[], $7::text[], $8::text[], $9::bytea[])
-"""
-
-UPSERT_THINGS = """
-INSERT INTO things (id, revision, created, modified, policy_id, doc, hash)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::timestamptz[], $5::text[],
-                     $6::jsonb[], $7::bytea[])
-ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
-    modified = excluded.modified, policy_id = excluded.policy_id, doc = excluded.doc,
-    hash = excluded.hash
-"""
-
-INSERT_SNAPSHOTS = """
+# Events, projection rows and due snapshots of a batch in one statement (one round trip).
+APPEND = """
+WITH appended AS (
+    INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
+    SELECT 'thing', * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
+                                 $6::json[], $7::text[], $8::text[], $9::bytea[])
+), projected AS (
+    INSERT INTO things (id, revision, created, modified, policy_id, doc, hash)
+    SELECT * FROM unnest($10::text[], $11::bigint[], $12::timestamptz[], $13::timestamptz[], $14::text[],
+                         $15::jsonb[], $16::bytea[])
+    ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+        modified = excluded.modified, policy_id = excluded.policy_id, doc = excluded.doc,
+        hash = excluded.hash
+)
 INSERT INTO snapshots (entity, id, revision, created, modified, doc)
-SELECT 'thing', * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::timestamptz[],
-                             $5::jsonb[])
+SELECT 'thing', * FROM unnest($17::text[], $18::bigint[], $19::timestamptz[], $20::timestamptz[],
+                             $21::jsonb[])
 ON CONFLICT DO NOTHING
 """
 
@@ -253,8 +250,7 @@ class Journal:
         events: list[Event] = []
         rows: list[_Row] = []
         async with self.pool.acquire() as con, con.transaction():
-            await con.execute(LOCK_WRITES, WRITE_LOCK)
-            current = {r["id"]: r for r in await con.fetch(SELECT_FOR_WRITE, ids)}
+            current = {r["id"]: r for r in await con.fetch(LOCK_AND_READ, ids)}
             states = {i: _state(i, current.get(i)) for i in ids}
             heads = {i: (current[i]["hash"] if i in current else GENESIS) for i in ids}
             for pending in batch:
@@ -316,8 +312,11 @@ class Journal:
         finals: dict[str, ThingState],
         heads: dict[str, bytes],
     ) -> None:
+        states = list(finals.values())
+        every = self.snapshot_every
+        snaps = [r.after for r in rows if every > 0 and r.event.revision % every == 0]
         await con.execute(
-            INSERT_EVENTS,
+            APPEND,
             [r.event.thing_id for r in rows],
             [r.event.revision for r in rows],
             [r.event.timestamp for r in rows],
@@ -327,10 +326,6 @@ class Journal:
             [r.event.originator for r in rows],
             [r.event.correlation_id for r in rows],
             [r.head for r in rows],
-        )
-        states = list(finals.values())
-        await con.execute(
-            UPSERT_THINGS,
             [s.thing_id for s in states],
             [s.revision for s in states],
             [s.created for s in states],
@@ -338,18 +333,12 @@ class Journal:
             [(s.doc or {}).get("policyId") for s in states],
             [s.doc for s in states],
             [heads[s.thing_id] for s in states],
+            [s.thing_id for s in snaps],
+            [s.revision for s in snaps],
+            [s.created for s in snaps],
+            [s.modified for s in snaps],
+            [s.doc for s in snaps],
         )
-        if self.snapshot_every > 0:
-            snaps = [r.after for r in rows if r.event.revision % self.snapshot_every == 0]
-            if snaps:
-                await con.execute(
-                    INSERT_SNAPSHOTS,
-                    [s.thing_id for s in snaps],
-                    [s.revision for s in snaps],
-                    [s.created for s in snaps],
-                    [s.modified for s in snaps],
-                    [s.doc for s in snaps],
-                )
 
     # ---- reads ------------------------------------------------------------------------
 

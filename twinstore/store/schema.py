@@ -10,12 +10,15 @@ import logging
 
 from twinstore.store import Connection
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["MIGRATIONS", "WRITE_LOCK", "migrate"]
 
 log = logging.getLogger("twinstore.store")
 
 # A constant advisory-lock key: serialises concurrent `migrate` runs (server starts, the CLI).
 MIGRATION_LOCK = 7_242_001
+
+# Taken first by every write transaction of the journal (see twinstore.store.journal).
+WRITE_LOCK = 7_242_002
 
 MIGRATIONS: list[str] = [
     # 1: journal, projection, snapshots, relay cursor
@@ -62,6 +65,18 @@ MIGRATIONS: list[str] = [
         name        text        PRIMARY KEY,
         position    bigint      NOT NULL
     );
+    """,
+    # 2: take the write lock and read the locked state in one round trip. A VOLATILE
+    # PL/pgSQL function takes a fresh snapshot for each query it runs (READ COMMITTED), so
+    # the rows are read after the lock is held, never from before it.
+    f"""
+    CREATE FUNCTION twinstore_lock_and_read(ids text[]) RETURNS SETOF things
+    LANGUAGE plpgsql VOLATILE AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock({WRITE_LOCK});
+        RETURN QUERY SELECT * FROM things WHERE id = any(ids);
+    END
+    $$;
     """,
 ]
 
