@@ -60,7 +60,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 
 from twinstore.model.thing import Create, Modify
 from twinstore.runtime import create_pool
-from twinstore.store.journal import APPEND, LOCK_AND_READ, WRITE_LOCK, Journal, WriteRequest
+from twinstore.store.journal import APPEND, LOCK_AND_HEADS, WRITE_LOCK, Journal, WriteRequest
 from twinstore.store.schema import migrate
 
 ORIGINATOR = "nginx:bench"
@@ -214,8 +214,8 @@ async def bench_journal_sql(
             t0 = time.monotonic()
             for ids, events, upsert in chunk:
                 async with con.transaction():
-                    if projection:  # the journal's two statements, no snapshot due
-                        await con.fetch(LOCK_AND_READ, ids)
+                    if projection:  # the journal's two statements (cache hit), no snapshot due
+                        await con.fetch(LOCK_AND_HEADS, ids)
                         await con.execute(APPEND, *events, *upsert, [], [], [], [], [])
                     else:
                         await con.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)

@@ -119,3 +119,36 @@ async def test_snapshot_plus_later_events_equals_full_replay(runtime: Runtime, t
     assert await j.load_at(thing_id, target) == full
     if target == 30:
         assert await j.load(thing_id) == full
+
+
+async def test_two_journals_on_one_database_lose_no_update(runtime: Runtime) -> None:
+    """Each journal plans from its cache; the heads checked under the lock catch the other's writes."""
+    assert runtime.pool is not None
+    first = journal(runtime)
+    second = Journal(runtime.pool, snapshot_every=10)
+    second.start()
+    try:
+        thing_id = new_thing_id()
+        await first.write(put(thing_id, "/", {"attributes": {"n": 0}}))
+        replans = second.replans + first.replans
+        for i in range(1, 41):
+            j = first if i % 2 else second
+            await j.write(
+                WriteRequest(
+                    thing_id=thing_id,
+                    command=Merge(path="/attributes", value={f"k{i}": i}),
+                    originator="nginx:test",
+                )
+            )
+        state = await first.load(thing_id)
+        assert state.revision == 41
+        assert state.doc is not None and len(state.doc["attributes"]) == 41  # n and k1..k40
+        assert second.replans + first.replans - replans >= 39  # every switch found a moved head
+        # both caches are current again: the next write of each plans without a re-read
+        before = first.replans
+        await first.write(put(thing_id, "/attributes/n", 1))
+        assert first.replans == before + 1  # second wrote last
+        await first.write(put(thing_id, "/attributes/n", 2))
+        assert first.replans == before + 1
+    finally:
+        await second.stop()

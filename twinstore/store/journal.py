@@ -19,8 +19,8 @@ carries a whole batch, so throughput is bounded by batch size / commit latency.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,15 +43,25 @@ from twinstore.store import Connection
 from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, loads, storable
 from twinstore.store.schema import WRITE_LOCK
 
-__all__ = ["APPEND", "LOCK_AND_READ", "WRITE_LOCK", "Committed", "Journal", "WriteRequest"]
+__all__ = [
+    "APPEND",
+    "LOCK_AND_HEADS",
+    "SELECT_FOR_WRITE",
+    "WRITE_LOCK",
+    "Committed",
+    "Journal",
+    "WriteRequest",
+]
 
 log = logging.getLogger("twinstore.store")
 
 ENTITY = "thing"
 
-# Takes WRITE_LOCK, then reads the locked state (one round trip; see schema migration 2).
-LOCK_AND_READ = """
-SELECT id, revision, created, modified, doc, hash FROM twinstore_lock_and_read($1::text[])
+# Takes WRITE_LOCK, then reads revision and chain head of the batch's things (one round trip;
+# see schema migration 2). Documents are read only for things the cache does not hold.
+LOCK_AND_HEADS = "SELECT id, revision, hash FROM twinstore_lock_and_heads($1::text[])"
+SELECT_FOR_WRITE = """
+SELECT id, revision, created, modified, doc, hash FROM things WHERE id = any($1::text[])
 """
 
 # Events, projection rows and due snapshots of a batch in one statement (one round trip).
@@ -112,6 +122,18 @@ class Committed(msgspec.Struct, kw_only=True):
     after: ThingState
 
 
+@dataclass
+class _Plan:
+    """One thing's part of a batch: the state it was decided from and what it produced."""
+
+    start: ThingState
+    start_head: bytes
+    outcomes: list[tuple[int, Committed | DittoError]]
+    rows: list[_Row]
+    final: ThingState
+    head: bytes
+
+
 class _Row(NamedTuple):
     event: Event
     value: bytes | None
@@ -165,39 +187,54 @@ class Journal:
         max_batch: int = 512,
         max_thing_bytes: int = 102_400,
         on_commit: Callable[[list[Event]], None] | None = None,
+        writers: int = 2,
+        cache_size: int = 10_000,
     ) -> None:
         self.pool = pool
         self.snapshot_every = snapshot_every
         self.max_batch = max_batch
         self.max_thing_bytes = max_thing_bytes
         self.on_commit = on_commit
+        # Two commit loops overlap: while one batch waits for its COMMIT (the fsync), the next
+        # is already queued on WRITE_LOCK in its own transaction and reads the state the
+        # moment the first commits. The lock keeps them strictly one after the other.
+        self.writers = writers
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._in_flight = 0
+        # Last known (state, chain head) of things this process wrote: plans are made from it
+        # and checked against the heads under the lock (never trusted without that check).
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[ThingState, bytes]] = OrderedDict()
+        self.replans = 0
         self.batches = 0
         self.events_appended = 0
 
     # ---- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="twinstore-group-commit")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._run(), name=f"twinstore-group-commit-{i}")
+                for i in range(self.writers)
+            ]
 
     async def stop(self) -> None:
-        """Finish queued writes, then stop the commit loop."""
-        if self._task is None:
+        """Commit what is queued and in flight, then stop the commit loops."""
+        if not self._tasks:
             return
-        while not self._queue.empty():
+        while not self._queue.empty() or self._in_flight:
             await asyncio.sleep(0.01)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
 
     # ---- writes -----------------------------------------------------------------------
 
     async def write(self, request: WriteRequest) -> Committed:
         """Queue one write for the next group commit and wait until it is durable."""
-        if self._task is None:
+        if not self._tasks:
             raise UnavailableError("The journal is not running.")
         pending = _Pending(request)
         self._queue.put_nowait(pending)
@@ -208,6 +245,7 @@ class Journal:
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._in_flight += 1
             try:
                 await self._commit(batch)
             except Exception as exc:  # never let the loop die: fail this batch only
@@ -217,6 +255,8 @@ class Journal:
                         pending.future.set_exception(
                             UnavailableError(f"The write could not be committed: {exc}")
                         )
+            finally:
+                self._in_flight -= 1
 
     async def _commit(self, batch: list[_Pending]) -> None:
         for attempt in range(3):
@@ -242,46 +282,92 @@ class Journal:
         if events and self.on_commit is not None:
             self.on_commit(events)
 
+    def _plan(self, state: ThingState, head: bytes, items: list[tuple[int, WriteRequest]]) -> _Plan:
+        """Decide one thing's writes of a batch in order, from ``state`` (pure, no I/O)."""
+        plan = _Plan(start=state, start_head=head, outcomes=[], rows=[], final=state, head=head)
+        for index, req in items:
+            before = plan.final
+            try:
+                event, after = self._decide(before, req)
+                value = None if event.action == "deleted" else storable(canonical(event.value))
+            except DittoError as exc:
+                plan.outcomes.append((index, exc))
+                continue
+            plan.head = chain_hash(
+                plan.head,
+                ENTITY,
+                event.thing_id,
+                event.revision,
+                event.timestamp,
+                event.action,
+                event.path,
+                value,
+                event.originator,
+                event.correlation_id,
+            )
+            plan.final = after
+            plan.rows.append(_Row(event, value, plan.head, after))
+            plan.outcomes.append((index, Committed(event=event, before=before, after=after)))
+        return plan
+
     async def _transaction(
         self, batch: list[_Pending]
     ) -> tuple[list[Committed | BaseException], list[Event]]:
-        ids = list({p.request.thing_id for p in batch})
-        outcomes: list[Committed | BaseException] = []
-        events: list[Event] = []
-        rows: list[_Row] = []
-        async with self.pool.acquire() as con, con.transaction():
-            current = {r["id"]: r for r in await con.fetch(LOCK_AND_READ, ids)}
-            states = {i: _state(i, current.get(i)) for i in ids}
-            heads = {i: (current[i]["hash"] if i in current else GENESIS) for i in ids}
-            for pending in batch:
-                req = pending.request
-                before = states[req.thing_id]
-                try:
-                    event, after = self._decide(before, req)
-                    value = None if event.action == "deleted" else storable(canonical(event.value))
-                except DittoError as exc:
-                    outcomes.append(exc)
-                    continue
-                head = chain_hash(
-                    heads[req.thing_id],
-                    ENTITY,
-                    event.thing_id,
-                    event.revision,
-                    event.timestamp,
-                    event.action,
-                    event.path,
-                    value,
-                    event.originator,
-                    event.correlation_id,
-                )
-                heads[req.thing_id] = head
-                states[req.thing_id] = after
-                events.append(event)
-                rows.append(_Row(event, value, head, after))
-                outcomes.append(Committed(event=event, before=before, after=after))
-            if events:
-                await self._append(con, rows, {e.thing_id: states[e.thing_id] for e in events}, heads)
-        return outcomes, events
+        """Plan from the cache before taking the lock; re-plan the things whose head moved.
+
+        The decisions are made outside the critical section when the cache is right (the
+        usual case: this process wrote the thing last). Under the lock only the heads
+        (revision, chain hash) are read and compared; equal heads mean an identical history,
+        so the plan stands. The cache is updated with each plan at once, so the other commit
+        loop plans its batch on top of this one; if this batch fails, the heads will not
+        match and that plan is redone.
+        """
+        groups: dict[str, list[tuple[int, WriteRequest]]] = {}
+        for index, pending in enumerate(batch):
+            groups.setdefault(pending.request.thing_id, []).append((index, pending.request))
+        plans: dict[str, _Plan] = {}
+        for thing_id, items in groups.items():
+            cached = self._cache.get(thing_id)
+            if cached is not None:
+                plans[thing_id] = plan = self._plan(cached[0], cached[1], items)
+                self._cache[thing_id] = (plan.final, plan.head)
+        ids = list(groups)
+        try:
+            async with self.pool.acquire() as con, con.transaction():
+                heads = {
+                    r["id"]: (r["revision"], bytes(r["hash"])) for r in await con.fetch(LOCK_AND_HEADS, ids)
+                }
+                stale = [
+                    i
+                    for i in ids
+                    if i not in plans
+                    or (plans[i].start.revision, plans[i].start_head) != heads.get(i, (0, GENESIS))
+                ]
+                if stale:
+                    self.replans += len(stale)
+                    rows = {r["id"]: r for r in await con.fetch(SELECT_FOR_WRITE, stale)}
+                    for i in stale:
+                        row = rows.get(i)
+                        head = bytes(row["hash"]) if row is not None else GENESIS
+                        plans[i] = self._plan(_state(i, row), head, groups[i])
+                appended = [r for i in ids for r in plans[i].rows]
+                if appended:
+                    finals = {i: plans[i].final for i in ids if plans[i].rows}
+                    await self._append(con, appended, finals, {i: plans[i].head for i in finals})
+        except BaseException:
+            for thing_id in ids:
+                self._cache.pop(thing_id, None)
+            raise
+        for thing_id in ids:
+            self._cache[thing_id] = (plans[thing_id].final, plans[thing_id].head)
+            self._cache.move_to_end(thing_id)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        outcomes: list[Committed | BaseException] = [ConflictError("not decided")] * len(batch)
+        for plan in plans.values():
+            for index, outcome in plan.outcomes:
+                outcomes[index] = outcome
+        return outcomes, [r.event for r in appended]
 
     def _decide(self, before: ThingState, req: WriteRequest) -> tuple[Event, ThingState]:
         parts = parse_pointer(req.command.path)

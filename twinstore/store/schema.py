@@ -66,15 +66,16 @@ MIGRATIONS: list[str] = [
         position    bigint      NOT NULL
     );
     """,
-    # 2: take the write lock and read the locked state in one round trip. A VOLATILE
+    # 2: take the write lock and read the locked heads in one round trip. A VOLATILE
     # PL/pgSQL function takes a fresh snapshot for each query it runs (READ COMMITTED), so
     # the rows are read after the lock is held, never from before it.
     f"""
-    CREATE FUNCTION twinstore_lock_and_read(ids text[]) RETURNS SETOF things
+    CREATE FUNCTION twinstore_lock_and_heads(ids text[])
+    RETURNS TABLE (id text, revision bigint, hash bytea)
     LANGUAGE plpgsql VOLATILE AS $$
     BEGIN
         PERFORM pg_advisory_xact_lock({WRITE_LOCK});
-        RETURN QUERY SELECT * FROM things WHERE id = any(ids);
+        RETURN QUERY SELECT t.id, t.revision, t.hash FROM things t WHERE t.id = any(ids);
     END
     $$;
     """,
