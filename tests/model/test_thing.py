@@ -125,3 +125,32 @@ def test_delete_then_recreate_continues_revisions() -> None:
     for command in (Modify(path="/", value={}), Delete(path="/"), Modify(path="/", value={})):
         s = evolve(s, decide(s, command, T0))
     assert s.revision == 3 and s.exists
+
+
+odd_values = (
+    values
+    | st.dictionaries(st.sampled_from(["a", "a/b", "", "properties", "definition"]), values, max_size=2)
+    | st.lists(st.sampled_from(["ns:n:1", "bad def", 3]), max_size=2)
+)
+
+
+@settings(max_examples=300)
+@given(pointers, st.recursive(odd_values, lambda c: st.dictionaries(keys, c, max_size=2), max_leaves=4))
+def test_validating_the_value_in_place_agrees_with_the_whole_document(pointer: str, value: Any) -> None:
+    from twinstore.model import patch as jp
+    from twinstore.model.ids import parse_pointer
+    from twinstore.model.thing import validate_thing, validate_value
+
+    base = {"thingId": THING, "attributes": {"a": 1}, "features": {"f": {"properties": {}}, "g": {}}}
+    parts = parse_pointer(pointer)
+
+    def outcome(check: Any) -> type | None:
+        try:
+            check()
+        except DittoError as exc:
+            return type(exc)
+        return None
+
+    whole = outcome(lambda: validate_thing(jp.set_at(base, parts, value), THING))
+    in_place = outcome(lambda: validate_value(parts, value, THING))
+    assert whole == in_place

@@ -13,6 +13,7 @@ characters in all.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from twinstore.model.errors import InvalidInputError, ThingIdInvalidError
 
@@ -77,7 +78,13 @@ def parse_pointer(pointer: str) -> list[str]:
     >>> parse_pointer("/")
     []
     """
-    return [part for part in pointer.split("/") if part]
+    return list(_split(pointer))
+
+
+@lru_cache(maxsize=16_384)
+def _split(pointer: str) -> tuple[str, ...]:
+    # Writes repeat the same few paths; callers get their own list of the cached tuple.
+    return tuple(part for part in pointer.split("/") if part)
 
 
 def join_pointer(parts: list[str]) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Literal, NamedTuple
 
 import msgspec
@@ -143,8 +144,13 @@ _DEFINITION_RE = re.compile(
 
 def validate_path(parts: list[str]) -> None:
     """Refuse pointers that do not address a resource of a thing."""
-    if not parts:
-        return
+    if parts:
+        _validate_path(tuple(parts))
+
+
+@lru_cache(maxsize=16_384)
+def _validate_path(parts: tuple[str, ...]) -> None:
+    # Cached: writes repeat the same few paths (an invalid path raises and is not cached).
     head = parts[0]
     ok = (
         (head in ("policyId", "definition") and len(parts) == 1)
@@ -199,6 +205,25 @@ def _validate_feature(feature_id: str, feature: Any) -> None:
         if key in feature and not isinstance(feature[key], dict):
             raise JsonInvalidError(f"'{key}' of Feature '{feature_id}' must be a JSON object.")
     _check_keys(feature, where)
+
+
+def validate_value(parts: list[str], value: Any, thing_id: str) -> None:
+    """Check a value written at ``parts`` (below the top level) without touching the rest.
+
+    The rest of the document is valid already, so the value is checked in its place: the
+    same rules as :func:`validate_thing`, at the cost of the value only.
+    """
+    head = parts[0]
+    if head == "attributes" and len(parts) > 1:
+        _check_keys(value, "/attributes")
+    elif head == "features" and len(parts) > 3:
+        _check_keys(value, "/" + "/".join(parts[:3]))
+    elif head == "features" and len(parts) == 3:
+        _validate_feature(parts[1], {parts[2]: value})
+    elif head == "features" and len(parts) == 2:
+        _validate_feature(parts[1], value)
+    else:
+        validate_thing({head: value}, thing_id)
 
 
 def validate_thing(doc: Any, thing_id: str) -> dict[str, Any]:
@@ -292,8 +317,7 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
             return Event(**common._asdict(), action=action, path="/", value=doc)
         case Modify(value=value):
             current = _require_parent(state, parts)
-            # The rest of the document is valid already: checking the value in place is enough.
-            validate_thing(jp.set_at({}, parts, value), state.thing_id)
+            validate_value(parts, value, state.thing_id)
             existed = jp.get_at(current, parts) is not jp.MISSING
             return Event(
                 **common._asdict(),
@@ -323,7 +347,7 @@ def decide(state: ThingState, command: Command, now: datetime) -> Event:
                 after = jp.remove_at(current, parts) if merged is None else jp.set_at(current, parts, merged)
                 _keep_policy(current, validate_thing(after, state.thing_id))
             elif merged is not None:  # below the top level only the merged value can be invalid
-                validate_thing(jp.set_at({}, parts, merged), state.thing_id)
+                validate_value(parts, merged, state.thing_id)
             return Event(**common._asdict(), action="merged", path=command.path, value=value)
         case JsonPatch(value=operations):
             current = _require_parent(state, parts)
