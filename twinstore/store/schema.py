@@ -38,7 +38,6 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (entity, id, revision)
     );
     CREATE INDEX journal_position ON journal (position);
-    CREATE INDEX journal_ts ON journal (entity, id, ts);
 
     CREATE TABLE things (
         id          text        PRIMARY KEY,
@@ -48,7 +47,7 @@ MIGRATIONS: list[str] = [
         policy_id   text,
         doc         jsonb,
         hash        bytea       NOT NULL
-    );
+    ) WITH (fillfactor = 70);  -- room on the page for HOT updates of the projection
     CREATE INDEX things_namespace ON things (split_part(id, ':', 1));
 
     CREATE TABLE snapshots (
