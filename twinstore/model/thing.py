@@ -271,6 +271,8 @@ class _Next(NamedTuple):
     thing_id: str
     revision: int
     timestamp: datetime
+    originator: str
+    correlation_id: str | None
 
 
 def _with_default_policy(doc: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -296,11 +298,21 @@ def _keep_policy(current: dict[str, Any], after: dict[str, Any]) -> None:
         raise PolicyIdNotDeletableError("The policyId of a Thing cannot be removed; set another one instead.")
 
 
-def decide(state: ThingState, command: Command, now: datetime) -> Event:
-    """Turn one command into exactly one event, or raise a :class:`DittoError`."""
+def decide(
+    state: ThingState,
+    command: Command,
+    now: datetime,
+    *,
+    originator: str = "",
+    correlation_id: str | None = None,
+) -> Event:
+    """Turn one command into exactly one event, or raise a :class:`DittoError`.
+
+    ``originator`` (the authenticated subject) and ``correlation_id`` are recorded on the event.
+    """
     parts = parse_pointer(command.path)
     validate_path(parts)
-    common = _Next(thing_id=state.thing_id, revision=state.revision + 1, timestamp=now)
+    common = _Next(state.thing_id, state.revision + 1, now, originator, correlation_id)
     match command:
         case Create(value=value):
             if state.exists:

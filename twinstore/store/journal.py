@@ -391,8 +391,7 @@ class Journal:
                 read=False,
             )
         now = datetime.now(UTC)
-        event = decide(before, req.command, now)
-        event = msgspec.structs.replace(event, originator=req.originator, correlation_id=req.correlation_id)
+        event = decide(before, req.command, now, originator=req.originator, correlation_id=req.correlation_id)
         after = evolve(before, event)
         if after.doc is not None and len(dumps(after.doc)) > self.max_thing_bytes:
             raise TooLargeError(
