@@ -1,19 +1,24 @@
 """The journal of thing events, the projection of current state, snapshots, group commit.
 
 Writes from any number of concurrent requests are queued and committed together: one
-transaction, one fsync, one ``INSERT ... SELECT FROM unnest(...)`` for all events and one for
-all projection rows (group commit). A transaction-scoped advisory lock (``WRITE_LOCK``) is
-taken first in every write transaction, by every process. It does two jobs:
+transaction, one fsync, two statements for a whole batch (group commit):
 
-* the state each batch decides on is read *after* the lock, so it is the latest committed
-  state: many processes may write the same thing and no update is lost, revisions stay
-  gapless (the journal's primary key ``(entity, id, revision)`` guards it once more);
+1. ``twinstore_lock_and_heads(ids)`` takes a transaction-scoped advisory lock
+   (``WRITE_LOCK``), the first thing every write transaction of every process does, and
+   returns the revision and chain head of the batch's things;
+2. ``APPEND`` inserts the events, upserts the projection rows and writes due snapshots.
+
+The lock does two jobs:
+
+* the heads each batch is checked against are read *after* the lock, so they are the latest
+  committed ones: many processes may write the same thing and no update is lost, revisions
+  stay gapless (the journal's primary key ``(entity, id, revision)`` guards it once more);
 * ``position`` (an identity column, assigned at insert, not at commit) is handed out in
   commit order, so the relay that tails the journal by position can never skip a row that
   commits late (the ``_lock_table`` reasoning of pyeventsourcing).
 
-The lock serialises write transactions across processes, not requests: each transaction
-carries a whole batch, so throughput is bounded by batch size / commit latency.
+Decisions are made before the lock from a per-process cache and only verified under it (see
+``_transaction``), so the critical section is the two statements and the commit.
 """
 
 from __future__ import annotations
