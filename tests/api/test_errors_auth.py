@@ -376,3 +376,29 @@ async def test_odd_requests_never_cause_a_5xx(client: httpx.AsyncClient, thing_i
             assert_error(r, r.status_code)
     # The thing is still readable.
     assert (await client.get(url(thing_id))).status_code == 200
+
+
+async def test_empty_pointer_key_is_400(client: httpx.AsyncClient, thing_id: str) -> None:
+    r = await client.put(f"/api/2/things/{thing_id}", json={"attributes": {"a": {"b": 1}}})
+    assert r.status_code == 201
+    r = await client.get(f"/api/2/things/{thing_id}/attributes//a")
+    assert r.status_code == 400
+    assert r.json()["error"] == "json.pointer.invalid"
+    r = await client.put(f"/api/2/things/{thing_id}/attributes/a//b", json=2)
+    assert r.status_code == 400
+    r = await client.get(f"/api/2/things/{thing_id}/attributes/a/b")
+    assert r.json() == 1  # nothing was written
+
+
+async def test_json_patch_cannot_remove_thing_id(client: httpx.AsyncClient, thing_id: str) -> None:
+    r = await client.put(f"/api/2/things/{thing_id}", json={"attributes": {"a": 1}})
+    assert r.status_code == 201
+    r = await client.patch(
+        f"/api/2/things/{thing_id}",
+        content=b'[{"op": "remove", "path": "/thingId"}]',
+        headers={"content-type": "application/json-patch+json"},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"] == "things:id.notdeletable"
+    r = await client.get(f"/api/2/things/{thing_id}", params={"fields": "_revision"})
+    assert r.json() == {"_revision": 1}

@@ -184,6 +184,14 @@ def _make(
         h = parse_headers(request)
         thing_id = validate_thing_id(request.path_params["thingId"])
         pointer = _pointer(template, request.path_params)
+        # An empty key ('//') is not addressable in Ditto; litestar collapses it in the path,
+        # so look at the raw one (it would otherwise silently alias another resource).
+        raw_path: bytes = request.scope.get("raw_path", b"")
+        if b"//" in raw_path:
+            raise InvalidInputError(
+                f"The path '{raw_path.decode(errors='replace')}' contains an empty key ('//').",
+                error="json.pointer.invalid",
+            )
         service = _service(request)
         if method == "GET":
             got = await service.retrieve(

@@ -367,6 +367,8 @@ def decide(
             if target is jp.MISSING:
                 raise not_found(state.thing_id, parts)
             patched = jp.apply_json_patch(target, operations)
+            if not parts and isinstance(patched, dict) and "thingId" not in patched:
+                raise ThingIdNotDeletableError("The Thing ID of a Thing cannot be removed.")
             after = validate_thing(jp.set_at(current, parts, patched) if parts else patched, state.thing_id)
             _keep_policy(current, after)
             where = parts + jp.changed_prefix(target, operations)
