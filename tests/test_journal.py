@@ -152,3 +152,13 @@ async def test_two_journals_on_one_database_lose_no_update(runtime: Runtime) -> 
         assert first.replans == before + 1
     finally:
         await second.stop()
+
+
+async def test_unreachable_database_is_unavailable_not_internal(settings: object) -> None:
+    from twinstore.model.errors import UnavailableError
+    from twinstore.runtime import create_pool
+
+    pool = await create_pool(settings.database_url, 1)  # type: ignore[attr-defined]
+    await pool.close()
+    with pytest.raises(UnavailableError):
+        await Journal(pool).load(new_thing_id())

@@ -454,9 +454,16 @@ class Journal:
 
     @contextlib.asynccontextmanager
     async def _reader(self) -> AsyncIterator[Connection]:
-        """A pooled connection for a read, handed out in arrival order."""
-        async with self._readers, self.pool.acquire() as con:
-            yield con
+        """A pooled connection for a read, handed out in arrival order.
+
+        A database that cannot be reached is :class:`UnavailableError` (503), the one place
+        asyncpg's connection errors are translated for reads.
+        """
+        try:
+            async with self._readers, self.pool.acquire() as con:
+                yield con
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+            raise UnavailableError(f"The database is not reachable: {exc}") from exc
 
     async def load(self, thing_id: str) -> ThingState:
         """The current state (reads see every acknowledged write)."""
