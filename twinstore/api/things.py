@@ -16,12 +16,14 @@ from litestar import Request, Response, delete, get, patch, post, put, route
 from litestar.handlers import HTTPRouteHandler
 
 from twinstore.api.headers import DittoHeaders, parse_headers
+from twinstore.model import etag
+from twinstore.model import patch as jp
 from twinstore.model.errors import (
     InvalidInputError,
     JsonInvalidError,
     UnsupportedMediaTypeError,
 )
-from twinstore.model.ids import validate_namespace, validate_thing_id
+from twinstore.model.ids import parse_pointer, validate_namespace, validate_thing_id
 from twinstore.model.thing import Command, Create, Delete, JsonPatch, Merge, Modify
 from twinstore.service import ThingService
 from twinstore.store.journal import Committed, WriteRequest
@@ -143,10 +145,6 @@ def _write_response(
     location: str | None = None,
     pointer: str = "/",
 ) -> Response[bytes]:
-    from twinstore.model import etag
-    from twinstore.model import patch as jp
-    from twinstore.model.ids import parse_pointer
-
     event = done.event
     # The ETag of the resource the request addressed (a JSON patch's event may lie deeper).
     parts = parse_pointer(pointer)
