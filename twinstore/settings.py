@@ -38,7 +38,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_thing_bytes: int = 102_400
     max_batch: int = 512
     pool_size: int = 10
-    relay_poll_interval: float = 0.2
+    relay_poll_interval: float = 1.0
     log_level: str = "info"
     log_format: str = "json"
     dev_mode: bool = False

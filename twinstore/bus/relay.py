@@ -9,8 +9,9 @@ The cursor is saved only after a whole batch was acknowledged by JetStream, so a
 only cause a republish of at most one batch, which the duplicate window drops (consumers also
 see the revision in every envelope and ignore revisions they already have).
 
-Waking: the local journal calls :meth:`Relay.notify` after each commit; events committed by
-other processes are picked up by polling (``poll_interval``).
+Waking: every journal commit runs ``pg_notify('twinstore_journal')``, which the leader listens
+to on its lock connection, so events committed by any process are published at once; the
+local journal also calls :meth:`Relay.notify`; ``poll_interval`` is only the fallback.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ log = logging.getLogger("twinstore.relay")
 RELAY_LOCK = 7_242_003
 CURSOR = "events"
 POSITION_HEADER = "Twinstore-Position"
+JOURNAL_CHANNEL = "twinstore_journal"  # NOTIFY'd by every journal commit (see journal.APPEND)
 
 SELECT_AFTER = """
 SELECT position, id, revision, ts, action, path, value::text AS value, originator, correlation_id
@@ -121,6 +123,8 @@ class Relay:
                 try:
                     while not await lock_con.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):
                         await asyncio.sleep(max(self.poll_interval, 1.0))
+                    # Commits of every process notify; the local journal also calls notify().
+                    await lock_con.add_listener(JOURNAL_CHANNEL, self._on_journal)
                     self.is_leader = True
                     log.info("relay is leader")
                     # Leading ends when the lock connection dies (another process takes over).
@@ -144,6 +148,9 @@ class Relay:
                 log.exception("relay failed; retrying")
                 await asyncio.sleep(1.0)
 
+    def _on_journal(self, *_: object) -> None:
+        self._wake.set()
+
     async def _watch(self, lock_con: asyncpg.Connection) -> None:
         """Return when the connection holding the leader lock is lost."""
         while not lock_con.is_closed():
@@ -154,11 +161,11 @@ class Relay:
     async def _lead(self) -> None:
         self.position = await self._start_position()
         while True:
+            self._wake.clear()  # before reading: a commit after this point wakes the next round
             published = await self.publish_pending()
             if published < self.batch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-                self._wake.clear()
 
     async def _start_position(self) -> int:
         async with self.pool.acquire() as con:

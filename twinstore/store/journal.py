@@ -88,12 +88,14 @@ WITH appended AS (
     ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
         modified = excluded.modified, policy_id = excluded.policy_id, doc = excluded.doc,
         hash = excluded.hash
+), snapshotted AS (
+    INSERT INTO snapshots (entity, id, revision, created, modified, doc)
+    SELECT 'thing', s.id, s.revision, s.created, s.modified, s.doc
+    FROM jsonb_to_recordset($3::text::jsonb) AS s(id text, revision bigint, created timestamptz,
+        modified timestamptz, doc jsonb)
+    ON CONFLICT DO NOTHING
 )
-INSERT INTO snapshots (entity, id, revision, created, modified, doc)
-SELECT 'thing', s.id, s.revision, s.created, s.modified, s.doc
-FROM jsonb_to_recordset($3::text::jsonb) AS s(id text, revision bigint, created timestamptz,
-    modified timestamptz, doc jsonb)
-ON CONFLICT DO NOTHING
+SELECT pg_notify('twinstore_journal', '')  -- wakes the relay leader in whichever process at commit
 """
 
 SELECT_THING = "SELECT revision, created, modified, doc FROM things WHERE id = $1"
