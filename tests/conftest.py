@@ -31,6 +31,7 @@ import pytest_asyncio
 from twinstore.api.app import create_app
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings, load_settings
+from twinstore.store.codec import GENESIS, chain_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = ("ditto", "ditto")
@@ -147,6 +148,37 @@ def new_thing_id(prefix: str = "org.test") -> str:
 @pytest.fixture
 def thing_id() -> str:
     return new_thing_id()
+
+
+# ---- journal checks ----------------------------------------------------------------------
+
+SELECT_JOURNAL = """
+SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash
+FROM journal WHERE entity = 'thing' AND id = $1 ORDER BY revision
+"""
+
+
+def verify_chain(rows: list[asyncpg.Record]) -> bytes:
+    """Revisions 1..n without a gap, each hash chained to the previous row's; returns the head."""
+    assert [r["revision"] for r in rows] == list(range(1, len(rows) + 1))
+    previous = GENESIS
+    for r in rows:
+        value = None if r["value"] is None else r["value"].encode()
+        expected = chain_hash(
+            previous,
+            r["entity"],
+            r["id"],
+            r["revision"],
+            r["ts"],
+            r["action"],
+            r["path"],
+            value,
+            r["originator"],
+            r["correlation_id"],
+        )
+        assert bytes(r["hash"]) == expected, f"hash chain broken at revision {r['revision']}"
+        previous = expected
+    return previous
 
 
 # ---- server processes ------------------------------------------------------------------

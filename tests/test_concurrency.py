@@ -16,39 +16,11 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import AUTH, new_thing_id
+from tests.conftest import AUTH, SELECT_JOURNAL, new_thing_id, verify_chain
 from twinstore.settings import Settings
-from twinstore.store.codec import GENESIS, chain_hash
 
 INCREMENTS = 200
 PROPERTY = "/features/counter/properties/value"
-
-SELECT_JOURNAL = """
-SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash
-FROM journal WHERE entity = 'thing' AND id = $1 ORDER BY revision
-"""
-
-
-def verify_chain(rows: list[asyncpg.Record]) -> None:
-    """Revisions 1..n without a gap, each hash chained to the previous row's."""
-    assert [r["revision"] for r in rows] == list(range(1, len(rows) + 1))
-    previous = GENESIS
-    for r in rows:
-        value = None if r["value"] is None else r["value"].encode()
-        expected = chain_hash(
-            previous,
-            r["entity"],
-            r["id"],
-            r["revision"],
-            r["ts"],
-            r["action"],
-            r["path"],
-            value,
-            r["originator"],
-            r["correlation_id"],
-        )
-        assert bytes(r["hash"]) == expected, f"hash chain broken at revision {r['revision']}"
-        previous = expected
 
 
 async def increment(client: httpx.AsyncClient, url: str, stats: dict[str, int]) -> None:

@@ -29,8 +29,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from tests.conftest import AUTH, ServerProcess, fresh_database, new_thing_id
-from tests.test_concurrency import SELECT_JOURNAL, verify_chain
+from tests.conftest import AUTH, SELECT_JOURNAL, ServerProcess, fresh_database, new_thing_id, verify_chain
 from twinstore.bus.subjects import Subjects
 from twinstore.settings import Settings
 

@@ -110,8 +110,7 @@ async def fetch_one(database_url: str) -> int:
         await con.close()
 
 
-def test_start_after_killed_process(tmp_path: pathlib.Path,
-                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_start_after_killed_process(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "data"
     script = (
         "import pathlib, sys, time\n"
@@ -120,8 +119,9 @@ def test_start_after_killed_process(tmp_path: pathlib.Path,
         "time.sleep(600)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", script, str(data)], stdout=subprocess.PIPE,
-                             text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(data)], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert child.stdout is not None
         line = child.stdout.readline()
@@ -148,8 +148,7 @@ def test_start_after_killed_process(tmp_path: pathlib.Path,
     assert gone(old_pg_pid)
 
 
-def test_postmaster_pid_naming_another_process(servers: EmbeddedServers,
-                                               tmp_path: pathlib.Path) -> None:
+def test_postmaster_pid_naming_another_process(servers: EmbeddedServers, tmp_path: pathlib.Path) -> None:
     """After a reboot the pid in a leftover postmaster.pid may belong to anything."""
     servers.start()
     pid_file = tmp_path / "data" / "postgres" / "postmaster.pid"
