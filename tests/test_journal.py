@@ -7,7 +7,12 @@ import asyncio
 import pytest
 
 from tests.conftest import SELECT_JOURNAL, new_thing_id, verify_chain
-from twinstore.model.errors import JsonInvalidError, NotFoundError, PreconditionFailedError
+from twinstore.model.errors import (
+    HeaderInvalidError,
+    JsonInvalidError,
+    NotFoundError,
+    PreconditionFailedError,
+)
 from twinstore.model.thing import Delete, Merge, Modify, ThingState, replay
 from twinstore.runtime import Runtime
 from twinstore.store.journal import Journal, WriteRequest
@@ -49,8 +54,10 @@ async def test_failed_write_in_a_batch_does_not_affect_neighbours(runtime: Runti
         j.write(put(a, "/attributes/y", 2, if_match=['"rev:99"'])),  # 412
         j.write(put(a, "/attributes/z", 3)),
         j.write(put(a, "/attributes/n", "nul\x00")),  # PostgreSQL cannot store U+0000: 400
+        j.write(put(a, "/attributes/m", 1, correlation_id="c\x00")),  # nor in a text column
         return_exceptions=True,
     )
+    assert isinstance(results[5], HeaderInvalidError)
     assert isinstance(results[1], NotFoundError)
     assert isinstance(results[2], PreconditionFailedError)
     assert isinstance(results[4], JsonInvalidError)

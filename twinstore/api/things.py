@@ -17,7 +17,6 @@ from litestar.handlers import HTTPRouteHandler
 
 from twinstore.api.headers import DittoHeaders, parse_headers
 from twinstore.model import etag
-from twinstore.model import patch as jp
 from twinstore.model.errors import (
     InvalidInputError,
     JsonInvalidError,
@@ -149,10 +148,9 @@ def _write_response(
     # The ETag of the resource the request addressed (a JSON patch's event may lie deeper).
     parts = parse_pointer(pointer)
     headers = _base_headers(h)
-    if done.after.doc is not None:
-        value = jp.get_at(done.after.doc, parts)
-        if value is not jp.MISSING:
-            headers["etag"] = etag.etag_of(value, done.after.revision, parts)
+    tag = etag.resource_tag(done.after.doc, done.after.revision, parts)
+    if tag is not None:
+        headers["etag"] = tag
     if not h.response_required:
         return json_response(202, headers=headers)
     # PATCH of a whole thing that did not exist creates it (as Ditto's ModifyToCreateThingTransformer).

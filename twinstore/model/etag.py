@@ -21,8 +21,9 @@ from twinstore.model.errors import (
     PreconditionFailedError,
     PreconditionNotModifiedError,
 )
+from twinstore.model.patch import MISSING, get_at
 
-__all__ = ["check", "etag_of", "parse_etags"]
+__all__ = ["check", "etag_of", "parse_etags", "resource_tag"]
 
 
 def etag_of(value: Any, revision: int, parts: list[str]) -> str:
@@ -31,6 +32,18 @@ def etag_of(value: Any, revision: int, parts: list[str]) -> str:
         return f'"rev:{revision}"'
     digest = hashlib.blake2b(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=8)
     return f'"hash:{digest.hexdigest()}"'
+
+
+def resource_tag(doc: dict[str, Any] | None, revision: int, parts: list[str]) -> str | None:
+    """The ETag of the resource at ``parts`` of a thing document; None when it is absent.
+
+    >>> resource_tag({"a": 1}, 4, []), resource_tag({"a": 1}, 4, ["b"])
+    ('"rev:4"', None)
+    """
+    if doc is None:
+        return None
+    value = get_at(doc, parts)
+    return None if value is MISSING else etag_of(value, revision, parts)
 
 
 def parse_etags(header: str | None) -> list[str] | None:

@@ -36,10 +36,10 @@ import asyncpg
 import msgspec
 
 from twinstore.model import etag
-from twinstore.model import patch as jp
 from twinstore.model.errors import (
     ConflictError,
     DittoError,
+    HeaderInvalidError,
     TooLargeError,
     UnavailableError,
 )
@@ -387,16 +387,17 @@ class Journal:
         return outcomes, [r.event for r in appended]
 
     def _decide(self, before: ThingState, req: WriteRequest) -> tuple[Event, ThingState]:
-        parts = parse_pointer(req.command.path)
         if req.if_match is not None or req.if_none_match is not None:
-            target = jp.get_at(before.doc, parts) if before.doc is not None else jp.MISSING
             etag.check(
                 req.if_match,
                 req.if_none_match,
-                current_tag=None if target is jp.MISSING else etag.etag_of(target, before.revision, parts),
-                thing_tag=etag.etag_of(None, before.revision, []) if before.exists else None,
+                current_tag=etag.resource_tag(before.doc, before.revision, parse_pointer(req.command.path)),
+                thing_tag=etag.resource_tag(before.doc, before.revision, []),
                 read=False,
             )
+        if "\x00" in req.originator or "\x00" in (req.correlation_id or ""):
+            # Like a NUL in a value (storable): PostgreSQL text cannot hold it; refused per write.
+            raise HeaderInvalidError("The originator and correlation-id must not contain NUL.")
         now = datetime.now(UTC)
         event = decide(before, req.command, now, originator=req.originator, correlation_id=req.correlation_id)
         after = evolve(before, event)
