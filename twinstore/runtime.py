@@ -13,7 +13,7 @@ import nats
 import orjson
 from nats.aio.client import Client as NATS
 
-from twinstore.auth import BasicAuth
+from twinstore.auth import Authenticator
 from twinstore.bus.relay import Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.service import ThingService
@@ -60,7 +60,7 @@ class Runtime:
         self.journal: Journal | None = None
         self.relay: Relay | None = None
         self.service: ThingService | None = None
-        self.auth = BasicAuth(settings.users_file)
+        self.auth = Authenticator(settings.users_file)
         self._owned: list[str] = []
 
     async def open(self, *, pool: asyncpg.Pool | None = None, nc: NATS | None = None) -> None:

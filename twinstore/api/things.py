@@ -15,6 +15,7 @@ import orjson
 from litestar import Request, Response, delete, get, patch, post, put, route
 from litestar.handlers import HTTPRouteHandler
 
+from twinstore.api.auth import authenticate
 from twinstore.api.headers import DittoHeaders, parse_headers
 from twinstore.model import etag
 from twinstore.model.errors import (
@@ -128,8 +129,7 @@ def _base_headers(h: DittoHeaders) -> dict[str, str]:
 
 
 async def _subject(request: Request[Any, Any, Any]) -> str:
-    auth = request.app.state.runtime.auth
-    return str(await auth.authenticate(request.headers.get("authorization")))
+    return (await authenticate(request)).subject
 
 
 def _service(request: Request[Any, Any, Any]) -> ThingService:
