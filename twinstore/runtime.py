@@ -60,7 +60,7 @@ class Runtime:
         self.journal: Journal | None = None
         self.relay: Relay | None = None
         self.service: ThingService | None = None
-        self.auth = Authenticator(settings.users_file)
+        self.auth = Authenticator.from_settings(settings)
         self._owned: list[str] = []
 
     async def open(self, *, pool: asyncpg.Pool | None = None, nc: NATS | None = None) -> None:

@@ -5,10 +5,18 @@ Nothing is read or connected at import time.
 >>> s = load_settings({"TWINSTORE_PORT": "9000"})
 >>> s.port, s.embedded
 (9000, True)
+
+List and table settings are JSON in the environment:
+
+>>> issuers = '[{"issuer": "https://idp", "prefix": "idp", "secret": "k"}]'
+>>> s = load_settings({"TWINSTORE_JWT_ISSUERS": issuers})
+>>> s.jwt_issuers[0].prefix, s.jwt_issuers[0].allowed_algorithms
+('idp', ('HS256',))
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -17,7 +25,65 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["JwtIssuer", "Settings", "load_settings"]
+
+_HMAC = frozenset({"HS256", "HS384", "HS512"})
+_SIGNED = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class JwtIssuer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """One trusted issuer of JWT bearer tokens (OIDC style); exactly one key source.
+
+    ``subjects`` are templates such as ``{{ jwt:sub }}`` or ``{{ jwt:groups }}`` (an array
+    claim gives one subject per element); each value becomes the subject ``<prefix>:<value>``.
+    ``algorithms`` defaults to RS256/ES256 for a key set and HS256 for a ``secret``; HMAC
+    algorithms are refused for key sets (and public-key algorithms for a secret), so a token
+    can never be checked with a public key taken as an HMAC secret.
+    """
+
+    issuer: str
+    prefix: str
+    subjects: list[str] = msgspec.field(default_factory=lambda: ["{{ jwt:sub }}"])
+    audience: str | None = None
+    algorithms: list[str] | None = None
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    secret: str | None = None
+    leeway: float = 30.0
+    jwks_cache_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        name = f"jwt issuer {self.issuer!r}"
+        if not self.issuer:
+            raise ValueError("a jwt issuer needs a non-empty 'issuer'")
+        if not self.prefix or ":" in self.prefix or self.prefix != self.prefix.strip():
+            raise ValueError(f"{name}: 'prefix' must be non-empty, without ':' or surrounding spaces")
+        if not self.subjects:
+            raise ValueError(f"{name}: 'subjects' must name at least one template")
+        sources = [s for s in (self.jwks_file, self.jwks_url, self.secret) if s]
+        if len(sources) != 1:
+            raise ValueError(f"{name}: set exactly one of 'jwks_file', 'jwks_url', 'secret'")
+        allowed = set(self.allowed_algorithms)
+        if not allowed:
+            raise ValueError(f"{name}: 'algorithms' must not be empty")
+        if self.secret:
+            if not allowed <= _HMAC:
+                raise ValueError(f"{name}: with 'secret' only {sorted(_HMAC)} are allowed")
+        elif not allowed <= _SIGNED:
+            raise ValueError(
+                f"{name}: with a key set only {sorted(_SIGNED)} are allowed (HS* needs 'secret')"
+            )
+        if self.leeway < 0 or self.jwks_cache_seconds <= 0:
+            raise ValueError(f"{name}: 'leeway' must be >= 0 and 'jwks_cache_seconds' > 0")
+
+    @property
+    def allowed_algorithms(self) -> tuple[str, ...]:
+        """The configured algorithms, or the default for the key source."""
+        if self.algorithms is not None:
+            return tuple(self.algorithms)
+        return ("HS256",) if self.secret else ("RS256", "ES256")
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -42,6 +108,19 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: str = "info"
     log_format: str = "json"
     dev_mode: bool = False
+    jwt_issuers: list[JwtIssuer] = msgspec.field(default_factory=list)
+    preauth_enabled: bool = False
+    preauth_trusted: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+
+    def __post_init__(self) -> None:
+        for cidr in self.preauth_trusted:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"preauth_trusted: {cidr!r} is not an IP network (CIDR)") from None
+        issuers = [i.issuer for i in self.jwt_issuers]
+        if len(set(issuers)) != len(issuers):
+            raise ValueError("jwt_issuers: each 'issuer' may be configured only once")
 
     @property
     def embedded(self) -> bool:
@@ -53,6 +132,8 @@ _ENV_PREFIX = "TWINSTORE_"
 _INT = {f.name for f in msgspec.structs.fields(Settings) if f.type is int}
 _FLOAT = {f.name for f in msgspec.structs.fields(Settings) if f.type is float}
 _BOOL = {f.name for f in msgspec.structs.fields(Settings) if f.type is bool}
+_SCALAR = (str, int, float, bool, str | None, int | None, float | None)
+_JSON = {f.name for f in msgspec.structs.fields(Settings) if f.type not in _SCALAR}
 
 
 def _coerce(name: str, value: str) -> Any:
@@ -62,6 +143,13 @@ def _coerce(name: str, value: str) -> Any:
         return float(value)
     if name in _BOOL:
         return value.strip().lower() in ("1", "true", "yes", "on")
+    if name in _JSON:  # lists and tables: JSON, e.g. TWINSTORE_PREAUTH_TRUSTED='["10.0.0.0/8"]'
+        try:
+            return msgspec.json.decode(value)
+        except msgspec.DecodeError as exc:
+            raise SystemExit(
+                f"twinstore: invalid setting: {_ENV_PREFIX}{name.upper()} must be JSON ({exc})"
+            ) from exc
     return value
 
 

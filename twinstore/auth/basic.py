@@ -22,15 +22,13 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import bcrypt
-import msgspec
 
 from twinstore.model.errors import AuthenticationError
 
-__all__ = ["AuthContext", "Authenticator", "BasicAuth", "write_users_file"]
+__all__ = ["BasicAuth", "default_dev_users", "write_users_file"]
 
 log = logging.getLogger("twinstore.auth")
 
@@ -114,32 +112,6 @@ class BasicAuth:
             self._verified.clear()
         self._verified[digest] = (subject, now + self.ttl)
         return subject
-
-
-class AuthContext(msgspec.Struct, frozen=True):
-    """Who made a request: one or more subjects, the first is the default (the originator).
-
-    >>> AuthContext(subjects=("nginx:ditto",)).subject
-    'nginx:ditto'
-    """
-
-    subjects: tuple[str, ...]
-
-    @property
-    def subject(self) -> str:
-        return self.subjects[0]
-
-
-class Authenticator:
-    """Every way a request can authenticate, tried in order (basic now; JWT and pre-auth next)."""
-
-    def __init__(self, users_file: str | Path | None) -> None:
-        self.basic = BasicAuth(users_file)
-
-    async def authenticate(self, headers: Mapping[str, str], client_host: str | None = None) -> AuthContext:
-        """The caller's subjects, else :class:`AuthenticationError` (401)."""
-        subject = await self.basic.authenticate(headers.get("authorization"))
-        return AuthContext(subjects=(subject,))
 
 
 def default_dev_users(data_dir: Path) -> Path:
