@@ -16,10 +16,13 @@ from nats.aio.client import Client as NATS
 from twinstore.auth import Authenticator
 from twinstore.bus.relay import Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
+from twinstore.enforcement import PolicyCache
+from twinstore.policy_service import PolicyService
 from twinstore.service import ThingService
 from twinstore.settings import Settings
 from twinstore.store.codec import dumps
 from twinstore.store.journal import Journal
+from twinstore.store.policies import PolicyStore
 from twinstore.store.schema import MIGRATIONS, current_version, migrate
 
 __all__ = ["Runtime", "create_pool"]
@@ -60,6 +63,9 @@ class Runtime:
         self.journal: Journal | None = None
         self.relay: Relay | None = None
         self.service: ThingService | None = None
+        self.policies: PolicyService | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._stop_listener = asyncio.Event()
         self.auth = Authenticator.from_settings(settings)
         self._owned: list[str] = []
 
@@ -98,10 +104,20 @@ class Runtime:
         )
         self.journal.start()
         self.relay.start()
-        self.service = ThingService(self.journal)
+        store = PolicyStore(pool)
+        cache = PolicyCache(store)
+        self.policies = PolicyService(store, cache)
+        self.service = ThingService(self.journal, self.policies)
+        self._listener = asyncio.create_task(
+            store.listen(lambda: asyncpg.connect(database_url), cache.invalidate, self._stop_listener),
+            name="twinstore-policy-listener",
+        )
 
     async def close(self) -> None:
         """Finish in-flight writes, publish what was committed, then disconnect."""
+        if self._listener is not None:
+            self._stop_listener.set()
+            await self._listener
         if self.journal is not None:
             await self.journal.stop()
         if self.relay is not None:

@@ -1,32 +1,45 @@
-"""The engine: the one place that combines the store, the bus and (later) policies.
+"""The engine for things: the one place that combines the store, the bus and the policies.
 
-Interfaces (HTTP now; WebSocket, NATS ingestion later) call :class:`ThingService` with
-commands and get values or :class:`~twinstore.model.errors.DittoError` back.
+Interfaces (HTTP now; WebSocket, NATS ingestion later) call :class:`ThingService` with the
+caller's :class:`~twinstore.auth.AuthContext` and commands, and get values (filtered to what
+the caller may read) or :class:`~twinstore.model.errors.DittoError` back.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
+from policies import MISSING, READ, SubjectView
+from twinstore.auth import AuthContext
+from twinstore.enforcement import PolicyCache, PolicyMovedError, creates_thing, new_policy_id, thing_guard
 from twinstore.model import etag
 from twinstore.model import patch as jp
-from twinstore.model.errors import not_found
+from twinstore.model.errors import (
+    ConflictError,
+    InvalidInputError,
+    PolicyIdInvalidError,
+    ThingIdInvalidError,
+    not_found,
+    policy_not_found,
+)
 from twinstore.model.fields import select
 from twinstore.model.ids import parse_pointer, validate_thing_id
-from twinstore.model.thing import ThingState, validate_path
+from twinstore.model.policy import PolicyModify, default_policy
+from twinstore.model.thing import Command, Create, Merge, Modify, ThingState, decide, validate_path
+from twinstore.policy_service import PolicyService, PolicyWrite
 from twinstore.store.journal import Committed, Journal, WriteRequest
 
-__all__ = ["Retrieved", "ThingService", "view"]
+__all__ = ["Retrieved", "ThingService", "view_of"]
 
 
 def _iso(ts: datetime | None) -> str | None:
     return None if ts is None else ts.isoformat().replace("+00:00", "Z")
 
 
-def view(state: ThingState, fields: list[list[str]] | None) -> dict[str, Any]:
+def view_of(state: ThingState, fields: list[list[str]] | None) -> dict[str, Any]:
     """A thing's JSON as Ditto returns it, with ``fields`` selection and ``_revision`` etc."""
     doc = state.doc or {}
     if fields is None:
@@ -66,14 +79,38 @@ class Retrieved(msgspec.Struct, kw_only=True):
     state: ThingState
 
 
-class ThingService:
-    """Reads and writes of things (authorization joins here with the policies issue)."""
+def _readable(view: SubjectView | None, state: ThingState) -> dict[str, Any] | None:
+    """The part of a thing the view may read (``None``: nothing, the thing looks absent).
 
-    def __init__(self, journal: Journal) -> None:
+    The ``thingId`` is kept whenever anything is readable (the caller named the thing).
+    """
+    if state.doc is None or view is None:
+        return None
+    shown = view.filter("thing", [], state.doc)
+    if shown is MISSING:
+        return None
+    if shown is not state.doc and "thingId" not in shown:
+        shown = {"thingId": state.thing_id, **shown}
+    return shown  # type: ignore[no-any-return]
+
+
+class ThingService:
+    """Reads and writes of things, each enforced by the thing's policy."""
+
+    def __init__(self, journal: Journal, policies: PolicyService) -> None:
         self.journal = journal
+        self.policies = policies
+        self.cache: PolicyCache = policies.cache
+
+    async def _view(self, state: ThingState, auth: AuthContext) -> SubjectView | None:
+        policy_id = (state.doc or {}).get("policyId")
+        if not isinstance(policy_id, str):
+            return None
+        return await self.cache.view(policy_id, auth.subjects)
 
     async def retrieve(
         self,
+        auth: AuthContext,
         thing_id: str,
         path: str = "/",
         *,
@@ -81,15 +118,17 @@ class ThingService:
         if_match: list[str] | None = None,
         if_none_match: list[str] | None = None,
     ) -> Retrieved:
-        """The resource at ``path`` of a thing; 404 in Ditto's words when absent."""
+        """The readable part of the resource at ``path``; 404 in Ditto's words when absent or unreadable."""
         validate_thing_id(thing_id)
         parts = parse_pointer(path)
         validate_path(parts)
         state = await self.journal.load(thing_id)
-        if state.doc is None:
+        view = await self._view(state, auth)
+        if state.doc is None or view is None or not view.has_partial("thing", [], READ):
             raise not_found(thing_id, [])
         value = jp.get_at(state.doc, parts)
-        tag = None if value is jp.MISSING else etag.etag_of(value, state.revision, parts)
+        shown = jp.MISSING if value is jp.MISSING else view.filter("thing", parts, value)
+        tag = None if shown is MISSING or value is jp.MISSING else etag.etag_of(value, state.revision, parts)
         if if_match is not None or if_none_match is not None:
             etag.check(
                 if_match,
@@ -98,28 +137,156 @@ class ThingService:
                 thing_tag=etag.etag_of(None, state.revision, []),
                 read=True,
             )
-        if value is jp.MISSING or tag is None:
-            raise not_found(thing_id, missing_level(state.doc, parts))
+        if shown is MISSING or shown is jp.MISSING or tag is None:
+            # What is missing is judged on the readable part only: no probing of hidden paths.
+            raise not_found(thing_id, missing_level(_readable(view, state) or {}, parts))
         if not parts:
-            value = view(state, fields)
+            shown = view_of(
+                ThingState(
+                    thing_id=state.thing_id,
+                    revision=state.revision,
+                    created=state.created,
+                    modified=state.modified,
+                    doc=_readable(view, state),
+                ),
+                fields,
+            )
         elif fields is not None:
-            value = select(value, fields)
-        return Retrieved(value=value, etag=tag, state=state)
+            shown = select(shown, fields)
+        return Retrieved(value=shown, etag=tag, state=state)
+
+    async def _visible(
+        self, auth: AuthContext, states: list[ThingState], fields: list[list[str]] | None
+    ) -> list[dict[str, Any]]:
+        policy_ids = [
+            s.doc["policyId"] for s in states if s.doc is not None and isinstance(s.doc.get("policyId"), str)
+        ]
+        enforcers = await self.cache.enforcers(policy_ids)
+        result = []
+        for state in states:
+            enforcer = enforcers.get((state.doc or {}).get("policyId", ""))
+            readable = _readable(None if enforcer is None else enforcer.view(auth.subjects), state)
+            if readable is not None:
+                result.append(
+                    view_of(
+                        ThingState(
+                            thing_id=state.thing_id,
+                            revision=state.revision,
+                            created=state.created,
+                            modified=state.modified,
+                            doc=readable,
+                        ),
+                        fields,
+                    )
+                )
+        return result
 
     async def retrieve_many(
-        self, thing_ids: list[str], fields: list[list[str]] | None
+        self, auth: AuthContext, thing_ids: list[str], fields: list[list[str]] | None
     ) -> list[dict[str, Any]]:
-        """Things in the order asked for; absent ones are left out (as Ditto)."""
+        """Readable things in the order asked for; absent and unreadable ones are left out (as Ditto)."""
         for thing_id in thing_ids:
             validate_thing_id(thing_id)
         states = await self.journal.load_many(thing_ids)
-        return [view(states[i], fields) for i in thing_ids if i in states and states[i].exists]
+        return await self._visible(
+            auth, [states[i] for i in thing_ids if i in states and states[i].exists], fields
+        )
 
-    async def list_things(self, fields: list[list[str]] | None, limit: int) -> list[dict[str, Any]]:
-        """All things sorted by id (at most ``limit``; search comes with RQL)."""
-        return [view(state, fields) for state in await self.journal.load_all(limit)]
+    async def list_things(
+        self, auth: AuthContext, fields: list[list[str]] | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Readable things sorted by id (at most ``limit`` looked at; search comes with RQL)."""
+        return await self._visible(auth, await self.journal.load_all(limit), fields)
 
-    async def write(self, request: WriteRequest) -> Committed:
-        """Commit one command (validated, precondition-checked, group-committed)."""
+    async def write(
+        self, auth: AuthContext, request: WriteRequest, *, allow_lockout: bool = False
+    ) -> Committed:
+        """Authorize, then commit one command (validated, precondition-checked, group-committed)."""
         validate_thing_id(request.thing_id)
-        return await self.journal.write(request)
+        for _attempt in range(5):
+            state = await self.journal.peek(request.thing_id)
+            if state.exists:
+                guard = await self._guard_existing(auth, state, request.command)
+            elif creates_thing(request.command):
+                guard = await self._prepare_creation(auth, request, allow_lockout)
+            else:
+                raise not_found(request.thing_id, [])
+            try:
+                return await self.journal.write(msgspec.structs.replace(request, guard=guard))
+            except PolicyMovedError:
+                continue
+        raise ConflictError("The Thing's policy kept changing during the write; retry.")
+
+    async def _guard_existing(self, auth: AuthContext, state: ThingState, command: Command) -> Any:
+        assert state.doc is not None
+        policy_id = state.doc.get("policyId")
+        view = await self._view(state, auth)
+        guard = thing_guard(state.thing_id, policy_id, view, creating=False)
+        guard(state, command)  # refuse early (the journal checks again on the state it decides on)
+        moved_to = new_policy_id(state, command)
+        if moved_to is not None:
+            await self._check_new_policy(auth, moved_to)
+        return guard
+
+    async def _check_new_policy(self, auth: AuthContext, policy_id: str) -> None:
+        """A thing may only be given a policy that exists and that the caller may read."""
+        try:
+            validate_thing_id(policy_id)
+        except ThingIdInvalidError:
+            raise PolicyIdInvalidError(f"Policy ID '{policy_id}' is not valid!") from None
+        view = await self.cache.view(policy_id, auth.subjects)
+        if view is None or not view.has_partial("policy", [], READ):
+            raise policy_not_found(policy_id)
+
+    async def _prepare_creation(self, auth: AuthContext, request: WriteRequest, allow_lockout: bool) -> Any:
+        """Find or create the policy of a new thing; the guard checks WRITE on ``thing:/`` in it.
+
+        * ``_policy`` in the body: that policy is created (409 if its id is taken);
+        * ``policyId`` in the body, or none (the thing's own id, Ditto's default): an existing
+          policy is used as it is; a missing one is created as Ditto's default policy,
+          granting the creating subject READ and WRITE on ``thing:/``, ``policy:/`` and ``message:/``.
+        """
+        command = request.command
+        assert isinstance(command, Create | Modify | Merge)
+        body = command.value if isinstance(command.value, dict) else {}
+        # Validate the thing before creating any policy for it (no orphan policy for a bad body).
+        decide(ThingState.absent(request.thing_id), _without_policy(command), datetime.now(UTC))
+        policy_id = body.get("policyId", request.thing_id)
+        if not isinstance(policy_id, str):
+            raise InvalidInputError("'policyId' must be a JSON string.", error="json.invalid")
+        inline = body.get("_policy")
+        if inline is not None:
+            await self.policies.write(
+                PolicyWrite(
+                    policy_id=policy_id,
+                    command=PolicyModify(parts=[], value=inline),
+                    auth=auth,
+                    correlation_id=request.correlation_id,
+                    allow_lockout=allow_lockout,
+                    must_not_exist=True,
+                )
+            )
+        elif await self.cache.enforcer(policy_id) is None:
+            await self.policies.write(
+                PolicyWrite(
+                    policy_id=policy_id,
+                    command=PolicyModify(parts=[], value=default_policy(policy_id, auth.subject)),
+                    auth=auth,
+                    correlation_id=request.correlation_id,
+                    must_not_exist=True,
+                )
+            )
+        view = await self.cache.view(policy_id, auth.subjects)
+        return thing_guard(request.thing_id, policy_id, view, creating=True)
+
+
+def _without_policy(command: Command) -> Command:
+    """The command without the inline ``_policy`` (it is not part of the thing)."""
+    if (
+        isinstance(command, Create | Modify | Merge)
+        and isinstance(command.value, dict)
+        and "_policy" in command.value
+    ):
+        value = {k: v for k, v in command.value.items() if k != "_policy"}
+        return msgspec.structs.replace(command, value=value)
+    return command

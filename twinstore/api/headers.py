@@ -24,6 +24,7 @@ class DittoHeaders(msgspec.Struct, kw_only=True):
     if_match: list[str] | None = None
     if_none_match: list[str] | None = None
     fields: list[list[str]] | None = None
+    allow_policy_lockout: bool = False
 
 
 def header(request: AnyRequest, name: str) -> str | None:
@@ -71,4 +72,7 @@ def parse_headers(request: AnyRequest) -> DittoHeaders:
         if_match=parse_etags(header(request, "if-match")),
         if_none_match=parse_etags(header(request, "if-none-match")),
         fields=parse_fields(fields_text) if fields_text is not None else None,
+        allow_policy_lockout=_bool(
+            "allow-policy-lockout", header(request, "allow-policy-lockout"), False
+        ),
     )

@@ -128,10 +128,6 @@ def _base_headers(h: DittoHeaders) -> dict[str, str]:
     return {"correlation-id": h.correlation_id}
 
 
-async def _subject(request: Request[Any, Any, Any]) -> str:
-    return (await authenticate(request)).subject
-
-
 def _service(request: Request[Any, Any, Any]) -> ThingService:
     service: ThingService = request.app.state.runtime.service
     return service
@@ -176,7 +172,7 @@ def _make(
     method: str, template: str
 ) -> Callable[[Request[Any, Any, Any]], Coroutine[Any, Any, Response[bytes]]]:
     async def handler(request: Request[Any, Any, Any]) -> Response[bytes]:
-        subject = await _subject(request)
+        auth = await authenticate(request)
         h = parse_headers(request)
         thing_id = validate_thing_id(request.path_params["thingId"])
         pointer = _pointer(template, request.path_params)
@@ -191,7 +187,7 @@ def _make(
         service = _service(request)
         if method == "GET":
             got = await service.retrieve(
-                thing_id, pointer, fields=h.fields, if_match=h.if_match, if_none_match=h.if_none_match
+                auth, thing_id, pointer, fields=h.fields, if_match=h.if_match, if_none_match=h.if_none_match
             )
             return json_response(200, got.value, {**_base_headers(h), "etag": got.etag})
         body = None
@@ -201,14 +197,16 @@ def _make(
             body = await read_json(request, (MERGE_PATCH, JSON_PATCH))
         command = _command(method, _media_type(request), pointer, body)
         done = await service.write(
+            auth,
             WriteRequest(
                 thing_id=thing_id,
                 command=command,
-                originator=subject,
+                originator=auth.subject,
                 correlation_id=h.correlation_id,
                 if_match=h.if_match,
                 if_none_match=h.if_none_match,
-            )
+            ),
+            allow_lockout=h.allow_policy_lockout,
         )
         return _write_response(request, h, done, pointer=pointer)
 
@@ -227,7 +225,7 @@ def _operation_id(method: str, route: str) -> str:
 
 async def list_things(request: Request[Any, Any, Any]) -> Response[bytes]:
     """GET /api/2/things: the things named by ``ids`` (in that order) or all, sorted by id."""
-    await _subject(request)
+    auth = await authenticate(request)
     h = parse_headers(request)
     ids_param = request.query_params.get("ids")
     service = _service(request)
@@ -235,15 +233,15 @@ async def list_things(request: Request[Any, Any, Any]) -> Response[bytes]:
         ids = [i.strip() for i in ids_param.split(",") if i.strip()]
         if not ids:
             raise InvalidInputError("The 'ids' parameter must name at least one Thing ID.")
-        things = await service.retrieve_many(ids, h.fields)
+        things = await service.retrieve_many(auth, ids, h.fields)
     else:
-        things = await service.list_things(h.fields, LIST_LIMIT)
+        things = await service.list_things(auth, h.fields, LIST_LIMIT)
     return json_response(200, things, _base_headers(h))
 
 
 async def create_thing(request: Request[Any, Any, Any]) -> Response[bytes]:
     """POST /api/2/things: create a thing with a generated id in ``namespace``."""
-    subject = await _subject(request)
+    auth = await authenticate(request)
     h = parse_headers(request)
     # No body at all creates an empty thing; a JSON ``null`` is not a thing.
     body = await read_json(request, (JSON,)) if (await request.body()).strip() else {}
@@ -255,9 +253,14 @@ async def create_thing(request: Request[Any, Any, Any]) -> Response[bytes]:
     namespace = validate_namespace(request.query_params.get("namespace", request.app.state.default_namespace))
     thing_id = f"{namespace}:{uuid.uuid4()}"
     done = await _service(request).write(
+        auth,
         WriteRequest(
-            thing_id=thing_id, command=Create(value=body), originator=subject, correlation_id=h.correlation_id
-        )
+            thing_id=thing_id,
+            command=Create(value=body),
+            originator=auth.subject,
+            correlation_id=h.correlation_id,
+        ),
+        allow_lockout=h.allow_policy_lockout,
     )
     base = str(request.url).split("?")[0].rstrip("/")
     return _write_response(request, h, done, location=f"{base}/{thing_id}")

@@ -44,7 +44,7 @@ JOURNAL_CHANNEL = "twinstore_journal"  # NOTIFY'd by every journal commit (see j
 
 SELECT_AFTER = """
 SELECT position, id, revision, ts, action, path, value::text AS value, originator, correlation_id
-FROM journal WHERE position > $1 ORDER BY position LIMIT $2
+FROM journal WHERE position > $1 AND entity = 'thing' ORDER BY position LIMIT $2
 """
 SELECT_CURSOR = "SELECT position FROM relay_cursor WHERE name = $1"
 SAVE_CURSOR = """

@@ -16,7 +16,9 @@
     │   ├── PatchInvalidError       400  things:patch.invalid (RFC 6902 / 7396)
     │   └── HeaderInvalidError      400  header.invalid
     ├── AuthenticationError         401  gateway:authentication.failed
-    ├── NotFoundError               404  things:thing.notfound and friends
+    ├── ForbiddenError              403  things:thing.notmodifiable and friends, policies:*.notmodifiable,
+    │                                    policies:policy.modificationinvalid (lock-out)
+    ├── NotFoundError               404  things:thing.notfound and friends, policies:policy.notfound ...
     ├── PreconditionFailedError     412  things:precondition.failed
     ├── PreconditionNotModifiedError 304 things:precondition.notmodified
     ├── TooLargeError               413  things:thing.tooLarge
@@ -38,6 +40,7 @@ __all__ = [
     "ConflictError",
     "DefinitionIdentifierInvalidError",
     "DittoError",
+    "ForbiddenError",
     "HeaderInvalidError",
     "InvalidInputError",
     "JsonInvalidError",
@@ -56,6 +59,8 @@ __all__ = [
     "UnavailableError",
     "UnsupportedMediaTypeError",
     "not_found",
+    "not_modifiable",
+    "policy_not_found",
 ]
 
 
@@ -160,6 +165,14 @@ class AuthenticationError(DittoError):
     status = 401
     error = "gateway:authentication.failed"
     description = "Check if your credentials were correct."
+
+
+class ForbiddenError(DittoError):
+    """Readable but not writable (Ditto answers 403; not readable at all is 404)."""
+
+    status = 403
+    error = "things:thing.notmodifiable"
+    description = "Check if the ID was correct and you have sufficient permissions."
 
 
 class NotFoundError(DittoError):
@@ -272,3 +285,37 @@ def not_found(thing_id: str, parts: list[str]) -> NotFoundError:
                 description=f"Check if the {noun} path and the Thing ID were correct.",
             )
     return NotFoundError(f"'/{'/'.join(parts)}' of the Thing '{thing_id}' does not exist.")
+
+
+def not_modifiable(thing_id: str, parts: list[str]) -> ForbiddenError:
+    """Ditto's 403 for a resource of a thing that the requester may read but not write.
+
+    >>> not_modifiable("a:b", ["attributes", "x"]).instance_error
+    'things:attribute.notmodifiable'
+    >>> not_modifiable("a:b", []).instance_error
+    'things:thing.notmodifiable'
+    """
+    if not parts:
+        return ForbiddenError(
+            f"The Thing with ID '{thing_id}' could not be modified as the requester had "
+            "insufficient permissions ('WRITE' is required)."
+        )
+    for pattern, code, noun in _NOT_FOUND:
+        if _matches(pattern, parts):
+            where = "/" + "/".join(parts)
+            return ForbiddenError(
+                f"The {noun} at '{where}' of the Thing with ID '{thing_id}' could not be modified as "
+                "the requester had insufficient permissions ('WRITE' is required).",
+                error=code.replace(".notfound", ".notmodifiable"),
+            )
+    return ForbiddenError(f"'/{'/'.join(parts)}' of the Thing '{thing_id}' could not be modified.")
+
+
+def policy_not_found(policy_id: str) -> NotFoundError:
+    """Ditto's 404 for a policy that does not exist or that the requester may not read."""
+    return NotFoundError(
+        f"The Policy with ID '{policy_id}' could not be found or requester had insufficient "
+        "permissions to access it.",
+        error="policies:policy.notfound",
+        description="Check if the ID of the Policy was correct and you have sufficient permissions.",
+    )

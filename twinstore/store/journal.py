@@ -126,6 +126,9 @@ class WriteRequest(msgspec.Struct, kw_only=True):
     correlation_id: str | None = None
     if_match: list[str] | None = None
     if_none_match: list[str] | None = None
+    # Authorization, run on the exact state the write is decided on (before preconditions, so
+    # a 412 never tells an unauthorised caller anything); raises a DittoError to refuse.
+    guard: Callable[[ThingState, Command], None] | None = None
 
 
 class Committed(msgspec.Struct, kw_only=True):
@@ -387,6 +390,8 @@ class Journal:
         return outcomes, [r.event for r in appended]
 
     def _decide(self, before: ThingState, req: WriteRequest) -> tuple[Event, ThingState]:
+        if req.guard is not None:
+            req.guard(before, req.command)
         if req.if_match is not None or req.if_none_match is not None:
             etag.check(
                 req.if_match,
@@ -467,6 +472,14 @@ class Journal:
                 yield con
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
             raise UnavailableError(f"The database is not reachable: {exc}") from exc
+
+    async def peek(self, thing_id: str) -> ThingState:
+        """The state this process last wrote (it may be a batch still committing), else :meth:`load`.
+
+        Good enough to prepare a write: the write's guard checks the state it is decided on.
+        """
+        cached = self._cache.get(thing_id)
+        return cached[0] if cached is not None else await self.load(thing_id)
 
     async def load(self, thing_id: str) -> ThingState:
         """The current state (reads see every acknowledged write)."""

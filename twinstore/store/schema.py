@@ -78,6 +78,18 @@ MIGRATIONS: list[str] = [
     END
     $$;
     """,
+    # 3: policies (projection of the journal's 'policy' entity); things by policy for fan-out
+    """
+    CREATE TABLE policies (
+        id          text        PRIMARY KEY,
+        revision    bigint      NOT NULL,
+        created     timestamptz,
+        modified    timestamptz NOT NULL,
+        doc         jsonb,
+        hash        bytea       NOT NULL
+    );
+    CREATE INDEX things_policy ON things (policy_id);
+    """,
 ]
 
 CREATE_MIGRATIONS = """

@@ -1,0 +1,200 @@
+"""Enforcement: policies' decisions applied to things, with the decision cache.
+
+The one library call every interface uses (HTTP now; WebSocket/SSE, search, history and NATS
+ingestion later):
+
+* :class:`PolicyCache` hands out a compiled :class:`policies.Enforcer` per policy id, kept
+  until that policy changes (a ``NOTIFY`` from any process drops it, see
+  :meth:`twinstore.store.policies.PolicyStore.listen`); each enforcer caches its
+  :class:`policies.SubjectView` per subject set, so a decision is a few dictionary lookups;
+* :func:`touched` names the paths a thing command changes (WRITE is needed on every one);
+* :func:`thing_guard` is the check the journal runs on the exact state a write is decided on.
+
+Ditto's rules: not readable at all looks like absent (404); readable but not writable is 403.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import policies
+from policies import READ, WRITE, Enforcer, SubjectView
+from twinstore.model import patch as jp
+from twinstore.model.errors import ConflictError, ForbiddenError, not_found, not_modifiable
+from twinstore.model.ids import parse_pointer
+from twinstore.model.thing import Command, Create, Delete, JsonPatch, Merge, Modify, ThingState
+from twinstore.store.policies import PolicyStore
+
+__all__ = ["PolicyCache", "PolicyMovedError", "creates_thing", "thing_guard", "touched"]
+
+log = logging.getLogger("twinstore.enforcement")
+
+Guard = Callable[[ThingState, Command], None]
+
+
+class PolicyMovedError(ConflictError):
+    """The thing's policy (or its existence) changed between the check and the write: retry."""
+
+
+class PolicyCache:
+    """Compiled enforcers by policy id (``None``: the policy does not exist), LRU-bounded."""
+
+    def __init__(self, store: PolicyStore, size: int = 10_000) -> None:
+        self.store = store
+        self.size = size
+        self._entries: OrderedDict[str, Enforcer | None] = OrderedDict()
+        self._generation = 0  # bumped by every invalidation: a load that raced one is not kept
+
+    def invalidate(self, policy_id: str | None) -> None:
+        """Forget one policy (``None``: all of them)."""
+        self._generation += 1
+        if policy_id is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(policy_id, None)
+
+    @staticmethod
+    def compile(policy_id: str, doc: dict[str, Any] | None) -> Enforcer | None:
+        if doc is None:
+            return None
+        try:
+            return Enforcer(policies.parse_policy(doc, policy_id))
+        except policies.PolicyInvalidError:  # stored policies were validated on write
+            log.exception("stored policy is not valid", extra={"policy_id": policy_id})
+            return None
+
+    def _keep(self, policy_id: str, enforcer: Enforcer | None, generation: int) -> None:
+        if generation == self._generation:
+            self._entries[policy_id] = enforcer
+            self._entries.move_to_end(policy_id)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    async def enforcer(self, policy_id: str) -> Enforcer | None:
+        if policy_id in self._entries:
+            self._entries.move_to_end(policy_id)
+            return self._entries[policy_id]
+        generation = self._generation
+        state = await self.store.load(policy_id)
+        enforcer = self.compile(policy_id, state.doc)
+        self._keep(policy_id, enforcer, generation)
+        return enforcer
+
+    async def enforcers(self, policy_ids: list[str]) -> dict[str, Enforcer | None]:
+        result = {i: self._entries[i] for i in policy_ids if i in self._entries}
+        missing = [i for i in dict.fromkeys(policy_ids) if i not in result]
+        if missing:
+            generation = self._generation
+            states = await self.store.load_many(missing)
+            for policy_id in missing:
+                state = states.get(policy_id)
+                result[policy_id] = self.compile(policy_id, state.doc if state else None)
+                self._keep(policy_id, result[policy_id], generation)
+        return result
+
+    async def view(self, policy_id: str, subjects: tuple[str, ...]) -> SubjectView | None:
+        """The decisions of ``policy_id`` for ``subjects`` (None when the policy is absent)."""
+        enforcer = await self.enforcer(policy_id)
+        return None if enforcer is None else enforcer.view(subjects)
+
+
+def creates_thing(command: Command) -> bool:
+    """True for the commands that create a thing that does not exist (PUT, POST, PATCH of ``/``)."""
+    return isinstance(command, Create) or (isinstance(command, Modify | Merge) and command.path in ("", "/"))
+
+
+def _leaves(base: list[str], patch: Any, out: list[list[str]]) -> None:
+    if isinstance(patch, dict) and patch:
+        for key, value in patch.items():
+            _leaves([*base, key], value, out)
+    else:
+        out.append(base)
+
+
+def touched(command: Command) -> list[list[str]]:
+    """The paths (in the thing) a command changes; WRITE is needed on each, unrestricted.
+
+    >>> touched(Merge(path="/attributes", value={"a": 1, "b": {"c": None}}))
+    [['attributes', 'a'], ['attributes', 'b', 'c']]
+    >>> move = {"op": "move", "from": "/properties/a", "path": "/properties/b"}
+    >>> touched(JsonPatch(path="/features/f", value=[move]))
+    [['features', 'f', 'properties', 'b'], ['features', 'f', 'properties', 'a']]
+    """
+    parts = parse_pointer(command.path)
+    match command:
+        case Merge(value=value):
+            out: list[list[str]] = []
+            _leaves(parts, value, out)
+            return out
+        case JsonPatch(value=operations) if isinstance(operations, list):
+            paths: list[list[str]] = []
+            for op in operations:
+                if not isinstance(op, dict) or op.get("op") == "test":
+                    continue
+                for key in ("path", "from") if op.get("op") == "move" else ("path",):
+                    pointer = op.get(key)
+                    if isinstance(pointer, str):
+                        rel = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
+                        paths.append(parts + [p for p in rel if p != "-"])
+            return paths or [parts]
+        case Modify() | Delete() | Create():
+            return [parts]
+    return [parts]  # pragma: no cover
+
+
+def new_policy_id(state: ThingState, command: Command) -> str | None:
+    """The policy id a write would give an existing thing, if it changes it."""
+    current = (state.doc or {}).get("policyId")
+    parts = parse_pointer(command.path)
+    value: Any = jp.MISSING
+    match command:
+        case Modify(value=v) | Merge(value=v) if not parts and isinstance(v, dict):
+            value = v.get("policyId", jp.MISSING)
+        case Modify(value=v) | Merge(value=v) if parts == ["policyId"]:
+            value = v
+        case JsonPatch(value=ops) if isinstance(ops, list):
+            for op in ops:
+                target = op.get("path") if isinstance(op, dict) else None
+                if parts == ["policyId"] or (not parts and target == "/policyId"):
+                    value = op.get("value", jp.MISSING) if isinstance(op, dict) else jp.MISSING
+    return value if isinstance(value, str) and value != current else None
+
+
+def thing_guard(thing_id: str, policy_id: str | None, view: SubjectView | None, *, creating: bool) -> Guard:
+    """The check the journal runs on the state a write is decided on (raises to refuse).
+
+    ``policy_id``/``view`` are what the caller looked up before writing; if the thing's state
+    disagrees (another policy, created or deleted meanwhile), :class:`PolicyMovedError` makes
+    the service look again.
+    """
+
+    def guard(before: ThingState, command: Command) -> None:
+        parts = parse_pointer(command.path)
+        if creating:
+            if before.exists:
+                raise PolicyMovedError("The Thing was created concurrently.")
+            if view is None or not view.has_unrestricted("thing", [], WRITE):
+                raise ForbiddenError(
+                    f"The Thing with ID '{thing_id}' could not be created as the requester had "
+                    f"insufficient permissions in its Policy '{policy_id}' ('WRITE' on 'thing:/').",
+                    error="things:thing.notcreatable",
+                )
+            return
+        if before.doc is None:
+            if creates_thing(command):
+                raise PolicyMovedError("The Thing was deleted concurrently.")
+            raise not_found(thing_id, [])
+        if before.doc.get("policyId") != policy_id:
+            raise PolicyMovedError("The Thing's policy changed concurrently.")
+        if view is None or not view.has_partial("thing", [], READ):
+            raise not_found(thing_id, [])
+        if view.has_unrestricted("thing", parts, WRITE):
+            return
+        for path in touched(command):
+            if not view.has_unrestricted("thing", path, WRITE):
+                raise not_modifiable(thing_id, parts)
+
+    return guard

@@ -1,0 +1,182 @@
+"""The engine for policies: retrieve and write Ditto policy resources, enforced by the policy itself.
+
+Rules (Ditto's): reading needs READ on ``policy:/<path>`` (the answer is filtered to what is
+readable; nothing readable is 404 ``policies:policy.notfound``); writing needs WRITE on the
+path, unrestricted (403 ``policies:<resource>.notmodifiable``); any authenticated subject may
+create a policy that does not exist. A write that would leave the writer without WRITE on
+``policy:/`` is refused (403 ``policies:policy.modificationinvalid`` /
+``policies:entry.modificationinvalid``) unless ``allow-policy-lockout`` is set.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from policies import MISSING, READ, WRITE, SubjectView
+from twinstore.auth import AuthContext
+from twinstore.enforcement import PolicyCache
+from twinstore.model import etag
+from twinstore.model import patch as jp
+from twinstore.model.errors import (
+    ConflictError,
+    ForbiddenError,
+    PolicyIdInvalidError,
+    ThingIdInvalidError,
+    policy_not_found,
+)
+from twinstore.model.ids import validate_thing_id
+from twinstore.model.policy import (
+    PolicyCommand,
+    PolicyEvent,
+    PolicyModify,
+    PolicyState,
+    _not_found,
+    decide_policy,
+    evolve_policy,
+    resource_noun,
+    validate_policy_path,
+)
+from twinstore.store.policies import PolicyStore
+
+__all__ = ["PolicyService", "PolicyWrite", "PolicyWritten"]
+
+
+class PolicyWrite(msgspec.Struct, kw_only=True):
+    """A command for one policy with its preconditions and who sent it."""
+
+    policy_id: str
+    command: PolicyCommand
+    auth: AuthContext
+    correlation_id: str | None = None
+    if_match: list[str] | None = None
+    if_none_match: list[str] | None = None
+    allow_lockout: bool = False
+    must_not_exist: bool = False  # inline policies of new things: 409 if the id is taken
+
+
+class PolicyWritten(msgspec.Struct, kw_only=True):
+    event: PolicyEvent
+    before: PolicyState
+    after: PolicyState
+
+
+def validate_policy_id(policy_id: str) -> str:
+    try:
+        return validate_thing_id(policy_id)
+    except ThingIdInvalidError:
+        raise PolicyIdInvalidError(f"Policy ID '{policy_id}' is not valid!") from None
+
+
+class PolicyService:
+    """Reads and writes of policies (event-sourced in the journal, entity ``policy``)."""
+
+    def __init__(self, store: PolicyStore, cache: PolicyCache) -> None:
+        self.store = store
+        self.cache = cache
+
+    async def retrieve(
+        self,
+        auth: AuthContext,
+        policy_id: str,
+        parts: list[str],
+        *,
+        if_match: list[str] | None = None,
+        if_none_match: list[str] | None = None,
+    ) -> tuple[Any, str, PolicyState]:
+        """The readable part of the resource at ``parts``: (value, ETag, state)."""
+        validate_policy_id(policy_id)
+        validate_policy_path(parts)
+        state = await self.store.load(policy_id)
+        view = self._view(state, auth)
+        if state.doc is None or view is None or not view.has_partial("policy", [], READ):
+            raise policy_not_found(policy_id)
+        value = jp.get_at(state.doc, parts)
+        shown = MISSING if value is jp.MISSING else view.filter("policy", parts, value)
+        tag = None if shown is MISSING else etag.etag_of(value, state.revision, parts)
+        if if_match is not None or if_none_match is not None:
+            etag.check(
+                if_match, if_none_match, current_tag=tag, thing_tag=f'"rev:{state.revision}"', read=True
+            )
+        if shown is MISSING or tag is None:
+            readable = view.filter("policy", [], state.doc)
+            raise _not_found(PolicyState(policy_id=policy_id, doc=readable or {}), parts)
+        return shown, tag, state
+
+    def _view(self, state: PolicyState, auth: AuthContext) -> SubjectView | None:
+        enforcer = self.cache.compile(state.policy_id, state.doc)
+        return None if enforcer is None else enforcer.view(auth.subjects)
+
+    async def write(self, request: PolicyWrite) -> PolicyWritten:
+        """Authorize on the locked current state, decide, check lock-out, commit."""
+        validate_policy_id(request.policy_id)
+        validate_policy_path(request.command.parts)
+
+        def decide(before: PolicyState, now: datetime) -> PolicyEvent:
+            return self._decide(request, before, now)
+
+        try:
+            event, before, after = await self.store.write(request.policy_id, decide)
+        finally:
+            self.cache.invalidate(request.policy_id)
+        return PolicyWritten(event=event, before=before, after=after)
+
+    def _decide(self, request: PolicyWrite, before: PolicyState, now: datetime) -> PolicyEvent:
+        parts = request.command.parts
+        if before.doc is not None:
+            if request.must_not_exist:
+                raise ConflictError(
+                    f"The Policy with ID '{request.policy_id}' already exists.",
+                    error="policies:policy.conflict",
+                )
+            view = self._view(before, request.auth)
+            if view is None or not view.has_partial("policy", [], READ):
+                raise policy_not_found(request.policy_id)
+            if not view.has_unrestricted("policy", parts, WRITE):
+                noun, code = resource_noun(parts)
+                raise ForbiddenError(
+                    f"The {noun} at '/{'/'.join(parts)}' of the Policy with ID '{request.policy_id}' "
+                    "could not be modified as the requester had insufficient permissions "
+                    "('WRITE' is required).",
+                    error=code + ".notmodifiable",
+                    description="Check if the ID of the Policy was correct and you have sufficient "
+                    "permissions.",
+                )
+        elif not (isinstance(request.command, PolicyModify) and not parts):
+            raise _not_found(before, parts)
+        if request.if_match is not None or request.if_none_match is not None:
+            etag.check(
+                request.if_match,
+                request.if_none_match,
+                current_tag=None
+                if before.doc is None
+                else etag.resource_tag(before.doc, before.revision, parts),
+                thing_tag=None if before.doc is None else f'"rev:{before.revision}"',
+                read=False,
+            )
+        event = decide_policy(
+            before,
+            request.command,
+            now,
+            originator=request.auth.subject,
+            correlation_id=request.correlation_id,
+        )
+        after = evolve_policy(before, event)
+        if after.doc is not None and not request.allow_lockout:
+            view = self._view(after, request.auth)
+            if view is None or not view.has_permission("policy", [], WRITE):
+                entry = len(parts) >= 2
+                raise ForbiddenError(
+                    (f"The PolicyEntry with Label '{parts[1]}'" if entry else "The Policy")
+                    + f" on the Policy with ID '{request.policy_id}' could not be modified as the resulting "
+                    "Policy would leave the requester without 'WRITE' on 'policy:/'"
+                    " (set 'allow-policy-lockout' to do it anyway).",
+                    error="policies:entry.modificationinvalid"
+                    if entry
+                    else "policies:policy.modificationinvalid",
+                    description="There must always be at least one PolicyEntry with 'WRITE' permissions on "
+                    "resource 'policy:/'.",
+                )
+        return event
