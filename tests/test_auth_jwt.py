@@ -465,6 +465,7 @@ def test_settings_from_environment_json(jwks_file: Path) -> None:
     assert s.jwt_issuers[1].allowed_algorithms == ("HS256",)
     assert s.jwt_issuers[0].leeway == 30.0
     assert s.preauth_enabled and s.preauth_trusted == ["10.0.0.0/8", "fd00::/8"]
+    assert SECRET not in repr(s) and "secret='***'" in repr(s)  # settings may be logged
     defaults = load_settings({})
     assert defaults.jwt_issuers == [] and not defaults.preauth_enabled
     assert defaults.preauth_trusted == ["127.0.0.1/32", "::1/128"]

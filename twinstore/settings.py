@@ -78,6 +78,12 @@ class JwtIssuer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
         if self.leeway < 0 or self.jwks_cache_seconds <= 0:
             raise ValueError(f"{name}: 'leeway' must be >= 0 and 'jwks_cache_seconds' > 0")
 
+    def __repr__(self) -> str:  # never print the shared secret (settings may be logged)
+        fields = {f: getattr(self, f) for f in self.__struct_fields__}
+        if self.secret:
+            fields["secret"] = "***"
+        return f"JwtIssuer({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
     @property
     def allowed_algorithms(self) -> tuple[str, ...]:
         """The configured algorithms, or the default for the key source."""
