@@ -103,6 +103,8 @@ class PolicyService:
         if shown is MISSING or tag is None:
             readable = view.filter("policy", [], state.doc)
             raise _not_found(PolicyState(policy_id=policy_id, doc=readable or {}), parts)
+        if not parts and isinstance(shown, dict):
+            shown = {"policyId": policy_id, **shown}  # first, as Ditto writes it (jsonb sorts keys)
         return shown, tag, state
 
     def _view(self, state: PolicyState, auth: AuthContext) -> SubjectView | None:

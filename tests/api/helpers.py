@@ -53,3 +53,24 @@ async def thing(client: httpx.AsyncClient, thing_id: str) -> dict[str, Any]:
     r = await client.get(url(thing_id))
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
+
+
+def full_access(*subjects: str) -> dict[str, Any]:
+    """A policy granting ``subjects`` READ and WRITE on everything (like Ditto's default policy)."""
+    rights = {"grant": ["READ", "WRITE"], "revoke": []}
+    return {
+        "entries": {
+            "owner": {
+                "subjects": {s: {"type": "test"} for s in subjects},
+                "resources": {"thing:/": rights, "policy:/": rights, "message:/": rights},
+            }
+        }
+    }
+
+
+async def make_policy(client: httpx.AsyncClient, policy_id: str, doc: dict[str, Any] | None = None) -> None:
+    """Create (or replace) a policy; by default one giving ``nginx:ditto`` full access."""
+    r = await client.put(
+        f"/api/2/policies/{policy_id}", json=doc if doc is not None else full_access("nginx:ditto")
+    )
+    assert r.status_code in (201, 204), r.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.api.helpers import JSON, MERGE, assert_error, body, create, revision, thing, url
+from tests.api.helpers import JSON, MERGE, assert_error, body, create, make_policy, revision, thing, url
 
 # ---- /policyId -------------------------------------------------------------------------
 
@@ -20,6 +20,7 @@ async def test_get_policy_id(client: httpx.AsyncClient, thing_id: str) -> None:
 
 async def test_put_policy_id(client: httpx.AsyncClient, thing_id: str) -> None:
     await create(client, thing_id)
+    await make_policy(client, "org.test:new-policy")
     r = await client.put(url(thing_id, "/policyId"), json="org.test:new-policy")
     assert r.status_code == 204, r.text
     assert r.content == b""
@@ -47,6 +48,7 @@ async def test_put_policy_id_that_is_not_a_string_is_400(
 
 async def test_patch_policy_id(client: httpx.AsyncClient, thing_id: str) -> None:
     await create(client, thing_id)
+    await make_policy(client, "org.test:patched-policy")
     r = await client.patch(url(thing_id, "/policyId"), json="org.test:patched-policy", headers=MERGE)
     assert r.status_code == 204, r.text
     assert (await thing(client, thing_id))["policyId"] == "org.test:patched-policy"

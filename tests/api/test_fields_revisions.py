@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from tests.api.helpers import JSON_PATCH, MERGE, assert_error, create, revision, thing, url
+from tests.api.helpers import JSON_PATCH, MERGE, assert_error, create, make_policy, revision, thing, url
 
 THING = {
     "definition": "a:b:1",
@@ -135,6 +135,8 @@ async def test_invalid_fields_are_400(client: httpx.AsyncClient, thing_id: str, 
 async def test_every_successful_write_raises_the_revision_by_one(
     client: httpx.AsyncClient, thing_id: str
 ) -> None:
+    await make_policy(client, "org.test:p")
+    await make_policy(client, "org.test:q")
     writes = [
         ("PUT", "", {"attributes": {"a": 1}}, None),
         ("PUT", "/policyId", "org.test:p", None),

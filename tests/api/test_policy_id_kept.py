@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.api.helpers import JSON_PATCH, MERGE, assert_error, body, create, revision, thing, url
+from tests.api.helpers import JSON_PATCH, MERGE, assert_error, body, create, make_policy, revision, thing, url
 
 
 async def test_merge_null_at_policy_id_is_refused(client: httpx.AsyncClient, thing_id: str) -> None:
@@ -30,6 +30,8 @@ async def test_json_patch_removing_policy_id_is_refused(client: httpx.AsyncClien
 
 async def test_policy_id_can_be_merged_and_json_patched(client: httpx.AsyncClient, thing_id: str) -> None:
     await create(client, thing_id)
+    await make_policy(client, "org.test:other")
+    await make_policy(client, "org.test:third")
     r = await client.patch(url(thing_id, "/policyId"), content=body("org.test:other"), headers=MERGE)
     assert r.status_code == 204, r.text
     assert (await thing(client, thing_id))["policyId"] == "org.test:other"

@@ -8,7 +8,7 @@ from datetime import datetime
 import httpx
 import pytest
 
-from tests.api.helpers import JSON_PATCH, MERGE, assert_error, create, revision, thing, url
+from tests.api.helpers import JSON_PATCH, MERGE, assert_error, create, make_policy, revision, thing, url
 from tests.conftest import new_thing_id
 
 COFFEE = {
@@ -242,6 +242,7 @@ async def test_put_with_policy_id_and_same_thing_id(client: httpx.AsyncClient, t
     r = await client.put(url(thing_id), json={"thingId": thing_id, "policyId": "org.test:my-policy"})
     assert r.status_code == 201, r.text
     assert (await thing(client, thing_id))["policyId"] == "org.test:my-policy"
+    await make_policy(client, "org.test:other-policy")
     r = await client.put(url(thing_id), json={"policyId": "org.test:other-policy"})
     assert r.status_code == 204
     assert (await thing(client, thing_id))["policyId"] == "org.test:other-policy"
