@@ -174,6 +174,13 @@ def _filter(node: _Node, value: Any, permission: str) -> Any:
             if permitted:
                 out[key] = item
             continue
+        # the two shortcuts of _filter once more, inline: most children take one (saves a call each)
+        if permission in child.effective:
+            if permission not in child.revoked_below:
+                out[key] = item
+                continue
+        elif permission not in child.granted_below:
+            continue
         kept = _filter(child, item, permission)
         if kept is not MISSING:
             out[key] = kept

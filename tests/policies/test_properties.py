@@ -111,12 +111,9 @@ def _document(codes: list[int]) -> dict[str, Any]:
 
 documents = st.lists(st.integers(0, 2**19 - 1), max_size=10).map(_document)
 
-SETTINGS = {
-    "deadline": None,
-    "database": None,
-    "derandomize": False,
-    "suppress_health_check": [HealthCheck.too_slow],
-}
+SETTINGS = settings(
+    deadline=None, database=None, derandomize=False, suppress_health_check=[HealthCheck.too_slow]
+)
 
 # --- the reference evaluator ------------------------------------------------------------------
 
@@ -200,7 +197,7 @@ def lookup(value: Any, path: Path) -> Any:
 # --- properties -------------------------------------------------------------------------------
 
 
-@settings(max_examples=5000, **SETTINGS)
+@settings(SETTINGS, max_examples=5000)
 @given(policy_docs, subject_sets, documents, paths, st.sampled_from([READ, READ, WRITE]))
 def test_filtered_view_equals_reference(
     doc: dict[str, Any], subjects: frozenset[str], value: dict[str, Any], base: Path, perm: str
@@ -228,7 +225,7 @@ def test_filtered_view_equals_reference(
         assert out is value
 
 
-@settings(max_examples=4000, **SETTINGS)
+@settings(SETTINGS, max_examples=4000)
 @given(
     policy_docs,
     subject_sets,
@@ -247,7 +244,7 @@ def test_permission_queries_equal_reference(
                 assert view.has_partial(rtype, path, perm) == ref_partial(nodes, rtype, path, perm)
 
 
-@settings(max_examples=2500, **SETTINGS)
+@settings(SETTINGS, max_examples=2500)
 @given(policy_docs, subject_sets, st.lists(paths, min_size=1, max_size=4))
 def test_write_allowed_exactly_when_reference_allows(
     doc: dict[str, Any], subjects: frozenset[str], touched: list[Path]
