@@ -189,7 +189,6 @@ def session() -> Iterator[requests.Session]:
 # them, so an invalid value there is accepted rather than rejected as Ditto would.
 UNINTERPRETED = frozenset(
     {
-        "allow-policy-lockout",
         "channel",
         "condition",
         "delete-metadata",
@@ -299,6 +298,81 @@ def test_thing_api_conforms_to_ditto(
             else ("application/json",)
         )
         assert response.request.body and sent not in accepted, f"415 for a body of type {sent!r}"
+        excluded.append(status_code_conformance)
+    case.validate_response(
+        response,
+        excluded_checks=excluded,
+        transport_kwargs={"base_url": live_server.url, "session": session},
+    )
+
+
+# ---- policies ----------------------------------------------------------------------------
+
+# /api/2/policies/{policyId}, its entries, subjects and resources (not imports, actions,
+# namespaces, allowedAdditions, importable, references: twinstore does not have them).
+POLICY_PATHS = (
+    r"^/api/2/policies/\{policyId\}"
+    r"(/entries(/\{label\}(/(subjects(/\{subjectId\})?|resources(/\{resourcePath\})?))?)?)?$"
+)
+
+policy_schema = schemathesis.openapi.from_dict(SPEC_DICT, config=config).include(
+    path_regex=POLICY_PATHS, method=["GET", "PUT", "DELETE"]
+)
+
+POLICY_SEED_ID = "org.schemathesis:policy"
+POLICY_SEED = {
+    "entries": {
+        "owner": {
+            "subjects": {"nginx:ditto": {"type": "test"}},
+            "resources": {
+                "policy:/": {"grant": ["READ", "WRITE"], "revoke": []},
+                "thing:/": {"grant": ["READ", "WRITE"], "revoke": []},
+            },
+        }
+    }
+}
+POLICY_SEED_PARAMETERS = {
+    "policyId": POLICY_SEED_ID,
+    "label": "owner",
+    "subjectId": "nginx:ditto",
+    "resourcePath": "thing:/",
+}
+
+
+@policy_schema.hook("flatmap_path_parameters")
+def flatmap_policy_path_parameters(context: Any, path_parameters: dict[str, Any]) -> st.SearchStrategy[Any]:
+    # Half of the cases address the seeded policy (re-created before each such case).
+    if not path_parameters or "policyId" not in path_parameters:
+        return st.just(path_parameters)
+    seeded = {k: POLICY_SEED_PARAMETERS.get(k, v) for k, v in path_parameters.items()}
+    return st.sampled_from([path_parameters, seeded])
+
+
+@pytest.mark.slow
+@policy_schema.parametrize()
+def test_policy_api_conforms_to_ditto(
+    case: Case, live_server: ServerProcess, session: requests.Session
+) -> None:
+    # As for things: Ditto's spec types ids, labels and resource paths as unconstrained strings.
+    excluded = [positive_data_acceptance]
+    if unquote(str((case.path_parameters or {}).get("policyId"))) == POLICY_SEED_ID:
+        r = session.put(
+            f"{live_server.url}/api/2/policies/{POLICY_SEED_ID}",
+            json=POLICY_SEED,
+            auth=AUTH,
+            params={"allow-policy-lockout": "true"},
+        )
+        assert r.status_code in (201, 204), r.text
+    response = case.call(base_url=live_server.url, session=session)
+    assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.text}"
+    if response.status_code == 412 and sends_preconditions(case):
+        excluded.append(negative_data_rejection)
+    if response.status_code == 202:
+        assert response_not_required(case), "202 without response-required=false"
+        excluded.append(status_code_conformance)
+    if response.status_code == 415:
+        sent = (response.request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        assert response.request.body and sent != "application/json", f"415 for a body of type {sent!r}"
         excluded.append(status_code_conformance)
     case.validate_response(
         response,
