@@ -12,7 +12,8 @@ from typing import Any
 
 import msgspec
 
-from policies import MISSING, READ, SubjectView
+import policies
+from policies import MISSING, READ, Enforcer, SubjectView
 from twinstore.auth import AuthContext
 from twinstore.enforcement import PolicyCache, PolicyMovedError, creates_thing, new_policy_id, thing_guard
 from twinstore.model import etag
@@ -80,18 +81,28 @@ class Retrieved(msgspec.Struct, kw_only=True):
 
 
 def _readable(view: SubjectView | None, state: ThingState) -> dict[str, Any] | None:
-    """The part of a thing the view may read (``None``: nothing, the thing looks absent).
+    """The part of a thing the view may read; ``None``: nothing, the thing looks absent.
 
-    The ``thingId`` is kept whenever anything is readable (the caller named the thing).
+    A caller with READ somewhere in the thing sees at least its ``thingId`` (they named it).
     """
-    if state.doc is None or view is None:
+    if state.doc is None or view is None or not view.has_partial("thing", [], READ):
         return None
     shown = view.filter("thing", [], state.doc)
     if shown is MISSING:
-        return None
+        return {"thingId": state.thing_id}
     if shown is not state.doc and "thingId" not in shown:
         shown = {"thingId": state.thing_id, **shown}
     return shown  # type: ignore[no-any-return]
+
+
+def _with_doc(state: ThingState, doc: dict[str, Any]) -> ThingState:
+    return ThingState(
+        thing_id=state.thing_id,
+        revision=state.revision,
+        created=state.created,
+        modified=state.modified,
+        doc=doc,
+    )
 
 
 class ThingService:
@@ -124,10 +135,14 @@ class ThingService:
         validate_path(parts)
         state = await self.journal.load(thing_id)
         view = await self._view(state, auth)
-        if state.doc is None or view is None or not view.has_partial("thing", [], READ):
+        readable = _readable(view, state)
+        if view is None or state.doc is None or readable is None:
             raise not_found(thing_id, [])
         value = jp.get_at(state.doc, parts)
-        shown = jp.MISSING if value is jp.MISSING else view.filter("thing", parts, value)
+        if not parts:
+            shown: Any = readable
+        else:
+            shown = jp.MISSING if value is jp.MISSING else view.filter("thing", parts, value)
         tag = None if shown is MISSING or value is jp.MISSING else etag.etag_of(value, state.revision, parts)
         if if_match is not None or if_none_match is not None:
             etag.check(
@@ -139,18 +154,9 @@ class ThingService:
             )
         if shown is MISSING or shown is jp.MISSING or tag is None:
             # What is missing is judged on the readable part only: no probing of hidden paths.
-            raise not_found(thing_id, missing_level(_readable(view, state) or {}, parts))
+            raise not_found(thing_id, missing_level(readable, parts))
         if not parts:
-            shown = view_of(
-                ThingState(
-                    thing_id=state.thing_id,
-                    revision=state.revision,
-                    created=state.created,
-                    modified=state.modified,
-                    doc=_readable(view, state),
-                ),
-                fields,
-            )
+            shown = view_of(_with_doc(state, readable), fields)
         elif fields is not None:
             shown = select(shown, fields)
         return Retrieved(value=shown, etag=tag, state=state)
@@ -167,18 +173,7 @@ class ThingService:
             enforcer = enforcers.get((state.doc or {}).get("policyId", ""))
             readable = _readable(None if enforcer is None else enforcer.view(auth.subjects), state)
             if readable is not None:
-                result.append(
-                    view_of(
-                        ThingState(
-                            thing_id=state.thing_id,
-                            revision=state.revision,
-                            created=state.created,
-                            modified=state.modified,
-                            doc=readable,
-                        ),
-                        fields,
-                    )
-                )
+                result.append(view_of(_with_doc(state, readable), fields))
         return result
 
     async def retrieve_many(
@@ -256,6 +251,12 @@ class ThingService:
             raise InvalidInputError("'policyId' must be a JSON string.", error="json.invalid")
         inline = body.get("_policy")
         if inline is not None:
+            # Refuse before creating it: an inline policy that does not let the creator write the
+            # thing would otherwise be left behind without its thing (and block a corrected retry).
+            inline_view = _inline_view(inline, policy_id, auth)
+            if inline_view is not None:
+                guard = thing_guard(request.thing_id, policy_id, inline_view, creating=True)
+                guard(ThingState.absent(request.thing_id), command)
             await self.policies.write(
                 PolicyWrite(
                     policy_id=policy_id,
@@ -278,6 +279,15 @@ class ThingService:
             )
         view = await self.cache.view(policy_id, auth.subjects)
         return thing_guard(request.thing_id, policy_id, view, creating=True)
+
+
+def _inline_view(inline: Any, policy_id: str, auth: AuthContext) -> SubjectView | None:
+    """The creator's view of an inline policy (``None`` if it is not valid: its write says why)."""
+    doc = {**inline, "policyId": policy_id} if isinstance(inline, dict) else inline
+    try:
+        return Enforcer(policies.parse_policy(doc, policy_id)).view(auth.subjects)
+    except policies.PolicyInvalidError:
+        return None
 
 
 def _without_policy(command: Command) -> Command:
