@@ -237,6 +237,29 @@ async def test_resources_raw_and_percent_encoded(client: httpx.AsyncClient, poli
     assert sorted((await client.get(purl(policy_id, base))).json()) == ["message:/", "policy:/", "thing:/"]
 
 
+async def test_resource_keys_beside_an_entry_labelled_resources(
+    client: httpx.AsyncClient, policy_id: str
+) -> None:
+    await put_policy(client, policy_id, full_access("nginx:ditto"))
+    r = await client.put(purl(policy_id, "/entries/resources"), json=entry("idp:x", thing=RW))
+    assert r.status_code == 201, r.text
+    r = await client.put(purl(policy_id, "/entries/resources/resources/thing:/resources/x"), json=RW)
+    assert r.status_code == 201, r.text
+    r = await client.get(purl(policy_id, "/entries/resources/resources/thing%3A%2Fresources%2Fx"))
+    assert r.status_code == 200, r.text
+    assert r.json() == RW
+    assert sorted((await client.get(purl(policy_id, "/entries/resources/resources"))).json()) == [
+        "thing:/",
+        "thing:/resources/x",
+    ]
+    r = await client.put(purl(policy_id, "/entries/owner/resources/thing:/attributes/resources/y"), json=RW)
+    assert r.status_code == 201, r.text
+    assert (
+        "thing:/attributes/resources/y"
+        in (await client.get(purl(policy_id, "/entries/owner/resources"))).json()
+    )
+
+
 async def test_bad_resource_key_in_path_is_400(client: httpx.AsyncClient, policy_id: str) -> None:
     await put_policy(client, policy_id, full_access("nginx:ditto"))
     r = await client.put(purl(policy_id, "/entries/owner/resources/things:/x"), json=RW)

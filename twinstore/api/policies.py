@@ -59,7 +59,10 @@ def _parts(request: Request[Any, Any, Any], fixed: list[str]) -> list[str]:
         parts.append(params["subjectId"])
     if "resourcePath" in params:
         raw: bytes = request.scope.get("raw_path", b"")
-        key = unquote(raw.decode(errors="replace").split("/resources/", 1)[1])
+        # <policyId>/entries/<label>/resources/<key>: the key is what follows the fourth '/'
+        # (splitting at the first '/resources/' would misread an entry labelled 'resources').
+        below = raw.decode(errors="replace").split("/api/2/policies/", 1)[1]
+        key = unquote(below.split("/", 4)[4])
         try:
             parse_resource_key(key)
         except PolicyInvalidError as exc:
