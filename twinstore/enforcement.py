@@ -20,15 +20,25 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 import policies
-from policies import READ, WRITE, Enforcer, SubjectView
+from policies import MISSING, READ, WRITE, Enforcer, SubjectView
 from twinstore.model import patch as jp
 from twinstore.model.errors import ConflictError, ForbiddenError, not_found, not_modifiable
 from twinstore.model.ids import parse_pointer
-from twinstore.model.thing import Command, Create, Delete, JsonPatch, Merge, Modify, ThingState
+from twinstore.model.thing import Command, Create, Delete, Event, JsonPatch, Merge, Modify, ThingState
 from twinstore.store.policies import PolicyStore
 
-__all__ = ["PolicyCache", "PolicyMovedError", "creates_thing", "thing_guard", "touched"]
+__all__ = [
+    "PolicyCache",
+    "PolicyMovedError",
+    "creates_thing",
+    "new_policy_id",
+    "readable_event",
+    "thing_guard",
+    "touched",
+]
 
 log = logging.getLogger("twinstore.enforcement")
 
@@ -198,3 +208,32 @@ def thing_guard(thing_id: str, policy_id: str | None, view: SubjectView | None, 
                 raise not_modifiable(thing_id, parts)
 
     return guard
+
+
+def readable_event(view: SubjectView | None, event: Event) -> Event | None:
+    """The part of a thing event a subject may see (Ditto 3.9's partial events), else None.
+
+    For WebSocket/SSE fan-out and history: the value is filtered like a read at the event's
+    path; a deletion is shown to whoever may read something at or below its path.
+
+    >>> from datetime import datetime, UTC
+    >>> p = policies.parse_policy({"entries": {"e": {"subjects": {"u:a": {}}, "resources": {
+    ...     "thing:/attributes/public": {"grant": ["READ"], "revoke": []}}}}}, "a:p")
+    >>> v = policies.Enforcer(p).view(["u:a"])
+    >>> e = Event(thing_id="a:t", revision=2, timestamp=datetime(2026, 1, 1, tzinfo=UTC),
+    ...           action="merged", path="/attributes", value={"public": 1, "secret": 2})
+    >>> readable_event(v, e).value
+    {'public': 1}
+    >>> readable_event(v, Event(thing_id="a:t", revision=3, timestamp=e.timestamp,
+    ...                         action="modified", path="/attributes/secret", value=3)) is None
+    True
+    """
+    if view is None:
+        return None
+    parts = parse_pointer(event.path)
+    if event.action == "deleted":
+        return event if view.has_partial("thing", parts, READ) else None
+    shown = view.filter("thing", parts, event.value)
+    if shown is MISSING:
+        return None
+    return event if shown is event.value else msgspec.structs.replace(event, value=shown)
