@@ -85,7 +85,16 @@ class PolicyStore:
         """Decide on the locked current state and commit the event: (event, before, after).
 
         ``decide`` is pure and raises a :class:`DittoError` to refuse; nothing is written then.
+        A database that cannot be reached is :class:`UnavailableError` (503).
         """
+        try:
+            return await self._write(policy_id, decide)
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+            raise UnavailableError(f"The database is not reachable: {exc}") from exc
+
+    async def _write(
+        self, policy_id: str, decide: Callable[[PolicyState, datetime], PolicyEvent]
+    ) -> tuple[PolicyEvent, PolicyState, PolicyState]:
         async with self.pool.acquire() as con, con.transaction():
             await con.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
             row = await con.fetchrow(SELECT_FOR_WRITE, policy_id)
