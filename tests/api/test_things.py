@@ -546,3 +546,15 @@ async def test_unsupported_methods_are_405(client: httpx.AsyncClient, thing_id: 
     assert_error(await client.put("/api/2/things", json={}), 405)
     assert_error(await client.delete(url(thing_id, "/policyId")), 405)
     assert await revision(client, thing_id) == 1
+
+
+async def test_merge_drops_unknown_top_level_keys(client: httpx.AsyncClient, thing_id: str) -> None:
+    await create(client, thing_id, {"attributes": {"a": 1}})
+    patch = {"foo": 1, "_policy": {"entries": {}}, "attributes": {"b": 2}}
+    r = await client.patch(url(thing_id), json=patch, headers=MERGE)
+    assert r.status_code == 204, r.text
+    assert await thing(client, thing_id) == {
+        "thingId": thing_id,
+        "policyId": thing_id,
+        "attributes": {"a": 1, "b": 2},
+    }

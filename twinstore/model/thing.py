@@ -348,6 +348,9 @@ def decide(
                     raise PolicyIdNotDeletableError(
                         "The policyId of a Thing cannot be removed; set another one instead."
                     )
+                # Unknown top-level keys are dropped, as a PUT drops them (e.g. an inline
+                # ``_policy``, which only means something when a thing is created).
+                value = {k: v for k, v in value.items() if k in _TOP_LEVEL}
                 if not state.exists:
                     # Merging a whole thing that does not exist creates it (as Ditto does).
                     created = validate_thing(jp.merge_patch({}, value), state.thing_id)
