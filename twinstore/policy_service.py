@@ -21,8 +21,8 @@ from twinstore.enforcement import PolicyCache
 from twinstore.model import etag
 from twinstore.model import patch as jp
 from twinstore.model.errors import (
-    ConflictError,
     ForbiddenError,
+    PolicyConflictError,
     PolicyIdInvalidError,
     ThingIdInvalidError,
     policy_not_found,
@@ -129,10 +129,7 @@ class PolicyService:
         parts = request.command.parts
         if before.doc is not None:
             if request.must_not_exist:
-                raise ConflictError(
-                    f"The Policy with ID '{request.policy_id}' already exists.",
-                    error="policies:policy.conflict",
-                )
+                raise PolicyConflictError(f"The Policy with ID '{request.policy_id}' already exists.")
             view = self._view(before, request.auth)
             if view is None or not view.has_partial("policy", [], READ):
                 raise policy_not_found(request.policy_id)

@@ -21,8 +21,10 @@ from twinstore.model import patch as jp
 from twinstore.model.errors import (
     ConflictError,
     InvalidInputError,
+    PolicyConflictError,
     PolicyIdInvalidError,
     ThingIdInvalidError,
+    ThingNotCreatableError,
     not_found,
     policy_not_found,
 )
@@ -234,49 +236,64 @@ class ThingService:
             raise policy_not_found(policy_id)
 
     async def _prepare_creation(self, auth: AuthContext, request: WriteRequest, allow_lockout: bool) -> Any:
-        """Find or create the policy of a new thing; the guard checks WRITE on ``thing:/`` in it.
+        """Create or find the policy of a new thing, as Ditto does; the guard checks WRITE on ``thing:/``.
 
-        * ``_policy`` in the body: that policy is created (409 if its id is taken);
-        * ``policyId`` in the body, or none (the thing's own id, Ditto's default): an existing
-          policy is used as it is; a missing one is created as Ditto's default policy,
-          granting the creating subject READ and WRITE on ``thing:/``, ``policy:/`` and ``message:/``.
+        * an inline ``"_policy"``, or no ``policyId`` at all: the thing's policy is created now
+          (the inline one, else Ditto's default policy, granting the creating subject READ and
+          WRITE on ``thing:/``, ``policy:/`` and ``message:/``), with the id ``policyId`` or the
+          thing's id; if that policy exists already, 400 ``things:thing.notcreatable`` (name it
+          as ``policyId`` to use it);
+        * a ``policyId`` alone: that policy must exist (else 400 ``things:thing.notcreatable``)
+          and grant the creator WRITE on ``thing:/`` (else 403).
         """
         command = request.command
         assert isinstance(command, Create | Modify | Merge)
         body = command.value if isinstance(command.value, dict) else {}
-        # Validate the thing before creating any policy for it (no orphan policy for a bad body).
-        decide(ThingState.absent(request.thing_id), _without_policy(command), datetime.now(UTC))
+        # Validate the thing and its preconditions before creating any policy for it (no orphan
+        # policy for a bad body or a failed If-Match).
+        absent = ThingState.absent(request.thing_id)
+        if request.if_match is not None:
+            etag.check(request.if_match, None, current_tag=None, thing_tag=None, read=False)
+        decide(absent, _without_policy(command), datetime.now(UTC))
         policy_id = body.get("policyId", request.thing_id)
         if not isinstance(policy_id, str):
             raise InvalidInputError("'policyId' must be a JSON string.", error="json.invalid")
         inline = body.get("_policy")
-        if inline is not None:
-            # Refuse before creating it: an inline policy that does not let the creator write the
-            # thing would otherwise be left behind without its thing (and block a corrected retry).
-            inline_view = _inline_view(inline, policy_id, auth)
-            if inline_view is not None:
-                guard = thing_guard(request.thing_id, policy_id, inline_view, creating=True)
-                guard(ThingState.absent(request.thing_id), command)
-            await self.policies.write(
-                PolicyWrite(
-                    policy_id=policy_id,
-                    command=PolicyModify(parts=[], value=inline),
-                    auth=auth,
-                    correlation_id=request.correlation_id,
-                    allow_lockout=allow_lockout,
-                    must_not_exist=True,
+        if inline is None and "policyId" in body:
+            if await self.cache.enforcer(policy_id) is None:
+                raise ThingNotCreatableError(
+                    f"The Thing with ID '{request.thing_id}' could not be created as the Policy with ID "
+                    f"'{policy_id}' is not existing.",
+                    description="Check if the ID of the Policy you created the Thing with is correct and "
+                    "that the Policy is existing.",
                 )
-            )
-        elif await self.cache.enforcer(policy_id) is None:
-            await self.policies.write(
-                PolicyWrite(
-                    policy_id=policy_id,
-                    command=PolicyModify(parts=[], value=default_policy(policy_id, auth.subject)),
-                    auth=auth,
-                    correlation_id=request.correlation_id,
-                    must_not_exist=True,
+        else:
+            if inline is not None:
+                # Refuse before creating it: an inline policy that does not let the creator write
+                # the thing would otherwise be left behind without its thing.
+                inline_view = _inline_view(inline, policy_id, auth)
+                if inline_view is not None:
+                    guard = thing_guard(request.thing_id, policy_id, inline_view, creating=True)
+                    guard(absent, command)
+            initial = inline if inline is not None else default_policy(policy_id, auth.subject)
+            try:
+                await self.policies.write(
+                    PolicyWrite(
+                        policy_id=policy_id,
+                        command=PolicyModify(parts=[], value=initial),
+                        auth=auth,
+                        correlation_id=request.correlation_id,
+                        allow_lockout=allow_lockout,
+                        must_not_exist=True,
+                    )
                 )
-            )
+            except PolicyConflictError:
+                raise ThingNotCreatableError(
+                    f"The Thing with ID '{request.thing_id}' could not be created because creation of its "
+                    f"implicit Policy ID '{policy_id}' failed: a Policy with that ID exists.",
+                    description="If you want to use an existing Policy, specify it as 'policyId' in the "
+                    "Thing JSON you create.",
+                ) from None
         view = await self.cache.view(policy_id, auth.subjects)
         return thing_guard(request.thing_id, policy_id, view, creating=True)
 

@@ -175,7 +175,7 @@ async def test_every_successful_write_raises_the_revision_by_one(
         ("DELETE", "/attributes", None, None),
         ("PUT", "", {}, None),
         ("DELETE", "", None, None),
-        ("PUT", "", {}, None),
+        ("PUT", "", {"policyId": "org.test:q"}, None),  # the policy outlives the thing
     ]
     for n, (method, path, body, headers) in enumerate(writes, start=1):
         kwargs: dict[str, object] = {}

@@ -160,6 +160,7 @@ async def test_post_generates_distinct_ids(client: httpx.AsyncClient) -> None:
 
 
 async def test_post_keeps_given_policy_id(client: httpx.AsyncClient) -> None:
+    await make_policy(client, "org.pol:shared")
     r = await client.post(
         "/api/2/things", params={"namespace": "org.pol"}, json={"policyId": "org.pol:shared"}
     )
@@ -239,6 +240,7 @@ async def test_put_empty_thing_gets_default_policy(client: httpx.AsyncClient, th
 
 
 async def test_put_with_policy_id_and_same_thing_id(client: httpx.AsyncClient, thing_id: str) -> None:
+    await make_policy(client, "org.test:my-policy")
     r = await client.put(url(thing_id), json={"thingId": thing_id, "policyId": "org.test:my-policy"})
     assert r.status_code == 201, r.text
     assert (await thing(client, thing_id))["policyId"] == "org.test:my-policy"
@@ -521,7 +523,11 @@ async def test_delete_thing_then_recreate_continues_revisions(
     assert_error(await client.delete(url(thing_id)), 404, "things:thing.notfound")
     assert_error(await client.put(url(thing_id, "/attributes/c"), json=1), 404, "things:thing.notfound")
 
+    # As in Ditto, the policy outlives the thing: recreating without naming it is refused,
+    # naming it works.
     r = await client.put(url(thing_id), json={"attributes": {"new": True}})
+    assert_error(r, 400, "things:thing.notcreatable")
+    r = await client.put(url(thing_id), json={"policyId": thing_id, "attributes": {"new": True}})
     assert r.status_code == 201, r.text
     assert r.headers["etag"] == '"rev:4"'
     assert r.json() == {"thingId": thing_id, "policyId": thing_id, "attributes": {"new": True}}

@@ -24,6 +24,7 @@
     ├── TooLargeError               413  things:thing.tooLarge
     ├── UnsupportedMediaTypeError   415  mediatype.unsupported
     ├── ConflictError               409  things:thing.conflict (internal retries exhausted)
+    │   └── PolicyConflictError     409  policies:policy.conflict
     └── UnavailableError            503  things:persistence.unavailable
 
 One handler in the API turns any of them into
@@ -47,6 +48,7 @@ __all__ = [
     "MergeInvalidError",
     "NotFoundError",
     "PatchInvalidError",
+    "PolicyConflictError",
     "PolicyIdInvalidError",
     "PolicyIdNotDeletableError",
     "PreconditionFailedError",
@@ -55,6 +57,7 @@ __all__ = [
     "ThingIdNotDeletableError",
     "ThingIdNotSettableError",
     "ThingInvalidError",
+    "ThingNotCreatableError",
     "TooLargeError",
     "UnavailableError",
     "UnsupportedMediaTypeError",
@@ -156,6 +159,11 @@ class PatchInvalidError(InvalidInputError):
     description = "Check the patch document (RFC 7396 merge patch or RFC 6902 JSON patch)."
 
 
+class ThingNotCreatableError(InvalidInputError):
+    error = "things:thing.notcreatable"
+    description = "Check the policy of the new Thing."
+
+
 class HeaderInvalidError(InvalidInputError):
     error = "header.invalid"
     description = "Verify that the header has the correct syntax and try again."
@@ -217,6 +225,11 @@ class ConflictError(DittoError):
     status = 409
     error = "things:thing.conflict"
     description = "Concurrent modifications kept conflicting; retry the request."
+
+
+class PolicyConflictError(ConflictError):
+    error = "policies:policy.conflict"
+    description = "Choose another Policy ID, or modify the existing Policy."
 
 
 class UnavailableError(DittoError):

@@ -106,7 +106,7 @@ def default_policy(policy_id: str, subject: str) -> dict[str, Any]:
         "policyId": policy_id,
         "entries": {
             "DEFAULT": {
-                "subjects": {subject: {"type": "the creator"}},
+                "subjects": {subject: {"type": "generated"}},
                 "resources": {"thing:/": all_rights, "policy:/": all_rights, "message:/": all_rights},
                 "importable": "implicit",
             }
