@@ -72,7 +72,5 @@ def parse_headers(request: AnyRequest) -> DittoHeaders:
         if_match=parse_etags(header(request, "if-match")),
         if_none_match=parse_etags(header(request, "if-none-match")),
         fields=parse_fields(fields_text) if fields_text is not None else None,
-        allow_policy_lockout=_bool(
-            "allow-policy-lockout", header(request, "allow-policy-lockout"), False
-        ),
+        allow_policy_lockout=_bool("allow-policy-lockout", header(request, "allow-policy-lockout"), False),
     )
