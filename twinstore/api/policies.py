@@ -7,17 +7,18 @@ be sent as is or percent-encoded, ``thing%3A%2Ffeatures%2Ff``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import unquote
 
-from litestar import Request, Response, delete, get, post, put
+from litestar import Request, Response, post
 from litestar.handlers import HTTPRouteHandler
 
 from policies import PERMISSIONS, Enforcer, PolicyInvalidError, parse_resource_key
 from twinstore.api.auth import authenticate
 from twinstore.api.headers import parse_headers
-from twinstore.api.things import JSON, _operation_id, _options, json_response, read_json
+from twinstore.api.things import JSON, _options, json_response, read_json, resource_handlers
 from twinstore.model import etag
 from twinstore.model.errors import InvalidInputError, JsonInvalidError
 from twinstore.model.policy import PolicyDelete, PolicyModify
@@ -162,10 +163,6 @@ async def _check(
     return enforcer is not None and enforcer.view(subjects).check(resource, wanted)
 
 
-_DECORATORS = {"GET": get, "PUT": put, "DELETE": delete}
-_VERBS = {"GET": "Retrieve", "PUT": "Create or replace", "DELETE": "Delete"}
-
-
 def policy_handlers() -> list[HTTPRouteHandler]:
     """Route handlers for every policy resource of the Ditto API and checkPermissions."""
     handlers: list[HTTPRouteHandler] = [
@@ -179,16 +176,7 @@ def policy_handlers() -> list[HTTPRouteHandler]:
         )(check_permissions),
     ]
     for path, fixed, methods, noun in RESOURCES:
-        handlers.append(_options(path, methods))
-        for method in methods:
-            handlers.append(
-                _DECORATORS[method](
-                    path,
-                    operation_id=_operation_id(method, path),
-                    summary=f"{_VERBS[method]} the {noun}",
-                    tags=["Policies"],
-                    name=f"{method} {path}",
-                    status_code=200,
-                )(_make(method, fixed))
-            )
+        handlers += resource_handlers(
+            path, methods, noun, ["Policies"], functools.partial(_make, fixed=fixed)
+        )
     return handlers

@@ -7,6 +7,7 @@ Every Ditto thing resource is a JSON pointer into the thing (``/attributes/a`` o
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -28,7 +29,7 @@ from twinstore.model.thing import Command, Create, Delete, JsonPatch, Merge, Mod
 from twinstore.service import ThingService
 from twinstore.store.journal import Committed, WriteRequest
 
-__all__ = ["RESOURCES", "thing_handlers"]
+__all__ = ["RESOURCES", "resource_handlers", "thing_handlers"]
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -282,6 +283,29 @@ def _options(path: str, methods: tuple[str, ...]) -> HTTPRouteHandler:
     )(handler)
 
 
+def resource_handlers(
+    path: str,
+    methods: tuple[str, ...],
+    noun: str,
+    tags: list[str],
+    make: Callable[[str], Callable[[Request[Any, Any, Any]], Coroutine[Any, Any, Response[bytes]]]],
+) -> list[HTTPRouteHandler]:
+    """OPTIONS and one handler per method (``make(method)``) of one Ditto resource."""
+    handlers = [_options(path, methods)]
+    for method in methods:
+        handlers.append(
+            _DECORATORS[method](
+                path,
+                operation_id=_operation_id(method, path),
+                summary=f"{_VERBS[method]} the {noun}",
+                tags=tags,
+                name=f"{method} {path}",
+                status_code=200,
+            )(make(method))
+        )
+    return handlers
+
+
 def thing_handlers() -> list[HTTPRouteHandler]:
     """Route handlers for every thing resource of the Ditto API."""
     handlers: list[HTTPRouteHandler] = [
@@ -301,16 +325,6 @@ def thing_handlers() -> list[HTTPRouteHandler]:
         )(create_thing),
     ]
     for path, template, methods, noun in RESOURCES:
-        handlers.append(_options(path, methods))
-        for method in methods:
-            handlers.append(
-                _DECORATORS[method](
-                    path,
-                    operation_id=_operation_id(method, path),
-                    summary=f"{_VERBS[method]} the {noun}",
-                    tags=["Features" if "/features" in path else "Things"],
-                    name=f"{method} {path}",
-                    status_code=200,
-                )(_make(method, template))
-            )
+        tags = ["Features" if "/features" in path else "Things"]
+        handlers += resource_handlers(path, methods, noun, tags, functools.partial(_make, template=template))
     return handlers
