@@ -26,10 +26,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## bench: benchmarks (bench/api.py needs wrk: apt-get install wrk); results go to BENCHMARKS.md
+## bench: benchmarks (bench/api.py and bench/policies.py need wrk: apt-get install wrk); results go to BENCHMARKS.md
 bench: $(STAMP)
 	$(BIN)/python bench/journal.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/policies.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
