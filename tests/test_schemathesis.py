@@ -148,7 +148,16 @@ schema = schemathesis.openapi.from_dict(SPEC_DICT, config=config).include(
 # Generated ids almost never name an existing thing, so sub-resources would only ever answer
 # 400 / 404. Half of the cases address this thing instead (re-created before each such case).
 SEED_ID = "org.schemathesis:seed"
+SEED_POLICY = {
+    "entries": {
+        "owner": {
+            "subjects": {"nginx:ditto": {"type": "test"}},
+            "resources": {r: {"grant": ["READ", "WRITE"], "revoke": []} for r in ("thing:/", "policy:/")},
+        }
+    }
+}
 SEED = {
+    "policyId": SEED_ID,
     "definition": "org.schemathesis:seed:1.0",
     "attributes": {"a": 1, "nested": {"b": [1, 2]}},
     "features": {
@@ -265,6 +274,9 @@ def test_thing_api_conforms_to_ditto(
     # namespace are rejected with 400 by Ditto itself (and by twinstore, as Ditto does).
     excluded = [positive_data_acceptance]
     if unquote(str((case.path_parameters or {}).get("thingId"))) == SEED_ID:  # sent percent-encoded
+        # The seed's policy outlives the seed thing (a case may delete it), so it is named.
+        r = session.put(f"{live_server.url}/api/2/policies/{SEED_ID}", json=SEED_POLICY, auth=AUTH)
+        assert r.status_code in (201, 204), r.text
         r = session.put(f"{live_server.url}/api/2/things/{SEED_ID}", json=SEED, auth=AUTH)
         assert r.status_code in (201, 204), r.text
     response = case.call(base_url=live_server.url, session=session)
