@@ -27,6 +27,7 @@ import httpx
 import nats
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from twinstore.api.app import create_app
 from twinstore.runtime import Runtime
@@ -71,6 +72,18 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> rsa.RSAPrivateKey:
+    """The RSA key of the test JWT issuers (its public half goes into their JWKS)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def wrong_key() -> rsa.RSAPrivateKey:
+    """An RSA key no issuer knows: tokens signed with it must be refused."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def drop_database(admin_url: str, url: str) -> None:

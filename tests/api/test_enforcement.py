@@ -515,16 +515,6 @@ class _WithAuth:
         return getattr(self._runtime, name)
 
 
-@pytest.fixture(scope="module")
-def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def wrong_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def jwt_client(
     tmp_path: Path, settings: Settings, runtime: Runtime, users_file: Path, signing_key: rsa.RSAPrivateKey

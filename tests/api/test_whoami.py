@@ -26,16 +26,6 @@ ISSUER = "https://login.example/realms/plant"
 WHOAMI = "/api/2/whoami"
 
 
-@pytest.fixture(scope="module")
-def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def other_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def jwt_client(
     tmp_path: Path, users_file: Path, signing_key: rsa.RSAPrivateKey
@@ -128,9 +118,9 @@ def bad_tokens(key: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey) -> dict[str, tu
     "name", ["expired", "wrong key", "wrong audience", "unknown issuer", "malformed", "alg none"]
 )
 async def test_bad_tokens_are_401_with_ditto_body(
-    jwt_client: httpx.AsyncClient, signing_key: rsa.RSAPrivateKey, other_key: rsa.RSAPrivateKey, name: str
+    jwt_client: httpx.AsyncClient, signing_key: rsa.RSAPrivateKey, wrong_key: rsa.RSAPrivateKey, name: str
 ) -> None:
-    value, message = bad_tokens(signing_key, other_key)[name]
+    value, message = bad_tokens(signing_key, wrong_key)[name]
     r = await jwt_client.get(WHOAMI, headers={**bearer(value), "correlation-id": f"bad-{name}"})
     body = assert_error(r, 401, "gateway:authentication.failed")
     assert message in body["message"], body
