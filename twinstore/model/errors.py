@@ -238,28 +238,21 @@ class UnavailableError(DittoError):
     description = "The persistence is not reachable right now; retry later."
 
 
-# What is missing, addressed by the first path segments (relative to the thing), and the
-# Ditto error code used for it. The longest matching prefix wins.
-_NOT_FOUND: tuple[tuple[tuple[str, ...], str, str], ...] = (
-    (("attributes", "*", "**"), "things:attribute.notfound", "attribute"),
-    (("attributes",), "things:attributes.notfound", "attributes"),
-    (("features", "*", "properties", "*", "**"), "things:feature.property.notfound", "property"),
-    (("features", "*", "properties"), "things:feature.properties.notfound", "properties"),
-    (
-        ("features", "*", "desiredProperties", "*", "**"),
-        "things:feature.desiredProperty.notfound",
-        "desired property",
-    ),
-    (
-        ("features", "*", "desiredProperties"),
-        "things:feature.desiredProperties.notfound",
-        "desired properties",
-    ),
-    (("features", "*", "definition"), "things:feature.definition.notfound", "feature definition"),
-    (("features", "*"), "things:feature.notfound", "feature"),
-    (("features",), "things:features.notfound", "features"),
-    (("definition",), "things:definition.notfound", "definition"),
-    (("policyId",), "things:policyId.notfound", "policy ID"),
+# Each resource of a thing, addressed by the first path segments (relative to the thing):
+# the stem of its Ditto error codes (``<stem>.notfound`` / ``<stem>.notmodifiable``) and its
+# noun. The first matching pattern wins.
+_RESOURCES: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("attributes", "*", "**"), "things:attribute", "attribute"),
+    (("attributes",), "things:attributes", "attributes"),
+    (("features", "*", "properties", "*", "**"), "things:feature.property", "property"),
+    (("features", "*", "properties"), "things:feature.properties", "properties"),
+    (("features", "*", "desiredProperties", "*", "**"), "things:feature.desiredProperty", "desired property"),
+    (("features", "*", "desiredProperties"), "things:feature.desiredProperties", "desired properties"),
+    (("features", "*", "definition"), "things:feature.definition", "feature definition"),
+    (("features", "*"), "things:feature", "feature"),
+    (("features",), "things:features", "features"),
+    (("definition",), "things:definition", "definition"),
+    (("policyId",), "things:policyId", "policy ID"),
 )
 
 
@@ -275,29 +268,35 @@ def _matches(pattern: tuple[str, ...], parts: list[str]) -> bool:
     return all(p in ("*", part) for p, part in zip(fixed, parts, strict=False))
 
 
+def _resource(parts: list[str]) -> tuple[str, str]:
+    """(error code stem, noun) of the resource at ``parts`` of a thing."""
+    if not parts:
+        return "things:thing", "Thing"
+    return next(((code, noun) for pattern, code, noun in _RESOURCES if _matches(pattern, parts)), ("", ""))
+
+
 def not_found(thing_id: str, parts: list[str]) -> NotFoundError:
-    """The Ditto "not found" error for a missing resource of a thing.
+    """The Ditto "not found" error for a missing (or unreadable) resource of a thing.
 
     >>> not_found("a:b", ["features", "f", "properties", "x"]).instance_error
     'things:feature.property.notfound'
     >>> not_found("a:b", []).instance_error
     'things:thing.notfound'
     """
+    code, noun = _resource(parts)
     if not parts:
         return NotFoundError(
             f"The Thing with ID '{thing_id}' could not be found or requester had "
             "insufficient permissions to access it."
         )
-    for pattern, code, noun in _NOT_FOUND:
-        if _matches(pattern, parts):
-            where = "/" + "/".join(parts)
-            return NotFoundError(
-                f"The {noun} at '{where}' of the Thing with ID '{thing_id}' does not exist or "
-                "the requester had insufficient permissions to access it.",
-                error=code,
-                description=f"Check if the {noun} path and the Thing ID were correct.",
-            )
-    return NotFoundError(f"'/{'/'.join(parts)}' of the Thing '{thing_id}' does not exist.")
+    if not code:
+        return NotFoundError(f"'/{'/'.join(parts)}' of the Thing '{thing_id}' does not exist.")
+    return NotFoundError(
+        f"The {noun} at '/{'/'.join(parts)}' of the Thing with ID '{thing_id}' does not exist or "
+        "the requester had insufficient permissions to access it.",
+        error=code + ".notfound",
+        description=f"Check if the {noun} path and the Thing ID were correct.",
+    )
 
 
 def not_modifiable(thing_id: str, parts: list[str]) -> ForbiddenError:
@@ -308,20 +307,13 @@ def not_modifiable(thing_id: str, parts: list[str]) -> ForbiddenError:
     >>> not_modifiable("a:b", []).instance_error
     'things:thing.notmodifiable'
     """
-    if not parts:
-        return ForbiddenError(
-            f"The Thing with ID '{thing_id}' could not be modified as the requester had "
-            "insufficient permissions ('WRITE' is required)."
-        )
-    for pattern, code, noun in _NOT_FOUND:
-        if _matches(pattern, parts):
-            where = "/" + "/".join(parts)
-            return ForbiddenError(
-                f"The {noun} at '{where}' of the Thing with ID '{thing_id}' could not be modified as "
-                "the requester had insufficient permissions ('WRITE' is required).",
-                error=code.replace(".notfound", ".notmodifiable"),
-            )
-    return ForbiddenError(f"'/{'/'.join(parts)}' of the Thing '{thing_id}' could not be modified.")
+    code, noun = _resource(parts)
+    where = f"The {noun} at '/{'/'.join(parts)}' of the Thing" if parts else "The Thing"
+    return ForbiddenError(
+        f"{where} with ID '{thing_id}' could not be modified as the requester had insufficient "
+        "permissions ('WRITE' is required).",
+        error=(code or "things:thing") + ".notmodifiable",
+    )
 
 
 def policy_not_found(policy_id: str) -> NotFoundError:
