@@ -7,6 +7,7 @@ the caller may read) or :class:`~twinstore.model.errors.DittoError` back.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -220,6 +221,15 @@ class ThingService:
         view = await self._view(state, auth)
         guard = thing_guard(state.thing_id, policy_id, view, creating=False)
         guard(state, command)  # refuse early (the journal checks again on the state it decides on)
+        body = command.value if isinstance(command, Modify) and command.path in ("", "/") else None
+        if isinstance(body, dict) and "_policy" in body:
+            raise InvalidInputError(
+                f"The Thing with ID '{state.thing_id}' could not be modified as it contained an inline "
+                "Policy.",
+                error="things:policy.notallowed",
+                description="Once a Thing is created it can't be modified with another Policy. Use the "
+                "Policy resources to modify the existing Policy.",
+            )
         moved_to = new_policy_id(state, command)
         if moved_to is not None:
             await self._check_new_policy(auth, moved_to)
@@ -234,6 +244,41 @@ class ThingService:
         view = await self.cache.view(policy_id, auth.subjects)
         if view is None or not view.has_partial("policy", [], READ):
             raise policy_not_found(policy_id)
+
+    async def _initial_policy(self, auth: AuthContext, body: dict[str, Any], policy_id: str) -> Any:
+        """The policy a new thing brings: its inline ``_policy`` or a copy (``_copyPolicyFrom``).
+
+        ``_copyPolicyFrom`` names a policy (``"ns:policy"``) or a thing's policy
+        (``"{{ ref:things/ns:thing/policyId }}"``); the caller must be able to read all of it.
+        """
+        inline, source = body.get("_policy"), body.get("_copyPolicyFrom")
+        if inline is not None and source is not None:
+            raise InvalidInputError(
+                "A new Thing can bring an inline '_policy' or '_copyPolicyFrom', not both.",
+                error="things:policy.notallowed",
+            )
+        if isinstance(inline, dict) and inline.get("policyId", policy_id) != policy_id:
+            raise InvalidInputError(
+                f"The Thing could not be created as its inline Policy has the ID '{inline['policyId']}' "
+                f"and the Thing the Policy ID '{policy_id}'.",
+                error="things:policyId.notallowed",
+                description="Give the inline Policy no ID (it gets the Thing's policyId, else the Thing ID).",
+            )
+        if source is None:
+            return inline
+        if not isinstance(source, str):
+            raise InvalidInputError("'_copyPolicyFrom' must be a JSON string.", error="json.invalid")
+        ref = _POLICY_REF.fullmatch(source.strip())
+        if ref is not None:
+            got = await self.retrieve(auth, ref.group(1), "/policyId")
+            source = str(got.value)
+        view = await self.cache.view(source, auth.subjects)
+        if view is None or not view.has_unrestricted("policy", [], READ):
+            raise policy_not_found(source)
+        state = await self.policies.store.load(source)
+        if state.doc is None:
+            raise policy_not_found(source)
+        return {**state.doc, "policyId": policy_id}
 
     async def _prepare_creation(self, auth: AuthContext, request: WriteRequest, allow_lockout: bool) -> Any:
         """Create or find the policy of a new thing, as Ditto does; the guard checks WRITE on ``thing:/``.
@@ -258,7 +303,7 @@ class ThingService:
         policy_id = body.get("policyId", request.thing_id)
         if not isinstance(policy_id, str):
             raise InvalidInputError("'policyId' must be a JSON string.", error="json.invalid")
-        inline = body.get("_policy")
+        inline = await self._initial_policy(auth, body, policy_id)
         if inline is None and "policyId" in body:
             if await self.cache.enforcer(policy_id) is None:
                 raise ThingNotCreatableError(
@@ -298,6 +343,9 @@ class ThingService:
         return thing_guard(request.thing_id, policy_id, view, creating=True)
 
 
+_POLICY_REF = re.compile(r"\{\{\s*ref:things/([^/\s]+)/policyId\s*\}\}")
+
+
 def _inline_view(inline: Any, policy_id: str, auth: AuthContext) -> SubjectView | None:
     """The creator's view of an inline policy (``None`` if it is not valid: its write says why)."""
     doc = {**inline, "policyId": policy_id} if isinstance(inline, dict) else inline
@@ -308,12 +356,8 @@ def _inline_view(inline: Any, policy_id: str, auth: AuthContext) -> SubjectView 
 
 
 def _without_policy(command: Command) -> Command:
-    """The command without the inline ``_policy`` (it is not part of the thing)."""
-    if (
-        isinstance(command, Create | Modify | Merge)
-        and isinstance(command.value, dict)
-        and "_policy" in command.value
-    ):
-        value = {k: v for k, v in command.value.items() if k != "_policy"}
+    """The command without ``_policy`` / ``_copyPolicyFrom`` (they are not part of the thing)."""
+    if isinstance(command, Create | Modify | Merge) and isinstance(command.value, dict):
+        value = {k: v for k, v in command.value.items() if k not in ("_policy", "_copyPolicyFrom")}
         return msgspec.structs.replace(command, value=value)
     return command

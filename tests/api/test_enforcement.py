@@ -180,6 +180,63 @@ async def test_inline_policy_without_thing_write_is_not_creatable_and_leaves_no_
     assert r.status_code == 201, r.text
 
 
+async def test_inline_policy_with_another_id_than_the_things_policy_id_is_400(
+    client: httpx.AsyncClient, runtime: Runtime, thing_id: str
+) -> None:
+    inline = {**full_access("nginx:ditto"), "policyId": "org.test.policy:elsewhere"}
+    r = await client.put(url(thing_id), json={"policyId": thing_id, "_policy": inline})
+    assert_error(r, 400, "things:policyId.notallowed")
+    assert await journal_rows(runtime, "policy", thing_id) == 0
+    assert await journal_rows(runtime, "thing", thing_id) == 0
+
+
+async def test_inline_policy_on_an_existing_thing_is_400(client: httpx.AsyncClient, thing_id: str) -> None:
+    await create(client, thing_id, {"attributes": {"a": 1}})
+    r = await client.put(url(thing_id), json={"_policy": full_access("nginx:other")})
+    assert_error(r, 400, "things:policy.notallowed")
+    assert await revision(client, thing_id) == 1
+    entries = (await client.get(f"/api/2/policies/{thing_id}")).json()["entries"]
+    assert list(entries) == ["DEFAULT"]
+
+
+async def test_copy_policy_from_a_policy_id_and_from_a_things_policy(
+    client: httpx.AsyncClient, other: httpx.AsyncClient, thing_id: str
+) -> None:
+    source_thing, source_policy = await thing_with_policy(
+        client, policy(reader=(["nginx:other"], {"thing:/attributes": R}))
+    )
+    source = (await client.get(f"/api/2/policies/{source_policy}")).json()
+    r = await client.put(url(thing_id), json={"_copyPolicyFrom": source_policy, "attributes": {"a": 1}})
+    assert r.status_code == 201, r.text
+    assert "_copyPolicyFrom" not in r.json()
+    copied = (await client.get(f"/api/2/policies/{thing_id}")).json()
+    assert copied == {**source, "policyId": thing_id}
+    assert (await other.get(url(thing_id))).json() == {"thingId": thing_id, "attributes": {"a": 1}}
+    # by reference to another thing's policyId
+    second = new_thing_id()
+    ref = f"{{{{ ref:things/{source_thing}/policyId }}}}"
+    r = await client.put(url(second), json={"_copyPolicyFrom": ref})
+    assert r.status_code == 201, r.text
+    assert (await client.get(f"/api/2/policies/{second}")).json() == {**source, "policyId": second}
+
+
+async def test_copy_policy_needs_read_on_the_whole_source(
+    client: httpx.AsyncClient, other: httpx.AsyncClient, runtime: Runtime, thing_id: str
+) -> None:
+    # other may read the things of this policy but not the policy itself
+    _, source_policy = await thing_with_policy(client, policy(reader=(["nginx:other"], {"thing:/": R})))
+    r = await other.put(url(thing_id), json={"_copyPolicyFrom": source_policy})
+    assert_error(r, 404, "policies:policy.notfound")
+    r = await other.put(url(thing_id), json={"_copyPolicyFrom": "org.test:no-such-policy"})
+    assert_error(r, 404, "policies:policy.notfound")
+    r = await client.put(
+        url(thing_id), json={"_copyPolicyFrom": source_policy, "_policy": full_access("x:y")}
+    )
+    assert_error(r, 400, "things:policy.notallowed")
+    assert await journal_rows(runtime, "policy", thing_id) == 0
+    assert await journal_rows(runtime, "thing", thing_id) == 0
+
+
 async def test_existing_policy_without_thing_write_is_not_creatable(
     client: httpx.AsyncClient, other: httpx.AsyncClient, runtime: Runtime, thing_id: str
 ) -> None:
