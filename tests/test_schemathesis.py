@@ -197,9 +197,10 @@ def session() -> Iterator[requests.Session]:
         yield s
 
 
-# Parts of a request twinstore does not interpret yet (policies, live channel,
-# acknowledgements, metadata and conditional requests come with later issues): it ignores
-# them, so an invalid value there is accepted rather than rejected as Ditto would.
+# Parts of a request twinstore does not interpret yet (live channel, acknowledgements, metadata
+# and conditional requests come with later issues) or, as Ditto, only when a thing is created
+# (``_policy``, ``_copyPolicyFrom``: a merge patch of an existing thing drops them): there an
+# invalid value is accepted rather than rejected.
 UNINTERPRETED = frozenset(
     {
         "channel",
