@@ -40,6 +40,7 @@ __all__ = [
     "escape_pointer",
     "evolve_policy",
     "parse_escaped_pointer",
+    "thing_readers",
     "validate_policy_path",
 ]
 
@@ -112,6 +113,23 @@ def default_policy(policy_id: str, subject: str) -> dict[str, Any]:
             }
         },
     }
+
+
+def thing_readers(doc: dict[str, Any] | None) -> list[str]:
+    """Subjects of the entries that grant READ on some ``thing:`` resource (sorted).
+
+    Only they can read anything of the policy's things, so search looks at no other policies
+    (the decision itself, with revokes and expiry, is still the enforcer's).
+
+    >>> thing_readers(default_policy("a:b", "nginx:ditto"))
+    ['nginx:ditto']
+    """
+    readers: set[str] = set()
+    for entry in ((doc or {}).get("entries") or {}).values():
+        resources = entry.get("resources") or {}
+        if any(key.startswith("thing:") and "READ" in (r.get("grant") or []) for key, r in resources.items()):
+            readers.update(entry.get("subjects") or {})
+    return sorted(readers)
 
 
 # Addressable levels: () policy, entries, an entry, its subjects / resources and one of them.

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from twinstore.model.errors import UnavailableError
-from twinstore.model.policy import PolicyEvent, PolicyState, evolve_policy
+from twinstore.model.policy import PolicyEvent, PolicyState, evolve_policy, thing_readers
 from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, storable
 from twinstore.store.schema import WRITE_LOCK
 
@@ -39,10 +39,10 @@ WITH appended AS (
     INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
     VALUES ('policy', $1, $2, $3, $4, $5, $6::text::json, $7, $8, $9)
 )
-INSERT INTO policies (id, revision, created, modified, doc, hash)
-VALUES ($1, $2, $10, $3, $11::text::jsonb, $9)
+INSERT INTO policies (id, revision, created, modified, doc, hash, readers)
+VALUES ($1, $2, $10, $3, $11::text::jsonb, $9, $12::text[])
 ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
-    modified = excluded.modified, doc = excluded.doc, hash = excluded.hash
+    modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers
 """
 
 
@@ -128,6 +128,7 @@ class PolicyStore:
                 chained,
                 after.created,
                 None if after.doc is None else dumps(after.doc),
+                thing_readers(after.doc),
             )
             await con.execute("SELECT pg_notify($1, $2)", POLICY_CHANNEL, policy_id)
         return event, before, after

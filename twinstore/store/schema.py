@@ -90,6 +90,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX things_policy ON things (policy_id);
     """,
+    # 4: who may read something of the things of a policy (search narrows to these policies)
+    """
+    ALTER TABLE policies ADD COLUMN readers text[] NOT NULL DEFAULT '{}';
+    CREATE INDEX policies_readers ON policies USING gin (readers);
+    """,
 ]
 
 CREATE_MIGRATIONS = """
