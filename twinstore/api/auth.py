@@ -1,20 +1,30 @@
-"""The one place an HTTP request is authenticated (every route calls :func:`authenticate`)."""
+"""The one place an HTTP request or WebSocket upgrade is authenticated (every route calls
+:func:`authenticate`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request
+from litestar.connection import ASGIConnection
 
 from twinstore.auth import AuthContext
 
 __all__ = ["authenticate"]
 
 
-async def authenticate(request: Request[Any, Any, Any]) -> AuthContext:
-    """The caller's subjects (401 ``gateway:authentication.failed`` when none can be established)."""
-    client = request.client
-    context: AuthContext = await request.app.state.runtime.auth.authenticate(
-        request.headers, client.host if client is not None else None
+async def authenticate(
+    connection: ASGIConnection[Any, Any, Any, Any], *, authorization: str | None = None
+) -> AuthContext:
+    """The caller's subjects (401 ``gateway:authentication.failed`` when none can be established).
+
+    ``authorization`` replaces the ``Authorization`` header (the WebSocket's ``?access_token=``
+    and its ``JWT-TOKEN`` refresh, which browsers cannot send as a header).
+    """
+    client = connection.client
+    headers: Any = connection.headers
+    if authorization is not None:
+        headers = {**{k.lower(): v for k, v in connection.headers.items()}, "authorization": authorization}
+    context: AuthContext = await connection.app.state.runtime.auth.authenticate(
+        headers, client.host if client is not None else None
     )
     return context
