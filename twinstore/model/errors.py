@@ -14,6 +14,7 @@
     │   ├── PolicyIdNotDeletableError 400 things:policyId.notdeletable
     │   ├── ThingIdNotDeletableError 400 things:id.notdeletable
     │   ├── PatchInvalidError       400  things:patch.invalid (RFC 6902 / 7396)
+    │   ├── RqlInvalidError         400  rql.expression.invalid (search filter, options, conditions)
     │   └── HeaderInvalidError      400  header.invalid
     ├── AuthenticationError         401  gateway:authentication.failed
     ├── ForbiddenError              403  things:thing.notmodifiable and friends, policies:*.notmodifiable,
@@ -53,6 +54,7 @@ __all__ = [
     "PolicyIdNotDeletableError",
     "PreconditionFailedError",
     "PreconditionNotModifiedError",
+    "RqlInvalidError",
     "ThingIdInvalidError",
     "ThingIdNotDeletableError",
     "ThingIdNotSettableError",
@@ -98,6 +100,14 @@ class InvalidInputError(DittoError):
     status = 400
     error = "things:request.invalid"
     description = "Check the request: its path, headers and body."
+
+
+class RqlInvalidError(InvalidInputError):
+    error = "rql.expression.invalid"
+    description = (
+        "Check the RQL expression (see https://www.eclipse.dev/ditto/basic-rql.html): operators such as "
+        "eq(attributes/a,\"x\"), and(...), exists(...), quoted strings, fields like attributes/..."
+    )
 
 
 class JsonInvalidError(InvalidInputError):
