@@ -36,8 +36,10 @@ __all__ = [
     "creates_thing",
     "new_policy_id",
     "readable_event",
+    "readable_thing",
     "thing_guard",
     "touched",
+    "with_doc",
 ]
 
 log = logging.getLogger("twinstore.enforcement")
@@ -237,3 +239,29 @@ def readable_event(view: SubjectView | None, event: Event) -> Event | None:
     if shown is MISSING:
         return None
     return event if shown is event.value else msgspec.structs.replace(event, value=shown)
+
+
+def readable_thing(view: SubjectView | None, state: ThingState) -> dict[str, Any] | None:
+    """The part of a thing the view may read; ``None``: nothing, the thing looks absent.
+
+    A caller with READ somewhere in the thing sees at least its ``thingId`` (they named it).
+    """
+    if state.doc is None or view is None or not view.has_partial("thing", [], READ):
+        return None
+    shown = view.filter("thing", [], state.doc)
+    if shown is MISSING:
+        return {"thingId": state.thing_id}
+    if shown is not state.doc and "thingId" not in shown:
+        shown = {"thingId": state.thing_id, **shown}
+    return shown  # type: ignore[no-any-return]
+
+
+def with_doc(state: ThingState, doc: dict[str, Any]) -> ThingState:
+    """``state`` showing ``doc`` (e.g. its readable part)."""
+    return ThingState(
+        thing_id=state.thing_id,
+        revision=state.revision,
+        created=state.created,
+        modified=state.modified,
+        doc=doc,
+    )

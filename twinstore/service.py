@@ -16,7 +16,15 @@ import msgspec
 import policies
 from policies import MISSING, READ, Enforcer, SubjectView
 from twinstore.auth import AuthContext
-from twinstore.enforcement import PolicyCache, PolicyMovedError, creates_thing, new_policy_id, thing_guard
+from twinstore.enforcement import (
+    PolicyCache,
+    PolicyMovedError,
+    creates_thing,
+    new_policy_id,
+    readable_thing,
+    thing_guard,
+    with_doc,
+)
 from twinstore.model import etag
 from twinstore.model import patch as jp
 from twinstore.model.errors import (
@@ -83,31 +91,6 @@ class Retrieved(msgspec.Struct, kw_only=True):
     state: ThingState
 
 
-def _readable(view: SubjectView | None, state: ThingState) -> dict[str, Any] | None:
-    """The part of a thing the view may read; ``None``: nothing, the thing looks absent.
-
-    A caller with READ somewhere in the thing sees at least its ``thingId`` (they named it).
-    """
-    if state.doc is None or view is None or not view.has_partial("thing", [], READ):
-        return None
-    shown = view.filter("thing", [], state.doc)
-    if shown is MISSING:
-        return {"thingId": state.thing_id}
-    if shown is not state.doc and "thingId" not in shown:
-        shown = {"thingId": state.thing_id, **shown}
-    return shown  # type: ignore[no-any-return]
-
-
-def _with_doc(state: ThingState, doc: dict[str, Any]) -> ThingState:
-    return ThingState(
-        thing_id=state.thing_id,
-        revision=state.revision,
-        created=state.created,
-        modified=state.modified,
-        doc=doc,
-    )
-
-
 class ThingService:
     """Reads and writes of things, each enforced by the thing's policy."""
 
@@ -138,7 +121,7 @@ class ThingService:
         validate_path(parts)
         state = await self.journal.load(thing_id)
         view = await self._view(state, auth)
-        readable = _readable(view, state)
+        readable = readable_thing(view, state)
         if view is None or state.doc is None or readable is None:
             raise not_found(thing_id, [])
         value = jp.get_at(state.doc, parts)
@@ -159,7 +142,7 @@ class ThingService:
             # What is missing is judged on the readable part only: no probing of hidden paths.
             raise not_found(thing_id, missing_level(readable, parts))
         if not parts:
-            shown = view_of(_with_doc(state, readable), fields)
+            shown = view_of(with_doc(state, readable), fields)
         elif fields is not None:
             shown = select(shown, fields)
         return Retrieved(value=shown, etag=tag, state=state)
@@ -174,9 +157,9 @@ class ThingService:
         result = []
         for state in states:
             enforcer = enforcers.get((state.doc or {}).get("policyId", ""))
-            readable = _readable(None if enforcer is None else enforcer.view(auth.subjects), state)
+            readable = readable_thing(None if enforcer is None else enforcer.view(auth.subjects), state)
             if readable is not None:
-                result.append(view_of(_with_doc(state, readable), fields))
+                result.append(view_of(with_doc(state, readable), fields))
         return result
 
     async def retrieve_many(
