@@ -106,7 +106,7 @@ class RqlInvalidError(InvalidInputError):
     error = "rql.expression.invalid"
     description = (
         "Check the RQL expression (see https://www.eclipse.dev/ditto/basic-rql.html): operators such as "
-        "eq(attributes/a,\"x\"), and(...), exists(...), quoted strings, fields like attributes/..."
+        'eq(attributes/a,"x"), and(...), exists(...), quoted strings, fields like attributes/...'
     )
 
 

@@ -95,6 +95,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE policies ADD COLUMN readers text[] NOT NULL DEFAULT '{}';
     CREATE INDEX policies_readers ON policies USING gin (readers);
     """,
+    # 5: search (twinstore.store.rql_sql): eq on a path compiles to an exact check AND-ed with
+    # `doc @> ...`, which this index answers; sorting and ranges on ids use code point order
+    """
+    CREATE INDEX things_doc ON things USING gin (doc jsonb_path_ops);
+    CREATE INDEX things_id_c ON things (id COLLATE "C");
+    """,
 ]
 
 CREATE_MIGRATIONS = """

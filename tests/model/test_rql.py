@@ -1,0 +1,330 @@
+"""RQL parsing, in-memory evaluation and option parsing (no database)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from twinstore.model.errors import InvalidInputError, RqlInvalidError
+from twinstore.model.rql import (
+    MAX_DEPTH,
+    And,
+    Comparison,
+    Exists,
+    In,
+    Not,
+    Or,
+    SearchOptions,
+    fields_of,
+    matches,
+    parse_filter,
+    parse_options,
+    sort_key,
+)
+
+DOC: dict[str, Any] = {
+    "thingId": "org.acme:pump-1",
+    "policyId": "org.acme:policy",
+    "definition": "org.acme:pump:1.0",
+    "attributes": {
+        "manufacturer": "ACME",
+        "serial": 42,
+        "ratio": 0.5,
+        "active": True,
+        "note": None,
+        "tags": ["a", "b", 3],
+        "location": {"room": "kitchen", "floor": 2},
+        "quote": 'say "hi" \\ bye',
+        "unicode": "Grüße 😀",
+    },
+    "features": {
+        "temp": {"properties": {"value": 21.5, "unit": "C"}, "desiredProperties": {"value": 20}},
+        "humidity": {"properties": {"value": 40}},
+    },
+}
+META = {
+    "_revision": 7,
+    "_created": datetime(2024, 1, 1, tzinfo=UTC),
+    "_modified": datetime(2024, 6, 1, 12, tzinfo=UTC),
+}
+
+
+def m(text: str, doc: dict[str, Any] = DOC) -> bool:
+    return matches(parse_filter(text), doc, META)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'eq(attributes/manufacturer,"ACME")',
+        "eq(attributes/serial,42)",
+        "eq(attributes/serial,42.0)",
+        "eq(attributes/serial,4.2e1)",
+        "eq(attributes/ratio,0.50)",
+        "eq(attributes/active,true)",
+        "eq(attributes/note,null)",
+        'eq(attributes/tags,"b")',
+        "eq(attributes/tags,3)",
+        'eq(attributes/location/room,"kitchen")',
+        'eq(/attributes/location/room,"kitchen")',
+        "ne(attributes/serial,43)",
+        'ne(attributes/serial,"42")',
+        "gt(attributes/serial,41)",
+        "ge(attributes/serial,42)",
+        "lt(attributes/ratio,1)",
+        "le(attributes/ratio,0.5)",
+        "gt(attributes/serial,-1e3)",
+        'gt(attributes/manufacturer,"AB")',
+        'lt(attributes/manufacturer,"a")',
+        'like(thingId,"org.acme:*")',
+        'like(attributes/manufacturer,"A?ME")',
+        'like(attributes/manufacturer,"*CM*")',
+        'ilike(attributes/manufacturer,"acme")',
+        'like(attributes/tags,"?")',
+        'in(attributes/serial,1,2,42,"x")',
+        'in(thingId,"x:y","org.acme:pump-1")',
+        "exists(attributes/location)",
+        "exists(attributes/note)",
+        "exists(features/temp/desiredProperties)",
+        "exists(features/*/properties/unit)",
+        "gt(features/*/properties/value,30)",
+        'eq(features/*/properties/unit,"C")',
+        'eq(_namespace,"org.acme")',
+        "eq(_revision,7)",
+        "gt(_revision,6.5)",
+        'gt(_modified,"2024-06-01T11:00:00Z")',
+        'eq(_created,"2024-01-01T00:00:00")',
+        'lt(_created,"2024-01-01T01:00:00+00:30")',
+        "exists(_created)",
+        'eq(policyId,"org.acme:policy")',
+        'like(definition,"org.acme:pump:*")',
+        'eq(attributes/quote,"say \\"hi\\" \\\\ bye")',
+        "eq(attributes/quote,'say \"hi\" \\\\ bye')",
+        'eq(attributes/unicode,"Grüße 😀")',
+        'and(eq(attributes/serial,42),or(eq(thingId,"x:y"),exists(features/temp)))',
+        "not(eq(attributes/serial,1))",
+        "not(eq(attributes/missing,1))",
+        "not(not(exists(thingId)))",
+        " and ( eq ( attributes/serial , 42 ) , exists( thingId ) ) ",
+    ],
+)
+def test_matching(text: str) -> None:
+    assert m(text), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'eq(attributes/manufacturer,"acme")',
+        'eq(attributes/serial,"42")',
+        "eq(attributes/active,1)",
+        "eq(attributes/serial,true)",
+        "eq(attributes/missing,null)",
+        "ne(attributes/missing,1)",
+        "ne(attributes/serial,42)",
+        "ne(attributes/tags,3)",
+        "gt(attributes/serial,42)",
+        'gt(attributes/serial,"1")',
+        'lt(attributes/manufacturer,"1")',
+        "lt(attributes/note,1)",
+        'like(attributes/serial,"*")',
+        'like(attributes/manufacturer,"acme")',
+        'like(attributes/manufacturer,"A?E")',
+        'ilike(attributes/unicode,"GRÜSSE*")',
+        "in(attributes/serial,1,2)",
+        "exists(attributes/nothing)",
+        "exists(attributes/location/room/x)",
+        "exists(attributes/tags/0)",
+        "gt(features/*/properties/value,50)",
+        "exists(features/*/properties/none)",
+        'eq(_namespace,"org")',
+        "eq(_revision,8)",
+        'lt(_created,"2023-12-31T23:59:59Z")',
+        "and(eq(attributes/serial,42),eq(attributes/serial,43))",
+        "or(eq(attributes/serial,1),eq(attributes/serial,2))",
+        "not(exists(thingId))",
+    ],
+)
+def test_not_matching(text: str) -> None:
+    assert not m(text), text
+
+
+def test_ne_and_not_differ_on_absence() -> None:
+    assert not m("ne(attributes/owner,1)")
+    assert m("not(eq(attributes/owner,1))")
+
+
+def test_wildcard_is_some_feature() -> None:
+    # ne over a wildcard: some feature whose value exists and differs
+    assert m("ne(features/*/properties/value,40)")
+    assert not m("ne(features/*/properties/value,40)", {"features": {"h": {"properties": {"value": 40}}}})
+    assert not m("exists(features/*)", {"features": {}})
+    assert not m("exists(features/*)", {"features": [1]})
+    assert m("exists(features/*)", {"features": {"x": None}})
+
+
+def test_like_escapes_regex_characters() -> None:
+    doc = {"attributes": {"a": "a.b(c)[d]+%_"}}
+    assert m('like(attributes/a,"a.b(c)[d]+%_")', doc)
+    assert not m('like(attributes/a,"aXb*")', doc)
+    assert m('like(attributes/a,"*%_")', doc)
+    assert m('like(attributes/a,"a?b*")', doc)
+    assert m('like(attributes/a,"*")', {"attributes": {"a": "line\nbreak"}})
+
+
+def test_meta_absent_without_meta() -> None:
+    node = parse_filter("exists(_revision)")
+    assert not matches(node, DOC)
+    assert matches(parse_filter('eq(_namespace,"org.acme")'), DOC)
+
+
+def test_ast_shapes_and_precedence() -> None:
+    node = parse_filter(
+        'or(and(eq(a/b,1),ne(attributes/c,"x")),not(exists(features/f)))'.replace("a/b", "attributes/b")
+    )
+    assert node == Or(
+        (
+            And(
+                (
+                    Comparison("eq", ("attributes", "b"), Decimal(1)),
+                    Comparison("ne", ("attributes", "c"), "x"),
+                )
+            ),
+            Not(Exists(("features", "f"))),
+        )
+    )
+    assert parse_filter("in(attributes/x,1,'a',null,false)") == In(
+        ("attributes", "x"), (Decimal(1), "a", None, False)
+    )
+    assert parse_filter('eq(_modified,"2024-01-01T00:00:00Z")').value == datetime(2024, 1, 1, tzinfo=UTC)  # type: ignore[union-attr]
+    assert parse_filter("eq(attributes/x,-1.5E-3)").value == Decimal("-0.0015")  # type: ignore[union-attr]
+
+
+def test_fields_of() -> None:
+    node = parse_filter('and(eq(attributes/a,1),or(exists(features/*/properties/x),not(like(thingId,"a*"))))')
+    assert fields_of(node) == {("attributes", "a"), ("features", "*", "properties", "x"), ("thingId",)}
+
+
+INVALID = [
+    ("eq(attributes/a 1)", 16, "expected ','"),
+    ("eq(attributes/a,1", 17, "expected ')'"),
+    ("foo(attributes/a,1)", 0, "unknown operator 'foo'"),
+    ("eq(attributes/a,abc)", 16, "unknown value"),
+    ('eq(attributes/a,"abc)', 16, "unterminated string"),
+    ('eq(attributes/a,"a\\nb")', 18, "unknown escape"),
+    ("eq(nope,1)", 3, "unknown field"),
+    ("eq(thingId/x,1)", 3, "no sub-fields"),
+    ("eq(attributes//a,1)", 3, "empty segment"),
+    ("eq(attributes/a,1))", 18, "unexpected text"),
+    ("and()", 4, "expected an operator"),
+    ("not(eq(attributes/a,1),eq(attributes/b,2))", 22, "expected ')'"),
+    ("gt(attributes/a,true)", 16, "numbers or strings"),
+    ("lt(attributes/a,null)", 16, "numbers or strings"),
+    ("like(attributes/a,1)", 18, "string pattern"),
+    ("like(_revision,'1')", 15, "string pattern"),
+    ("eq(thingId,1)", 11, "'thingId' compares with a string"),
+    ("eq(_revision,'1')", 13, "'_revision' compares with a number"),
+    ('eq(_created,"yesterday")', 12, "ISO-8601"),
+    ("eq(attributes/a,01)", 17, "expected ')'"),
+    ("eq(attributes/a,1e99999)", 16, "out of range"),
+    ("exists()", 7, "expected a field"),
+    ("in(attributes/a)", 15, "expected ','"),
+    ("", 0, "expected an operator"),
+    ("eq(attributes/a,\x00)", 16, "NUL"),
+]
+
+
+@pytest.mark.parametrize(("text", "position", "message"), INVALID)
+def test_invalid_filters_name_the_position(text: str, position: int, message: str) -> None:
+    with pytest.raises(RqlInvalidError) as info:
+        parse_filter(text)
+    assert f"position {position}" in str(info.value)
+    assert message in str(info.value)
+    assert isinstance(info.value, InvalidInputError)
+    assert info.value.to_dict()["status"] == 400
+    assert info.value.to_dict()["error"] == "rql.expression.invalid"
+
+
+def test_depth_and_length_limits() -> None:
+    deep = "not(" * MAX_DEPTH + "exists(thingId)" + ")" * MAX_DEPTH
+    with pytest.raises(RqlInvalidError, match="nesting deeper"):
+        parse_filter(deep)
+    ok = "not(" * (MAX_DEPTH - 1) + "exists(thingId)" + ")" * (MAX_DEPTH - 1)
+    assert not matches(parse_filter(ok), DOC)  # 31 negations of true
+    with pytest.raises(RqlInvalidError, match="longer than"):
+        parse_filter("in(attributes/a" + ",1" * 40_000 + ")")
+
+
+@given(st.text(max_size=40))
+def test_parser_never_crashes(text: str) -> None:
+    try:
+        parse_filter(text)
+    except RqlInvalidError as e:
+        assert re.search(r"position \d+", str(e))
+
+
+@given(st.text(alphabet="aeqnotrxis(),/\"'1 .-*?\\", max_size=30))
+def test_parser_never_crashes_near_the_grammar(text: str) -> None:
+    try:
+        node = parse_filter(text)
+    except RqlInvalidError:
+        return
+    matches(node, DOC, META)
+
+
+# ---- options -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, SearchOptions()),
+        ("", SearchOptions()),
+        ("size(10)", SearchOptions(size=10)),
+        ("size(200)", SearchOptions(size=200)),
+        ("sort(+thingId)", SearchOptions(sort=[(("thingId",), True)])),
+        (
+            "sort(-attributes/x,+_modified),size(1)",
+            SearchOptions(sort=[(("attributes", "x"), False), (("_modified",), True)], size=1),
+        ),
+        ("cursor(AbC-_12),size(5)", SearchOptions(size=5, cursor="AbC-_12")),
+        (" size( 3 ) , sort( thingId ) ", SearchOptions(sort=[(("thingId",), True)], size=3)),
+    ],
+)
+def test_options(text: str | None, expected: SearchOptions) -> None:
+    assert parse_options(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("limit(0,10)", "deprecated"),
+        ("size(0)", "from 1 to 200"),
+        ("size(201)", "from 1 to 200"),
+        ("size(x)", "from 1 to 200"),
+        ("sort()", "expected a field"),
+        ("sort(+features/*/properties/x)", "wildcard"),
+        ("sort(+nope)", "unknown field"),
+        ("size(1),size(2)", "given twice"),
+        ("bogus(1)", "unknown option"),
+        ("size(1) sort(+thingId)", "unexpected text"),
+        ("cursor()", "expected a cursor"),
+    ],
+)
+def test_invalid_options(text: str, message: str) -> None:
+    with pytest.raises(RqlInvalidError, match=re.escape(message)) as info:
+        parse_options(text)
+    assert "position" in str(info.value)
+
+
+def test_sort_key_order() -> None:
+    values: list[Any] = [None, -1, 2.5, "B", "a", False, True, [], {}]
+    keys = [sort_key(("attributes", "x"), {"attributes": {"x": v}}) for v in values]
+    assert sort_key(("attributes", "x"), {}) < keys[0]
+    assert keys == sorted(keys)
