@@ -32,7 +32,7 @@ from twinstore.model.rql import (
     parse_filter,
 )
 
-__all__ = ["compile_filter", "compile_order", "parse_filter"]
+__all__ = ["compile_filter", "compile_order", "order_terms", "parse_filter"]
 
 _SQL_OPS = {"eq": "=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 # `#>` indexes arrays with integer-looking segments (even negative ones); paths walk objects only,
@@ -187,32 +187,40 @@ def compile_filter(node: Node, params: list[Any]) -> str:
     raise AssertionError(node)  # pragma: no cover
 
 
-def compile_order(sort: list[tuple[Field, bool]], params: list[Any]) -> str:
-    """An ORDER BY list for ``sort`` (field, ascending), ending with ``id`` as the tiebreaker.
+def order_terms(sort: list[tuple[Field, bool]], params: list[Any]) -> list[tuple[str, bool]]:
+    """The ORDER BY terms for ``sort`` as (expression, ascending), ending with ``id`` ascending.
 
     Ascending: absent < null < numbers < strings (code point) < booleans < arrays, objects;
-    descending is the exact reverse (see :func:`twinstore.model.rql.sort_key`).
+    descending is the exact reverse (see :func:`twinstore.model.rql.sort_key`). Search pages by
+    keyset over these terms (where PostgreSQL puts NULL last ascending, first descending).
     """
-    keys: list[str] = []
+    terms: list[tuple[str, bool]] = []
     for field, ascending in sort:
-        d = "ASC" if ascending else "DESC"
         root = field[0]
         if root in ("thingId", "_namespace"):
-            keys.append(f'{_COLUMNS[root]} COLLATE "C" {d}')
+            terms.append((f'{_COLUMNS[root]} COLLATE "C"', ascending))
         elif root == "_revision":
-            keys.append(f"revision {d}")
-        elif root in ("_created", "_modified"):
-            keys.append(f"{_COLUMNS[root]} {d} NULLS {'FIRST' if ascending else 'LAST'}")
+            terms.append(("revision", ascending))
+        elif root in ("_created", "_modified"):  # absent first ascending, last descending
+            terms.append((f"coalesce({_COLUMNS[root]}, '-infinity'::timestamptz)", ascending))
         else:
             v = _path("doc", field, params)
             t = f"jsonb_typeof({v})"
-            keys += [
-                f"CASE WHEN {v} IS NULL THEN 0 WHEN {t} = 'null' THEN 1 WHEN {t} = 'number' THEN 2 "
-                f"WHEN {t} = 'string' THEN 3 WHEN {t} = 'boolean' THEN 4 WHEN {t} = 'array' THEN 5 "
-                f"ELSE 6 END {d}",
-                f"CASE WHEN {t} = 'number' THEN ({v})::numeric END {d}",
-                f"CASE WHEN {t} = 'string' THEN ({v} #>> '{{}}') COLLATE \"C\" END {d}",
-                f"CASE WHEN {t} = 'boolean' THEN ({v})::boolean END {d}",
+            terms += [
+                (
+                    f"CASE WHEN {v} IS NULL THEN 0 WHEN {t} = 'null' THEN 1 WHEN {t} = 'number' THEN 2 "
+                    f"WHEN {t} = 'string' THEN 3 WHEN {t} = 'boolean' THEN 4 WHEN {t} = 'array' THEN 5 "
+                    "ELSE 6 END",
+                    ascending,
+                ),
+                (f"CASE WHEN {t} = 'number' THEN ({v})::numeric END", ascending),
+                (f"CASE WHEN {t} = 'string' THEN ({v} #>> '{{}}') COLLATE \"C\" END", ascending),
+                (f"CASE WHEN {t} = 'boolean' THEN ({v})::boolean END", ascending),
             ]
-    keys.append('id COLLATE "C" ASC')
-    return ", ".join(keys)
+    terms.append(('id COLLATE "C"', True))
+    return terms
+
+
+def compile_order(sort: list[tuple[Field, bool]], params: list[Any]) -> str:
+    """An ORDER BY list for ``sort`` (field, ascending), ending with ``id`` as the tiebreaker."""
+    return ", ".join(f"{expr} {'ASC' if asc else 'DESC'}" for expr, asc in order_terms(sort, params))

@@ -1,0 +1,271 @@
+"""Search things with RQL (Ditto's ``/api/2/search/things``), seen through the caller's policies.
+
+Search reads the projection, so it sees a write as soon as the write is acknowledged. One query
+per page, then the policies:
+
+1. SQL narrows the candidates: things whose policy names one of the caller's subjects among
+   its ``readers`` (``policies.readers``, GIN-indexed), in the namespaces asked for, matching a
+   *relaxed* filter, in the requested order, after the cursor;
+2. each candidate is cut down to what the caller may read
+   (:func:`twinstore.enforcement.readable_thing`) and the whole filter is evaluated on that
+   readable part (:func:`twinstore.model.rql.matches`): a filter on a field the caller may not
+   read sees it as absent, so hidden values cannot be probed.
+
+The relaxed SQL filter keeps exactly the conditions that a readable part can only satisfy if
+the full document does (comparisons, ``exists``, ``and``, ``or``); a condition under ``not``
+is dropped (it could hold on the readable part and fail on the whole), so SQL never removes a
+thing the policy-aware evaluation would keep.
+
+Paging is by keyset: the cursor holds the sort values of the last thing returned (and the sort
+it was made for), so pages stay stable while things are written: no thing is returned twice or
+skipped because others were added or removed before it.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+
+from policies import SubjectView
+from twinstore.auth import AuthContext
+from twinstore.enforcement import PolicyCache, readable_thing
+from twinstore.model.errors import InvalidInputError, UnavailableError
+from twinstore.model.rql import (
+    And,
+    Comparison,
+    Exists,
+    In,
+    Node,
+    Not,
+    Or,
+    SearchOptions,
+    matches,
+    parse_filter,
+)
+from twinstore.model.thing import ThingState
+from twinstore.store.rql_sql import compile_filter, order_terms
+
+__all__ = ["Page", "SearchService", "relax"]
+
+READERS = "policy_id IN (SELECT id FROM policies WHERE readers && $1::text[])"
+BATCH = 200
+
+
+def relax(node: Node | None, negated: bool = False) -> Node | None:
+    """A filter implied by ``node`` on any sub-document (None: no condition).
+
+    Negations are pushed to the leaves; a negated leaf becomes "no condition".
+
+    >>> relax(parse_filter('and(eq(a/x,1),not(eq(a/y,2)))')) == parse_filter('eq(a/x,1)')
+    True
+    """
+    match node:
+        case None:
+            return None
+        case Not(child):
+            return relax(child, not negated)
+        case And(children) | Or(children):
+            conjunction = isinstance(node, And) != negated
+            parts = [relax(c, negated) for c in children]
+            if conjunction:
+                kept = [p for p in parts if p is not None]
+                return None if not kept else kept[0] if len(kept) == 1 else And(tuple(kept))
+            if any(p is None for p in parts):
+                return None
+            return Or(tuple(p for p in parts if p is not None))
+        case Comparison() | In() | Exists():
+            return None if negated else node
+    raise AssertionError(node)  # pragma: no cover
+
+
+@dataclass
+class Page:
+    """Readable things (``states`` with their readable documents) and the cursor of the next page."""
+
+    states: list[ThingState]
+    cursor: str | None
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return {"n": str(value)}
+    if isinstance(value, datetime):
+        return {"t": value.isoformat()}
+    return value
+
+
+def _decode_value(value: Any) -> Any:
+    if isinstance(value, dict) and "n" in value:
+        return Decimal(value["n"])
+    if isinstance(value, dict) and "t" in value:
+        return datetime.fromisoformat(value["t"])
+    return value
+
+
+def _cursor(sort_spec: str, values: list[Any]) -> str:
+    raw = orjson.dumps([sort_spec, [_encode_value(v) for v in values]])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _uncursor(cursor: str, sort_spec: str, terms: int) -> list[Any]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        spec, values = orjson.loads(raw)
+        assert isinstance(values, list) and len(values) == terms
+    except Exception:
+        raise InvalidInputError(
+            f"The cursor '{cursor[:80]}' is not valid.", error="things:search.option.invalid"
+        ) from None
+    if spec != sort_spec:
+        raise InvalidInputError(
+            "The cursor was made for another sort; give the same sort(...) as the first page.",
+            error="things:search.option.invalid",
+        )
+    return [_decode_value(v) for v in values]
+
+
+def _cast(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "bigint"
+    if isinstance(value, Decimal):
+        return "numeric"
+    if isinstance(value, datetime):
+        return "timestamptz"
+    return "text"
+
+
+def _after(terms: list[tuple[str, bool]], values: list[Any], params: list[Any]) -> str:
+    """Rows strictly after ``values`` in the order of ``terms`` (PostgreSQL's NULL placement:
+    last when ascending, first when descending)."""
+
+    def param(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}::{_cast(value)}"
+
+    ors: list[str] = []
+    equal: list[str] = []
+    for (expr, ascending), value in zip(terms, values, strict=True):
+        if value is None:
+            beyond = "false" if ascending else f"({expr}) IS NOT NULL"
+            same = f"({expr}) IS NULL"
+        else:
+            p = param(value)
+            beyond = f"(({expr}) > {p} OR ({expr}) IS NULL)" if ascending else f"({expr}) < {p}"
+            same = f"({expr}) = {p}"
+        ors.append("(" + " AND ".join([*equal, beyond]) + ")")
+        equal.append(same)
+    return "(" + " OR ".join(ors) + ")"
+
+
+class SearchService:
+    """Search and count over the projection, filtered by policies."""
+
+    def __init__(self, pool: asyncpg.Pool, cache: PolicyCache) -> None:
+        self.pool = pool
+        self.cache = cache
+
+    async def _query(self, sql: str, params: list[Any]) -> list[asyncpg.Record]:
+        try:
+            async with self.pool.acquire() as con:
+                return list(await con.fetch(sql, *params))
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+            raise UnavailableError(f"The database is not reachable: {exc}") from exc
+
+    def _where(
+        self, auth: AuthContext, node: Node | None, namespaces: list[str] | None, params: list[Any]
+    ) -> list[str]:
+        params.append(list(auth.subjects))
+        where = ["doc IS NOT NULL", READERS]
+        if namespaces is not None:
+            params.append(namespaces)
+            where.append(f"split_part(id, ':', 1) = any(${len(params)}::text[])")
+        relaxed = relax(node)
+        if relaxed is not None:
+            where.append(compile_filter(relaxed, params))
+        return where
+
+    async def _views(self, auth: AuthContext, rows: list[asyncpg.Record]) -> dict[str, SubjectView | None]:
+        enforcers = await self.cache.enforcers(list({r["policy_id"] for r in rows if r["policy_id"]}))
+        return {pid: None if e is None else e.view(auth.subjects) for pid, e in enforcers.items()}
+
+    @staticmethod
+    def _visible(
+        row: asyncpg.Record, views: dict[str, SubjectView | None], node: Node | None
+    ) -> ThingState | None:
+        state = ThingState(
+            thing_id=row["id"],
+            revision=row["revision"],
+            created=row["created"],
+            modified=row["modified"],
+            doc=row["doc"],
+        )
+        readable = readable_thing(views.get(row["policy_id"]), state)
+        if readable is None:
+            return None
+        meta = {"_created": state.created, "_modified": state.modified, "_revision": state.revision}
+        if node is not None and not matches(node, readable, meta):
+            return None
+        return ThingState(
+            thing_id=state.thing_id,
+            revision=state.revision,
+            created=state.created,
+            modified=state.modified,
+            doc=readable,
+        )
+
+    async def search(
+        self,
+        auth: AuthContext,
+        filter_text: str | None,
+        namespaces: list[str] | None,
+        options: SearchOptions,
+    ) -> Page:
+        """One page of readable matching things in the requested order."""
+        node = parse_filter(filter_text) if filter_text else None
+        params: list[Any] = []
+        where = self._where(auth, node, namespaces, params)
+        terms = order_terms(options.sort, params)
+        sort_spec = ",".join(("+" if asc else "-") + "/".join(f) for f, asc in options.sort)
+        keys = ", ".join(f"{expr} AS k{i}" for i, (expr, _) in enumerate(terms))
+        order = ", ".join(f"{expr} {'ASC' if asc else 'DESC'}" for expr, asc in terms)
+        after = _uncursor(options.cursor, sort_spec, len(terms)) if options.cursor else None
+        found: list[tuple[ThingState, list[Any]]] = []
+        while True:
+            batch_params = list(params)
+            conditions = list(where)
+            if after is not None:
+                conditions.append(_after(terms, after, batch_params))
+            sql = (
+                f"SELECT id, revision, created, modified, doc, policy_id, {keys} FROM things "
+                f"WHERE {' AND '.join(conditions)} ORDER BY {order} LIMIT {BATCH}"
+            )
+            rows = await self._query(sql, batch_params)
+            views = await self._views(auth, rows)
+            for row in rows:
+                visible = self._visible(row, views, node)
+                if visible is not None:
+                    found.append((visible, [row[f"k{i}"] for i in range(len(terms))]))
+                    if len(found) > options.size:
+                        page = found[: options.size]
+                        return Page([s for s, _ in page], _cursor(sort_spec, page[-1][1]))
+            if len(rows) < BATCH:
+                return Page([s for s, _ in found], None)
+            after = [rows[-1][f"k{i}"] for i in range(len(terms))]
+
+    async def count(self, auth: AuthContext, filter_text: str | None, namespaces: list[str] | None) -> int:
+        """How many things the caller may read match the filter (Ditto's ``/search/things/count``)."""
+        total, cursor = 0, None
+        while True:
+            page = await self.search(auth, filter_text, namespaces, SearchOptions(size=BATCH, cursor=cursor))
+            total += len(page.states)
+            if page.cursor is None:
+                return total
+            cursor = page.cursor
