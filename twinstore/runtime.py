@@ -18,6 +18,7 @@ from twinstore.bus.relay import Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache
 from twinstore.policy_service import PolicyService
+from twinstore.search import SearchService
 from twinstore.service import ThingService
 from twinstore.settings import Settings
 from twinstore.store.codec import dumps
@@ -64,6 +65,7 @@ class Runtime:
         self.relay: Relay | None = None
         self.service: ThingService | None = None
         self.policies: PolicyService | None = None
+        self.search: SearchService | None = None
         self._listener: asyncio.Task[None] | None = None
         self._stop_listener = asyncio.Event()
         self.auth = Authenticator.from_settings(settings)
@@ -108,6 +110,7 @@ class Runtime:
         cache = PolicyCache(store)
         self.policies = PolicyService(store, cache)
         self.service = ThingService(self.journal, self.policies)
+        self.search = SearchService(pool, cache)
         self._listener = asyncio.create_task(
             store.listen(lambda: asyncpg.connect(database_url), cache.invalidate, self._stop_listener),
             name="twinstore-policy-listener",

@@ -20,6 +20,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 import twinstore
 from twinstore.api.headers import correlation_id
 from twinstore.api.policies import policy_handlers
+from twinstore.api.search import search_handlers
 from twinstore.api.things import json_response, thing_handlers
 from twinstore.api.whoami import whoami_handlers
 from twinstore.api.ws import ws_handlers
@@ -102,7 +103,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             await own.close()
 
     app = Litestar(
-        route_handlers=[health, *thing_handlers(), *policy_handlers(), *whoami_handlers(), *ws_handlers()],
+        route_handlers=[
+            health,
+            *thing_handlers(),
+            *policy_handlers(),
+            *search_handlers(),
+            *whoami_handlers(),
+            *ws_handlers(),
+        ],
         lifespan=[lifespan],
         exception_handlers={Exception: ditto_error_handler},
         request_max_body_size=settings.max_body_bytes,
