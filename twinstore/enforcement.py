@@ -25,7 +25,14 @@ import msgspec
 import policies
 from policies import MISSING, READ, WRITE, Enforcer, SubjectView
 from twinstore.model import patch as jp
-from twinstore.model.errors import ConflictError, ForbiddenError, not_found, not_modifiable
+from twinstore.model import rql
+from twinstore.model.errors import (
+    ConditionFailedError,
+    ConflictError,
+    ForbiddenError,
+    not_found,
+    not_modifiable,
+)
 from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Command, Create, Delete, Event, JsonPatch, Merge, Modify, ThingState
 from twinstore.store.policies import PolicyStore
@@ -33,6 +40,7 @@ from twinstore.store.policies import PolicyStore
 __all__ = [
     "PolicyCache",
     "PolicyMovedError",
+    "check_condition",
     "creates_thing",
     "new_policy_id",
     "readable_event",
@@ -175,12 +183,45 @@ def new_policy_id(state: ThingState, command: Command) -> str | None:
     return value if isinstance(value, str) and value != current else None
 
 
-def thing_guard(thing_id: str, policy_id: str | None, view: SubjectView | None, *, creating: bool) -> Guard:
+def check_condition(view: SubjectView | None, state: ThingState, condition: rql.Node) -> None:
+    """Ditto's ``condition`` header: 412 unless the RQL holds on the thing as the caller may read it.
+
+    A condition on a field the caller may not read fails as Ditto's does ("insufficient
+    permissions"), whatever the value.
+    """
+    if state.doc is None:
+        return
+    readable = readable_thing(view, state) or {}
+    for field in rql.fields_of(condition):
+        path = list(field[: field.index("*")] if "*" in field else field)
+        if field[0].startswith("_") or field[0] == "thingId":
+            continue
+        if view is None or not view.has_unrestricted("thing", path, READ):
+            raise ConditionFailedError(
+                "The specified resource in the condition could not be found or the requester had "
+                "insufficient permissions to access it.",
+                description="Check if you have sufficient permissions to access the specified resource "
+                "(READ permission is required).",
+            )
+    meta = {"_revision": state.revision, "_created": state.created, "_modified": state.modified}
+    if not rql.matches(condition, readable, meta):
+        raise ConditionFailedError("The specified condition does not match the state of the requested Thing.")
+
+
+def thing_guard(
+    thing_id: str,
+    policy_id: str | None,
+    view: SubjectView | None,
+    *,
+    creating: bool,
+    condition: rql.Node | None = None,
+) -> Guard:
     """The check the journal runs on the state a write is decided on (raises to refuse).
 
     ``policy_id``/``view`` are what the caller looked up before writing; if the thing's state
     disagrees (another policy, created or deleted meanwhile), :class:`PolicyMovedError` makes
-    the service look again.
+    the service look again. A ``condition`` is checked after the permissions (a thing that
+    does not exist yet has none to check, as in Ditto).
     """
 
     def guard(before: ThingState, command: Command) -> None:
@@ -203,11 +244,12 @@ def thing_guard(thing_id: str, policy_id: str | None, view: SubjectView | None, 
             raise PolicyMovedError("The Thing's policy changed concurrently.")
         if view is None or not view.has_partial("thing", [], READ):
             raise not_found(thing_id, [])
-        if view.has_unrestricted("thing", parts, WRITE):
-            return
-        for path in touched(command):
-            if not view.has_unrestricted("thing", path, WRITE):
-                raise not_modifiable(thing_id, parts)
+        if not view.has_unrestricted("thing", parts, WRITE):
+            for path in touched(command):
+                if not view.has_unrestricted("thing", path, WRITE):
+                    raise not_modifiable(thing_id, parts)
+        if condition is not None:
+            check_condition(view, before, condition)
 
     return guard
 

@@ -19,13 +19,14 @@ from twinstore.auth import AuthContext
 from twinstore.enforcement import (
     PolicyCache,
     PolicyMovedError,
+    check_condition,
     creates_thing,
     new_policy_id,
     readable_thing,
     thing_guard,
     with_doc,
 )
-from twinstore.model import etag
+from twinstore.model import etag, rql
 from twinstore.model import patch as jp
 from twinstore.model.errors import (
     ConflictError,
@@ -114,6 +115,7 @@ class ThingService:
         fields: list[list[str]] | None = None,
         if_match: list[str] | None = None,
         if_none_match: list[str] | None = None,
+        condition: rql.Node | None = None,
     ) -> Retrieved:
         """The readable part of the resource at ``path``; 404 in Ditto's words when absent or unreadable."""
         validate_thing_id(thing_id)
@@ -124,6 +126,8 @@ class ThingService:
         readable = readable_thing(view, state)
         if view is None or state.doc is None or readable is None:
             raise not_found(thing_id, [])
+        if condition is not None:
+            check_condition(view, state, condition)
         value = jp.get_at(state.doc, parts)
         if not parts:
             shown: Any = readable
@@ -180,14 +184,22 @@ class ThingService:
         return await self._visible(auth, await self.journal.load_all(limit), fields)
 
     async def write(
-        self, auth: AuthContext, request: WriteRequest, *, allow_lockout: bool = False
+        self,
+        auth: AuthContext,
+        request: WriteRequest,
+        *,
+        allow_lockout: bool = False,
+        condition: rql.Node | None = None,
     ) -> Committed:
-        """Authorize, then commit one command (validated, precondition-checked, group-committed)."""
+        """Authorize, then commit one command (validated, precondition-checked, group-committed).
+
+        ``condition`` (Ditto's RQL header) must hold on the thing the write is decided on.
+        """
         validate_thing_id(request.thing_id)
         for _attempt in range(5):
             state = await self.journal.peek(request.thing_id)
             if state.exists:
-                guard = await self._guard_existing(auth, state, request.command)
+                guard = await self._guard_existing(auth, state, request.command, condition)
             elif creates_thing(request.command):
                 guard = await self._prepare_creation(auth, request, allow_lockout)
             else:
@@ -198,11 +210,13 @@ class ThingService:
                 continue
         raise ConflictError("The Thing's policy kept changing during the write; retry.")
 
-    async def _guard_existing(self, auth: AuthContext, state: ThingState, command: Command) -> Any:
+    async def _guard_existing(
+        self, auth: AuthContext, state: ThingState, command: Command, condition: rql.Node | None
+    ) -> Any:
         assert state.doc is not None
         policy_id = state.doc.get("policyId")
         view = await self._view(state, auth)
-        guard = thing_guard(state.thing_id, policy_id, view, creating=False)
+        guard = thing_guard(state.thing_id, policy_id, view, creating=False, condition=condition)
         guard(state, command)  # refuse early (the journal checks again on the state it decides on)
         body = command.value if isinstance(command, Modify) and command.path in ("", "/") else None
         if isinstance(body, dict) and "_policy" in body:

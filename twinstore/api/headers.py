@@ -9,11 +9,12 @@ from typing import Any
 import msgspec
 from litestar import Request
 
-from twinstore.model.errors import HeaderInvalidError, InvalidInputError
+from twinstore.model.errors import HeaderInvalidError, InvalidInputError, RqlInvalidError
 from twinstore.model.etag import parse_etags
 from twinstore.model.fields import parse_fields
+from twinstore.model.rql import parse_filter
 
-__all__ = ["DittoHeaders", "correlation_id", "parse_headers"]
+__all__ = ["DittoHeaders", "correlation_id", "parse_condition", "parse_headers"]
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -25,6 +26,7 @@ class DittoHeaders(msgspec.Struct, kw_only=True):
     if_none_match: list[str] | None = None
     fields: list[list[str]] | None = None
     allow_policy_lockout: bool = False
+    condition: Any = None  # a parsed RQL node (twinstore.model.rql.Node)
 
 
 def header(request: AnyRequest, name: str) -> str | None:
@@ -59,6 +61,20 @@ def _bool(name: str, value: str | None, default: bool) -> bool:
     raise HeaderInvalidError(f"The value '{value}' of the header '{name}' is not a valid boolean.")
 
 
+def parse_condition(text: str | None) -> Any:
+    """The ``condition`` header (RQL) parsed; 400 ``things:condition.invalid`` when it is not RQL."""
+    if text is None:
+        return None
+    try:
+        return parse_filter(text)
+    except RqlInvalidError as exc:
+        raise InvalidInputError(
+            exc.message,
+            error="things:condition.invalid",
+            description="Check the RQL syntax of the condition (see https://www.eclipse.dev/ditto/basic-rql.html).",
+        ) from None
+
+
 def parse_headers(request: AnyRequest) -> DittoHeaders:
     """Parse and validate the Ditto headers of ``request``."""
     fields_text = request.query_params.get("fields")
@@ -73,4 +89,5 @@ def parse_headers(request: AnyRequest) -> DittoHeaders:
         if_none_match=parse_etags(header(request, "if-none-match")),
         fields=parse_fields(fields_text) if fields_text is not None else None,
         allow_policy_lockout=_bool("allow-policy-lockout", header(request, "allow-policy-lockout"), False),
+        condition=parse_condition(header(request, "condition")),
     )

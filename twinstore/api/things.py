@@ -188,7 +188,13 @@ def _make(
         service = _service(request)
         if method == "GET":
             got = await service.retrieve(
-                auth, thing_id, pointer, fields=h.fields, if_match=h.if_match, if_none_match=h.if_none_match
+                auth,
+                thing_id,
+                pointer,
+                fields=h.fields,
+                if_match=h.if_match,
+                if_none_match=h.if_none_match,
+                condition=h.condition,
             )
             return json_response(200, got.value, {**_base_headers(h), "etag": got.etag})
         body = None
@@ -208,6 +214,7 @@ def _make(
                 if_none_match=h.if_none_match,
             ),
             allow_lockout=h.allow_policy_lockout,
+            condition=h.condition,
         )
         return _write_response(request, h, done, pointer=pointer)
 

@@ -21,6 +21,7 @@
     │                                    policies:policy.modificationinvalid (lock-out)
     ├── NotFoundError               404  things:thing.notfound and friends, policies:policy.notfound ...
     ├── PreconditionFailedError     412  things:precondition.failed
+    ├── ConditionFailedError        412  things:condition.failed (the ``condition`` header)
     ├── PreconditionNotModifiedError 304 things:precondition.notmodified
     ├── TooLargeError               413  things:thing.tooLarge
     ├── UnsupportedMediaTypeError   415  mediatype.unsupported
@@ -39,6 +40,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AuthenticationError",
+    "ConditionFailedError",
     "ConflictError",
     "DefinitionIdentifierInvalidError",
     "DittoError",
@@ -207,6 +209,16 @@ class PreconditionFailedError(DittoError):
     def __init__(self, message: str, etag: str | None = None) -> None:
         super().__init__(message)
         self.etag = etag  # the resource's current tag, sent back as ETag (None: it does not exist)
+
+
+class ConditionFailedError(DittoError):
+    """The ``condition`` (RQL) of a request does not hold on the thing (Ditto 2.1+)."""
+
+    status = 412
+    error = "things:condition.failed"
+    description = (
+        "The provided condition did not match the actual Thing state. Please check your provided condition."
+    )
 
 
 class PreconditionNotModifiedError(DittoError):
