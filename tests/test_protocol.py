@@ -305,3 +305,16 @@ async def test_a_thing_created_with_an_existing_policy(runtime: Runtime, thing_i
     assert created["status"] == 201
     thing = await run(runtime, command(thing_id, "create", value={"policyId": policy_id}))
     assert thing["status"] == 201 and thing["value"]["policyId"] == policy_id
+
+
+async def test_condition_header_on_commands(runtime: Runtime) -> None:
+    thing_id = new_thing_id()
+    assert (await run(runtime, command(thing_id, "create", value={"attributes": {"n": 1}})))["status"] == 201
+    r = await run(runtime, command(thing_id, "modify", "/attributes/n", 2, condition="gt(attributes/n,1)"))
+    assert_error(r, 412, "things:condition.failed", errors_of(thing_id))
+    r = await run(runtime, command(thing_id, "modify", "/attributes/n", 2, condition="eq(attributes/n,1)"))
+    assert r["status"] == 204, r
+    r = await run(runtime, command(thing_id, "retrieve", "/attributes/n", condition="eq(attributes/n,1)"))
+    assert_error(r, 412, "things:condition.failed", errors_of(thing_id))
+    r = await run(runtime, command(thing_id, "retrieve", "/attributes/n", condition="eq(attributes/n"))
+    assert_error(r, 400, "things:condition.invalid", errors_of(thing_id))

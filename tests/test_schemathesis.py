@@ -198,13 +198,12 @@ def session() -> Iterator[requests.Session]:
 
 
 # Parts of a request twinstore does not interpret yet (live channel, acknowledgements, metadata
-# and conditional requests come with later issues) or, as Ditto, only when a thing is created
+# come with later issues) or, as Ditto, only when a thing is created
 # (``_policy``, ``_copyPolicyFrom``: a merge patch of an existing thing drops them): there an
 # invalid value is accepted rather than rejected.
 UNINTERPRETED = frozenset(
     {
         "channel",
-        "condition",
         "delete-metadata",
         "get-metadata",
         "if-equal",

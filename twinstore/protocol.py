@@ -46,6 +46,7 @@ from twinstore.model.errors import (
 from twinstore.model.fields import parse_fields
 from twinstore.model.ids import parse_pointer, validate_thing_id
 from twinstore.model.policy import PolicyDelete, PolicyModify
+from twinstore.model.rql import parse_condition
 from twinstore.model.thing import Command, Create, Delete, Merge, Modify
 from twinstore.policy_service import PolicyWrite
 from twinstore.store.journal import WriteRequest
@@ -136,6 +137,7 @@ class _Headers(NamedTuple):
     if_none_match: list[str] | None
     allow_lockout: bool
     fields: list[list[str]] | None
+    condition: Any  # a parsed RQL node, or None
 
 
 def _correlation_id(headers: Any) -> str:
@@ -178,6 +180,7 @@ def parse_headers(envelope: dict[str, Any]) -> _Headers:
         if_none_match=etag.parse_etags(_str("if-none-match", h.get("if-none-match"))),
         allow_lockout=_bool("allow-policy-lockout", h.get("allow-policy-lockout"), False),
         fields=parse_fields(fields_text) if fields_text is not None else None,
+        condition=parse_condition(_str("condition", h.get("condition"))),
     )
 
 
@@ -241,7 +244,13 @@ async def _thing(
     thing_id = validate_thing_id(topic.entity_id)
     if topic.action == "retrieve":
         got = await service.retrieve(
-            auth, thing_id, path, fields=h.fields, if_match=h.if_match, if_none_match=h.if_none_match
+            auth,
+            thing_id,
+            path,
+            fields=h.fields,
+            if_match=h.if_match,
+            if_none_match=h.if_none_match,
+            condition=h.condition,
         )
         return _response(topic_text, path, 200, h.correlation_id, got.value, got.etag)
     command: Command
@@ -272,6 +281,7 @@ async def _thing(
             if_none_match=h.if_none_match,
         ),
         allow_lockout=h.allow_lockout,
+        condition=h.condition,
     )
     tag = etag.resource_tag(done.after.doc, done.after.revision, parse_pointer(path))
     # As the HTTP API: a create, a modify that created, or a merge that created the whole thing.

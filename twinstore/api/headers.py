@@ -9,12 +9,12 @@ from typing import Any
 import msgspec
 from litestar import Request
 
-from twinstore.model.errors import HeaderInvalidError, InvalidInputError, RqlInvalidError
+from twinstore.model.errors import HeaderInvalidError, InvalidInputError
 from twinstore.model.etag import parse_etags
 from twinstore.model.fields import parse_fields
-from twinstore.model.rql import parse_filter
+from twinstore.model.rql import parse_condition
 
-__all__ = ["DittoHeaders", "correlation_id", "parse_condition", "parse_headers"]
+__all__ = ["DittoHeaders", "correlation_id", "parse_headers"]
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -59,20 +59,6 @@ def _bool(name: str, value: str | None, default: bool) -> bool:
     if lowered in ("false", "0"):
         return False
     raise HeaderInvalidError(f"The value '{value}' of the header '{name}' is not a valid boolean.")
-
-
-def parse_condition(text: str | None) -> Any:
-    """The ``condition`` header (RQL) parsed; 400 ``things:condition.invalid`` when it is not RQL."""
-    if text is None:
-        return None
-    try:
-        return parse_filter(text)
-    except RqlInvalidError as exc:
-        raise InvalidInputError(
-            exc.message,
-            error="things:condition.invalid",
-            description="Check the RQL syntax of the condition (see https://www.eclipse.dev/ditto/basic-rql.html).",
-        ) from None
 
 
 def parse_headers(request: AnyRequest) -> DittoHeaders:

@@ -48,7 +48,7 @@ from typing import Any, Literal, TypeAlias
 
 import msgspec
 
-from twinstore.model.errors import RqlInvalidError
+from twinstore.model.errors import InvalidInputError, RqlInvalidError
 
 __all__ = [
     "MAX_DEPTH",
@@ -65,6 +65,7 @@ __all__ = [
     "Value",
     "fields_of",
     "matches",
+    "parse_condition",
     "parse_filter",
     "parse_options",
     "sort_key",
@@ -334,6 +335,20 @@ def parse_filter(text: str) -> Node:
     node = p.query(1)
     p.end()
     return node
+
+
+def parse_condition(text: str | None) -> Node | None:
+    """Ditto's ``condition`` header parsed; 400 ``things:condition.invalid`` when it is not RQL."""
+    if text is None:
+        return None
+    try:
+        return parse_filter(text)
+    except RqlInvalidError as exc:
+        raise InvalidInputError(
+            exc.message,
+            error="things:condition.invalid",
+            description="Check the RQL syntax of the condition (see https://www.eclipse.dev/ditto/basic-rql.html).",
+        ) from None
 
 
 def parse_options(text: str | None) -> SearchOptions:
