@@ -357,11 +357,17 @@ POLICY_SEED_PARAMETERS = {
 
 @policy_schema.hook("flatmap_path_parameters")
 def flatmap_policy_path_parameters(context: Any, path_parameters: dict[str, Any]) -> st.SearchStrategy[Any]:
-    # Half of the cases address the seeded policy (re-created before each such case).
+    # Half of the cases address a seeded policy, a fresh one each time (created before the case):
+    # a case may lock everyone out of the policy it addresses (allow-policy-lockout=true).
     if not path_parameters or "policyId" not in path_parameters:
         return st.just(path_parameters)
-    seeded = {k: POLICY_SEED_PARAMETERS.get(k, v) for k, v in path_parameters.items()}
-    return st.sampled_from([path_parameters, seeded])
+    seeded = st.uuids().map(
+        lambda u: {
+            k: f"{POLICY_SEED_ID}-{u.hex[:12]}" if k == "policyId" else POLICY_SEED_PARAMETERS.get(k, v)
+            for k, v in path_parameters.items()
+        }
+    )
+    return st.one_of(st.just(path_parameters), seeded)
 
 
 @pytest.mark.slow
@@ -371,9 +377,10 @@ def test_policy_api_conforms_to_ditto(
 ) -> None:
     # As for things: Ditto's spec types ids, labels and resource paths as unconstrained strings.
     excluded = [positive_data_acceptance]
-    if unquote(str((case.path_parameters or {}).get("policyId"))) == POLICY_SEED_ID:
+    policy_id = unquote(str((case.path_parameters or {}).get("policyId")))
+    if policy_id.startswith(POLICY_SEED_ID + "-"):
         r = session.put(
-            f"{live_server.url}/api/2/policies/{POLICY_SEED_ID}",
+            f"{live_server.url}/api/2/policies/{policy_id}",
             json=POLICY_SEED,
             auth=AUTH,
             params={"allow-policy-lockout": "true"},
