@@ -24,6 +24,7 @@ skipped because others were added or removed before it.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -32,7 +33,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from policies import SubjectView
+from policies import READ, SubjectView
 from twinstore.auth import AuthContext
 from twinstore.enforcement import PolicyCache, readable_thing
 from twinstore.model.errors import InvalidInputError, UnavailableError
@@ -53,6 +54,7 @@ from twinstore.store.rql_sql import compile_filter, order_terms
 
 __all__ = ["Page", "SearchService", "relax"]
 
+_DOC = re.compile(r"\bdoc\b")
 READERS = "policy_id IN (SELECT id FROM policies WHERE readers && $1::text[])"
 BATCH = 200
 
@@ -62,7 +64,8 @@ def relax(node: Node | None, negated: bool = False) -> Node | None:
 
     Negations are pushed to the leaves; a negated leaf becomes "no condition".
 
-    >>> relax(parse_filter('and(eq(a/x,1),not(eq(a/y,2)))')) == parse_filter('eq(a/x,1)')
+    >>> relaxed = relax(parse_filter('and(eq(attributes/x,1),not(eq(attributes/y,2)))'))
+    >>> relaxed == parse_filter('eq(attributes/x,1)')
     True
     """
     match node:
@@ -113,21 +116,49 @@ def _cursor(sort_spec: str, values: list[Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _uncursor(cursor: str, sort_spec: str, terms: int) -> list[Any]:
+_DOC_KINDS: list[tuple[type, ...]] = [(int,), (Decimal, type(None)), (str, type(None)), (bool, type(None))]
+
+
+def _kinds(sort: list[tuple[tuple[str, ...], bool]]) -> list[tuple[type, ...]]:
+    """The Python types each term of :func:`order_terms` yields (a cursor must hold exactly these)."""
+    kinds: list[tuple[type, ...]] = []
+    for field, _ in sort:
+        root = field[0]
+        if root in ("thingId", "_namespace"):
+            kinds.append((str,))
+        elif root == "_revision":
+            kinds.append((int,))
+        elif root in ("_created", "_modified"):
+            kinds.append((datetime,))
+        else:
+            kinds += _DOC_KINDS
+    return [*kinds, (str,)]
+
+
+def _uncursor(cursor: str, sort_spec: str, kinds: list[tuple[type, ...]]) -> list[Any]:
+    invalid = InvalidInputError(
+        f"The cursor '{cursor[:80]}' is not valid.", error="things:search.option.invalid"
+    )
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         spec, values = orjson.loads(raw)
-        assert isinstance(values, list) and len(values) == terms
     except Exception:
-        raise InvalidInputError(
-            f"The cursor '{cursor[:80]}' is not valid.", error="things:search.option.invalid"
-        ) from None
+        raise invalid from None
     if spec != sort_spec:
         raise InvalidInputError(
             "The cursor was made for another sort; give the same sort(...) as the first page.",
             error="things:search.option.invalid",
         )
-    return [_decode_value(v) for v in values]
+    try:
+        assert isinstance(values, list) and len(values) == len(kinds)
+        decoded = [_decode_value(v) for v in values]
+        # exact types (a bool is no int): the values become typed SQL parameters
+        assert all(type(v) in k for v, k in zip(decoded, kinds, strict=True))
+        assert all(-(2**63) <= v < 2**63 for v in decoded if type(v) is int)
+        assert all(v.is_finite() for v in decoded if isinstance(v, Decimal))
+    except Exception:
+        raise invalid from None
+    return decoded
 
 
 def _cast(value: Any) -> str:
@@ -221,6 +252,37 @@ class SearchService:
             doc=readable,
         )
 
+    async def _sort_doc(
+        self, auth: AuthContext, sort: list[tuple[tuple[str, ...], bool]], params: list[Any]
+    ) -> str | None:
+        """``doc`` without the sort fields the caller may not read, as a SQL expression (None: all
+        readable), so that a hidden value sorts as absent and its order cannot be probed.
+
+        A field counts as readable when READ is effective at its path (its value, or for an
+        object its readable part, is what the caller sees); otherwise it is removed.
+        """
+        paths = [list(f) for f, _ in sort if f[0] in ("attributes", "features", "policyId", "definition")]
+        if not paths:
+            return None
+        ids = [
+            r["id"]
+            for r in await self._query(
+                "SELECT id FROM policies WHERE readers && $1::text[]", [list(auth.subjects)]
+            )
+        ]
+        enforcers = await self.cache.enforcers(ids)
+        views = {pid: e.view(auth.subjects) for pid, e in enforcers.items() if e is not None}
+        expr = "doc"
+        for path in paths:
+            hidden = [pid for pid, v in views.items() if not v.has_permission("thing", path, READ)]
+            if hidden:
+                params.append(hidden)
+                params.append(path)
+                n = len(params)  # deleting the empty path changes nothing
+                gone = f"CASE WHEN policy_id = any(${n - 1}::text[]) THEN ${n}::text[] ELSE '{{}}' END"
+                expr = f"({expr}) #- ({gone})"
+        return None if expr == "doc" else expr
+
     async def search(
         self,
         auth: AuthContext,
@@ -233,10 +295,15 @@ class SearchService:
         params: list[Any] = []
         where = self._where(auth, node, namespaces, params)
         terms = order_terms(options.sort, params)
+        masked = await self._sort_doc(auth, options.sort, params)
+        source = "things"
+        if masked is not None:  # sort values the caller may not read sort as absent
+            terms = [(_DOC.sub("sdoc", expr), asc) for expr, asc in terms]
+            source = f"things CROSS JOIN LATERAL (SELECT {masked} AS sdoc) AS s"
         sort_spec = ",".join(("+" if asc else "-") + "/".join(f) for f, asc in options.sort)
         keys = ", ".join(f"{expr} AS k{i}" for i, (expr, _) in enumerate(terms))
         order = ", ".join(f"{expr} {'ASC' if asc else 'DESC'}" for expr, asc in terms)
-        after = _uncursor(options.cursor, sort_spec, len(terms)) if options.cursor else None
+        after = _uncursor(options.cursor, sort_spec, _kinds(options.sort)) if options.cursor else None
         found: list[tuple[ThingState, list[Any]]] = []
         while True:
             batch_params = list(params)
@@ -244,7 +311,7 @@ class SearchService:
             if after is not None:
                 conditions.append(_after(terms, after, batch_params))
             sql = (
-                f"SELECT id, revision, created, modified, doc, policy_id, {keys} FROM things "
+                f"SELECT id, revision, created, modified, doc, policy_id, {keys} FROM {source} "
                 f"WHERE {' AND '.join(conditions)} ORDER BY {order} LIMIT {BATCH}"
             )
             rows = await self._query(sql, batch_params)

@@ -29,9 +29,20 @@ __all__ = ["search_handlers"]
 FORM = "application/x-www-form-urlencoded"
 
 
+#: Parameters that may be repeated (Swagger UI sends one ``option`` per line): values are joined by commas.
+REPEATABLE = ("option", "namespaces")
+
+
+def _collect(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        params[key] = f"{params[key]},{value}" if key in REPEATABLE and key in params else value
+    return params
+
+
 async def _parameters(request: Request[Any, Any, Any]) -> dict[str, str]:
     """Query parameters, and for POST the form body (which wins)."""
-    params = {k: v for k, v in request.query_params.items()}
+    params = _collect(list(request.query_params.items()))
     if request.method == "POST":
         body = await request.body()
         if body.strip():
@@ -40,7 +51,7 @@ async def _parameters(request: Request[Any, Any, Any]) -> dict[str, str]:
                 raise UnsupportedMediaTypeError(
                     f"The Media-Type '{media or '<none>'}' is not supported for a search; use {FORM}."
                 )
-            params.update(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
+            params.update(_collect(parse_qsl(body.decode(errors="replace"), keep_blank_values=True)))
     return params
 
 
