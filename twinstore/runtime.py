@@ -14,6 +14,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from twinstore.auth import Authenticator
+from twinstore.bus.fanout import FanOut
 from twinstore.bus.relay import Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache
@@ -66,6 +67,7 @@ class Runtime:
         self.service: ThingService | None = None
         self.policies: PolicyService | None = None
         self.search: SearchService | None = None
+        self.fanout: FanOut | None = None
         self._listener: asyncio.Task[None] | None = None
         self._stop_listener = asyncio.Event()
         self.auth = Authenticator.from_settings(settings)
@@ -111,6 +113,8 @@ class Runtime:
         self.policies = PolicyService(store, cache)
         self.service = ThingService(self.journal, self.policies)
         self.search = SearchService(pool, cache)
+        self.fanout = FanOut(nc, self.subjects, cache, self.journal.load)
+        await self.fanout.start()
         self._listener = asyncio.create_task(
             store.listen(lambda: asyncpg.connect(database_url), cache.invalidate, self._stop_listener),
             name="twinstore-policy-listener",
@@ -118,6 +122,8 @@ class Runtime:
 
     async def close(self) -> None:
         """Finish in-flight writes, publish what was committed, then disconnect."""
+        if self.fanout is not None:
+            await self.fanout.stop()
         if self._listener is not None:
             self._stop_listener.set()
             await self._listener

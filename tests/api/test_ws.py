@@ -167,9 +167,11 @@ async def test_garbage_and_unsupported_control_messages_keep_the_connection(ws_u
         error = await receive(ws)
         assert error["headers"]["correlation-id"] == "c1"
         assert error["value"]["error"] == "protocoladapter:unknown.topicpath"
-        await ws.send("START-SEND-EVENTS?filter=exists(attributes)")
+        await ws.send(
+            "START-SEND-LIVE-COMMANDS"
+        )  # events are streamed (test_events_ws); live commands not yet
         error = await receive(ws)
-        assert error["status"] == 501 and "START-SEND-EVENTS" in error["value"]["message"]
+        assert error["status"] == 501 and "START-SEND-LIVE-COMMANDS" in error["value"]["message"]
         await ws.send(b"\xff\xfe binary garbage")
         assert (await receive(ws))["value"]["error"] == "json.invalid"
         created = await ask(ws, command(thing_id, "create", value={}))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from litestar import Request, Response, delete, get, patch, post, put, route
 from litestar.handlers import HTTPRouteHandler
 
+from twinstore.api import sse
 from twinstore.api.auth import authenticate
 from twinstore.api.headers import DittoHeaders, parse_headers
 from twinstore.model import etag
@@ -186,6 +187,8 @@ def _make(
                 error="json.pointer.invalid",
             )
         service = _service(request)
+        if method == "GET" and sse.wants_sse(request):
+            return cast(Response[bytes], sse.thing_stream(request, auth, h, thing_id, pointer))
         if method == "GET":
             got = await service.retrieve(
                 auth,
@@ -235,6 +238,8 @@ async def list_things(request: Request[Any, Any, Any]) -> Response[bytes]:
     """GET /api/2/things: the things named by ``ids`` (in that order) or all, sorted by id."""
     auth = await authenticate(request)
     h = parse_headers(request)
+    if sse.wants_sse(request):
+        return cast(Response[bytes], sse.things_stream(request, auth, h))
     ids_param = request.query_params.get("ids")
     service = _service(request)
     if ids_param is not None:

@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 import orjson
 from litestar import WebSocket, websocket
@@ -28,7 +29,10 @@ from litestar.handlers import WebsocketRouteHandler
 
 from twinstore import protocol
 from twinstore.api.auth import authenticate
+from twinstore.api.live import LiveQuery, parse_query
 from twinstore.auth import AuthContext
+from twinstore.bus.envelope import event_envelope
+from twinstore.bus.fanout import SlowConsumerError, Subscription
 from twinstore.model.errors import DittoError, TooLargeError
 from twinstore.runtime import Runtime
 
@@ -43,12 +47,15 @@ POLICY_VIOLATION = 1008
 JWT_PREFIX = "JWT-TOKEN?jwtToken="
 # Ditto's streaming control messages (START-SEND-EVENTS?filter=..., STOP-SEND-MESSAGES, ...).
 _CONTROL = re.compile(r"^(START|STOP)-SEND-[A-Z-]+(\?.*)?$", re.DOTALL)
+EVENT_WINDOW = 16  # events handed to the sender and not yet written; the rest wait in the subscription
+# What an outbox item gives back once sent: a command slot, an event window place, or nothing.
+Kind = Literal["slot", "event"]
 
 
 class NotSupportedError(DittoError):
     status = 501
     error = "gateway:streaming.notsupported"
-    description = "twinstore's WebSocket answers commands only; events and messages are not streamed yet."
+    description = "twinstore's WebSocket streams twin events; live commands and events are not supported yet."
 
 
 def _reason(text: str) -> str:
@@ -74,20 +81,26 @@ class Session:
         self.runtime = runtime
         self.send_timeout = send_timeout
         self.slots = asyncio.Semaphore(max_in_flight)
-        # Never more than max_in_flight items: each holds a slot until it is sent.
-        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        # Never more than max_in_flight + EVENT_WINDOW items: each holds a slot until it is sent.
+        self.outbox: asyncio.Queue[tuple[str, Kind]] = asyncio.Queue()
+        self.window = asyncio.Semaphore(EVENT_WINDOW)
+        self.events: Subscription | None = None
+        self.pump: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.max_message = runtime.settings.max_body_bytes
 
     async def run(self) -> None:
         receiver = asyncio.create_task(self._receive_loop())
         sender = asyncio.create_task(self._send_loop())
+        closed = asyncio.create_task(self.closed.wait())
         try:
-            await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({receiver, sender, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (receiver, sender):
+            await self._stop_events()
+            for task in (receiver, sender, closed):
                 task.cancel()
-            await asyncio.gather(receiver, sender, return_exceptions=True)
+            await asyncio.gather(receiver, sender, closed, return_exceptions=True)
             # Commands already running finish (their writes are not cut short); answers are dropped.
             if self.tasks:
                 await asyncio.wait(set(self.tasks), timeout=DRAIN_TIMEOUT)
@@ -111,9 +124,7 @@ class Session:
                 error = TooLargeError(f"The message of {len(data)} bytes exceeds {self.max_message} bytes.")
                 self._enqueue(protocol.error_envelope(error, protocol.UNKNOWN_ERRORS_TOPIC))
             elif isinstance(data, str) and _CONTROL.match(data.strip()):
-                name = data.strip().split("?", 1)[0]
-                error = NotSupportedError(f"'{name}' is not supported yet: only commands are answered.")
-                self._enqueue(protocol.error_envelope(error, protocol.UNKNOWN_ERRORS_TOPIC))
+                await self._control(data.strip())
             else:
                 task = asyncio.create_task(self._process(data))
                 self.tasks.add(task)
@@ -132,7 +143,67 @@ class Session:
         return True
 
     def _enqueue(self, envelope: dict[str, Any]) -> None:
-        self.outbox.put_nowait(orjson.dumps(envelope).decode())
+        self.outbox.put_nowait((orjson.dumps(envelope).decode(), "slot"))
+
+    async def _control(self, text: str) -> None:
+        """``START-SEND-EVENTS[?namespaces=..&filter=..&extraFields=..]``, ``STOP-SEND-EVENTS``, messages."""
+        name, _, query = text.partition("?")
+        if name == "START-SEND-EVENTS":
+            try:
+                live = parse_query(dict(parse_qsl(query, keep_blank_values=True)))
+            except DittoError as exc:
+                self._enqueue(protocol.error_envelope(exc, protocol.UNKNOWN_ERRORS_TOPIC))
+                return
+            await self._stop_events()
+            self._start_events(live)
+        elif name == "STOP-SEND-EVENTS":
+            await self._stop_events()
+        elif name not in ("START-SEND-MESSAGES", "STOP-SEND-MESSAGES"):
+            error = NotSupportedError(f"'{name}' is not supported yet.")
+            self._enqueue(protocol.error_envelope(error, protocol.UNKNOWN_ERRORS_TOPIC))
+            return
+        # Messages are acknowledged; none are sent yet (they come with the messages API).
+        self.outbox.put_nowait((f"{name}:ACK", "slot"))
+
+    def _start_events(self, live: LiveQuery) -> None:
+        fanout = self.runtime.fanout
+        assert fanout is not None
+        self.events = fanout.subscribe(self.auth.subjects, namespaces=live.namespaces)
+        self.pump = asyncio.create_task(self._pump_events(self.events, live))
+
+    async def _stop_events(self) -> None:
+        pump, events = self.pump, self.events
+        self.pump = self.events = None
+        if events is not None:
+            events.close()
+        if pump is not None:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _pump_events(self, events: Subscription, live: LiveQuery) -> None:
+        """Subscription -> outbox, at most EVENT_WINDOW unsent; a full subscription drops the session."""
+        assert self.runtime.journal is not None
+        load = self.runtime.journal.load
+        try:
+            while True:
+                delivery = await events.get()
+                try:
+                    matched = await live.apply(delivery, load)
+                except DittoError:
+                    continue
+                if matched is None:
+                    continue
+                envelope = event_envelope(matched.event)
+                if matched.extra is not None:
+                    envelope["extra"] = matched.extra
+                await self.window.acquire()
+                self.outbox.put_nowait((orjson.dumps(envelope).decode(), "event"))
+        except SlowConsumerError as exc:
+            log.warning("websocket event subscriber dropped: %s", exc)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.socket.close(POLICY_VIOLATION, _reason(str(exc))), 5)
+            self.closed.set()
 
     async def _process(self, data: str | bytes) -> None:
         queued = False
@@ -147,7 +218,7 @@ class Session:
 
     async def _send_loop(self) -> None:
         while True:
-            text = await self.outbox.get()
+            text, kind = await self.outbox.get()
             try:
                 await asyncio.wait_for(self.socket.send_text(text), self.send_timeout)
             except TimeoutError:
@@ -159,7 +230,7 @@ class Session:
                 return
             except Exception:  # the client went away
                 return
-            self.slots.release()
+            (self.slots if kind == "slot" else self.window).release()
 
 
 async def _refuse(socket: WebSocket[Any, Any, Any], error: DittoError) -> None:

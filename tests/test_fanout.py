@@ -1,0 +1,160 @@
+"""The event fan-out against real NATS: dedupe, order, partial events, slow subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.api.helpers import full_access
+from tests.conftest import new_thing_id
+from twinstore.bus.envelope import event_envelope
+from twinstore.bus.fanout import Delivery, FanOut, SlowConsumerError, Subscription, decode_event
+from twinstore.model.thing import Event
+from twinstore.runtime import Runtime
+
+DITTO = ("nginx:ditto",)
+OTHER = ("nginx:other",)
+
+
+def fanout(runtime: Runtime) -> FanOut:
+    assert runtime.fanout is not None
+    return runtime.fanout
+
+
+async def next_delivery(sub: Subscription, timeout: float = 10) -> Delivery:
+    return await asyncio.wait_for(sub.get(), timeout)
+
+
+async def publish(runtime: Runtime, thing_id: str, revision: int, path: str, value: Any) -> None:
+    """An event envelope on NATS by hand, as the relay would publish it."""
+    assert runtime.nc is not None
+    event = Event(
+        thing_id=thing_id,
+        revision=revision,
+        timestamp=datetime.now(UTC),
+        action="modified",
+        path=path,
+        value=value,
+        originator="nginx:ditto",
+    )
+    headers = {"Nats-Msg-Id": f"thing:{thing_id}:{revision}", "Ditto-Thing-Id": thing_id}
+    await runtime.nc.publish(
+        runtime.subjects.event_subject(thing_id), orjson.dumps(event_envelope(event)), headers=headers
+    )
+
+
+async def test_decode_event_round_trips_the_envelope() -> None:
+    event = Event(
+        thing_id="a.b:c",
+        revision=7,
+        timestamp=datetime(2026, 1, 2, 3, 4, 5, 123000, tzinfo=UTC),
+        action="merged",
+        path="/features/f/properties",
+        value={"x": 1},
+        originator="nginx:ditto",
+        correlation_id="cid",
+    )
+    assert decode_event(orjson.dumps(event_envelope(event)), {"Ditto-Thing-Id": "a.b:c"}) == event
+    assert decode_event(orjson.dumps(event_envelope(event)), None) == event
+    assert decode_event(b"not json", None) is None
+
+
+async def test_events_arrive_in_revision_order(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    thing_id = new_thing_id()
+    sub = fanout(runtime).subscribe(DITTO, thing_ids=frozenset([thing_id]))
+    try:
+        assert (await client.put(f"/api/2/things/{thing_id}", json={})).status_code == 201
+        for i in range(5):
+            r = await client.put(f"/api/2/things/{thing_id}/attributes/a", json=i)
+            assert r.status_code in (201, 204)
+        revisions = [(await next_delivery(sub)).event.revision for _ in range(6)]
+        assert revisions == [1, 2, 3, 4, 5, 6]
+    finally:
+        sub.close()
+
+
+async def test_a_republished_envelope_is_delivered_once(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    thing_id = new_thing_id()
+    assert (await client.put(f"/api/2/things/{thing_id}", json={})).status_code == 201
+    sub = fanout(runtime).subscribe(DITTO, thing_ids=frozenset([thing_id]))
+    try:
+        await publish(runtime, thing_id, 100, "/attributes/x", 1)
+        await publish(runtime, thing_id, 100, "/attributes/x", 1)  # a relay republish
+        await publish(runtime, thing_id, 99, "/attributes/x", 0)  # older than what was seen
+        await publish(runtime, thing_id, 101, "/attributes/x", 2)
+        first = await next_delivery(sub)
+        second = await next_delivery(sub)
+        # The third publish came last, so anything duplicated would have arrived before it.
+        assert [(first.event.revision, first.event.value), (second.event.revision, second.event.value)] == [
+            (100, 1),
+            (101, 2),
+        ]
+    finally:
+        sub.close()
+
+
+async def test_partial_events_and_unreadable_things(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    policy_id = new_thing_id("org.policy")
+    policy = full_access("nginx:ditto")
+    policy["entries"]["other"] = {
+        "subjects": {"nginx:other": {"type": "test"}},
+        "resources": {
+            "thing:/": {"grant": ["READ"], "revoke": []},
+            "thing:/attributes/secret": {"grant": [], "revoke": ["READ"]},
+        },
+    }
+    assert (await client.put(f"/api/2/policies/{policy_id}", json=policy)).status_code == 201
+    shared, private = new_thing_id("org.fanout"), new_thing_id("org.fanout")
+    sub = fanout(runtime).subscribe(OTHER, thing_ids=frozenset([shared, private]))
+    try:
+        r = await client.put(f"/api/2/things/{private}", json={"attributes": {"secret": 0}})
+        assert r.status_code == 201  # default policy: only nginx:ditto
+        r = await client.put(
+            f"/api/2/things/{shared}",
+            json={"policyId": policy_id, "attributes": {"secret": 1, "public": 2}},
+        )
+        assert r.status_code == 201
+        r = await client.patch(
+            f"/api/2/things/{shared}/attributes",
+            content=b'{"secret": 3, "public": 4}',
+            headers={"content-type": "application/merge-patch+json"},
+        )
+        assert r.status_code == 204
+        assert (await client.put(f"/api/2/things/{shared}/attributes/secret", json=5)).status_code == 204
+        assert (await client.put(f"/api/2/things/{shared}/attributes/public", json=6)).status_code == 204
+        seen = [await next_delivery(sub) for _ in range(3)]
+        assert [d.event.thing_id for d in seen] == [shared] * 3
+        assert seen[0].event.value["attributes"] == {"public": 2}
+        assert seen[1].event.value == {"public": 4}
+        assert (seen[2].event.path, seen[2].event.value) == ("/attributes/public", 6)
+        assert "secret" not in orjson.dumps([d.event.value for d in seen]).decode()
+    finally:
+        sub.close()
+
+
+async def test_a_slow_subscriber_is_dropped_and_others_keep_receiving(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    thing_id = new_thing_id()
+    assert (await client.put(f"/api/2/things/{thing_id}", json={})).status_code == 201
+    slow = fanout(runtime).subscribe(DITTO, thing_ids=frozenset([thing_id]), maxsize=3)
+    fast = fanout(runtime).subscribe(DITTO, namespaces=frozenset([thing_id.split(":")[0]]))
+    try:
+        for revision in range(1000, 1010):
+            await publish(runtime, thing_id, revision, "/attributes/n", revision)
+        got = []
+        while len(got) < 10:
+            delivery = await next_delivery(fast)
+            if delivery.event.thing_id == thing_id:
+                got.append(delivery.event.revision)
+        assert got == list(range(1000, 1010))
+        with pytest.raises(SlowConsumerError, match="too slow: 3 events behind"):
+            await next_delivery(slow)
+    finally:
+        slow.close()
+        fast.close()

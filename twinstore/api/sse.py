@@ -1,0 +1,151 @@
+"""Ditto's Server-Sent Events: ``GET /api/2/things[/{thingId}[/<path>]]`` with ``Accept: text/event-stream``.
+
+Each change the caller may read becomes one SSE event whose ``data`` has the JSON structure of
+the HTTP resource the stream was opened on, holding only what changed (Ditto's semantics):
+
+* ``/api/2/things`` (``ids``, ``namespaces``, ``filter``, ``extraFields``, ``fields``):
+  ``{"thingId": ..., <changed part>}``; ``id: <thingId>:<revision>``;
+* ``/api/2/things/{thingId}`` and below: the changed part relative to the resource (an event
+  elsewhere in the thing is not sent); ``id: <revision>``.
+
+With ``fields``, only the selected fields are sent, and a change touching none of them is not
+sent. Deletions are not sent (a deleted resource has no JSON). A comment line every
+``KEEPALIVE`` seconds keeps proxies from closing an idle stream; a client that does not keep up
+(its queue of :data:`~twinstore.bus.fanout.QUEUE_SIZE` events fills) has its stream ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from litestar import Request
+from litestar.response import Stream
+
+from twinstore.api.headers import DittoHeaders
+from twinstore.api.live import LiveQuery, Matched, parse_query
+from twinstore.auth import AuthContext
+from twinstore.bus.fanout import SlowConsumerError, Subscription
+from twinstore.model import patch as jp
+from twinstore.model.errors import DittoError, InvalidInputError
+from twinstore.model.fields import select
+from twinstore.model.ids import parse_pointer, validate_thing_id
+from twinstore.runtime import Runtime
+
+__all__ = ["KEEPALIVE", "thing_stream", "things_stream", "wants_sse"]
+
+log = logging.getLogger("twinstore.sse")
+
+KEEPALIVE = 20.0
+EVENT_STREAM = "text/event-stream"
+
+Render = Callable[[Matched], tuple[str, Any] | None]
+
+
+def wants_sse(request: Request[Any, Any, Any]) -> bool:
+    return EVENT_STREAM in (request.headers.get("accept") or "").lower()
+
+
+def _selected(value: dict[str, Any], fields: list[list[str]] | None) -> dict[str, Any] | None:
+    """``value`` with the field selection; None when nothing but ids and metadata remain."""
+    if fields is None:
+        return value
+    chosen: dict[str, Any] = select(value, fields)
+    if not any(k != "thingId" and not k.startswith("_") for k in chosen):
+        return None
+    return chosen
+
+
+def _meta(m: Matched) -> dict[str, Any]:
+    return {"_revision": m.event.revision, "_modified": m.event.timestamp.isoformat().replace("+00:00", "Z")}
+
+
+async def _events(
+    runtime: Runtime, sub: Subscription, live: LiveQuery, render: Render, keepalive: float
+) -> AsyncIterator[bytes]:
+    assert runtime.journal is not None
+    load = runtime.journal.load
+    try:
+        while True:
+            try:
+                delivery = await asyncio.wait_for(sub.get(), keepalive)
+            except TimeoutError:
+                yield b":\n\n"
+                continue
+            except SlowConsumerError as exc:
+                log.warning("sse subscriber dropped: %s", exc)
+                return
+            if delivery.event.action == "deleted":
+                continue
+            try:
+                matched = await live.apply(delivery, load)
+            except DittoError:
+                continue
+            rendered = None if matched is None else render(matched)
+            if rendered is not None:
+                event_id, data = rendered
+                yield b"id: " + event_id.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    finally:
+        sub.close()
+
+
+def _response(content: AsyncIterator[bytes], h: DittoHeaders) -> Stream:
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "correlation-id": h.correlation_id}
+    return Stream(content=content, media_type=EVENT_STREAM, headers=headers)
+
+
+def things_stream(request: Request[Any, Any, Any], auth: AuthContext, h: DittoHeaders) -> Stream:
+    """SSE of ``/api/2/things``: changes of every readable thing (or of ``ids``), filtered."""
+    runtime: Runtime = request.app.state.runtime
+    assert runtime.fanout is not None
+    params = dict(request.query_params)
+    live = parse_query(params)
+    thing_ids: frozenset[str] | None = None
+    if "ids" in params:
+        ids = [validate_thing_id(i.strip()) for i in params["ids"].split(",") if i.strip()]
+        if not ids:
+            raise InvalidInputError("The 'ids' parameter must name at least one Thing ID.")
+        thing_ids = frozenset(ids)
+    fields = h.fields
+
+    def render(m: Matched) -> tuple[str, Any] | None:
+        data = {**m.thing, **_meta(m)} if fields is not None else dict(m.thing)
+        if m.extra:
+            data = {**m.extra, **data}
+        chosen = _selected(data, fields)
+        return None if chosen is None else (f"{m.event.thing_id}:{m.event.revision}", chosen)
+
+    sub = runtime.fanout.subscribe(
+        auth.subjects, thing_ids=thing_ids, namespaces=None if thing_ids else live.namespaces
+    )
+    return _response(_events(runtime, sub, live, render, KEEPALIVE), h)
+
+
+def thing_stream(
+    request: Request[Any, Any, Any], auth: AuthContext, h: DittoHeaders, thing_id: str, pointer: str
+) -> Stream:
+    """SSE of one thing or one of its resources: the changed part, relative to the resource."""
+    runtime: Runtime = request.app.state.runtime
+    assert runtime.fanout is not None
+    live = parse_query({k: v for k, v in request.query_params.items() if k == "extraFields"})
+    parts = parse_pointer(pointer)
+    fields = h.fields
+
+    def render(m: Matched) -> tuple[str, Any] | None:
+        whole = {**m.thing, **_meta(m)} if fields is not None and not parts else m.thing
+        value = jp.get_at(whole, parts)
+        if value is jp.MISSING:
+            return None
+        if isinstance(value, dict):
+            if m.extra and not parts:
+                value = {**m.extra, **value}
+            value = _selected(value, fields)
+            if value is None:
+                return None
+        return str(m.event.revision), value
+
+    sub = runtime.fanout.subscribe(auth.subjects, thing_ids=frozenset([thing_id]))
+    return _response(_events(runtime, sub, live, render, KEEPALIVE), h)

@@ -1,0 +1,289 @@
+"""Fan-out: committed thing events from NATS to this process's live subscribers (WS, SSE).
+
+One :class:`FanOut` per process holds one core NATS subscription on ``<prefix>.events.>``
+(the relay's JetStream publishes reach core subscribers too), so every process sees every
+event and scale-out needs nothing more. Each message is decoded once to an
+:class:`~twinstore.model.thing.Event`; revisions at or below the last one seen for the thing
+are dropped (a relay republish after a crash never reaches a client twice), and NATS keeps
+one thing's events in order (one subject per partition, one reader task).
+
+Subscribers are indexed by thing id, namespace and "all", so routing a change costs a few
+dictionary lookups, not one filter per session; the policy view is computed once per distinct
+subject set per event, from the thing's policy id (an LRU filled from events at ``/`` or
+``/policyId`` and, on a miss, from the journal) and the process's :class:`PolicyCache`.
+A subscriber gets the readable part only (:func:`readable_event`).
+
+Every subscriber's queue is bounded: a subscriber whose queue is full is dropped with a
+reason (``too slow: N events behind``) and its reader sees :class:`SlowConsumerError`; the
+others are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from policies import SubjectView
+from twinstore.bus.subjects import Subjects
+from twinstore.enforcement import PolicyCache, readable_event
+from twinstore.model.ids import parse_pointer
+from twinstore.model.thing import Event, ThingState
+
+__all__ = ["Delivery", "FanOut", "SlowConsumerError", "Subscription", "decode_event"]
+
+log = logging.getLogger("twinstore.fanout")
+
+QUEUE_SIZE = 1024
+LRU_SIZE = 100_000
+_ACTIONS = ("created", "modified", "merged", "deleted")
+
+
+class SlowConsumerError(Exception):
+    """The subscriber did not keep up and was dropped (the message is the reason)."""
+
+
+class Delivery:
+    """One readable event for one subscriber, with the view it was filtered by."""
+
+    __slots__ = ("event", "view")
+
+    def __init__(self, event: Event, view: SubjectView) -> None:
+        self.event = event
+        self.view = view
+
+
+def decode_event(data: bytes, headers: dict[str, str] | None) -> Event | None:
+    """The event of a Ditto Protocol event envelope (None if it is not a thing event)."""
+    try:
+        envelope = orjson.loads(data)
+        topic = str(envelope["topic"]).split("/")
+        if len(topic) != 6 or topic[2:5] != ["things", "twin", "events"] or topic[5] not in _ACTIONS:
+            return None
+        thing_id = (headers or {}).get("Ditto-Thing-Id") or f"{topic[0]}:{topic[1]}"
+        env_headers = envelope.get("headers") or {}
+        return Event(
+            thing_id=thing_id,
+            revision=int(envelope["revision"]),
+            timestamp=datetime.fromisoformat(envelope["timestamp"]),
+            action=topic[5],  # type: ignore[arg-type]
+            path=envelope.get("path") or "/",
+            value=envelope.get("value"),
+            originator=str(env_headers.get("ditto-originator", "")),
+            correlation_id=env_headers.get("correlation-id"),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        log.warning("undecodable event envelope dropped")
+        return None
+
+
+class Subscription:
+    """One subscriber: what it wants (thing ids / namespaces / all) and its bounded queue."""
+
+    def __init__(
+        self,
+        fanout: FanOut,
+        subjects: tuple[str, ...],
+        *,
+        thing_ids: frozenset[str] | None = None,
+        namespaces: frozenset[str] | None = None,
+        maxsize: int = QUEUE_SIZE,
+    ) -> None:
+        self.fanout = fanout
+        self.subjects = subjects
+        self.thing_ids = thing_ids
+        self.namespaces = namespaces
+        self.maxsize = maxsize
+        self.reason: str | None = None
+        self._items: deque[Delivery] = deque()
+        self._wake = asyncio.Event()
+
+    def offer(self, delivery: Delivery) -> bool:
+        """Queue a delivery; False (and dropped) when the queue is full."""
+        if len(self._items) >= self.maxsize:
+            self.reason = f"too slow: {len(self._items)} events behind"
+            self._items.clear()
+            self._wake.set()
+            return False
+        self._items.append(delivery)
+        self._wake.set()
+        return True
+
+    async def get(self) -> Delivery:
+        """The next delivery; raises :class:`SlowConsumerError` once dropped."""
+        while not self._items:
+            if self.reason is not None:
+                raise SlowConsumerError(self.reason)
+            self._wake.clear()
+            await self._wake.wait()
+        if self.reason is not None:
+            raise SlowConsumerError(self.reason)
+        return self._items.popleft()
+
+    def close(self) -> None:
+        self.fanout.unsubscribe(self)
+
+
+class FanOut:
+    """The process's NATS event subscription and its subscribers."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        cache: PolicyCache,
+        load: Callable[[str], Awaitable[ThingState]],
+        *,
+        queue_size: int = QUEUE_SIZE,
+    ) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.cache = cache
+        self.load = load
+        self.queue_size = queue_size
+        self._by_thing: dict[str, set[Subscription]] = {}
+        self._by_namespace: dict[str, set[Subscription]] = {}
+        self._all: set[Subscription] = set()
+        self._last: OrderedDict[str, int] = OrderedDict()
+        self._policy_ids: OrderedDict[str, str | None] = OrderedDict()
+        self._sub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self.received = 0
+        self.delivered = 0
+        self.dropped = 0
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._sub = await self.nc.subscribe(self.subjects.events_wildcard)
+            self._task = asyncio.create_task(self._run(), name="twinstore-fanout")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for sub in [*self._all, *(s for v in self._by_thing.values() for s in v)]:
+            sub.reason = sub.reason or "server shutting down"
+            sub._wake.set()
+
+    # ---- subscribers ----------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        subjects: tuple[str, ...],
+        *,
+        thing_ids: frozenset[str] | None = None,
+        namespaces: frozenset[str] | None = None,
+        maxsize: int | None = None,
+    ) -> Subscription:
+        """A new subscriber for some things, some namespaces, or (both None) all things."""
+        sub = Subscription(
+            self,
+            subjects,
+            thing_ids=thing_ids,
+            namespaces=namespaces,
+            maxsize=maxsize or self.queue_size,
+        )
+        if thing_ids is not None:
+            for thing_id in thing_ids:
+                self._by_thing.setdefault(thing_id, set()).add(sub)
+        elif namespaces is not None:
+            for namespace in namespaces:
+                self._by_namespace.setdefault(namespace, set()).add(sub)
+        else:
+            self._all.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._all.discard(sub)
+        for index, keys in ((self._by_thing, sub.thing_ids), (self._by_namespace, sub.namespaces)):
+            for key in keys or ():
+                group = index.get(key)
+                if group is not None:
+                    group.discard(sub)
+                    if not group:
+                        del index[key]
+
+    # ---- events ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        async for msg in self._sub.messages:
+            try:
+                await self.handle(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event fan-out failed for one message")
+
+    async def handle(self, msg: Msg) -> None:
+        event = decode_event(msg.data, msg.headers)
+        if event is not None:
+            await self.dispatch(event)
+
+    def _remember(self, index: OrderedDict[str, Any], key: str, value: Any) -> None:
+        index[key] = value
+        index.move_to_end(key)
+        if len(index) > LRU_SIZE:
+            index.popitem(last=False)
+
+    async def dispatch(self, event: Event) -> None:
+        """Dedupe, learn the policy id, and hand the readable part to each interested subscriber."""
+        if self._last.get(event.thing_id, 0) >= event.revision:
+            return
+        self._remember(self._last, event.thing_id, event.revision)
+        self.received += 1
+        self._learn_policy(event)
+        namespace = event.thing_id.partition(":")[0]
+        targets = (
+            self._by_thing.get(event.thing_id, set()) | self._by_namespace.get(namespace, set()) | self._all
+        )
+        if not targets:
+            return
+        policy_id = await self._policy_id(event.thing_id)
+        if policy_id is None:
+            return
+        shown: dict[tuple[str, ...], Delivery | None] = {}
+        for sub in targets:
+            if sub.subjects not in shown:
+                view = await self.cache.view(policy_id, sub.subjects)
+                part = readable_event(view, event)
+                shown[sub.subjects] = None if view is None or part is None else Delivery(part, view)
+            delivery = shown[sub.subjects]
+            if delivery is None:
+                continue
+            if sub.offer(delivery):
+                self.delivered += 1
+            else:
+                self.dropped += 1
+                log.warning("live subscriber dropped: %s", sub.reason, extra={"thing_id": event.thing_id})
+                self.unsubscribe(sub)
+
+    def _learn_policy(self, event: Event) -> None:
+        parts = parse_pointer(event.path)
+        if not parts and isinstance(event.value, dict) and isinstance(event.value.get("policyId"), str):
+            self._remember(self._policy_ids, event.thing_id, event.value["policyId"])
+        elif parts == ["policyId"] and isinstance(event.value, str):
+            self._remember(self._policy_ids, event.thing_id, event.value)
+
+    async def _policy_id(self, thing_id: str) -> str | None:
+        if thing_id in self._policy_ids:
+            self._policy_ids.move_to_end(thing_id)
+            return self._policy_ids[thing_id]
+        state = await self.load(thing_id)
+        policy_id = (state.doc or {}).get("policyId")
+        if not isinstance(policy_id, str):
+            return None  # absent now (deleted): nothing to decide with, nothing delivered
+        self._remember(self._policy_ids, thing_id, policy_id)
+        return policy_id
