@@ -388,6 +388,8 @@ def test_policy_api_conforms_to_ditto(
         assert r.status_code in (201, 204), r.text
     response = case.call(base_url=live_server.url, session=session)
     assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.text}"
+    if negates_only_uninterpreted(case):  # e.g. an invalid if-equal header, which twinstore ignores
+        excluded.append(negative_data_rejection)
     if response.status_code == 412 and sends_preconditions(case):
         excluded.append(negative_data_rejection)
     if response.status_code == 202:
