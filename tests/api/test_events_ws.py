@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from tests.api.helpers import full_access
 from tests.api.test_ws import BASIC, OTHER, command, serving
@@ -202,3 +204,60 @@ async def test_events_written_through_one_process_reach_a_websocket_on_another(
         # One more write: anything duplicated would have arrived before its event.
         await put(http, thing_id, "/attributes/n", 20)
         assert (await next_event(ws, thing_id))["revision"] == 21
+
+
+async def tiny_socket(url: str) -> socket.socket:
+    """A client socket with a small receive buffer, so that not reading blocks the server soon."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(raw, (host, port))
+    return raw
+
+
+async def test_a_websocket_that_does_not_read_is_closed_and_others_keep_receiving(
+    ws_url: str, client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    from tests.test_fanout import publish  # hand-made envelopes: far faster than writes
+
+    assert runtime.fanout is not None
+    thing_id = new_thing_id()
+    await passed(runtime, put(client, thing_id, "", {}), thing_id)
+    big = "x" * 50_000
+    runtime.fanout.queue_size = 8
+    try:
+        async with (
+            connect(
+                ws_url,
+                additional_headers=BASIC,
+                max_queue=1,
+                max_size=None,
+                compression=None,
+                sock=await tiny_socket(ws_url),
+            ) as slow,
+            connect(ws_url, additional_headers=BASIC, max_size=None) as fast,
+        ):
+            await start(slow)
+            runtime.fanout.queue_size = 1024
+            await start(fast)
+            received = 0
+
+            async def read_fast() -> None:
+                nonlocal received
+                while received < 400:
+                    await next_event(fast, thing_id)
+                    received += 1
+
+            reader = asyncio.create_task(read_fast())
+            for revision in range(1000, 1400):
+                await publish(runtime, thing_id, revision, "/attributes/blob", big)
+            await asyncio.wait_for(reader, 10)
+            assert received == 400
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:  # what was sent before the close, then the close
+                    await asyncio.wait_for(slow.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            assert closed.value.rcvd.reason == "too slow: 8 events behind"
+    finally:
+        runtime.fanout.queue_size = 1024

@@ -174,7 +174,8 @@ class FanOut:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        for sub in [*self._all, *(s for v in self._by_thing.values() for s in v)]:
+        indexed = [*self._by_thing.values(), *self._by_namespace.values()]
+        for sub in {*self._all, *(s for group in indexed for s in group)}:
             sub.reason = sub.reason or "server shutting down"
             sub._wake.set()
 
