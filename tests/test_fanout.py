@@ -26,7 +26,7 @@ def fanout(runtime: Runtime) -> FanOut:
     return runtime.fanout
 
 
-async def next_delivery(sub: Subscription, timeout: float = 10) -> Delivery:
+async def next_delivery(sub: Subscription, timeout: float = 30) -> Delivery:
     return await asyncio.wait_for(sub.get(), timeout)
 
 

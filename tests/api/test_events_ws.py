@@ -28,7 +28,7 @@ async def ws_url(settings: Settings, runtime: Runtime) -> AsyncIterator[str]:
         yield url + "/ws/2"
 
 
-async def text(ws: ClientConnection, timeout: float = 10) -> str:
+async def text(ws: ClientConnection, timeout: float = 30) -> str:
     message = await asyncio.wait_for(ws.recv(), timeout)
     assert isinstance(message, str)
     return message
@@ -107,7 +107,7 @@ async def passed(runtime: Runtime, writes: Any, *thing_ids: str) -> None:
         await writes
         pending = set(thing_ids)
         while pending:
-            pending.discard((await asyncio.wait_for(watcher.get(), 10)).event.thing_id)
+            pending.discard((await asyncio.wait_for(watcher.get(), 30)).event.thing_id)
     finally:
         watcher.close()
 
@@ -176,7 +176,7 @@ async def test_stop_send_events_stops(ws_url: str, client: httpx.AsyncClient, ru
             assert await text(ws) == "STOP-SEND-EVENTS:ACK"
             await put(client, thing_id, "/attributes", {"a": 1})
             for revision in (1, 2):  # revision 2 has passed through this process's fan-out
-                assert (await asyncio.wait_for(watcher.get(), 10)).event.revision == revision
+                assert (await asyncio.wait_for(watcher.get(), 30)).event.revision == revision
             await start(ws)
             await put(client, thing_id, "/attributes/a", 2)
             assert (await next_event(ws, thing_id))["revision"] == 3
