@@ -13,7 +13,7 @@ import pytest
 from tests.api.helpers import full_access
 from tests.conftest import new_thing_id
 from twinstore.bus.envelope import event_envelope
-from twinstore.bus.fanout import Delivery, FanOut, SlowConsumerError, Subscription, decode_event
+from twinstore.fanout import Delivery, FanOut, SlowConsumerError, Subscription, decode_event
 from twinstore.model.thing import Event
 from twinstore.runtime import Runtime
 

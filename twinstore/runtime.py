@@ -14,10 +14,10 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from twinstore.auth import Authenticator
-from twinstore.bus.fanout import FanOut
 from twinstore.bus.relay import Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache
+from twinstore.fanout import FanOut
 from twinstore.policy_service import PolicyService
 from twinstore.search import SearchService
 from twinstore.service import ThingService

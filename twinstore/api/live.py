@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from twinstore.bus.fanout import Delivery
 from twinstore.enforcement import readable_thing
 from twinstore.enforcement import with_doc as _with_doc
+from twinstore.fanout import Delivery
 from twinstore.model import rql
 from twinstore.model.errors import InvalidInputError
 from twinstore.model.fields import parse_fields

@@ -11,7 +11,7 @@ the HTTP resource the stream was opened on, holding only what changed (Ditto's s
 With ``fields``, only the selected fields are sent, and a change touching none of them is not
 sent. Deletions are not sent (a deleted resource has no JSON). A comment line every
 ``KEEPALIVE`` seconds keeps proxies from closing an idle stream; a client that does not keep up
-(its queue of :data:`~twinstore.bus.fanout.QUEUE_SIZE` events fills) has its stream ended.
+(its queue of :data:`~twinstore.fanout.QUEUE_SIZE` events fills) has its stream ended.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from litestar.response import Stream
 from twinstore.api.headers import DittoHeaders
 from twinstore.api.live import LiveQuery, Matched, parse_query
 from twinstore.auth import AuthContext
-from twinstore.bus.fanout import SlowConsumerError, Subscription
+from twinstore.fanout import SlowConsumerError, Subscription
 from twinstore.model import patch as jp
 from twinstore.model.errors import DittoError, InvalidInputError
 from twinstore.model.fields import select

@@ -32,7 +32,7 @@ from twinstore.api.auth import authenticate
 from twinstore.api.live import LiveQuery, parse_query
 from twinstore.auth import AuthContext
 from twinstore.bus.envelope import event_envelope
-from twinstore.bus.fanout import SlowConsumerError, Subscription
+from twinstore.fanout import SlowConsumerError, Subscription
 from twinstore.model.errors import DittoError, TooLargeError
 from twinstore.runtime import Runtime
 
