@@ -203,8 +203,7 @@ def check_condition(view: SubjectView | None, state: ThingState, condition: rql.
                 description="Check if you have sufficient permissions to access the specified resource "
                 "(READ permission is required).",
             )
-    meta = {"_revision": state.revision, "_created": state.created, "_modified": state.modified}
-    if not rql.matches(condition, readable, meta):
+    if not rql.matches(condition, readable, state.meta):
         raise ConditionFailedError("The specified condition does not match the state of the requested Thing.")
 
 

@@ -23,11 +23,9 @@ from twinstore.model import patch as jp
 from twinstore.model.errors import (
     ForbiddenError,
     PolicyConflictError,
-    PolicyIdInvalidError,
-    ThingIdInvalidError,
     policy_not_found,
 )
-from twinstore.model.ids import validate_thing_id
+from twinstore.model.ids import validate_policy_id
 from twinstore.model.policy import (
     PolicyCommand,
     PolicyEvent,
@@ -61,13 +59,6 @@ class PolicyWritten(msgspec.Struct, kw_only=True):
     event: PolicyEvent
     before: PolicyState
     after: PolicyState
-
-
-def validate_policy_id(policy_id: str) -> str:
-    try:
-        return validate_thing_id(policy_id)
-    except ThingIdInvalidError:
-        raise PolicyIdInvalidError(f"Policy ID '{policy_id}' is not valid!") from None
 
 
 class PolicyService:

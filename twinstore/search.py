@@ -35,7 +35,7 @@ import orjson
 
 from policies import READ, SubjectView
 from twinstore.auth import AuthContext
-from twinstore.enforcement import PolicyCache, readable_thing
+from twinstore.enforcement import PolicyCache, readable_thing, with_doc
 from twinstore.model.errors import InvalidInputError, UnavailableError
 from twinstore.model.rql import (
     And,
@@ -241,16 +241,9 @@ class SearchService:
         readable = readable_thing(views.get(row["policy_id"]), state)
         if readable is None:
             return None
-        meta = {"_created": state.created, "_modified": state.modified, "_revision": state.revision}
-        if node is not None and not matches(node, readable, meta):
+        if node is not None and not matches(node, readable, state.meta):
             return None
-        return ThingState(
-            thing_id=state.thing_id,
-            revision=state.revision,
-            created=state.created,
-            modified=state.modified,
-            doc=readable,
-        )
+        return with_doc(state, readable)
 
     async def _sort_doc(
         self, auth: AuthContext, sort: list[tuple[tuple[str, ...], bool]], params: list[Any]

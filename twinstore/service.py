@@ -32,14 +32,12 @@ from twinstore.model.errors import (
     ConflictError,
     InvalidInputError,
     PolicyConflictError,
-    PolicyIdInvalidError,
-    ThingIdInvalidError,
     ThingNotCreatableError,
     not_found,
     policy_not_found,
 )
 from twinstore.model.fields import select
-from twinstore.model.ids import parse_pointer, validate_thing_id
+from twinstore.model.ids import parse_pointer, validate_policy_id, validate_thing_id
 from twinstore.model.policy import PolicyModify, default_policy
 from twinstore.model.thing import Command, Create, Merge, Modify, ThingState, decide, validate_path
 from twinstore.policy_service import PolicyService, PolicyWrite
@@ -234,10 +232,7 @@ class ThingService:
 
     async def _check_new_policy(self, auth: AuthContext, policy_id: str) -> None:
         """A thing may only be given a policy that exists and that the caller may read."""
-        try:
-            validate_thing_id(policy_id)
-        except ThingIdInvalidError:
-            raise PolicyIdInvalidError(f"Policy ID '{policy_id}' is not valid!") from None
+        validate_policy_id(policy_id)
         view = await self.cache.view(policy_id, auth.subjects)
         if view is None or not view.has_partial("policy", [], READ):
             raise policy_not_found(policy_id)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from twinstore.model.errors import InvalidInputError, ThingIdInvalidError
+from twinstore.model.errors import InvalidInputError, PolicyIdInvalidError, ThingIdInvalidError
 
 __all__ = [
     "NAMESPACE_RE",
@@ -24,6 +24,7 @@ __all__ = [
     "split_thing_id",
     "validate_key",
     "validate_namespace",
+    "validate_policy_id",
     "validate_thing_id",
 ]
 
@@ -44,6 +45,18 @@ def validate_thing_id(thing_id: str) -> str:
     ):
         raise ThingIdInvalidError(f"Thing ID '{thing_id}' is not valid!")
     return thing_id
+
+
+def validate_policy_id(policy_id: str) -> str:
+    """A policy id follows the thing id rules; else :class:`PolicyIdInvalidError` (400).
+
+    >>> validate_policy_id("org.acme:pumps")
+    'org.acme:pumps'
+    """
+    try:
+        return validate_thing_id(policy_id)
+    except ThingIdInvalidError:
+        raise PolicyIdInvalidError(f"Policy ID '{policy_id}' is not valid!") from None
 
 
 def validate_namespace(namespace: str) -> str:

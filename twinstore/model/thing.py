@@ -33,15 +33,13 @@ from twinstore.model.errors import (
     InvalidInputError,
     JsonInvalidError,
     MergeInvalidError,
-    PolicyIdInvalidError,
     PolicyIdNotDeletableError,
-    ThingIdInvalidError,
     ThingIdNotDeletableError,
     ThingIdNotSettableError,
     ThingInvalidError,
     not_found,
 )
-from twinstore.model.ids import parse_pointer, validate_key, validate_thing_id
+from twinstore.model.ids import parse_pointer, validate_key, validate_policy_id
 
 __all__ = [
     "Command",
@@ -91,6 +89,11 @@ class ThingState(msgspec.Struct, kw_only=True):
     @property
     def exists(self) -> bool:
         return self.doc is not None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The metadata RQL reads beside the document (``_revision``, ``_created``, ``_modified``)."""
+        return {"_revision": self.revision, "_created": self.created, "_modified": self.modified}
 
 
 # ---- commands --------------------------------------------------------------------------
@@ -243,10 +246,7 @@ def validate_thing(doc: Any, thing_id: str) -> dict[str, Any]:
         policy_id = doc["policyId"]
         if not isinstance(policy_id, str):
             raise JsonInvalidError("'policyId' must be a JSON string.")
-        try:
-            validate_thing_id(policy_id)
-        except ThingIdInvalidError:
-            raise PolicyIdInvalidError(f"Policy ID '{policy_id}' is not valid!") from None
+        validate_policy_id(policy_id)
     if "definition" in doc:
         _check_definition(doc["definition"], "/definition")
     if "attributes" in doc:
