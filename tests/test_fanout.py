@@ -13,7 +13,16 @@ import pytest
 from tests.api.helpers import full_access
 from tests.conftest import new_thing_id
 from twinstore.bus.envelope import event_envelope
-from twinstore.fanout import Delivery, FanOut, SlowConsumerError, Subscription, decode_event
+from twinstore.fanout import (
+    Delivery,
+    FanOut,
+    SlowConsumerError,
+    Subscription,
+    decode_event,
+    filter_scope,
+    intersect_scopes,
+)
+from twinstore.model import rql
 from twinstore.model.thing import Event
 from twinstore.runtime import Runtime
 
@@ -158,3 +167,58 @@ async def test_a_slow_subscriber_is_dropped_and_others_keep_receiving(
     finally:
         slow.close()
         fast.close()
+
+
+def test_filter_scope_narrows_by_thing_id_and_namespace() -> None:
+    def scope(text: str) -> tuple[list[str], list[str]] | None:
+        found = filter_scope(rql.parse_filter(text))
+        return None if found is None else (sorted(found[0]), sorted(found[1]))
+
+    assert scope('eq(thingId,"a:1")') == (["a:1"], [])
+    assert scope('in(thingId,"a:1","b:2")') == (["a:1", "b:2"], [])
+    assert scope('in(_namespace,"a","b")') == ([], ["a", "b"])
+    assert scope('and(in(thingId,"a:1","b:2"),eq(_namespace,"a"),gt(attributes/x,1))') == (["a:1"], [])
+    assert scope('and(eq(thingId,"a:1"),eq(thingId,"b:2"))') == ([], [])  # matches nothing
+    assert scope('or(eq(thingId,"a:1"),in(_namespace,"b"),eq(thingId,"b:2"))') == (["a:1"], ["b"])
+    unindexed = ['or(eq(thingId,"a:1"),exists(attributes/x))', 'not(eq(thingId,"a:1"))', "exists(attributes)"]
+    for text in unindexed:
+        assert scope(text) is None
+    assert scope('like(thingId,"a:*")') is None
+    assert filter_scope(None) is None
+    both = intersect_scopes(
+        (frozenset({"a:1", "b:2"}), frozenset({"c"})), (frozenset(), frozenset({"a", "c"}))
+    )
+    assert both == (frozenset({"a:1"}), frozenset({"c"}))
+
+
+async def test_a_change_reaches_only_the_sessions_whose_filter_names_its_thing(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    """1,000 subscribers filtering on their own things: routing one change touches one of them."""
+    out = fanout(runtime)
+    thing_id = new_thing_id("org.scope")
+    namespace = thing_id.split(":")[0]
+    assert (await client.put(f"/api/2/things/{thing_id}", json={"attributes": {"n": 0}})).status_code == 201
+    all_before = len(out._all)
+    others = [
+        out.subscribe(DITTO, filter=rql.parse_filter(f'in(thingId,"{thing_id}-{i}a","{thing_id}-{i}b")'))
+        for i in range(1000)
+    ]
+    mine = out.subscribe(
+        DITTO,
+        namespaces=frozenset([namespace]),
+        filter=rql.parse_filter(f'and(eq(thingId,"{thing_id}"),gt(attributes/n,0))'),
+    )
+    try:
+        assert len(out._all) == all_before  # none of them is asked about every event
+        assert [mine] == list(out._by_thing[thing_id]) and namespace not in out._by_namespace
+        assert all(out._by_thing[f"{thing_id}-{i}a"] == {others[i]} for i in range(1000))
+        assert (await client.put(f"/api/2/things/{thing_id}/attributes/n", json=1)).status_code == 204
+        while (delivery := await next_delivery(mine)).event.revision < 2:
+            pass  # the creation, when the relay published it after the subscription
+        assert delivery.event.revision == 2
+        assert all(not sub._items and sub.reason is None for sub in others)
+    finally:
+        for sub in [*others, mine]:
+            sub.close()
+    assert not any(key.startswith(thing_id) for key in out._by_thing)  # unsubscribed from every key

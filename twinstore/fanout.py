@@ -8,9 +8,13 @@ are dropped (a relay republish after a crash never reaches a client twice), and 
 one thing's events in order (one subject per partition, one reader task).
 
 Subscribers are indexed by thing id, namespace and "all", so routing a change costs a few
-dictionary lookups, not one filter per session; the policy view is computed once per distinct
-subject set per event, from the thing's policy id (an LRU filled from events at ``/`` or
-``/policyId`` and, on a miss, from the journal) and the process's :class:`PolicyCache`.
+dictionary lookups, not one filter per session. A subscriber's RQL filter narrows its index
+keys where it pins ``thingId`` or ``_namespace`` (:func:`filter_scope`: ``eq``/``in`` on them,
+through ``and``/``or``), so a session filtering on its own things is reached only by their
+events; its filter is then evaluated on those alone (by the caller). The policy view is
+computed once per distinct subject set per event, from the thing's policy id (an LRU filled
+from events at ``/`` or ``/policyId`` and, on a miss, from the journal) and the process's
+:class:`PolicyCache`.
 A subscriber gets the readable part only (:func:`readable_event`).
 
 Every subscriber's queue is bounded: a subscriber whose queue is full is dropped with a
@@ -35,10 +39,20 @@ from nats.aio.msg import Msg
 from policies import SubjectView
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache, readable_event
+from twinstore.model import rql
 from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Event, ThingState
 
-__all__ = ["Delivery", "FanOut", "SlowConsumerError", "Subscription", "decode_event"]
+__all__ = [
+    "Delivery",
+    "FanOut",
+    "Scope",
+    "SlowConsumerError",
+    "Subscription",
+    "decode_event",
+    "filter_scope",
+    "intersect_scopes",
+]
 
 log = logging.getLogger("twinstore.fanout")
 
@@ -83,6 +97,83 @@ def decode_event(data: bytes, headers: dict[str, str] | None) -> Event | None:
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         log.warning("undecodable event envelope dropped")
         return None
+
+
+# Which events can reach a subscriber: those of these thing ids or of these namespaces (either
+# matches); None: any event. A filter that can match nothing has the scope (empty, empty).
+Scope = tuple[frozenset[str], frozenset[str]] | None
+_NOTHING: frozenset[str] = frozenset()
+
+
+def _namespace(thing_id: str) -> str:
+    return thing_id.partition(":")[0]
+
+
+def intersect_scopes(a: Scope, b: Scope) -> Scope:
+    """Events in both scopes.
+
+    >>> intersect_scopes((frozenset({"a:1", "b:2"}), frozenset()), (frozenset(), frozenset({"a"})))
+    (frozenset({'a:1'}), frozenset())
+    """
+    if a is None or b is None:
+        return b if a is None else a
+    (things_a, spaces_a), (things_b, spaces_b) = a, b
+    things = (
+        (things_a & things_b)
+        | {t for t in things_a if _namespace(t) in spaces_b}
+        | {t for t in things_b if _namespace(t) in spaces_a}
+    )
+    return frozenset(things), spaces_a & spaces_b
+
+
+def _union_scopes(scopes: list[Scope]) -> Scope:
+    if any(scope is None for scope in scopes):
+        return None
+    things: set[str] = set()
+    spaces: set[str] = set()
+    for scope in scopes:
+        assert scope is not None
+        things |= scope[0]
+        spaces |= scope[1]
+    return frozenset(t for t in things if _namespace(t) not in spaces), frozenset(spaces)
+
+
+def _strings(values: tuple[rql.Value, ...]) -> frozenset[str]:
+    return frozenset(v for v in values if isinstance(v, str))  # thingId never equals a non-string
+
+
+def filter_scope(node: rql.Node | None) -> Scope:
+    """The events an RQL filter can match at most, by thing id and namespace (None: any).
+
+    Only ``eq`` / ``in`` on ``thingId`` and ``_namespace`` narrow, combined through ``and``
+    (intersection) and ``or`` (union); everything else may match any thing.
+
+    >>> things, spaces = filter_scope(rql.parse_filter('and(in(thingId,"a:1","b:2"),gt(attributes/x,1))'))
+    >>> sorted(things), sorted(spaces)
+    (['a:1', 'b:2'], [])
+    >>> filter_scope(rql.parse_filter('or(eq(_namespace,"a"),eq(thingId,"b:2"))'))
+    (frozenset({'b:2'}), frozenset({'a'}))
+    >>> filter_scope(rql.parse_filter('or(eq(thingId,"a:1"),exists(attributes/x))')) is None
+    True
+    """
+    match node:
+        case rql.Comparison(op="eq", field=("thingId",), value=value):
+            return _strings((value,)), _NOTHING
+        case rql.Comparison(op="eq", field=("_namespace",), value=value):
+            return _NOTHING, _strings((value,))
+        case rql.In(field=("thingId",), values=values):
+            return _strings(values), _NOTHING
+        case rql.In(field=("_namespace",), values=values):
+            return _NOTHING, _strings(values)
+        case rql.And(children=children):
+            scope: Scope = None
+            for child in children:
+                scope = intersect_scopes(scope, filter_scope(child))
+            return scope
+        case rql.Or(children=children):
+            return _union_scopes([filter_scope(child) for child in children])
+        case _:
+            return None
 
 
 class Subscription:
@@ -187,24 +278,32 @@ class FanOut:
         *,
         thing_ids: frozenset[str] | None = None,
         namespaces: frozenset[str] | None = None,
+        filter: rql.Node | None = None,
         maxsize: int | None = None,
     ) -> Subscription:
-        """A new subscriber for some things, some namespaces, or (both None) all things."""
+        """A new subscriber for some things, some namespaces (both given: things in those
+        namespaces), or (both None) all things; narrowed further by what ``filter`` can match
+        (:func:`filter_scope`). The subscriber still evaluates its filter on what it gets."""
+        asked: Scope = None
+        if thing_ids is not None:
+            asked = (thing_ids, _NOTHING)
+        if namespaces is not None:
+            asked = intersect_scopes(asked, (_NOTHING, namespaces))
+        scope = intersect_scopes(asked, filter_scope(filter))
         sub = Subscription(
             self,
             subjects,
-            thing_ids=thing_ids,
-            namespaces=namespaces,
+            thing_ids=None if scope is None else scope[0],
+            namespaces=None if scope is None else scope[1],
             maxsize=maxsize or self.queue_size,
         )
-        if thing_ids is not None:
-            for thing_id in thing_ids:
-                self._by_thing.setdefault(thing_id, set()).add(sub)
-        elif namespaces is not None:
-            for namespace in namespaces:
-                self._by_namespace.setdefault(namespace, set()).add(sub)
-        else:
+        if scope is None:
             self._all.add(sub)
+            return sub
+        for thing_id in scope[0]:
+            self._by_thing.setdefault(thing_id, set()).add(sub)
+        for namespace in scope[1]:
+            self._by_namespace.setdefault(namespace, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
