@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# The official Ditto JavaScript client for tests/clients (pinned by its package-lock.json).
+JS_CLIENT = tests/clients/js
+JS_STAMP  = $(JS_CLIENT)/node_modules/.installed
 
 .PHONY: run test lint typecheck check bench clean
 
@@ -12,12 +15,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Without npm the JS client tests skip themselves, except in CI (CI set), where both fail.
+$(JS_STAMP): $(JS_CLIENT)/package.json $(JS_CLIENT)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(JS_CLIENT) && npm ci --no-audit --no-fund && touch node_modules/.installed; \
+	elif [ -n "$$CI" ]; then \
+		echo "npm is required to install the Ditto JS client for tests/clients" >&2; exit 1; \
+	else \
+		echo "npm not found: tests/clients will skip the Ditto JS client" >&2; \
+	fi
+
 ## run: install into .venv and serve on http://127.0.0.1:8080 (embedded PostgreSQL + NATS unless configured)
 run: $(STAMP)
 	$(BIN)/twinstore serve $(ARGS)
 
 ## test: lint, type-check and run the whole test suite (machine services if TWINSTORE_TEST_* are set, else embedded)
-test: $(STAMP) lint typecheck
+test: $(STAMP) $(JS_STAMP) lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -33,4 +46,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/policies.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(JS_CLIENT)/node_modules
