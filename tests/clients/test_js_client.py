@@ -1,10 +1,11 @@
 """The official Ditto JavaScript client (npm ``@eclipse-ditto/ditto-javascript-client-node``), unmodified.
 
 ``js/ditto-client.js`` drives the client against a real ``twinstore serve`` process: over HTTP
-create, read, modify, merge, delete, search (filter, sort, fields, cursor, form POST) and count;
-over the WebSocket create, retrieve, modify, merge, delete and an event subscription that sees
-changes made over HTTP. The script checks each answer itself and exits non-zero on the first
-failure; this test also checks the JSON it prints and the state it left on the server.
+create, read, modify, merge, delete, If-Match/If-None-Match, definitions, policies, search
+(filter, sort, fields, cursor, form POST) and count; over the WebSocket create, retrieve,
+modify, merge, delete, features and event subscriptions that see changes made over HTTP.
+The script checks each answer itself and exits non-zero on the first failure; this test also
+checks the JSON it prints and the state it left on the server.
 
 ``make test`` installs the client (``npm ci`` in ``js/``, pinned by ``package-lock.json``). In CI
 (``CI`` set) a missing node or client fails the test; elsewhere it is skipped with a hint.
@@ -107,6 +108,25 @@ async def test_ditto_js_client_over_http_and_websocket(server_process: Any) -> N
     assert search["secondPage"] == [f"{namespace}:http-3"]
     assert search["posted"] == [f"{namespace}:http-2", f"{namespace}:http-4"]
     assert results["http_count"] == {"north": 2, "all": 4, "posted": 2}
+    assert results["http_preconditions"] == {
+        "etag": '"rev:1"',
+        "ifMatch": 204,
+        "stale": 412,
+        "ifNoneMatch": 412,
+        "value": 2,
+    }
+    assert results["http_definitions"] == {
+        "definition": "org.acme:pump:1.0.0",
+        "policyId": True,
+        "featureDefinition": ["org.acme:motor:1.0.0"],
+    }
+    assert results["http_policies"] == {
+        "putPolicy": 201,
+        "putSubject": 201,
+        "putResource": 201,
+        "resources": ["policy:/", "thing:/", "thing:/features/secret"],
+        "deletePolicy": 204,
+    }
     assert results["http_delete"] == {
         "deleteAttribute": 204,
         "deleteThing": 204,
@@ -123,6 +143,14 @@ async def test_ditto_js_client_over_http_and_websocket(server_process: Any) -> N
         "putAttribute": 201,
         "patchAttributes": 204,
         "attributes": {"site": "east", "level": 3},
+    }
+    assert results["ws_features"] == {
+        "missing": 404,
+        "putFeature": 201,
+        "putProperty": 204,
+        "patchProperties": 204,
+        "properties": {"on": True, "rpm": 1200},
+        "deleteFeature": 204,
     }
     events = results["ws_events"]
     assert events["thing"] == [

@@ -15,6 +15,10 @@ const {
   DefaultSearchOptions,
   DefaultCountOptions,
   DefaultFieldsOptions,
+  DefaultMatchOptions,
+  Policy,
+  Resource,
+  Subject,
   Thing,
   Feature,
   BasicErrorResponse,
@@ -201,6 +205,71 @@ async function http() {
     return { north: count, all, posted };
   });
 
+  await step('http_preconditions', async () => {
+    const id = `${ns}:etag-1`;
+    const created = await things.putThing(new Thing(id, undefined, { a: 1 }));
+    const etag = created.headers.get('etag');
+    check(etag === '"rev:1"', 'a created thing\'s ETag', etag);
+    const ok = await things.putAttribute(id, 'a', 2, DefaultMatchOptions.getInstance().ifMatch(etag));
+    check(ok.status === 204, 'If-Match with the current ETag writes', ok.status);
+    const stale = await errorOf(things.putAttribute(id, 'a', 3, DefaultMatchOptions.getInstance().ifMatch(etag)));
+    check(!stale.resolved && stale.error.status === 412 && stale.error.body.error === 'things:precondition.failed',
+      'If-Match with a stale ETag is 412', stale);
+    const exists = await errorOf(things.putThing(new Thing(id), DefaultMatchOptions.getInstance().ifNoneMatchAny()));
+    check(!exists.resolved && exists.error.status === 412, 'If-None-Match: * on an existing thing is 412', exists);
+    const value = await things.getAttribute(id, 'a');
+    check(value === 2, 'a refused write changes nothing', value);
+    await things.deleteThing(id);
+    return { etag, ifMatch: ok.status, stale: stale.error.status, ifNoneMatch: exists.error.status, value };
+  });
+
+  await step('http_definitions', async () => {
+    const id = `${ns}:def-1`;
+    await things.putThing(new Thing(id));
+    const put = await things.putDefinition(id, 'org.acme:pump:1.0.0');
+    check(put.status === 201, 'putDefinition of a new definition is 201', put.status);
+    const definition = await things.getDefinition(id);
+    const policyId = await things.getPolicyId(id);
+    const missing = await errorOf(client.getFeaturesHandle(id).putDefinition('motor', ['org.acme:motor:1.0.0']));
+    check(!missing.resolved && missing.error.body.error === 'things:feature.notfound',
+      'the definition of a missing feature is 404 (as Ditto)', missing);
+    await client.getFeaturesHandle(id).putFeature(new Feature('motor'));
+    const featureDefinition = await client.getFeaturesHandle(id).putDefinition('motor', ['org.acme:motor:1.0.0']);
+    check(featureDefinition.status === 201, 'putDefinition of a feature', featureDefinition.status);
+    const feature = await client.getFeaturesHandle(id).getFeature('motor');
+    const deleted = await things.deleteDefinition(id);
+    check(deleted.status === 204, 'deleteDefinition is 204', deleted.status);
+    await things.deleteThing(id);
+    return { definition, policyId: policyId === id, featureDefinition: feature.definition };
+  });
+
+  await step('http_policies', async () => {
+    const policies = client.getPoliciesHandle();
+    const policyId = `${ns}:policy-1`;
+    const rights = { grant: ['READ', 'WRITE'], revoke: [] };
+    const policy = Policy.fromObject({
+      entries: { owner: { subjects: { [`nginx:${user}`]: { type: 'test' } }, resources: { 'thing:/': rights, 'policy:/': rights } } },
+    }, policyId);
+    const put = await policies.putPolicy(policy);
+    check(put.status === 201, 'putPolicy of a new policy is 201', put.status);
+    const subject = await policies.putSubject(policyId, 'owner', Subject.fromObject({ type: 'test' }, 'nginx:someone'));
+    check(subject.status === 201, 'putSubject is 201', subject.status);
+    const resource = await policies.putResource(policyId, 'owner',
+      Resource.fromObject({ grant: ['READ'], revoke: [] }, 'thing:/features/secret'));
+    check(resource.status === 201, 'putResource is 201', resource.status);
+    const entry = (await policies.getEntry(policyId, 'owner')).toObject();
+    check(Object.keys(entry.subjects).sort().join() === `nginx:${user},nginx:someone`, 'the entry\'s subjects', entry);
+    const thing = await things.putThing(new Thing(`${ns}:guarded`, policyId, { a: 1 }));
+    check(thing.status === 201 && thing.body.policyId === policyId, 'a thing under the policy', thing.body);
+    await things.deleteThing(`${ns}:guarded`);
+    const deleted = await policies.deletePolicy(policyId);
+    check(deleted.status === 204, 'deletePolicy is 204', deleted.status);
+    const gone = await errorOf(policies.getPolicy(policyId));
+    check(!gone.resolved && gone.error.body.error === 'policies:policy.notfound', 'a deleted policy is not found', gone);
+    return { putPolicy: put.status, putSubject: subject.status, putResource: resource.status,
+      resources: Object.keys(entry.resources).sort(), deletePolicy: deleted.status };
+  });
+
   await step('http_delete', async () => {
     const attr = await things.deleteAttribute(thingId, 'merged');
     check(attr.status === 204, 'deleteAttribute is 204', attr.status);
@@ -273,6 +342,24 @@ async function websocket(http) {
       return { putAttribute: r.status, patchAttributes: merged.status, attributes: thing.attributes };
     });
 
+    await step('ws_features', async () => {
+      const features = client.getFeaturesHandle(thingId);
+      const missing = await errorOf(features.putProperty('motor', 'rpm', 1));
+      check(!missing.resolved && missing.error.body.error === 'things:feature.notfound',
+        'a property of a missing feature over WebSocket is 404', missing);
+      const put = await features.putFeature(new Feature('motor', undefined, { rpm: 0 }));
+      check(put.status === 201, 'putFeature over WebSocket is 201', put.status);
+      const prop = await features.putProperty('motor', 'rpm', 1200);
+      check(prop.status === 204, 'putProperty over WebSocket is 204', prop.status);
+      const merged = await features.patchProperties('motor', { on: true });
+      check(merged.status === 204, 'patchProperties over WebSocket is 204', merged.status);
+      const motor = (await features.getFeature('motor')).toObject();
+      const deleted = await features.deleteFeature('motor');
+      check(deleted.status === 204, 'deleteFeature over WebSocket is 204', deleted.status);
+      return { missing: missing.error.status, putFeature: put.status, putProperty: prop.status,
+        patchProperties: merged.status, properties: motor.properties, deleteFeature: deleted.status };
+    });
+
     await step('ws_events', async () => {
       await events.requestEvents();
       const thingEvents = [];
@@ -283,43 +370,47 @@ async function websocket(http) {
       events.subscribeToAllEvents(message => allEvents.push(message));
       const summary = m => ({ topic: m.topic, action: m.action, path: m.path, value: m.value });
 
+      // An event of a change acknowledged just before START-SEND-EVENTS may still arrive first
+      // (see the README); everything from the first change made after the subscription on must
+      // arrive exactly once, in order.
       const put = await http.things.putAttribute(thingId, 'level', 4);
       check(put.status === 204, 'putAttribute over HTTP while subscribed', put.status);
-      const modified = await waitFor(thingEvents, m => m.path === '/attributes/level', 'the attribute event');
-      check(modified.topic === `${ns}/ws-1/things/twin/events/modified` && modified.action === 'modified'
-        && modified.value === 4, 'the modified event', summary(modified));
+      const modified = await waitFor(thingEvents, m => m.path === '/attributes/level' && m.value === 4,
+        'the attribute event');
+      const since = thingEvents.indexOf(modified);
+      const after = () => thingEvents.slice(since);
+      check(modified.topic === `${ns}/ws-1/things/twin/events/modified` && modified.action === 'modified',
+        'the modified event', summary(modified));
       check(modified.headers && typeof modified.headers === 'object', 'the event carries headers', modified);
 
       const features = http.client.getFeaturesHandle(thingId);
       const prop = await features.putProperty('temp', 'value', 31);
       check(prop.status === 204, 'putProperty over HTTP while subscribed', prop.status);
-      const property = await waitFor(propertyEvents, () => true, 'the property event');
-      check(property.path === '/features/temp/properties/value' && property.value === 31
-        && property.action === 'modified', 'the property event', summary(property));
+      const property = await waitFor(propertyEvents, m => m.value === 31, 'the property event');
+      check(property.path === '/features/temp/properties/value' && property.action === 'modified',
+        'the property event', summary(property));
 
       const merge = await features.patchProperties('temp', { unit: 'C' });
       check(merge.status === 204, 'patchProperties over HTTP while subscribed', merge.status);
-      const merged = await waitFor(thingEvents, m => m.action === 'merged' && m.path.startsWith('/features'),
+      const merged = await waitFor(thingEvents, m => m.action === 'merged' && thingEvents.indexOf(m) > since,
         'the merged event');
       check(merged.topic === `${ns}/ws-1/things/twin/events/merged` && merged.path === '/features/temp/properties'
         && deepEqual(merged.value, { unit: 'C' }), 'the merged event', summary(merged));
 
       const del = await http.things.deleteAttribute(thingId, 'site');
       check(del.status === 204, 'deleteAttribute over HTTP while subscribed', del.status);
-      const deleted = await waitFor(thingEvents, m => m.action === 'deleted', 'the deleted event');
-      check(deleted.path === '/attributes/site', 'the deleted event', summary(deleted));
+      const deleted = await waitFor(thingEvents, m => m.action === 'deleted' && m.path === '/attributes/site',
+        'the deleted event');
+      check(thingEvents.indexOf(deleted) > since, 'the deleted event after the others', summary(deleted));
 
-      // Per-thing order: everything from the first change made after the subscription on. (An
-      // event of a change acknowledged just before START-SEND-EVENTS may still come first.)
-      const since = thingEvents.indexOf(modified);
-      const order = thingEvents.slice(since).map(m => `${m.action} ${m.path}`);
+      const order = after().map(m => `${m.action} ${m.path}`);
       check(deepEqual(order, ['modified /attributes/level', 'modified /features/temp/properties/value',
         'merged /features/temp/properties', 'deleted /attributes/site']), 'each change once, in order', order);
       const all = () => allEvents.filter(m => m.topic.startsWith(`${ns}/ws-1/`));
       await waitFor(allEvents, () => all().length >= thingEvents.length, 'every event to the catch-all subscription');
       await events.stopEvents();
       return {
-        thing: thingEvents.slice(since).map(summary), property: propertyEvents.map(summary),
+        thing: after().map(summary), property: propertyEvents.filter(m => m.value === 31).map(summary),
         earlier: since, all: all().length - since,
       };
     });
