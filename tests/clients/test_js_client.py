@@ -23,7 +23,10 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
+from tests.api.test_whoami import ISSUER, token
 from tests.conftest import AUTH
 
 JS = Path(__file__).resolve().parent / "js"
@@ -48,13 +51,14 @@ def node() -> str:
     return exe
 
 
-async def run_script(exe: str, domain: str, namespace: str) -> tuple[int, dict[str, Any], str]:
+async def run_script(exe: str, domain: str, namespace: str, **extra: str) -> tuple[int, dict[str, Any], str]:
     env = {
         **os.environ,
         "TWINSTORE_DOMAIN": domain,
         "TWINSTORE_USER": AUTH[0],
         "TWINSTORE_PASSWORD": AUTH[1],
         "TWINSTORE_NAMESPACE": namespace,
+        **extra,
     }
     proc = await asyncio.create_subprocess_exec(
         exe,
@@ -187,3 +191,25 @@ async def test_ditto_js_client_over_http_and_websocket(server_process: Any) -> N
         assert (await http.get(f"/api/2/things/{namespace}:ws-1")).status_code == 404
         count = await http.get("/api/2/search/things/count", params={"namespaces": namespace})
         assert count.json() == 3
+
+
+async def test_ditto_js_client_with_a_bearer_token(
+    server_process: Any, tmp_path: Path, signing_key: rsa.RSAPrivateKey
+) -> None:
+    """``NodeHttpBearerAuth``: a JWT on HTTP requests and on the WebSocket upgrade."""
+    exe = node()
+    jwks = tmp_path / "jwks.json"
+    public = RSAAlgorithm.to_jwk(signing_key.public_key(), as_dict=True)
+    jwks.write_text(json.dumps({"keys": [{**public, "kid": "k1"}]}))
+    issuers = [{"issuer": ISSUER, "prefix": "idp", "audience": "twinstore", "jwks_file": str(jwks)}]
+    server = await asyncio.to_thread(server_process(TWINSTORE_JWT_ISSUERS=json.dumps(issuers)).start)
+    namespace = f"org.jsclient{secrets.token_hex(4)}"
+    code, results, stderr = await run_script(
+        exe, f"127.0.0.1:{server.port}", namespace, TWINSTORE_TOKEN=token(signing_key)
+    )
+    assert code == 0, f"the client script failed: {stderr}\nresults so far: {results}"
+    assert results["jwt_http"] == {"status": 201, "attributes": {"owner": "jwt"}, "subjects": ["idp:alice"]}
+    assert results["jwt_ws"] == {
+        "attributes": {"owner": "jwt"},
+        "event": {"action": "modified", "path": "/attributes/owner", "value": "jwt-2"},
+    }
