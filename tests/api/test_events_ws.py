@@ -261,3 +261,27 @@ async def test_a_websocket_that_does_not_read_is_closed_and_others_keep_receivin
             assert closed.value.rcvd.reason == "too slow: 8 events behind"
     finally:
         runtime.fanout.queue_size = 1024
+
+
+async def test_a_filter_on_thing_ids_narrows_the_sessions_index_keys(
+    ws_url: str, client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    """A session filtering on its own things is not asked about every event (fanout.filter_scope)."""
+    out = runtime.fanout
+    assert out is not None
+    mine, other = new_thing_id("org.narrow"), new_thing_id("org.narrow")
+    query = "filter=" + quote(f'and(eq(thingId,"{mine}"),gt(attributes/n,0))')
+    all_before = len(out._all)
+    async with connect(ws_url, additional_headers=BASIC) as ws:
+        await start(ws, query)
+        assert len(out._all) == all_before and len(out._by_thing.get(mine, ())) == 1
+        await put(client, other, "", {"attributes": {"n": 5}})
+        await put(client, mine, "", {"attributes": {"n": 0}})
+        await put(client, mine, "/attributes/n", 1)
+        event = await next_event(ws, mine, other)
+        assert (event["topic"].split("/")[1], event["revision"]) == (mine.split(":")[1], 2)
+    for _ in range(100):  # the session's subscription goes with it
+        if mine not in out._by_thing:
+            break
+        await asyncio.sleep(0.05)
+    assert mine not in out._by_thing

@@ -94,6 +94,25 @@ async def test_sse_of_things_with_a_filter_and_fields(
         assert event == {"id": f"{hot}:2", "data": {"thingId": hot, "attributes": {"temp": 25}}}
 
 
+async def test_sse_filter_on_a_thing_id_narrows_the_index_keys(
+    http_url: str, client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    out = runtime.fanout
+    assert out is not None
+    thing_id = new_thing_id("org.sse")
+    all_before = len(out._all)
+    params = {"filter": f'eq(thingId,"{thing_id}")'}
+    async with (
+        httpx.AsyncClient(base_url=http_url, auth=AUTH, timeout=10) as http,
+        http.stream("GET", "/api/2/things", params=params, headers=SSE) as stream,
+    ):
+        lines = stream.aiter_lines()
+        assert len(out._all) == all_before and len(out._by_thing.get(thing_id, ())) == 1
+        await put(client, thing_id, "", {"attributes": {"a": 1}})
+        event = await next_sse(lines)
+        assert event["id"] == f"{thing_id}:1" and event["data"]["attributes"] == {"a": 1}
+
+
 async def test_sse_of_things_by_ids_with_extra_fields(
     http_url: str, client: httpx.AsyncClient, runtime: Runtime
 ) -> None:

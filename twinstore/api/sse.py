@@ -119,7 +119,10 @@ def things_stream(request: Request[Any, Any, Any], auth: AuthContext, h: DittoHe
         return None if chosen is None else (f"{m.event.thing_id}:{m.event.revision}", chosen)
 
     sub = runtime.fanout.subscribe(
-        auth.subjects, thing_ids=thing_ids, namespaces=None if thing_ids else live.namespaces
+        auth.subjects,
+        thing_ids=thing_ids,
+        namespaces=None if thing_ids else live.namespaces,
+        filter=live.filter,
     )
     return _response(_events(runtime, sub, live, render, KEEPALIVE), h)
 

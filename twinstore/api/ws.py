@@ -168,7 +168,7 @@ class Session:
     def _start_events(self, live: LiveQuery) -> None:
         fanout = self.runtime.fanout
         assert fanout is not None
-        self.events = fanout.subscribe(self.auth.subjects, namespaces=live.namespaces)
+        self.events = fanout.subscribe(self.auth.subjects, namespaces=live.namespaces, filter=live.filter)
         self.pump = asyncio.create_task(self._pump_events(self.events, live))
 
     async def _stop_events(self) -> None:
@@ -220,7 +220,8 @@ class Session:
         while True:
             text, kind = await self.outbox.get()
             try:
-                await asyncio.wait_for(self.socket.send_text(text), self.send_timeout)
+                async with asyncio.timeout(self.send_timeout):  # no extra task per message
+                    await self.socket.send_text(text)
             except TimeoutError:
                 log.warning("websocket client does not read its responses; closing")
                 with contextlib.suppress(Exception):
