@@ -30,7 +30,8 @@ from twinstore.model.rql import (
     sort_key,
 )
 from twinstore.runtime import Runtime
-from twinstore.store.rql_sql import compile_filter, compile_order
+from twinstore.store.rql_sql import compile_filter, compile_order, index_statements, indexable
+from twinstore.store.schema import ensure_search_indexes
 
 CREATE = "CREATE TEMP TABLE things_t (LIKE things) ON COMMIT DROP"
 INSERT = """
@@ -160,6 +161,9 @@ filters = st.recursive(
 )
 
 
+INDEXED = frozenset(f for f in DOC_FIELDS if indexable(f))
+
+
 async def select_ids(
     runtime: Runtime,
     rows: list[tuple[dict[str, Any], dict[str, Any]]],
@@ -191,11 +195,13 @@ async def select_ids(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=things(), node=filters)
 async def test_sql_selects_what_matches_accepts(runtime: Runtime, rows: Any, node: Node) -> None:
-    params: list[Any] = []
-    where = compile_filter(node, params)
-    got = await select_ids(runtime, rows, where, params, 'id COLLATE "C"')
     expected = sorted((doc["thingId"] for doc, meta in rows if matches(node, doc, meta)), key=str)
-    assert got == expected, where
+    # plain, and with every path indexed (ranges compile to the search indexes' expressions)
+    for indexed in (frozenset(), INDEXED):
+        params: list[Any] = []
+        where = compile_filter(node, params, indexed)
+        got = await select_ids(runtime, rows, where, params, 'id COLLATE "C"')
+        assert got == expected, where
     event("selected: " + ("none" if not got else "all" if len(got) == len(rows) else "some"))
 
 
@@ -298,3 +304,31 @@ async def test_eq_on_a_plain_path_uses_the_gin_index(runtime: Runtime) -> None:
             r[0] for r in await con.fetch(f"EXPLAIN SELECT id FROM things WHERE {where}", *params)
         )
     assert "things_doc" in plan, plan
+
+
+async def test_ranges_on_configured_paths_use_the_search_indexes(runtime: Runtime) -> None:
+    """``search_indexes``: created and dropped to match the configuration; a range on such a
+    path (numbers, strings, through arrays too) is answered from them, not by a scan."""
+    assert runtime.pool is not None
+    floor, name = ("attributes", "floor"), ("features", "env", "properties", "name")
+    async with runtime.pool.acquire() as con:
+        created = await ensure_search_indexes(con, [floor, name])
+        assert sorted(created) == sorted([*index_statements(floor), *index_statements(name)])
+        assert await ensure_search_indexes(con, [floor, name]) == []  # idempotent
+        for text in ("gt(attributes/floor,40)", 'le(features/env/properties/name,"m")'):
+            params: list[Any] = []
+            where = compile_filter(parse_filter(text), params, frozenset([floor, name]))
+            async with con.transaction():
+                await con.execute("SET LOCAL enable_seqscan = off")
+                plan = "\n".join(
+                    r[0] for r in await con.fetch(f"EXPLAIN SELECT id FROM things WHERE {where}", *params)
+                )
+            assert "BitmapOr" in plan and "things_sx_" in plan and "Seq Scan" not in plan, plan
+            # under not(...) the two-valued form is kept (NULL must not leak through NOT)
+            negated = compile_filter(parse_filter(f"not({text})"), [], frozenset([floor, name]))
+            assert "BitmapOr" not in negated and "CASE WHEN jsonb_typeof" in negated
+        assert await ensure_search_indexes(con, [floor]) == []
+        left = await con.fetch("SELECT indexname FROM pg_indexes WHERE indexname LIKE 'things_sx_%'")
+        assert sorted(r[0] for r in left) == sorted(index_statements(floor))
+        await ensure_search_indexes(con, [])
+        assert not await con.fetch("SELECT 1 FROM pg_indexes WHERE indexname LIKE 'things_sx_%'")

@@ -25,7 +25,7 @@ from twinstore.settings import Settings
 from twinstore.store.codec import dumps
 from twinstore.store.journal import Journal
 from twinstore.store.policies import PolicyStore
-from twinstore.store.schema import MIGRATIONS, current_version, migrate
+from twinstore.store.schema import MIGRATIONS, current_version, ensure_search_indexes, migrate
 
 __all__ = ["Runtime", "create_pool"]
 
@@ -83,6 +83,7 @@ class Runtime:
         self.pool = pool
         async with pool.acquire() as con:
             await migrate(con)
+            await ensure_search_indexes(con, s.search_index_paths)
         if nc is None:
             nc = await nats.connect(
                 s.nats_url, name="twinstore", max_reconnect_attempts=-1, reconnect_time_wait=1
@@ -112,7 +113,7 @@ class Runtime:
         cache = PolicyCache(store)
         self.policies = PolicyService(store, cache)
         self.service = ThingService(self.journal, self.policies)
-        self.search = SearchService(pool, cache)
+        self.search = SearchService(pool, cache, frozenset(s.search_index_paths))
         self.fanout = FanOut(nc, self.subjects, cache, self.journal.load)
         await self.fanout.start()
         self._listener = asyncio.create_task(

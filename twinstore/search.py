@@ -4,8 +4,10 @@ Search reads the projection, so it sees a write as soon as the write is acknowle
 per page, then the policies:
 
 1. SQL narrows the candidates: things whose policy names one of the caller's subjects among
-   its ``readers`` (``policies.readers``, GIN-indexed), in the namespaces asked for, matching a
-   *relaxed* filter, in the requested order, after the cursor;
+   its ``readers`` (``policies.readers``, GIN-indexed), in the namespaces asked for, in the
+   requested order, after the cursor, matching the filter -- exactly where the policy lets the
+   caller read every part of the thing (``policies.full_readers``, the common case: the whole
+   search is one indexed query), else a *relaxed* filter;
 2. each candidate is cut down to what the caller may read
    (:func:`twinstore.enforcement.readable_thing`) and the whole filter is evaluated on that
    readable part (:func:`twinstore.model.rql.matches`): a filter on a field the caller may not
@@ -41,6 +43,7 @@ from twinstore.model.rql import (
     And,
     Comparison,
     Exists,
+    Field,
     In,
     Node,
     Not,
@@ -55,8 +58,17 @@ from twinstore.store.rql_sql import compile_filter, order_terms
 __all__ = ["Page", "SearchService", "relax"]
 
 _DOC = re.compile(r"\bdoc\b")
-READERS = "policy_id IN (SELECT id FROM policies WHERE readers && $1::text[])"
+# Each thing with its policy's reader columns (aliased: ``id``, ``doc``... stay the thing's).
+SOURCE = (
+    "things JOIN (SELECT id AS pid, readers, full_readers, read_revokers FROM policies) AS p "
+    "ON p.pid = things.policy_id"
+)
+# The caller ($1: its subjects) reads some part of the thing ...
+READS = "p.readers && $1::text[]"
+# ... or every part (migration 6: ``full_readers`` / ``read_revokers``): there, SQL decides.
+FULL = "(p.full_readers && $1::text[] AND NOT p.read_revokers && $1::text[])"
 BATCH = 200
+COUNT_BATCH = 1000
 
 
 def relax(node: Node | None, negated: bool = False) -> Node | None:
@@ -199,9 +211,12 @@ def _after(terms: list[tuple[str, bool]], values: list[Any], params: list[Any]) 
 class SearchService:
     """Search and count over the projection, filtered by policies."""
 
-    def __init__(self, pool: asyncpg.Pool, cache: PolicyCache) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, cache: PolicyCache, indexed: frozenset[Field] = frozenset()
+    ) -> None:
         self.pool = pool
         self.cache = cache
+        self.indexed = indexed  # paths with search indexes (settings.search_indexes)
 
     async def _query(self, sql: str, params: list[Any]) -> list[asyncpg.Record]:
         try:
@@ -211,16 +226,36 @@ class SearchService:
             raise UnavailableError(f"The database is not reachable: {exc}") from exc
 
     def _where(
-        self, auth: AuthContext, node: Node | None, namespaces: list[str] | None, params: list[Any]
+        self,
+        auth: AuthContext,
+        node: Node | None,
+        namespaces: list[str] | None,
+        params: list[Any],
+        scope: str = "all",
     ) -> list[str]:
+        """Conditions on :data:`SOURCE` for the candidates of a search: readable by the caller,
+        in ``namespaces``, matching ``node`` -- exactly where the caller reads every part of the
+        thing (:data:`FULL`), relaxed where its policy hides something from the caller.
+        ``scope`` "full" / "partial" keeps only one of the two kinds of things."""
         params.append(list(auth.subjects))
-        where = ["doc IS NOT NULL", READERS]
+        where = ["doc IS NOT NULL", READS]
         if namespaces is not None:
             params.append(namespaces)
             where.append(f"split_part(id, ':', 1) = any(${len(params)}::text[])")
+        if scope == "full":
+            where.append(FULL)
+        elif scope == "partial":
+            where.append(f"NOT {FULL}")
+        if node is None:
+            return where
         relaxed = relax(node)
-        if relaxed is not None:
-            where.append(compile_filter(relaxed, params))
+        if scope == "full" or (scope == "all" and relaxed == node):
+            where.append(compile_filter(node, params, self.indexed))  # exact for all candidates
+            return where
+        if relaxed is not None:  # the indexable part, implied by the filter on any readable part
+            where.append(compile_filter(relaxed, params, self.indexed))
+        if scope == "all":
+            where.append(f"(NOT {FULL} OR {compile_filter(node, params, self.indexed)})")
         return where
 
     async def _views(self, auth: AuthContext, rows: list[asyncpg.Record]) -> dict[str, SubjectView | None]:
@@ -252,17 +287,14 @@ class SearchService:
         readable), so that a hidden value sorts as absent and its order cannot be probed.
 
         A field counts as readable when READ is effective at its path (its value, or for an
-        object its readable part, is what the caller sees); otherwise it is removed.
+        object its readable part, is what the caller sees); otherwise it is removed. Only
+        policies that hide something from the caller (``PARTIAL``) are looked at.
         """
         paths = [list(f) for f, _ in sort if f[0] in ("attributes", "features", "policyId", "definition")]
         if not paths:
             return None
-        ids = [
-            r["id"]
-            for r in await self._query(
-                "SELECT id FROM policies WHERE readers && $1::text[]", [list(auth.subjects)]
-            )
-        ]
+        partial = f"SELECT id FROM policies AS p WHERE {READS} AND NOT {FULL}"
+        ids = [r["id"] for r in await self._query(partial, [list(auth.subjects)])]
         enforcers = await self.cache.enforcers(ids)
         views = {pid: e.view(auth.subjects) for pid, e in enforcers.items() if e is not None}
         expr = "doc"
@@ -289,15 +321,16 @@ class SearchService:
         where = self._where(auth, node, namespaces, params)
         terms = order_terms(options.sort, params)
         masked = await self._sort_doc(auth, options.sort, params)
-        source = "things"
+        source = SOURCE
         if masked is not None:  # sort values the caller may not read sort as absent
             terms = [(_DOC.sub("sdoc", expr), asc) for expr, asc in terms]
-            source = f"things CROSS JOIN LATERAL (SELECT {masked} AS sdoc) AS s"
+            source = f"{SOURCE} CROSS JOIN LATERAL (SELECT {masked} AS sdoc) AS s"
         sort_spec = ",".join(("+" if asc else "-") + "/".join(f) for f, asc in options.sort)
         keys = ", ".join(f"{expr} AS k{i}" for i, (expr, _) in enumerate(terms))
         order = ", ".join(f"{expr} {'ASC' if asc else 'DESC'}" for expr, asc in terms)
         after = _uncursor(options.cursor, sort_spec, _kinds(options.sort)) if options.cursor else None
         found: list[tuple[ThingState, list[Any]]] = []
+        limit = options.size + 1  # enough when the caller reads every match; then bigger batches
         while True:
             batch_params = list(params)
             conditions = list(where)
@@ -305,7 +338,7 @@ class SearchService:
                 conditions.append(_after(terms, after, batch_params))
             sql = (
                 f"SELECT id, revision, created, modified, doc, policy_id, {keys} FROM {source} "
-                f"WHERE {' AND '.join(conditions)} ORDER BY {order} LIMIT {BATCH}"
+                f"WHERE {' AND '.join(conditions)} ORDER BY {order} LIMIT {limit}"
             )
             rows = await self._query(sql, batch_params)
             views = await self._views(auth, rows)
@@ -316,16 +349,38 @@ class SearchService:
                     if len(found) > options.size:
                         page = found[: options.size]
                         return Page([s for s, _ in page], _cursor(sort_spec, page[-1][1]))
-            if len(rows) < BATCH:
+            if len(rows) < limit:
                 return Page([s for s, _ in found], None)
             after = [rows[-1][f"k{i}"] for i in range(len(terms))]
+            limit = BATCH
 
     async def count(self, auth: AuthContext, filter_text: str | None, namespaces: list[str] | None) -> int:
-        """How many things the caller may read match the filter (Ditto's ``/search/things/count``)."""
-        total, cursor = 0, None
+        """How many things the caller may read match the filter (Ditto's ``/search/things/count``).
+
+        Things whose every part the caller reads are counted in SQL; the others are cut down to
+        their readable part and evaluated, as :meth:`search` does.
+        """
+        node = parse_filter(filter_text) if filter_text else None
+        params: list[Any] = []
+        where = self._where(auth, node, namespaces, params, scope="full")
+        rows = await self._query(f"SELECT count(*) AS n FROM {SOURCE} WHERE {' AND '.join(where)}", params)
+        total = int(rows[0]["n"])
+        params = []
+        where = self._where(auth, node, namespaces, params, scope="partial")
+        after: str | None = None
         while True:
-            page = await self.search(auth, filter_text, namespaces, SearchOptions(size=BATCH, cursor=cursor))
-            total += len(page.states)
-            if page.cursor is None:
+            batch_params = list(params)
+            conditions = list(where)
+            if after is not None:
+                batch_params.append(after)
+                conditions.append(f'id COLLATE "C" > ${len(batch_params)}::text')
+            sql = (
+                f"SELECT id, revision, created, modified, doc, policy_id FROM {SOURCE} "
+                f'WHERE {" AND ".join(conditions)} ORDER BY id COLLATE "C" LIMIT {COUNT_BATCH}'
+            )
+            rows = await self._query(sql, batch_params)
+            views = await self._views(auth, rows)
+            total += sum(1 for row in rows if self._visible(row, views, node) is not None)
+            if len(rows) < COUNT_BATCH:
                 return total
-            cursor = page.cursor
+            after = rows[-1]["id"]

@@ -25,6 +25,8 @@ from typing import Any
 
 import msgspec
 
+from twinstore.store.rql_sql import indexable
+
 __all__ = ["JwtIssuer", "Settings", "load_settings"]
 
 _HMAC = frozenset({"HS256", "HS384", "HS512"})
@@ -117,6 +119,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     jwt_issuers: list[JwtIssuer] = msgspec.field(default_factory=list)
     preauth_enabled: bool = False
     preauth_trusted: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    # Paths whose range filters (gt/ge/lt/le) search answers from B-tree indexes, e.g.
+    # ["attributes/floor", "features/env/properties/temperature"]; equality needs none.
+    search_indexes: list[str] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         for cidr in self.preauth_trusted:
@@ -124,9 +129,20 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise ValueError(f"preauth_trusted: {cidr!r} is not an IP network (CIDR)") from None
+        for path in self.search_indexes:
+            if not indexable(tuple(path.strip("/").split("/"))):
+                raise ValueError(
+                    f"search_indexes: {path!r} must be a path below attributes/ or features/ "
+                    "without '*' or array indexes, e.g. 'attributes/floor'"
+                )
         issuers = [i.issuer for i in self.jwt_issuers]
         if len(set(issuers)) != len(issuers):
             raise ValueError("jwt_issuers: each 'issuer' may be configured only once")
+
+    @property
+    def search_index_paths(self) -> list[tuple[str, ...]]:
+        """``search_indexes`` as field paths (``("attributes", "floor")``)."""
+        return [tuple(p.strip("/").split("/")) for p in self.search_indexes]
 
     @property
     def embedded(self) -> bool:

@@ -393,7 +393,11 @@ def random_policy(rnd: random.Random) -> dict[str, Any]:
                 {"grant": ["READ"], "revoke": []} if rnd.random() < 0.7 else {"grant": [], "revoke": ["READ"]}
             )
         doc["entries"][f"e{i}"] = {
-            "subjects": {s: {"type": "test"} for s in subjects},
+            # an expiring subject reads through the policy-aware path even where it reads all
+            "subjects": {
+                s: {"type": "test"} if rnd.random() < 0.8 else {"type": "t", "expiry": "2099-01-01T00:00:00Z"}
+                for s in subjects
+            },
             "resources": resources,
         }
     return doc
@@ -630,7 +634,7 @@ async def test_policies_against_reference(
 ) -> None:
     rnd = random.Random(seed)
     t0 = time.monotonic()
-    ns, ref = await populate(client, runtime, rnd, 2000, 10)
+    ns, ref = await populate(client, runtime, rnd, 2000, 14)
     print(f"populated in {time.monotonic() - t0:.1f}s")
     clients = {"ditto": client, "other": other}
     assert ref.readable["other"] and ref.readable["ditto"]

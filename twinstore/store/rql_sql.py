@@ -12,6 +12,7 @@ absent field is true exactly as in :func:`twinstore.model.rql.matches`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import datetime
@@ -32,7 +33,7 @@ from twinstore.model.rql import (
     parse_filter,
 )
 
-__all__ = ["compile_filter", "compile_order", "order_terms", "parse_filter"]
+__all__ = ["compile_filter", "compile_order", "index_statements", "order_terms", "parse_filter"]
 
 _SQL_OPS = {"eq": "=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 # `#>` indexes arrays with integer-looking segments (even negative ones); paths walk objects only,
@@ -93,6 +94,88 @@ def _any(op: str, v: str, literal: Value, params: list[Any]) -> str:
         f"CASE WHEN jsonb_typeof({v}) = 'array' THEN EXISTS (SELECT 1 FROM jsonb_array_elements({v}) "
         f"AS e(x) WHERE {_scalar(op, 'e.x', literal, params)}) ELSE {_scalar(op, v, literal, params)} END"
     )
+
+
+# ---- configured search indexes (``search_indexes``): ranges on chosen paths -----------------
+#
+# GIN (migration 5) answers equality; a range needs a B-tree on the value. For each configured
+# path there is one expression index on its numbers, one on its strings (code point order) and a
+# partial index on the things where the path holds an array (compared element-wise, which no
+# B-tree answers). A range on such a path compiles to "number (or string) op value, OR it is an
+# array and an element matches" -- a BitmapOr of two indexes. The expressions below are the
+# only spelling of those values: the planner matches them to the indexes textually, so the path
+# is a constant here (from configuration, never from a request).
+
+
+def path_constant(parts: Field) -> str:
+    """``parts`` as a SQL ``text[]`` constant.
+
+    >>> print(path_constant(("attributes", 'we"ird')))
+    '{"attributes","we\\"ird"}'::text[]
+    """
+    items = ",".join('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in parts)
+    return "'{" + items.replace("'", "''") + "}'::text[]"
+
+
+def _number_at(path: str) -> str:
+    return f"(CASE WHEN jsonb_typeof(doc #> {path}) = 'number' THEN (doc #> {path})::numeric END)"
+
+
+def _text_at(path: str) -> str:
+    return f"((CASE WHEN jsonb_typeof(doc #> {path}) = 'string' THEN doc #>> {path} END) COLLATE \"C\")"
+
+
+def _array_at(path: str) -> str:
+    return f"jsonb_typeof(doc #> {path}) = 'array'"
+
+
+def indexable(parts: Field) -> bool:
+    """Whether a path can have a search index (walks objects only: no index-like segments)."""
+    return (
+        bool(parts)
+        and parts[0] in ("attributes", "features")
+        and not any(_INDEX_LIKE.fullmatch(p) or p == "*" for p in parts)
+    )
+
+
+def index_statements(parts: Field) -> dict[str, str]:
+    """The indexes of a configured search path: ``{name: CREATE INDEX CONCURRENTLY ...}``."""
+    assert indexable(parts), parts
+    path = path_constant(parts)
+    stem = "things_sx_" + hashlib.sha1("/".join(parts).encode()).hexdigest()[:16]
+    return {
+        f"{stem}_n": f"CREATE INDEX CONCURRENTLY {stem}_n ON things (({_number_at(path)}))",
+        f"{stem}_s": f"CREATE INDEX CONCURRENTLY {stem}_s ON things (({_text_at(path)}))",
+        f"{stem}_a": f"CREATE INDEX CONCURRENTLY {stem}_a ON things (id) WHERE {_array_at(path)}",
+    }
+
+
+def _range_key(node: Node, indexed: frozenset[Field]) -> tuple[Field, bool] | None:
+    """(path, is-number) when ``node`` is a range an index of ``indexed`` answers, else None."""
+    if (
+        isinstance(node, Comparison)
+        and node.op in ("gt", "ge", "lt", "le")
+        and node.field in indexed
+        and isinstance(node.value, Decimal | str)
+    ):
+        return node.field, isinstance(node.value, Decimal)
+    return None
+
+
+def _indexed_ranges(nodes: list[Comparison], params: list[Any]) -> str:
+    """The conjunction of ``nodes`` (ranges on one configured path, all numbers or all strings)
+    in the indexes' terms: one index range scan (``ge(x,1)`` and ``lt(x,5)`` together), or the
+    path holds an array whose elements satisfy each condition (any element, per condition).
+
+    Only where NULL counts as false (outside any ``not``): the scalar comparison is NULL, not
+    false, on another type.
+    """
+    path = path_constant(nodes[0].field)
+    value = _number_at(path) if isinstance(nodes[0].value, Decimal) else _text_at(path)
+    cast = "numeric" if isinstance(nodes[0].value, Decimal) else "text"
+    scalar = " AND ".join(f"{value} {_SQL_OPS[n.op]} {_param(params, n.value, cast)}" for n in nodes)
+    elements = " AND ".join(_any(n.op, _path("doc", n.field, params), n.value, params) for n in nodes)
+    return f"(({scalar}) OR ({_array_at(path)} AND {elements}))"
 
 
 def _containment(parts: Field, literal: Value, params: list[Any]) -> str | None:
@@ -161,19 +244,44 @@ def _column_leaf(node: Comparison | In | Exists, params: list[Any]) -> str:
     raise AssertionError(node)  # pragma: no cover
 
 
-def compile_filter(node: Node, params: list[Any]) -> str:
-    """A boolean SQL expression over the columns of ``things``; appends its parameters."""
+def compile_filter(
+    node: Node, params: list[Any], indexed: frozenset[Field] = frozenset(), positive: bool = True
+) -> str:
+    """A boolean SQL expression over the columns of ``things``; appends its parameters.
+
+    Ranges on ``indexed`` paths (see :func:`index_statements`) use those indexes where they
+    are not under a ``not`` (``positive``).
+    """
     match node:
+        case And(children) if positive and indexed:
+            ranges: dict[tuple[Field, bool], list[Comparison]] = {}
+            parts: list[str | tuple[Field, bool]] = []
+            for c in children:
+                key = _range_key(c, indexed)
+                if key is None:
+                    parts.append(compile_filter(c, params, indexed, positive))
+                    continue
+                if key not in ranges:
+                    parts.append(key)
+                ranges.setdefault(key, []).append(c)  # type: ignore[arg-type]
+            return (
+                "("
+                + " AND ".join(p if isinstance(p, str) else _indexed_ranges(ranges[p], params) for p in parts)
+                + ")"
+            )
         case And(children):
-            return "(" + " AND ".join(compile_filter(c, params) for c in children) + ")"
+            return "(" + " AND ".join(compile_filter(c, params, indexed, positive) for c in children) + ")"
         case Or(children):
-            return "(" + " OR ".join(compile_filter(c, params) for c in children) + ")"
+            return "(" + " OR ".join(compile_filter(c, params, indexed, positive) for c in children) + ")"
         case Not(child):
-            return f"(NOT {compile_filter(child, params)})"
+            return f"(NOT {compile_filter(child, params, indexed, not positive)})"
         case Comparison() | In() | Exists():
             field = node.field
             if field[0] in _COLUMNS:
                 return _column_leaf(node, params)
+            if positive and _range_key(node, indexed) is not None:
+                assert isinstance(node, Comparison)
+                return _indexed_ranges([node], params)
             if is_wildcard(field):
                 features = "CASE WHEN jsonb_typeof(doc -> 'features') = 'object' THEN doc -> 'features' END"
                 inner = _doc_leaf(node, _path("w.value", field[2:], params), params)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 
 from twinstore.store import Connection
+from twinstore.store.rql_sql import index_statements
 
-__all__ = ["MIGRATIONS", "WRITE_LOCK", "migrate"]
+__all__ = ["MIGRATIONS", "WRITE_LOCK", "ensure_search_indexes", "migrate"]
 
 log = logging.getLogger("twinstore.store")
 
@@ -101,6 +102,40 @@ MIGRATIONS: list[str] = [
     CREATE INDEX things_doc ON things USING gin (doc jsonb_path_ops);
     CREATE INDEX things_id_c ON things (id COLLATE "C");
     """,
+    # 6: the subjects that may read *every* part of a policy's things (READ granted on thing:/,
+    # without expiry, and no READ revoked anywhere in thing: for them). For those, search and
+    # count run the whole filter in SQL (twinstore.search); the others take the policy-aware
+    # path. Computed here, in one place, for the policy store's writes and for existing rows.
+    """
+    CREATE FUNCTION twinstore_read_revokers(doc jsonb) RETURNS text[]
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT coalesce(array_agg(DISTINCT s.key ORDER BY s.key), '{}')
+        FROM jsonb_each(CASE WHEN jsonb_typeof(doc -> 'entries') = 'object' THEN doc -> 'entries' END) e,
+             jsonb_each(CASE WHEN jsonb_typeof(e.value -> 'resources') = 'object'
+                        THEN e.value -> 'resources' END) r,
+             jsonb_each(CASE WHEN jsonb_typeof(e.value -> 'subjects') = 'object'
+                        THEN e.value -> 'subjects' END) s
+        WHERE r.key LIKE 'thing:%' AND coalesce(r.value -> 'revoke' ? 'READ', false)
+    $$;
+    CREATE FUNCTION twinstore_full_readers(doc jsonb) RETURNS text[]
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT coalesce(array_agg(DISTINCT s.key ORDER BY s.key), '{}')
+        FROM jsonb_each(CASE WHEN jsonb_typeof(doc -> 'entries') = 'object' THEN doc -> 'entries' END) e,
+             jsonb_each(CASE WHEN jsonb_typeof(e.value -> 'resources') = 'object'
+                        THEN e.value -> 'resources' END) r,
+             jsonb_each(CASE WHEN jsonb_typeof(e.value -> 'subjects') = 'object'
+                        THEN e.value -> 'subjects' END) s
+        WHERE r.key ~ '^thing:/+$' AND coalesce(r.value -> 'grant' ? 'READ', false)
+          AND NOT coalesce(s.value ? 'expiry', false)
+          AND s.key <> ALL (twinstore_read_revokers(doc))
+    $$;
+    ALTER TABLE policies ADD COLUMN full_readers text[] NOT NULL DEFAULT '{}',
+                         ADD COLUMN read_revokers text[] NOT NULL DEFAULT '{}';
+    UPDATE policies
+    SET full_readers = twinstore_full_readers(doc), read_revokers = twinstore_read_revokers(doc)
+    WHERE doc IS NOT NULL;
+    CREATE INDEX policies_full_readers ON policies USING gin (full_readers);
+    """,
 ]
 
 CREATE_MIGRATIONS = """
@@ -136,3 +171,39 @@ async def current_version(conn: Connection) -> int:
     if not exists:
         return 0
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM twinstore_migrations"))
+
+
+# Serialises adjusting the configured search indexes (processes starting together).
+SEARCH_INDEX_LOCK = 7_242_004
+
+
+async def ensure_search_indexes(conn: Connection, paths: list[tuple[str, ...]]) -> list[str]:
+    """Make the configured search indexes exactly these (see ``rql_sql.index_statements``).
+
+    Builds missing ones without blocking writes (``CONCURRENTLY``; an invalid leftover of an
+    interrupted build is rebuilt) and drops those of paths no longer configured. Returns the
+    names created. Processes starting together take turns (session advisory lock).
+    """
+    wanted: dict[str, str] = {}
+    for parts in paths:
+        wanted.update(index_statements(parts))
+    created: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", SEARCH_INDEX_LOCK)
+    try:
+        rows = await conn.fetch(
+            "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE i.indrelid = 'things'::regclass AND c.relname LIKE 'things\\_sx\\_%'"
+        )
+        present = {r["relname"]: r["indisvalid"] for r in rows}
+        for name, valid in present.items():
+            if name not in wanted or not valid:
+                await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
+                log.info("dropped search index", extra={"index": name})
+        for name, statement in wanted.items():
+            if not present.get(name, False):
+                await conn.execute(statement)
+                created.append(name)
+                log.info("created search index", extra={"index": name})
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", SEARCH_INDEX_LOCK)
+    return created
