@@ -105,6 +105,7 @@ class Page:
 
     states: list[ThingState]
     cursor: str | None
+    next_offset: int | None = None  # with limit(offset,count): the next page's offset, -1 at the end
 
 
 def _encode_value(value: Any) -> Any:
@@ -330,7 +331,9 @@ class SearchService:
         order = ", ".join(f"{expr} {'ASC' if asc else 'DESC'}" for expr, asc in terms)
         after = _uncursor(options.cursor, sort_spec, _kinds(options.sort)) if options.cursor else None
         found: list[tuple[ThingState, list[Any]]] = []
-        limit = options.size + 1  # enough when the caller reads every match; then bigger batches
+        skip = options.offset or 0  # limit(offset,count): matches read and passed over
+        want = skip + options.size
+        limit = min(want + 1, BATCH)  # enough when the caller reads every match; then batches
         while True:
             batch_params = list(params)
             conditions = list(where)
@@ -346,13 +349,21 @@ class SearchService:
                 visible = self._visible(row, views, node)
                 if visible is not None:
                     found.append((visible, [row[f"k{i}"] for i in range(len(terms))]))
-                    if len(found) > options.size:
-                        page = found[: options.size]
-                        return Page([s for s, _ in page], _cursor(sort_spec, page[-1][1]))
+                    if len(found) > want:
+                        return self._page(found[skip:want], sort_spec, options, more=True)
             if len(rows) < limit:
-                return Page([s for s, _ in found], None)
+                return self._page(found[skip:], sort_spec, options, more=False)
             after = [rows[-1][f"k{i}"] for i in range(len(terms))]
             limit = BATCH
+
+    @staticmethod
+    def _page(
+        found: list[tuple[ThingState, list[Any]]], sort_spec: str, options: SearchOptions, more: bool
+    ) -> Page:
+        states = [s for s, _ in found]
+        if options.offset is not None:
+            return Page(states, None, options.offset + options.size if more else -1)
+        return Page(states, _cursor(sort_spec, found[-1][1]) if more else None)
 
     async def count(self, auth: AuthContext, filter_text: str | None, namespaces: list[str] | None) -> int:
         """How many things the caller may read match the filter (Ditto's ``/search/things/count``).

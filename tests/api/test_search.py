@@ -67,7 +67,9 @@ async def search(client: httpx.AsyncClient, **params: str) -> dict[str, Any]:
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/json")
     found: dict[str, Any] = r.json()
-    assert set(found) <= {"items", "cursor"} and isinstance(found["items"], list), found
+    # nextPageOffset only with limit(offset,count), and then never a cursor
+    assert set(found) in ({"items"}, {"items", "cursor"}, {"items", "nextPageOffset"}), found
+    assert isinstance(found["items"], list), found
     if "cursor" in found:
         assert isinstance(found["cursor"], str) and found["cursor"], found
     return found
@@ -258,12 +260,26 @@ async def test_sizes_and_cursors(client: httpx.AsyncClient) -> None:
     assert [i["thingId"] for i in items] == names[::2]
     assert await count(client, namespaces=ns) == 230
 
+    # Ditto's deprecated limit(offset,count), still used by its JS client: nextPageOffset, -1 at the end
+    offsets, pages = [0], []
+    while offsets[-1] != -1:
+        r = await search(client, namespaces=ns, option=f"sort(-attributes/i),limit({offsets[-1]},47)")
+        assert "cursor" not in r
+        pages.append([i["thingId"] for i in r["items"]])
+        offsets.append(r["nextPageOffset"])
+    assert offsets == [0, 47, 94, 141, 188, -1]
+    assert [len(p) for p in pages] == [47, 47, 47, 47, 42]
+    assert [t for p in pages for t in p] == names[::-1]
+    odd = await search(client, namespaces=ns, filter="eq(attributes/odd,true)", option="limit(100,15)")
+    assert [i["thingId"] for i in odd["items"]] == names[201::2] and odd["nextPageOffset"] == -1
+
     for bad in (
         "size(201)",
         "size(0)",
         "size(-1)",
         "size(x)",
-        "limit(0,10)",
+        "limit(0,201)",
+        "limit(0,10),size(10)",
         "sort(+a),sort(-b)",
         "bogus(1)",
     ):

@@ -111,6 +111,7 @@ async def test_ditto_js_client_over_http_and_websocket(server_process: Any) -> N
     assert search["firstPage"] == [{"thingId": f"{namespace}:http-4", "attributes": {"n": 4}}]
     assert search["secondPage"] == [f"{namespace}:http-3"]
     assert search["posted"] == [f"{namespace}:http-2", f"{namespace}:http-4"]
+    assert search["limited"] == [f"{namespace}:http-2", f"{namespace}:http-3"]
     assert results["http_count"] == {"north": 2, "all": 4, "posted": 2}
     assert results["http_preconditions"] == {
         "etag": '"rev:1"',

@@ -295,6 +295,7 @@ def test_parser_never_crashes_near_the_grammar(text: str) -> None:
         ),
         ("cursor(AbC-_12),size(5)", SearchOptions(size=5, cursor="AbC-_12")),
         (" size( 3 ) , sort( thingId ) ", SearchOptions(sort=[(("thingId",), True)], size=3)),
+        ("limit( 40 , 20 )", SearchOptions(size=20, offset=40)),
     ],
 )
 def test_options(text: str | None, expected: SearchOptions) -> None:
@@ -304,7 +305,11 @@ def test_options(text: str | None, expected: SearchOptions) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("limit(0,10)", "deprecated"),
+        ("limit(0,0)", "count of limit must be a number from 1 to 200"),
+        ("limit(10)", "between the offset and count"),
+        ("limit(10001,5)", "offset of limit must be a number from 0 to 10000"),
+        ("limit(0,10),size(5)", "cannot be combined"),
+        ("cursor(abc),limit(0,10)", "cannot be combined"),
         ("size(0)", "from 1 to 200"),
         ("size(201)", "from 1 to 200"),
         ("size(x)", "from 1 to 200"),

@@ -82,6 +82,8 @@ async def search_things(request: Request[Any, Any, Any]) -> Response[bytes]:
     body: dict[str, Any] = {"items": [view_of(state, fields) for state in page.states]}
     if page.cursor is not None:
         body["cursor"] = page.cursor
+    if page.next_offset is not None:
+        body["nextPageOffset"] = page.next_offset
     return json_response(200, body, {"correlation-id": h.correlation_id})
 
 

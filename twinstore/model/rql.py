@@ -7,7 +7,7 @@ True
 >>> matches(parse_filter("ne(attributes/owner,'x')"), doc)
 False
 >>> parse_options("size(10),sort(+thingId,-attributes/x)")
-SearchOptions(sort=[(('thingId',), True), (('attributes', 'x'), False)], size=10, cursor=None)
+SearchOptions(sort=[(('thingId',), True), (('attributes', 'x'), False)], size=10, cursor=None, offset=None)
 
 The contract (``twinstore.store.rql_sql`` compiles the same AST to SQL with exactly these
 semantics, and a property test holds both to it):
@@ -75,6 +75,7 @@ MAX_DEPTH = 32
 MAX_LENGTH = 65_536
 DEFAULT_SIZE = 25
 MAX_SIZE = 200
+MAX_OFFSET = 10_000  # limit(offset,count) reads and skips `offset` matches: cursors go further
 
 Field: TypeAlias = tuple[str, ...]
 #: A literal: numbers are exact decimals; on ``_created`` / ``_modified`` strings become datetimes.
@@ -116,6 +117,7 @@ class SearchOptions(msgspec.Struct, frozen=True):
     sort: list[tuple[Field, bool]] = msgspec.field(default_factory=list)
     size: int = DEFAULT_SIZE
     cursor: str | None = None
+    offset: int | None = None  # Ditto's deprecated limit(offset,count): size is the count
 
 
 # ---- fields -------------------------------------------------------------------------------
@@ -352,7 +354,12 @@ def parse_condition(text: str | None) -> Node | None:
 
 
 def parse_options(text: str | None) -> SearchOptions:
-    """Parse Ditto's ``option`` parameter: ``sort(+f,-g)``, ``size(n)``, ``cursor(c)``."""
+    """Parse Ditto's ``option`` parameter: ``sort(+f,-g)``, ``size(n)``, ``cursor(c)`` (and the
+    deprecated ``limit(offset,count)``).
+
+    >>> parse_options("sort(-attributes/a),limit(50,10)")
+    SearchOptions(sort=[(('attributes', 'a'), False)], size=10, cursor=None, offset=50)
+    """
     if not text or not text.strip():
         return SearchOptions()
     p = _parser(text, "option")
@@ -368,12 +375,7 @@ def parse_options(text: str | None) -> SearchOptions:
                 items.append(_sort_item(p))
             seen[name] = items
         elif name == "size":
-            p.ws()
-            m = re.compile(r"[0-9]+").match(p.text, p.pos)
-            if not m or not 1 <= int(m.group()) <= MAX_SIZE:
-                raise p.fail(f"size must be a number from 1 to {MAX_SIZE}")
-            p.pos = m.end()
-            seen[name] = int(m.group())
+            seen[name] = _number(p, 1, MAX_SIZE, "size")
         elif name == "cursor":
             p.ws()
             m = re.compile(r"[^\s,()]+").match(p.text, p.pos)
@@ -381,15 +383,32 @@ def parse_options(text: str | None) -> SearchOptions:
                 raise p.fail("expected a cursor")
             p.pos = m.end()
             seen[name] = m.group()
-        elif name == "limit":
-            raise p.fail("'limit' is deprecated, use size(n) and cursor(c)", start)
+        elif name == "limit":  # deprecated by Ditto, still accepted (its JS client's withLimit)
+            offset = _number(p, 0, MAX_OFFSET, "the offset of limit")
+            p.expect(",", "between the offset and count of limit")
+            seen[name] = (offset, _number(p, 1, MAX_SIZE, "the count of limit"))
         else:
             raise p.fail(f"unknown option '{name}' (use sort, size, cursor)", start)
         p.expect(")", f"to close '{name}'")
         if not p.accept(","):
             break
     p.end()
+    if "limit" in seen:
+        if "size" in seen or "cursor" in seen:
+            raise p.fail("limit(offset,count) cannot be combined with size or cursor", 0)
+        offset, count = seen["limit"]
+        return SearchOptions(seen.get("sort", []), count, None, offset)
     return SearchOptions(seen.get("sort", []), seen.get("size", DEFAULT_SIZE), seen.get("cursor"))
+
+
+def _number(p: _Parser, low: int, high: int, what: str) -> int:
+    p.ws()
+    m = re.compile(r"[0-9]+").match(p.text, p.pos)
+    if not m or not low <= int(m.group()) <= high:
+        raise p.fail(f"{what} must be a number from {low} to {high}")
+    p.pos = m.end()
+    p.ws()
+    return int(m.group())
 
 
 def _sort_item(p: _Parser) -> tuple[Field, bool]:

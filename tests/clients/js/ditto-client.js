@@ -190,9 +190,20 @@ async function http() {
     );
     const postedIds = posted.items.map(t => t.thingId);
     check(deepEqual(postedIds, [`${ns}:http-2`, `${ns}:http-4`]), 'postSearch (form body)', postedIds);
+    // the deprecated limit(offset,count) still works, with nextPageOffset (-1 after the last page)
+    const limited = await search.search(
+      DefaultSearchOptions.getInstance().withNamespaces(ns).withSort('+thingId').withLimit(1, 2),
+    );
+    const limitedIds = limited.items.map(t => t.thingId);
+    check(deepEqual(limitedIds, [`${ns}:http-2`, `${ns}:http-3`]) && limited.nextPageOffset === 3,
+      'withLimit(1,2) pages by offset', { limitedIds, next: limited.nextPageOffset });
+    const last = await search.search(
+      DefaultSearchOptions.getInstance().withNamespaces(ns).withSort('+thingId').withLimit(3, 2),
+    );
+    check(last.items.length === 1 && last.nextPageOffset === -1, 'the last offset page', last.nextPageOffset);
     return {
       ids, firstPage: firstPage.items.map(t => t.toObject()), secondPage: secondPage.items.map(t => t.thingId),
-      posted: postedIds,
+      posted: postedIds, limited: limitedIds,
     };
   });
 
