@@ -293,9 +293,10 @@ async def test_examples(runtime: Runtime, text: str, expected: list[str]) -> Non
     assert fields_of(node)
 
 
-async def test_eq_on_a_plain_path_uses_the_gin_index(runtime: Runtime) -> None:
+@pytest.mark.parametrize("text", ['eq(attributes/a/b,"x")', 'in(attributes/a/b,"x",2,null)'])
+async def test_eq_and_in_on_a_plain_path_use_the_gin_index(runtime: Runtime, text: str) -> None:
     params: list[Any] = []
-    where = compile_filter(parse_filter('eq(attributes/a/b,"x")'), params)
+    where = compile_filter(parse_filter(text), params)
     assert "doc @> $" in where
     assert runtime.pool is not None
     async with runtime.pool.acquire() as con, con.transaction():
@@ -303,7 +304,7 @@ async def test_eq_on_a_plain_path_uses_the_gin_index(runtime: Runtime) -> None:
         plan = "\n".join(
             r[0] for r in await con.fetch(f"EXPLAIN SELECT id FROM things WHERE {where}", *params)
         )
-    assert "things_doc" in plan, plan
+    assert "things_doc" in plan and "Seq Scan" not in plan, plan
 
 
 async def test_ranges_on_configured_paths_use_the_search_indexes(runtime: Runtime) -> None:

@@ -287,10 +287,12 @@ def compile_filter(
                 inner = _doc_leaf(node, _path("w.value", field[2:], params), params)
                 return f"EXISTS (SELECT 1 FROM jsonb_each({features}) AS w WHERE {inner})"
             leaf = _doc_leaf(node, _path("doc", field, params), params)
-            if isinstance(node, Comparison) and node.op == "eq":
-                prefilter = _containment(field, node.value, params)
-                if prefilter:
-                    return f"({prefilter} AND {leaf})"
+            literals = [node.value] if isinstance(node, Comparison) and node.op == "eq" else []
+            if isinstance(node, In):
+                literals = list(node.values)
+            prefilters = [_containment(field, literal, params) for literal in literals]
+            if prefilters and all(prefilters):
+                return f"(({' OR '.join(p for p in prefilters if p)}) AND {leaf})"
             return leaf
     raise AssertionError(node)  # pragma: no cover
 
