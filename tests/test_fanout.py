@@ -21,6 +21,7 @@ from twinstore.fanout import (
     decode_event,
     filter_scope,
     intersect_scopes,
+    position_of,
 )
 from twinstore.model import rql
 from twinstore.model.thing import Event
@@ -222,3 +223,30 @@ async def test_a_change_reaches_only_the_sessions_whose_filter_names_its_thing(
         for sub in [*others, mine]:
             sub.close()
     assert not any(key.startswith(thing_id) for key in out._by_thing)  # unsubscribed from every key
+
+
+async def test_a_subscription_skips_deliveries_at_or_below_its_start(runtime: Runtime) -> None:
+    thing_id = new_thing_id()
+    sub = fanout(runtime).subscribe(DITTO, thing_ids=frozenset([thing_id]))
+    try:
+        view: Any = object()
+
+        def delivery(revision: int, position: int | None) -> Delivery:
+            event = Event(
+                thing_id=thing_id,
+                revision=revision,
+                timestamp=datetime.now(UTC),
+                action="modified",
+                path="/attributes/n",
+                value=revision,
+            )
+            return Delivery(event, view, position)
+
+        assert sub.offer(delivery(1, 10)) and sub.offer(delivery(2, 12))
+        sub.start_after(11)  # queued before the head was known: position 10 goes
+        assert sub.offer(delivery(3, 11)) and sub.offer(delivery(4, 13)) and sub.offer(delivery(5, None))
+        assert [(await next_delivery(sub)).event.revision for _ in range(3)] == [2, 4, 5]
+    finally:
+        sub.close()
+    assert position_of({"Twinstore-Position": "42"}) == 42
+    assert position_of({"Twinstore-Position": "x"}) is None and position_of(None) is None

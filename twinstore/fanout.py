@@ -17,6 +17,13 @@ from events at ``/`` or ``/policyId`` and, on a miss, from the journal) and the 
 :class:`PolicyCache`.
 A subscriber gets the readable part only (:func:`readable_event`).
 
+Deliveries carry the event's journal position (the relay's ``Twinstore-Position`` header). A
+live subscription starts after the journal's highest committed position at the time it is made
+(:meth:`Subscription.start_after`, :func:`~twinstore.bus.relay.journal_head`): the relay
+publishes after the commit, so the event of a change acknowledged before the subscription can
+still be on its way, and is dropped instead of looking like a change made after it (positions
+are handed out in commit order, so any change committed later has a higher one).
+
 Every subscriber's queue is bounded: a subscriber whose queue is full is dropped with a
 reason (``too slow: N events behind``) and its reader sees :class:`SlowConsumerError`; the
 others are unaffected.
@@ -37,6 +44,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from policies import SubjectView
+from twinstore.bus.relay import POSITION_HEADER
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache, readable_event
 from twinstore.model import rql
@@ -52,6 +60,7 @@ __all__ = [
     "decode_event",
     "filter_scope",
     "intersect_scopes",
+    "position_of",
 ]
 
 log = logging.getLogger("twinstore.fanout")
@@ -66,13 +75,24 @@ class SlowConsumerError(Exception):
 
 
 class Delivery:
-    """One readable event for one subscriber, with the view it was filtered by."""
+    """One readable event for one subscriber, with the view it was filtered by and its journal
+    position (None when the envelope did not say, e.g. one published by hand)."""
 
-    __slots__ = ("event", "view")
+    __slots__ = ("event", "position", "view")
 
-    def __init__(self, event: Event, view: SubjectView) -> None:
+    def __init__(self, event: Event, view: SubjectView, position: int | None = None) -> None:
         self.event = event
         self.view = view
+        self.position = position
+
+
+def position_of(headers: dict[str, str] | None) -> int | None:
+    """The journal position the relay put in the headers (None when absent or not a number)."""
+    text = (headers or {}).get(POSITION_HEADER)
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
 
 
 def decode_event(data: bytes, headers: dict[str, str] | None) -> Event | None:
@@ -194,11 +214,23 @@ class Subscription:
         self.namespaces = namespaces
         self.maxsize = maxsize
         self.reason: str | None = None
+        self.after = 0  # deliveries at or below this journal position are not for this subscriber
         self._items: deque[Delivery] = deque()
         self._wake = asyncio.Event()
 
+    def start_after(self, position: int) -> None:
+        """Drop deliveries at or below ``position`` (changes committed before the subscription),
+        also those already queued."""
+        self.after = position
+        self._items = deque(d for d in self._items if not self._before(d))
+
+    def _before(self, delivery: Delivery) -> bool:
+        return delivery.position is not None and delivery.position <= self.after
+
     def offer(self, delivery: Delivery) -> bool:
         """Queue a delivery; False (and dropped) when the queue is full."""
+        if self._before(delivery):
+            return True  # not this subscriber's: committed before it subscribed
         if len(self._items) >= self.maxsize:
             self.reason = f"too slow: {len(self._items)} events behind"
             self._items.clear()
@@ -330,7 +362,7 @@ class FanOut:
     async def handle(self, msg: Msg) -> None:
         event = decode_event(msg.data, msg.headers)
         if event is not None:
-            await self.dispatch(event)
+            await self.dispatch(event, position_of(msg.headers))
 
     def _remember(self, index: OrderedDict[str, Any], key: str, value: Any) -> None:
         index[key] = value
@@ -338,7 +370,7 @@ class FanOut:
         if len(index) > LRU_SIZE:
             index.popitem(last=False)
 
-    async def dispatch(self, event: Event) -> None:
+    async def dispatch(self, event: Event, position: int | None = None) -> None:
         """Dedupe, learn the policy id, and hand the readable part to each interested subscriber."""
         if self._last.get(event.thing_id, 0) >= event.revision:
             return
@@ -359,7 +391,7 @@ class FanOut:
             if sub.subjects not in shown:
                 view = await self.cache.view(policy_id, sub.subjects)
                 part = readable_event(view, event)
-                shown[sub.subjects] = None if view is None or part is None else Delivery(part, view)
+                shown[sub.subjects] = None if view is None or part is None else Delivery(part, view, position)
             delivery = shown[sub.subjects]
             if delivery is None:
                 continue

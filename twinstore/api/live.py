@@ -14,20 +14,26 @@ with the event (``extra`` in the envelope; merged into the SSE data).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import asyncpg
+
+from twinstore.bus.relay import journal_head
 from twinstore.enforcement import readable_thing
 from twinstore.enforcement import with_doc as _with_doc
-from twinstore.fanout import Delivery
+from twinstore.fanout import Delivery, Subscription
 from twinstore.model import rql
-from twinstore.model.errors import InvalidInputError
+from twinstore.model.errors import InvalidInputError, UnavailableError
 from twinstore.model.fields import parse_fields
 from twinstore.model.ids import parse_pointer, validate_namespace
 from twinstore.model.thing import Event, ThingState
 from twinstore.service import view_of
 
-__all__ = ["LiveQuery", "Matched", "event_thing", "parse_query"]
+__all__ = ["LiveQuery", "Matched", "event_thing", "from_now", "parse_query"]
+
+log = logging.getLogger("twinstore.live")
 
 Loader = Callable[[str], Awaitable[ThingState]]
 
@@ -122,3 +128,22 @@ def parse_query(params: Mapping[str, str]) -> LiveQuery:
     extra_text = params.get("extraFields")
     extra = parse_fields(extra_text) if extra_text is not None and extra_text.strip() else None
     return LiveQuery(namespaces, node, extra)
+
+
+async def from_now(sub: Subscription, pool: asyncpg.Pool) -> Subscription:
+    """``sub`` receiving only changes committed after this call (Ditto: nothing from before the
+    subscription), read from the journal's head; 503 (and ``sub`` closed) when it cannot be read.
+
+    Call it after subscribing and before acknowledging: every change committed after the head
+    was read reaches the subscription, nothing committed before it does.
+    """
+    try:
+        sub.start_after(await journal_head(pool))
+    except Exception as exc:  # any failure to read the head: the subscription cannot start
+        sub.close()
+        log.warning("journal head unavailable for a live subscription: %s", exc)
+        raise UnavailableError(
+            "The subscription could not be started: the event journal is unavailable.",
+            description="Try again later.",
+        ) from exc
+    return sub

@@ -9,7 +9,9 @@ the HTTP resource the stream was opened on, holding only what changed (Ditto's s
   elsewhere in the thing is not sent); ``id: <revision>``.
 
 With ``fields``, only the selected fields are sent, and a change touching none of them is not
-sent. Deletions are not sent (a deleted resource has no JSON). A comment line every
+sent. Deletions are not sent (a deleted resource has no JSON). Only changes committed after the
+stream's response starts are sent (the journal's head is read before the status line goes out,
+:func:`~twinstore.api.live.from_now`). A comment line every
 ``KEEPALIVE`` seconds keeps proxies from closing an idle stream; a client that does not keep up
 (its queue of :data:`~twinstore.fanout.QUEUE_SIZE` events fills) has its stream ended.
 """
@@ -19,14 +21,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from litestar import Request
 from litestar.response import Stream
+from litestar.response.base import ASGIResponse
+from litestar.types import Receive, Scope, Send
 
 from twinstore.api.headers import DittoHeaders
-from twinstore.api.live import LiveQuery, Matched, parse_query
+from twinstore.api.live import LiveQuery, Matched, from_now, parse_query
 from twinstore.auth import AuthContext
 from twinstore.fanout import SlowConsumerError, Subscription
 from twinstore.model import patch as jp
@@ -92,9 +96,44 @@ async def _events(
         sub.close()
 
 
-def _response(content: AsyncIterator[bytes], h: DittoHeaders) -> Stream:
+class _StartFromNow:
+    """The stream's ASGI response, started only once the subscription skips earlier changes.
+
+    The handlers that open streams are synchronous, so the journal head is read here, before
+    the status line: a change acknowledged after the client saw the response is always sent.
+    A head that cannot be read answers 503 (the error handler's body) instead of a stream.
+    """
+
+    def __init__(self, response: ASGIResponse, runtime: Runtime, sub: Subscription) -> None:
+        self.response = response
+        self.runtime = runtime
+        self.sub = sub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.runtime.pool is not None
+        try:
+            await from_now(self.sub, self.runtime.pool)
+            await self.response(scope, receive, send)
+        finally:
+            self.sub.close()  # also when the body was never iterated
+
+
+class _LiveStream(Stream):
+    __slots__ = ("runtime", "sub")
+
+    def __init__(self, content: AsyncIterator[bytes], runtime: Runtime, sub: Subscription, **kw: Any) -> None:
+        super().__init__(content=content, **kw)
+        self.runtime = runtime
+        self.sub = sub
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
+        response = super().to_asgi_response(*args, **kwargs)
+        return cast(ASGIResponse, _StartFromNow(response, self.runtime, self.sub))
+
+
+def _response(runtime: Runtime, sub: Subscription, content: AsyncIterator[bytes], h: DittoHeaders) -> Stream:
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "correlation-id": h.correlation_id}
-    return Stream(content=content, media_type=EVENT_STREAM, headers=headers)
+    return _LiveStream(content, runtime, sub, media_type=EVENT_STREAM, headers=headers)
 
 
 def things_stream(request: Request[Any, Any, Any], auth: AuthContext, h: DittoHeaders) -> Stream:
@@ -124,7 +163,7 @@ def things_stream(request: Request[Any, Any, Any], auth: AuthContext, h: DittoHe
         namespaces=None if thing_ids else live.namespaces,
         filter=live.filter,
     )
-    return _response(_events(runtime, sub, live, render, KEEPALIVE), h)
+    return _response(runtime, sub, _events(runtime, sub, live, render, KEEPALIVE), h)
 
 
 def thing_stream(
@@ -151,4 +190,4 @@ def thing_stream(
         return str(m.event.revision), value
 
     sub = runtime.fanout.subscribe(auth.subjects, thing_ids=frozenset([thing_id]))
-    return _response(_events(runtime, sub, live, render, KEEPALIVE), h)
+    return _response(runtime, sub, _events(runtime, sub, live, render, KEEPALIVE), h)

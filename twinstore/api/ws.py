@@ -29,7 +29,7 @@ from litestar.handlers import WebsocketRouteHandler
 
 from twinstore import protocol
 from twinstore.api.auth import authenticate
-from twinstore.api.live import LiveQuery, parse_query
+from twinstore.api.live import LiveQuery, from_now, parse_query
 from twinstore.auth import AuthContext
 from twinstore.bus.envelope import event_envelope
 from twinstore.fanout import SlowConsumerError, Subscription
@@ -155,7 +155,11 @@ class Session:
                 self._enqueue(protocol.error_envelope(exc, protocol.UNKNOWN_ERRORS_TOPIC))
                 return
             await self._stop_events()
-            self._start_events(live)
+            try:
+                await self._start_events(live)
+            except DittoError as exc:
+                self._enqueue(protocol.error_envelope(exc, protocol.UNKNOWN_ERRORS_TOPIC))
+                return
         elif name == "STOP-SEND-EVENTS":
             await self._stop_events()
         elif name not in ("START-SEND-MESSAGES", "STOP-SEND-MESSAGES"):
@@ -165,10 +169,16 @@ class Session:
         # Messages are acknowledged; none are sent yet (they come with the messages API).
         self.outbox.put_nowait((f"{name}:ACK", "slot"))
 
-    def _start_events(self, live: LiveQuery) -> None:
-        fanout = self.runtime.fanout
-        assert fanout is not None
+    async def _start_events(self, live: LiveQuery) -> None:
+        """Subscribe, then skip what was committed before (the ACK follows, see :func:`from_now`)."""
+        fanout, pool = self.runtime.fanout, self.runtime.pool
+        assert fanout is not None and pool is not None
         self.events = fanout.subscribe(self.auth.subjects, namespaces=live.namespaces, filter=live.filter)
+        try:
+            await from_now(self.events, pool)  # closes it on failure
+        except DittoError:
+            self.events = None
+            raise
         self.pump = asyncio.create_task(self._pump_events(self.events, live))
 
     async def _stop_events(self) -> None:

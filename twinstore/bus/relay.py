@@ -33,7 +33,7 @@ from twinstore.bus.envelope import event_envelope
 from twinstore.bus.subjects import Subjects
 from twinstore.store.journal import event_from_row
 
-__all__ = ["Relay", "ensure_events_stream"]
+__all__ = ["POSITION_HEADER", "Relay", "ensure_events_stream", "journal_head"]
 
 log = logging.getLogger("twinstore.relay")
 
@@ -47,6 +47,9 @@ SELECT position, id, revision, ts, action, path, value::text AS value, originato
 FROM journal WHERE position > $1 AND entity = 'thing' ORDER BY position LIMIT $2
 """
 SELECT_CURSOR = "SELECT position FROM relay_cursor WHERE name = $1"
+# Positions are handed out in commit order (the journal's write lock), so every change that
+# commits after this statement's snapshot gets a higher one. One backward step of an index.
+SELECT_HEAD = "SELECT coalesce(max(position), 0) FROM journal"
 SAVE_CURSOR = """
 INSERT INTO relay_cursor (name, position) VALUES ($1, $2)
 ON CONFLICT (name) DO UPDATE SET position = greatest(relay_cursor.position, excluded.position)
@@ -69,6 +72,12 @@ async def ensure_events_stream(
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
         await js.update_stream(config)
+
+
+async def journal_head(pool: asyncpg.Pool) -> int:
+    """The journal's highest committed position (0 when it is empty)."""
+    async with pool.acquire() as con:
+        return int(await con.fetchval(SELECT_HEAD))
 
 
 class Relay:
