@@ -10,6 +10,11 @@ Topics (Ditto's):
 * ``<namespace>/<name>/things/twin/commands/<create|retrieve|modify|merge|delete>``, ``path`` a
   JSON pointer inside the thing; ``_/_/things/twin/commands/retrieve`` with
   ``{"thingIds": [...]}`` retrieves several things;
+* ``<namespace>/<name>/things/live/messages/<subject>``, ``path``
+  ``[/features/<featureId>]/<inbox|outbox>/messages/<subject>``: a live message, sent through
+  :class:`~twinstore.messages.MessageService` (the answer is the receiver's response envelope,
+  none for ``response-required: false`` or ``timeout: 0``); with a ``status`` it is a receiver's
+  response to a message it got, routed back to the sender (no answer);
 * ``<namespace>/<name>/policies/commands/<create|retrieve|modify|delete>``, ``path`` one of
   ``/``, ``/entries``, ``/entries/<label>``, ``/entries/<label>/subjects[/<subjectId>]``,
   ``/entries/<label>/resources[/<resourceKey>]``; the resource key is everything after
@@ -35,6 +40,7 @@ import orjson
 
 from policies import PolicyInvalidError, parse_resource_key
 from twinstore.auth import AuthContext
+from twinstore.messages import message_from_envelope
 from twinstore.model import etag
 from twinstore.model.errors import (
     DittoError,
@@ -396,6 +402,35 @@ async def execute(envelope: Any, auth: AuthContext, runtime: Runtime) -> dict[st
         return error_envelope(error, _errors_topic_of(topic_text), correlation)
 
 
+def _is_live_message(topic: Any) -> bool:
+    return isinstance(topic, str) and topic.split("/")[2:5] == ["things", "live", "messages"]
+
+
+async def _live_message(
+    envelope: dict[str, Any], auth: AuthContext, runtime: Runtime, origin: str | None
+) -> dict[str, Any] | None:
+    """A live message (its response envelope, or None) or a receiver's response (None)."""
+    topic = str(envelope["topic"])
+    correlation = _correlation_id(envelope.get("headers"))
+    parts = topic.split("/")
+    errors = f"{parts[0]}/{parts[1]}/things/live/errors"
+    try:
+        assert runtime.messages is not None
+        h = parse_headers(envelope)
+        correlation = h.correlation_id
+        if "status" in envelope:
+            await runtime.messages.respond(auth, envelope, origin)
+            return None
+        message = message_from_envelope(envelope, auth.subject)
+        return await runtime.messages.send(auth, message, condition=h.condition, origin=origin)
+    except DittoError as exc:
+        return error_envelope(exc, errors, correlation)
+    except Exception:
+        log.exception("unhandled error in a live message", extra={"correlation_id": correlation})
+        error = DittoError("An unexpected error occurred; it was logged.")
+        return error_envelope(error, errors, correlation)
+
+
 def _wants_response(envelope: Any) -> bool:
     headers = envelope.get("headers") if isinstance(envelope, dict) else None
     if not isinstance(headers, dict):
@@ -404,16 +439,24 @@ def _wants_response(envelope: Any) -> bool:
     return not (value is False or (isinstance(value, str) and value.strip().lower() == "false"))
 
 
-async def handle(envelope: Any, auth: AuthContext, runtime: Runtime) -> dict[str, Any] | None:
+async def handle(
+    envelope: Any, auth: AuthContext, runtime: Runtime, *, origin: str | None = None
+) -> dict[str, Any] | None:
     """As :func:`execute`, but ``None`` when the command said ``response-required: false``.
 
-    Like Ditto, such a command gets no answer at all, not even an error.
+    Like Ditto, such a command gets no answer at all, not even an error. Live messages are
+    sent (``origin``: the sending connection, which does not get its own message back).
     """
+    if isinstance(envelope, dict) and _is_live_message(envelope.get("topic")):
+        answer = await _live_message(envelope, auth, runtime, origin)
+        return answer if _wants_response(envelope) else None
     response = await execute(envelope, auth, runtime)
     return response if _wants_response(envelope) else None
 
 
-async def handle_text(data: str | bytes, auth: AuthContext, runtime: Runtime) -> dict[str, Any] | None:
+async def handle_text(
+    data: str | bytes, auth: AuthContext, runtime: Runtime, *, origin: str | None = None
+) -> dict[str, Any] | None:
     """:func:`handle` for an envelope still in its JSON text (invalid JSON is a 400 envelope)."""
     try:
         envelope = orjson.loads(data)
@@ -421,4 +464,4 @@ async def handle_text(data: str | bytes, auth: AuthContext, runtime: Runtime) ->
         text = data if isinstance(data, str) else data.decode(errors="replace")
         error = JsonInvalidError(f"Failed to parse the Ditto Protocol message '{text[:200]}': {exc}")
         return error_envelope(error, UNKNOWN_ERRORS_TOPIC)
-    return await handle(envelope, auth, runtime)
+    return await handle(envelope, auth, runtime, origin=origin)

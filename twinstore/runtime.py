@@ -18,6 +18,7 @@ from twinstore.bus.relay import Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache
 from twinstore.fanout import FanOut
+from twinstore.messages import MessageService
 from twinstore.policy_service import PolicyService
 from twinstore.search import SearchService
 from twinstore.service import ThingService
@@ -68,6 +69,7 @@ class Runtime:
         self.policies: PolicyService | None = None
         self.search: SearchService | None = None
         self.fanout: FanOut | None = None
+        self.messages: MessageService | None = None
         self._listener: asyncio.Task[None] | None = None
         self._stop_listener = asyncio.Event()
         self.auth = Authenticator.from_settings(settings)
@@ -116,6 +118,8 @@ class Runtime:
         self.search = SearchService(pool, cache, frozenset(s.search_index_paths))
         self.fanout = FanOut(nc, self.subjects, cache, self.journal.load)
         await self.fanout.start()
+        self.messages = MessageService(nc, self.subjects, cache, self.journal.load)
+        await self.messages.start()
         self._listener = asyncio.create_task(
             store.listen(lambda: asyncpg.connect(database_url), cache.invalidate, self._stop_listener),
             name="twinstore-policy-listener",
@@ -125,6 +129,8 @@ class Runtime:
         """Finish in-flight writes, publish what was committed, then disconnect."""
         if self.fanout is not None:
             await self.fanout.stop()
+        if self.messages is not None:
+            await self.messages.stop()
         if self._listener is not None:
             self._stop_listener.set()
             await self._listener

@@ -19,6 +19,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 
 import twinstore
 from twinstore.api.headers import correlation_id
+from twinstore.api.messages import message_handlers
 from twinstore.api.policies import policy_handlers
 from twinstore.api.search import search_handlers
 from twinstore.api.things import json_response, thing_handlers
@@ -106,6 +107,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
         route_handlers=[
             health,
             *thing_handlers(),
+            *message_handlers(),
             *policy_handlers(),
             *search_handlers(),
             *whoami_handlers(),

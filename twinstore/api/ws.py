@@ -12,6 +12,10 @@ browsers may pass a JWT as ``?access_token=<jwt>``. An unauthenticated upgrade i
 with a 401 and Ditto's error body (where the server cannot send an HTTP answer to an upgrade,
 it is closed with 1008). The text message ``JWT-TOKEN?jwtToken=<jwt>`` replaces the session's
 token; a token that does not authenticate closes the connection (1008, with the reason).
+
+``START-SEND-MESSAGES[?namespaces=..&filter=..]`` streams the live messages the session may
+READ (:mod:`twinstore.messages`), its own excepted; it sends messages (and responses to those
+it received) as Ditto Protocol envelopes on ``.../things/live/messages/<subject>``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import uuid
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
@@ -33,6 +38,7 @@ from twinstore.api.live import LiveQuery, from_now, parse_query
 from twinstore.auth import AuthContext
 from twinstore.bus.envelope import event_envelope
 from twinstore.fanout import SlowConsumerError, Subscription
+from twinstore.messages import MessageSubscription, SlowReceiverError
 from twinstore.model.errors import DittoError, TooLargeError
 from twinstore.runtime import Runtime
 
@@ -86,6 +92,9 @@ class Session:
         self.window = asyncio.Semaphore(EVENT_WINDOW)
         self.events: Subscription | None = None
         self.pump: asyncio.Task[None] | None = None
+        self.id = uuid.uuid4().hex  # the origin of the messages it sends (not echoed to it)
+        self.messages: MessageSubscription | None = None
+        self.message_pump: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.max_message = runtime.settings.max_body_bytes
@@ -98,6 +107,7 @@ class Session:
             await asyncio.wait({receiver, sender, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await self._stop_events()
+            await self._stop_messages()
             for task in (receiver, sender, closed):
                 task.cancel()
             await asyncio.gather(receiver, sender, closed, return_exceptions=True)
@@ -162,11 +172,20 @@ class Session:
                 return
         elif name == "STOP-SEND-EVENTS":
             await self._stop_events()
-        elif name not in ("START-SEND-MESSAGES", "STOP-SEND-MESSAGES"):
+        elif name == "START-SEND-MESSAGES":
+            try:
+                live = parse_query(dict(parse_qsl(query, keep_blank_values=True)))
+            except DittoError as exc:
+                self._enqueue(protocol.error_envelope(exc, protocol.UNKNOWN_ERRORS_TOPIC))
+                return
+            await self._stop_messages()
+            self._start_messages(live)
+        elif name == "STOP-SEND-MESSAGES":
+            await self._stop_messages()
+        else:
             error = NotSupportedError(f"'{name}' is not supported yet.")
             self._enqueue(protocol.error_envelope(error, protocol.UNKNOWN_ERRORS_TOPIC))
             return
-        # Messages are acknowledged; none are sent yet (they come with the messages API).
         self.outbox.put_nowait((f"{name}:ACK", "slot"))
 
     async def _start_events(self, live: LiveQuery) -> None:
@@ -215,10 +234,41 @@ class Session:
                 await asyncio.wait_for(self.socket.close(POLICY_VIOLATION, _reason(str(exc))), 5)
             self.closed.set()
 
+    def _start_messages(self, live: LiveQuery) -> None:
+        service = self.runtime.messages
+        assert service is not None
+        self.messages = service.subscribe(
+            self.auth.subjects, namespaces=live.namespaces, filter=live.filter, origin=self.id
+        )
+        self.message_pump = asyncio.create_task(self._pump_messages(self.messages))
+
+    async def _stop_messages(self) -> None:
+        pump, messages = self.message_pump, self.messages
+        self.message_pump = self.messages = None
+        if messages is not None:
+            messages.close()
+        if pump is not None:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _pump_messages(self, messages: MessageSubscription) -> None:
+        """Messages -> outbox, sharing the event window; a full subscription drops the session."""
+        try:
+            while True:
+                envelope = await messages.get()
+                await self.window.acquire()
+                self.outbox.put_nowait((orjson.dumps(envelope).decode(), "event"))
+        except SlowReceiverError as exc:
+            log.warning("websocket message receiver dropped: %s", exc)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.socket.close(POLICY_VIOLATION, _reason(str(exc))), 5)
+            self.closed.set()
+
     async def _process(self, data: str | bytes) -> None:
         queued = False
         try:
-            response = await protocol.handle_text(data, self.auth, self.runtime)
+            response = await protocol.handle_text(data, self.auth, self.runtime, origin=self.id)
             if response is not None:
                 self._enqueue(response)
                 queued = True
