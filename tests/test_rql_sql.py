@@ -30,7 +30,13 @@ from twinstore.model.rql import (
     sort_key,
 )
 from twinstore.runtime import Runtime
-from twinstore.store.rql_sql import compile_filter, compile_order, index_statements, indexable
+from twinstore.store.rql_sql import (
+    compile_filter,
+    compile_order,
+    index_statements,
+    indexable,
+    statistics_statements,
+)
 from twinstore.store.schema import ensure_search_indexes
 
 CREATE = "CREATE TEMP TABLE things_t (LIKE things) ON COMMIT DROP"
@@ -314,7 +320,9 @@ async def test_ranges_on_configured_paths_use_the_search_indexes(runtime: Runtim
     floor, name = ("attributes", "floor"), ("features", "env", "properties", "name")
     async with runtime.pool.acquire() as con:
         created = await ensure_search_indexes(con, [floor, name])
-        assert sorted(created) == sorted([*index_statements(floor), *index_statements(name)])
+        expected = [*index_statements(floor), *index_statements(name)]
+        expected += [*statistics_statements(floor), *statistics_statements(name)]
+        assert sorted(created) == sorted(expected)
         assert await ensure_search_indexes(con, [floor, name]) == []  # idempotent
         for text in ("gt(attributes/floor,40)", 'le(features/env/properties/name,"m")'):
             params: list[Any] = []
@@ -333,3 +341,4 @@ async def test_ranges_on_configured_paths_use_the_search_indexes(runtime: Runtim
         assert sorted(r[0] for r in left) == sorted(index_statements(floor))
         await ensure_search_indexes(con, [])
         assert not await con.fetch("SELECT 1 FROM pg_indexes WHERE indexname LIKE 'things_sx_%'")
+        assert not await con.fetch("SELECT 1 FROM pg_statistic_ext WHERE stxname LIKE 'things_sx_%'")

@@ -44,8 +44,13 @@ async def test_readers_follow_policy_writes(client: httpx.AsyncClient, runtime: 
 async def full_readers(runtime: Runtime, policy_id: str) -> tuple[list[str], list[str]]:
     assert runtime.pool is not None
     async with runtime.pool.acquire() as con:
-        row = await con.fetchrow("SELECT full_readers, read_revokers FROM policies WHERE id = $1", policy_id)
+        row = await con.fetchrow(
+            "SELECT readers, full_readers, read_revokers, partial_readers FROM policies WHERE id = $1",
+            policy_id,
+        )
     assert row is not None
+    # partial_readers: those who read something but not everything (search's policy-aware path)
+    assert list(row["partial_readers"]) == [s for s in row["readers"] if s not in row["full_readers"]]
     return list(row["full_readers"]), list(row["read_revokers"])
 
 

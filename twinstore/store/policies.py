@@ -39,13 +39,10 @@ WITH appended AS (
     INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
     VALUES ('policy', $1, $2, $3, $4, $5, $6::text::json, $7, $8, $9)
 )
-INSERT INTO policies (id, revision, created, modified, doc, hash, readers, full_readers, read_revokers)
-SELECT $1, $2, $10, $3, d.doc, $9, $12::text[],
-    coalesce(twinstore_full_readers(d.doc), '{}'), coalesce(twinstore_read_revokers(d.doc), '{}')
-FROM (SELECT $11::text::jsonb AS doc) AS d
+INSERT INTO policies (id, revision, created, modified, doc, hash, readers)
+VALUES ($1, $2, $10, $3, $11::text::jsonb, $9, $12::text[])
 ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
-    modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers,
-    full_readers = excluded.full_readers, read_revokers = excluded.read_revokers
+    modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers
 """
 
 

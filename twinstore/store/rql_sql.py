@@ -33,7 +33,14 @@ from twinstore.model.rql import (
     parse_filter,
 )
 
-__all__ = ["compile_filter", "compile_order", "index_statements", "order_terms", "parse_filter"]
+__all__ = [
+    "compile_filter",
+    "compile_order",
+    "index_statements",
+    "order_terms",
+    "parse_filter",
+    "statistics_statements",
+]
 
 _SQL_OPS = {"eq": "=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 # `#>` indexes arrays with integer-looking segments (even negative ones); paths walk objects only,
@@ -148,6 +155,15 @@ def index_statements(parts: Field) -> dict[str, str]:
         f"{stem}_s": f"CREATE INDEX CONCURRENTLY {stem}_s ON things (({_text_at(path)}))",
         f"{stem}_a": f"CREATE INDEX CONCURRENTLY {stem}_a ON things (id) WHERE {_array_at(path)}",
     }
+
+
+def statistics_statements(parts: Field) -> dict[str, str]:
+    """Statistics on the JSON type at a configured search path, so that the planner knows how
+    rare arrays are there (without them it guesses 0.5 %, and may walk the table in id order
+    for a range that matches a handful of things)."""
+    path = path_constant(parts)
+    stem = "things_sx_" + hashlib.sha1("/".join(parts).encode()).hexdigest()[:16]
+    return {f"{stem}_t": f"CREATE STATISTICS {stem}_t ON (jsonb_typeof(doc #> {path})) FROM things"}
 
 
 def _range_key(node: Node, indexed: frozenset[Field]) -> tuple[Field, bool] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from twinstore.store import Connection
-from twinstore.store.rql_sql import index_statements
+from twinstore.store.rql_sql import index_statements, statistics_statements
 
 __all__ = ["MIGRATIONS", "WRITE_LOCK", "ensure_search_indexes", "migrate"]
 
@@ -102,10 +102,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX things_doc ON things USING gin (doc jsonb_path_ops);
     CREATE INDEX things_id_c ON things (id COLLATE "C");
     """,
-    # 6: the subjects that may read *every* part of a policy's things (READ granted on thing:/,
-    # without expiry, and no READ revoked anywhere in thing: for them). For those, search and
-    # count run the whole filter in SQL (twinstore.search); the others take the policy-aware
-    # path. Computed here, in one place, for the policy store's writes and for existing rows.
+    # 6: per policy, the subjects that may read *every* part of its things (READ granted on
+    # thing:/, without expiry, and no READ revoked anywhere in thing: for them): for those,
+    # search and count run the whole filter in SQL (twinstore.search). The others that read
+    # something (partial_readers), and those named by a READ revoke, take the policy-aware path.
+    # Generated from the document, so every write and every existing row has them.
     """
     CREATE FUNCTION twinstore_read_revokers(doc jsonb) RETURNS text[]
     LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -129,12 +130,17 @@ MIGRATIONS: list[str] = [
           AND NOT coalesce(s.value ? 'expiry', false)
           AND s.key <> ALL (twinstore_read_revokers(doc))
     $$;
-    ALTER TABLE policies ADD COLUMN full_readers text[] NOT NULL DEFAULT '{}',
-                         ADD COLUMN read_revokers text[] NOT NULL DEFAULT '{}';
-    UPDATE policies
-    SET full_readers = twinstore_full_readers(doc), read_revokers = twinstore_read_revokers(doc)
-    WHERE doc IS NOT NULL;
-    CREATE INDEX policies_full_readers ON policies USING gin (full_readers);
+    CREATE FUNCTION twinstore_minus(a text[], b text[]) RETURNS text[]
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT coalesce(array_agg(x ORDER BY x), '{}') FROM unnest(a) AS x WHERE x <> ALL (b)
+    $$;
+    ALTER TABLE policies
+        ADD COLUMN full_readers text[] NOT NULL GENERATED ALWAYS AS (twinstore_full_readers(doc)) STORED,
+        ADD COLUMN read_revokers text[] NOT NULL GENERATED ALWAYS AS (twinstore_read_revokers(doc)) STORED,
+        ADD COLUMN partial_readers text[] NOT NULL
+            GENERATED ALWAYS AS (twinstore_minus(readers, twinstore_full_readers(doc))) STORED;
+    CREATE INDEX policies_partial_readers ON policies USING gin (partial_readers);
+    CREATE INDEX policies_read_revokers ON policies USING gin (read_revokers);
     """,
 ]
 
@@ -181,12 +187,15 @@ async def ensure_search_indexes(conn: Connection, paths: list[tuple[str, ...]]) 
     """Make the configured search indexes exactly these (see ``rql_sql.index_statements``).
 
     Builds missing ones without blocking writes (``CONCURRENTLY``; an invalid leftover of an
-    interrupted build is rebuilt) and drops those of paths no longer configured. Returns the
-    names created. Processes starting together take turns (session advisory lock).
+    interrupted build is rebuilt) and drops those of paths no longer configured, with their
+    statistics (``rql_sql.statistics_statements``); analyzes ``things`` when it added any.
+    Returns the names created. Processes starting together take turns (session advisory lock).
     """
-    wanted: dict[str, str] = {}
+    indexes: dict[str, str] = {}
+    statistics: dict[str, str] = {}
     for parts in paths:
-        wanted.update(index_statements(parts))
+        indexes.update(index_statements(parts))
+        statistics.update(statistics_statements(parts))
     created: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", SEARCH_INDEX_LOCK)
     try:
@@ -196,14 +205,27 @@ async def ensure_search_indexes(conn: Connection, paths: list[tuple[str, ...]]) 
         )
         present = {r["relname"]: r["indisvalid"] for r in rows}
         for name, valid in present.items():
-            if name not in wanted or not valid:
+            if name not in indexes or not valid:
                 await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
                 log.info("dropped search index", extra={"index": name})
-        for name, statement in wanted.items():
+        for name, statement in indexes.items():
             if not present.get(name, False):
                 await conn.execute(statement)
                 created.append(name)
                 log.info("created search index", extra={"index": name})
+        rows = await conn.fetch(
+            "SELECT stxname FROM pg_statistic_ext WHERE stxrelid = 'things'::regclass "
+            "AND stxname LIKE 'things\\_sx\\_%'"
+        )
+        present_statistics = {r["stxname"] for r in rows}
+        for name in present_statistics - set(statistics):
+            await conn.execute(f'DROP STATISTICS IF EXISTS "{name}"')
+        for name, statement in statistics.items():
+            if name not in present_statistics:
+                await conn.execute(statement)
+                created.append(name)
+        if created:
+            await conn.execute("ANALYZE things")
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", SEARCH_INDEX_LOCK)
     return created
