@@ -141,6 +141,8 @@ MIGRATIONS: list[str] = [
             GENERATED ALWAYS AS (twinstore_minus(readers, twinstore_full_readers(doc))) STORED;
     CREATE INDEX policies_partial_readers ON policies USING gin (partial_readers);
     CREATE INDEX policies_read_revokers ON policies USING gin (read_revokers);
+    -- search joins every candidate thing with these columns: index-only, a fifth of the table
+    CREATE INDEX policies_access ON policies (id) INCLUDE (readers, full_readers, read_revokers);
     """,
 ]
 
