@@ -32,6 +32,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import random  # noqa: E402
 import secrets  # noqa: E402
 import statistics  # noqa: E402
@@ -310,6 +311,7 @@ async def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[l
     rows: list[list[object]] = []
     try:
         server.start()
+        load_before = os.getloadavg()[0]
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             for query in QUERIES:
                 for kind in ("page", "count"):
@@ -318,6 +320,10 @@ async def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[l
                     baseline = await time_sql(pool, query, kind, args.repeat)
                     rows.append(timing.row(baseline))
                     print(markdown_table(HEADERS, [rows[-1]]).splitlines()[-1], flush=True)
+        facts.append(
+            f"load average (1 min) on the 2-core machine: {load_before:.2f} when the queries began, "
+            f"{os.getloadavg()[0]:.2f} at their end (requests are sequential: about 1 core is the run's own)"
+        )
     finally:
         server.stop()
         await server.delete_stream()
