@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/journal.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/policies.py
+	$(BIN)/python bench/search.py
+	$(BIN)/python bench/fanout.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(JS_CLIENT)/node_modules
