@@ -47,6 +47,7 @@ from policies import SubjectView
 from twinstore.bus.relay import POSITION_HEADER
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache, readable_event
+from twinstore.mailbox import Mailbox, SlowConsumerError
 from twinstore.model import rql
 from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Event, ThingState
@@ -68,10 +69,6 @@ log = logging.getLogger("twinstore.fanout")
 QUEUE_SIZE = 1024
 LRU_SIZE = 100_000
 _ACTIONS = ("created", "modified", "merged", "deleted")
-
-
-class SlowConsumerError(Exception):
-    """The subscriber did not keep up and was dropped (the message is the reason)."""
 
 
 class Delivery:
@@ -196,7 +193,7 @@ def filter_scope(node: rql.Node | None) -> Scope:
             return None
 
 
-class Subscription:
+class Subscription(Mailbox[Delivery]):
     """One subscriber: what it wants (thing ids / namespaces / all) and its bounded queue."""
 
     def __init__(
@@ -208,15 +205,12 @@ class Subscription:
         namespaces: frozenset[str] | None = None,
         maxsize: int = QUEUE_SIZE,
     ) -> None:
+        super().__init__(maxsize, "events")
         self.fanout = fanout
         self.subjects = subjects
         self.thing_ids = thing_ids
         self.namespaces = namespaces
-        self.maxsize = maxsize
-        self.reason: str | None = None
         self.after = 0  # deliveries at or below this journal position are not for this subscriber
-        self._items: deque[Delivery] = deque()
-        self._wake = asyncio.Event()
 
     def start_after(self, position: int) -> None:
         """Drop deliveries at or below ``position`` (changes committed before the subscription),
@@ -231,25 +225,7 @@ class Subscription:
         """Queue a delivery; False (and dropped) when the queue is full."""
         if self._before(delivery):
             return True  # not this subscriber's: committed before it subscribed
-        if len(self._items) >= self.maxsize:
-            self.reason = f"too slow: {len(self._items)} events behind"
-            self._items.clear()
-            self._wake.set()
-            return False
-        self._items.append(delivery)
-        self._wake.set()
-        return True
-
-    async def get(self) -> Delivery:
-        """The next delivery; raises :class:`SlowConsumerError` once dropped."""
-        while not self._items:
-            if self.reason is not None:
-                raise SlowConsumerError(self.reason)
-            self._wake.clear()
-            await self._wake.wait()
-        if self.reason is not None:
-            raise SlowConsumerError(self.reason)
-        return self._items.popleft()
+        return self.put(delivery)
 
     def close(self) -> None:
         self.fanout.unsubscribe(self)
@@ -299,8 +275,7 @@ class FanOut:
             await task
         indexed = [*self._by_thing.values(), *self._by_namespace.values()]
         for sub in {*self._all, *(s for group in indexed for s in group)}:
-            sub.reason = sub.reason or "server shutting down"
-            sub._wake.set()
+            sub.drop("server shutting down")
 
     # ---- subscribers ----------------------------------------------------------------------
 

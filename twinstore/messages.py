@@ -42,6 +42,7 @@ from policies import READ, WRITE
 from twinstore.auth import AuthContext
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache, check_condition, readable_thing
+from twinstore.mailbox import Mailbox
 from twinstore.model import rql
 from twinstore.model.errors import (
     DittoError,
@@ -61,7 +62,6 @@ __all__ = [
     "MessageSubscription",
     "MessageTimeoutError",
     "SendNotAllowedError",
-    "SlowReceiverError",
     "SubjectInvalidError",
     "TimeoutInvalidError",
     "decode_payload",
@@ -108,10 +108,6 @@ class SendNotAllowedError(ForbiddenError):
         "Please make sure that the Thing exists and that you have WRITE permissions on the message "
         "resource in the policy of the Thing."
     )
-
-
-class SlowReceiverError(Exception):
-    """The message subscriber did not keep up and was dropped (the message is the reason)."""
 
 
 # RFC 3986 path characters (segments separated by '/'), percent-encodings allowed.
@@ -288,7 +284,7 @@ def message_from_envelope(envelope: dict[str, Any], originator: str) -> Message:
     )
 
 
-class MessageSubscription:
+class MessageSubscription(Mailbox[dict[str, Any]]):
     """One receiver (a WebSocket session): what it wants and its bounded queue of envelopes."""
 
     def __init__(
@@ -301,38 +297,21 @@ class MessageSubscription:
         origin: str | None,
         maxsize: int = QUEUE_SIZE,
     ) -> None:
+        super().__init__(maxsize, "messages")
         self.service = service
         self.subjects = subjects
         self.namespaces = namespaces
         self.filter = filter
         self.origin = origin
-        self.maxsize = maxsize
-        self.reason: str | None = None
-        self._items: deque[dict[str, Any]] = deque()
-        self._wake = asyncio.Event()
 
     def offer(self, envelope: dict[str, Any]) -> None:
         """Queue an envelope; a full queue drops the subscriber (its reader sees why)."""
-        if len(self._items) >= self.maxsize:
-            self.end(f"too slow: {len(self._items)} messages behind")
-            return
-        self._items.append(envelope)
-        self._wake.set()
+        if not self.put(envelope):
+            self.end(self.reason or "dropped")
 
     def end(self, reason: str) -> None:
-        self.reason = self.reason or reason
-        self._items.clear()
+        self.drop(reason)
         self.service.unsubscribe(self)
-        self._wake.set()
-
-    async def get(self) -> dict[str, Any]:
-        """The next message envelope; raises :class:`SlowReceiverError` once dropped."""
-        while not self._items:
-            if self.reason is not None:
-                raise SlowReceiverError(self.reason)
-            self._wake.clear()
-            await self._wake.wait()
-        return self._items.popleft()
 
     def close(self) -> None:
         self.service.unsubscribe(self)

@@ -38,7 +38,7 @@ from twinstore.api.live import LiveQuery, from_now, parse_query
 from twinstore.auth import AuthContext
 from twinstore.bus.envelope import event_envelope
 from twinstore.fanout import SlowConsumerError, Subscription
-from twinstore.messages import MessageSubscription, SlowReceiverError
+from twinstore.messages import MessageSubscription
 from twinstore.model.errors import DittoError, TooLargeError
 from twinstore.runtime import Runtime
 
@@ -259,7 +259,7 @@ class Session:
                 envelope = await messages.get()
                 await self.window.acquire()
                 self.outbox.put_nowait((orjson.dumps(envelope).decode(), "event"))
-        except SlowReceiverError as exc:
+        except SlowConsumerError as exc:
             log.warning("websocket message receiver dropped: %s", exc)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.socket.close(POLICY_VIOLATION, _reason(str(exc))), 5)
