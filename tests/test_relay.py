@@ -1,16 +1,19 @@
-"""The relay publishes commits made through any process at once (NOTIFY), not at its next poll."""
+"""The relay publishes commits made through any process at once (NOTIFY), not at its next poll;
+while catching up it keeps several batches in flight, and a lost ack sends it back to the last
+position whose batch (and every one before) was acknowledged: nothing lost, nothing stored twice."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import time
+from typing import Any
 
 import asyncpg
 import nats
 
 from tests.conftest import new_thing_id
-from twinstore.bus.relay import Relay, ensure_events_stream
+from twinstore.bus.relay import CURSOR, SELECT_CURSOR, Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.model.thing import Modify
 from twinstore.runtime import create_pool
@@ -52,6 +55,111 @@ async def test_commit_of_another_journal_is_published_without_waiting_for_a_poll
         assert msg.headers is not None and msg.headers["Nats-Msg-Id"] == f"thing:{thing_id}:1"
     finally:
         await other_process.stop()
+        await relay.stop()
+        await js.delete_stream(subjects.events_stream)
+        await nc.close()
+        await pool.close()
+
+
+async def test_a_lost_ack_in_a_pipelined_batch_republishes_from_the_last_fully_acked_position(
+    settings: Settings, scratch_database: str
+) -> None:
+    pool = await create_pool(scratch_database, 4)
+    nc = await nats.connect(settings.nats_url)
+    subjects = Subjects(f"r{secrets.token_hex(4)}", 4)
+    js = nc.jetstream()
+    relay = Relay(
+        pool,
+        nc,
+        subjects,
+        poll_interval=60.0,
+        batch=5,
+        max_in_flight=4,
+        retry_delay=0.05,
+        cursor_interval=0.1,
+        connect=lambda: asyncpg.connect(scratch_database),
+    )
+    journal = Journal(pool)
+    try:
+        async with pool.acquire() as con:
+            await migrate(con)
+        await ensure_events_stream(js, subjects, 600)
+        journal.start()
+        things = [new_thing_id() for _ in range(12)]
+
+        def write(thing_id: str, path: str, value: Any) -> Any:
+            return journal.write(
+                WriteRequest(thing_id=thing_id, command=Modify(path=path, value=value), originator="nginx:t")
+            )
+
+        await asyncio.gather(*(write(t, "/", {"attributes": {}}) for t in things))
+        await asyncio.gather(*(write(t, f"/attributes/a{i}", i) for i in range(4) for t in things))
+        async with pool.acquire() as con:
+            positions = [
+                r["position"] for r in await con.fetch("SELECT position FROM journal ORDER BY position")
+            ]
+        assert len(positions) == 60
+
+        # The ack of the 18th event (4th batch of 5) is lost: the message reaches the stream, but
+        # the relay hears of a failure only 0.2 s after the real ack, while later batches are out.
+        lost = positions[17]
+        log: list[int] = []
+        real_publish = relay.js.publish_async
+
+        async def publish_async(subject: str, payload: bytes, **kwargs: Any) -> asyncio.Future[Any]:
+            position = int(kwargs["headers"]["Twinstore-Position"])
+            log.append(position)
+            future = await real_publish(subject, payload, **kwargs)
+            if position != lost or log.count(lost) > 1:
+                return future
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+            def fail(_: object) -> None:
+                asyncio.get_running_loop().call_later(
+                    0.2, failed.set_exception, TimeoutError("ack lost (test)")
+                )
+
+            future.add_done_callback(fail)
+            return failed
+
+        relay.js.publish_async = publish_async  # type: ignore[method-assign]
+        relay.start()
+        deadline = time.monotonic() + 10
+        while relay.position < positions[-1] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert relay.position == positions[-1]
+        assert relay.republishes == 1
+        assert relay.published == 60  # settled once each: the abandoned batches do not count
+
+        again = log.index(lost, log.index(lost) + 1)  # the republish of the lost one
+        restart = again - 2  # its batch starts at positions[15]
+        first_pass, second_pass = log[:restart], log[restart:]
+        assert first_pass == positions[: len(first_pass)]
+        # Pipelined: batches after the unacknowledged one were published before it failed ...
+        assert len(first_pass) == 35  # batches 0-6: batch 3 awaited, 4-6 in flight (4 at most)
+        # ... and the relay went back to the last fully acknowledged position (15th event), then on.
+        assert second_pass == positions[15:]
+
+        # JetStream dropped the republished duplicates: each event once, in position order.
+        info = await js.stream_info(subjects.events_stream)
+        assert info.state.messages == 60
+        stored = [
+            int((await js.get_msg(subjects.events_stream, seq=seq)).headers["Twinstore-Position"])  # type: ignore[index]
+            for seq in range(1, 61)
+        ]
+        assert stored == positions
+
+        # The cursor follows lazily (no stop needed), and is exactly the head after stop.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            async with pool.acquire() as con:
+                if await con.fetchval(SELECT_CURSOR, CURSOR) == positions[-1]:
+                    break
+            await asyncio.sleep(0.05)
+        async with pool.acquire() as con:
+            assert await con.fetchval(SELECT_CURSOR, CURSOR) == positions[-1]
+    finally:
+        await journal.stop()
         await relay.stop()
         await js.delete_stream(subjects.events_stream)
         await nc.close()
