@@ -39,11 +39,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## bench: benchmarks (bench/api.py and bench/policies.py need wrk: apt-get install wrk); results go to BENCHMARKS.md
+## bench: benchmarks (bench/api.py and bench/policy_cost.py need wrk: apt-get install wrk); results go to BENCHMARKS.md
 bench: $(STAMP)
 	$(BIN)/python bench/journal.py
 	$(BIN)/python bench/api.py
-	$(BIN)/python bench/policies.py
+	$(BIN)/python bench/policy_cost.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/fanout.py
 

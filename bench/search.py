@@ -21,41 +21,24 @@ Run ``.venv/bin/python bench/search.py --help``.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import statistics
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-# This directory's policies.py shadows the `policies` package when Python puts bench/ first on
-# sys.path: import the real package (and twinstore) before adding bench/ back, last.
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import secrets  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import asyncpg  # noqa: E402
-import httpx  # noqa: E402
-
-from twinstore.auth import AuthContext, write_users_file  # noqa: E402
-from twinstore.model.policy import PolicyModify  # noqa: E402
-from twinstore.model.thing import Create  # noqa: E402
-from twinstore.policy_service import PolicyWrite  # noqa: E402
-from twinstore.runtime import Runtime  # noqa: E402
-from twinstore.settings import load_settings  # noqa: E402
-from twinstore.store.journal import WriteRequest  # noqa: E402
-
-sys.path.append(str(_BENCH))
-
-from api import Server  # noqa: E402
-from benchlib import (  # noqa: E402
+import asyncpg
+import httpx
+from api import Server
+from benchlib import (
     ROOT,
     create_database,
     default_database_url,
@@ -66,6 +49,14 @@ from benchlib import (  # noqa: E402
     percentile,
     write_section,
 )
+
+from twinstore.auth import AuthContext, write_users_file
+from twinstore.model.policy import PolicyModify
+from twinstore.model.thing import Create
+from twinstore.policy_service import PolicyWrite
+from twinstore.runtime import Runtime
+from twinstore.settings import load_settings
+from twinstore.store.journal import WriteRequest
 
 SHARED_POLICY = "bench:shared"
 PASSWORD = "bench-pass"

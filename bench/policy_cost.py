@@ -18,50 +18,34 @@ Issue 3's two figures, measured in one run:
    compiling the first view of a subject set), the hot ``Enforcer.view`` lookup and the fast
    path (a subject with full access).
 
-Run ``.venv/bin/python bench/policies.py --help``; needs ``wrk`` (``apt-get install wrk``).
+Run ``.venv/bin/python bench/policy_cost.py --help``; needs ``wrk`` (``apt-get install wrk``).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import base64
+import cProfile
+import gc
+import io
+import pstats
+import shutil
+import statistics
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-# This script's file name shadows the `policies` package when Python puts bench/ first on
-# sys.path: import the real package (and twinstore, which uses it) before adding bench/ back, last.
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import base64  # noqa: E402
-import cProfile  # noqa: E402
-import gc  # noqa: E402
-import io  # noqa: E402
-import pstats  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-from typing import Any  # noqa: E402
-
-import httpx  # noqa: E402
-import msgspec  # noqa: E402
-import orjson  # noqa: E402
-
-import policies  # noqa: E402
-from policies import MISSING, Enforcer  # noqa: E402
-from twinstore.auth import AuthContext, write_users_file  # noqa: E402
-from twinstore.enforcement import PolicyCache  # noqa: E402
-from twinstore.model.thing import ThingState  # noqa: E402
-from twinstore.service import ThingService  # noqa: E402
-
-sys.path.append(str(_BENCH))
-
-from api import GET_LUA, Server, run_wrk  # noqa: E402
-from benchlib import (  # noqa: E402
+import httpx
+import msgspec
+import orjson
+from api import GET_LUA, Server, run_wrk
+from benchlib import (
     ROOT,
     CpuMeter,
     CpuUse,
@@ -76,6 +60,13 @@ from benchlib import (  # noqa: E402
     wait_quiet,
     write_section,
 )
+
+import policies
+from policies import MISSING, Enforcer
+from twinstore.auth import AuthContext, write_users_file
+from twinstore.enforcement import PolicyCache
+from twinstore.model.thing import ThingState
+from twinstore.service import ThingService
 
 USERS = {"alice": "alice-password", "bob": "bob-password"}
 FULL, RESTRICTED = "alice", "bob"
@@ -683,7 +674,7 @@ def report(
     args: argparse.Namespace, notes: list[str], runs: list[Run], http_notes: list[str], micro: Micro
 ) -> str:
     lines = [
-        "## Policies: cost of enforcement (bench/policies.py)",
+        "## Policies: cost of enforcement (bench/policy_cost.py)",
         "",
         "```",
         command_line(),
@@ -868,7 +859,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def main_async(args: argparse.Namespace) -> int:
     if not args.skip_http and shutil.which("wrk") is None:
-        print("bench/policies.py needs wrk: apt-get install wrk", file=sys.stderr)
+        print("bench/policy_cost.py needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
     notes = await machine_notes(args.database_url)
     print("\n".join(notes))
