@@ -1,4 +1,4 @@
-"""The ``twinstore`` command line: ``serve`` and ``migrate``.
+"""The ``twinstore`` command line: ``serve``, ``migrate`` and ``audit verify``.
 
 Run ``twinstore --help`` or ``twinstore serve --help``.
 """
@@ -67,7 +67,48 @@ def build_parser() -> argparse.ArgumentParser:
         description="Apply missing migrations (safe while servers run or start concurrently).",
     )
     _common(migrate)
+    audit = sub.add_parser(
+        "audit",
+        help="check the integrity of the journal",
+        description="Integrity checks of the event journal.",
+    )
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    verify = audit_sub.add_parser(
+        "verify",
+        help="recompute the journal's hash chains and report where they break",
+        description=AUDIT_VERIFY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(verify)
+    scope = verify.add_mutually_exclusive_group()
+    scope.add_argument("--thing", metavar="ID", help="verify only this thing's chain")
+    scope.add_argument("--namespace", metavar="NS", help="verify only entities with ids in namespace NS")
+    scope.add_argument("--all", action="store_true", help="verify every chain (the default)")
+    verify.add_argument(
+        "--entity", choices=["thing", "policy"], help="only things or only policies (default both)"
+    )
+    verify.add_argument("--json", action="store_true", help="print a machine-readable JSON report")
     return parser
+
+
+AUDIT_VERIFY = """\
+Recompute every hash chain of the journal from GENESIS, in revision order per entity (things
+and policies), streaming the rows in one consistent snapshot, and report either OK with the
+number of entities and events checked, or for each broken chain the entity, id and revision
+where it breaks and why:
+
+  missing     a revision gap (a deleted event)
+  edited      the event's content no longer matches its hash
+  duplicated  an event copied to another revision
+  reordered   a revision holds the event written as another revision (swapped/renumbered)
+  inserted    an event inserted before renumbered later events
+  mismatch    the content does not match its hash (edited last event, or inserted/forged)
+
+Truncating the newest events of an entity is not detected (checkpoints will catch it).
+On a terminal a progress bar shows rate and ETA; --json prints the report as JSON.
+
+Exit status: 0 when every chain verifies, 1 when any break is found.
+"""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -172,6 +213,74 @@ async def _migrate(settings: Settings) -> int:
         await pool.close()
 
 
+def audit_verify(settings: Settings, args: argparse.Namespace) -> int:
+    """Run ``audit verify``; the exit status (0 OK, 1 broken)."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from twinstore.audit import Scope, verify_database
+
+    assert settings.database_url is not None
+    scope = Scope(entity=args.entity, thing=args.thing, namespace=args.namespace)
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn("verifying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} events/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=args.json or not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("verify", total=None, rate="-")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
+
+        report = asyncio.run(
+            verify_database(
+                settings.database_url,
+                scope,
+                on_total=lambda total: bar.update(task, total=total),
+                progress=advance,
+            )
+        )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        out = Console(highlight=False)
+        for b in report.breaks:
+            out.print(f"[red]BROKEN[/red] {b}")
+        rate = report.events / report.seconds if report.seconds else 0
+        summary = (
+            f"{report.entities} entities, {report.events} events verified in "
+            f"{report.seconds:.2f} s ({rate:,.0f} events/s)"
+        )
+        if report.ok:
+            out.print(f"[green]OK[/green]: {summary}")
+        else:
+            out.print(
+                f"[red]FAILED[/red]: {len(report.breaks)} breaks in {report.broken_entities} "
+                f"entities; {summary}"
+            )
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
@@ -188,6 +297,16 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             if servers is not None:
                 servers.stop()  # type: ignore[attr-defined]
+    elif args.command == "audit":
+        servers = None
+        if settings.database_url is None:
+            settings, servers = _start_embedded(settings)
+        try:
+            status = audit_verify(settings, args)
+        finally:
+            if servers is not None:
+                servers.stop()  # type: ignore[attr-defined]
+        sys.exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover
