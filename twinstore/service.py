@@ -33,13 +33,14 @@ from twinstore.model.errors import (
     InvalidInputError,
     PolicyConflictError,
     ThingNotCreatableError,
+    history_not_found,
     not_found,
     policy_not_found,
 )
 from twinstore.model.fields import select
 from twinstore.model.ids import parse_pointer, validate_policy_id, validate_thing_id
 from twinstore.model.policy import PolicyModify, default_policy
-from twinstore.model.thing import Command, Create, Merge, Modify, ThingState, decide, validate_path
+from twinstore.model.thing import Command, Create, Event, Merge, Modify, ThingState, decide, validate_path
 from twinstore.policy_service import PolicyService, PolicyWrite
 from twinstore.store.journal import Committed, Journal, WriteRequest
 
@@ -88,6 +89,8 @@ class Retrieved(msgspec.Struct, kw_only=True):
     value: Any
     etag: str
     state: ThingState
+    # A historical read: the event that produced the revision shown (who, when, correlation id).
+    event: Event | None = None
 
 
 class ThingService:
@@ -114,13 +117,24 @@ class ThingService:
         if_match: list[str] | None = None,
         if_none_match: list[str] | None = None,
         condition: rql.Node | None = None,
+        at_revision: int | None = None,
+        at_timestamp: datetime | None = None,
     ) -> Retrieved:
-        """The readable part of the resource at ``path``; 404 in Ditto's words when absent or unreadable."""
+        """The readable part of the resource at ``path``; 404 in Ditto's words when absent or unreadable.
+
+        With ``at_revision`` or ``at_timestamp`` (the last revision at or before it) the resource
+        as it was then, filtered by the thing's *current* policy (of a deleted thing: its last).
+        """
         validate_thing_id(thing_id)
         parts = parse_pointer(path)
         validate_path(parts)
         state = await self.journal.load(thing_id)
-        view = await self._view(state, auth)
+        event = None
+        view: SubjectView | None
+        if at_revision is not None or at_timestamp is not None:
+            state, event, view = await self._historical(auth, state, at_revision, at_timestamp)
+        else:
+            view = await self._view(state, auth)
         readable = readable_thing(view, state)
         if view is None or state.doc is None or readable is None:
             raise not_found(thing_id, [])
@@ -147,7 +161,38 @@ class ThingService:
             shown = view_of(with_doc(state, readable), fields)
         elif fields is not None:
             shown = select(shown, fields)
-        return Retrieved(value=shown, etag=tag, state=state)
+        return Retrieved(value=shown, etag=tag, state=state, event=event)
+
+    async def _historical(
+        self, auth: AuthContext, current: ThingState, at_revision: int | None, at_timestamp: datetime | None
+    ) -> tuple[ThingState, Event, SubjectView]:
+        """The state at a revision or time, its event and the caller's view of the current policy.
+
+        The caller must be able to read the thing now (else 404 as for a current read) before
+        anything about its history is told.
+        """
+        thing_id = current.thing_id
+        policy_state = current
+        if current.doc is None and current.revision > 0:  # deleted: the policy it had last
+            policy_state = await self.journal.load_at(thing_id, current.revision - 1)
+        view = await self._view(policy_state, auth)
+        if view is None or readable_thing(view, policy_state) is None:
+            raise not_found(thing_id, [])
+        if at_timestamp is not None:
+            revision = await self.journal.revision_at(thing_id, at_timestamp)
+            if revision <= 0:
+                raise history_not_found(thing_id, timestamp=_iso(at_timestamp))
+        else:
+            assert at_revision is not None
+            revision = at_revision
+        if revision <= 0 or revision > current.revision:
+            raise history_not_found(thing_id, revision=revision)
+        state, event = await self.journal.load_historical(thing_id, revision)
+        if event is None or state.doc is None:
+            if at_timestamp is not None:
+                raise history_not_found(thing_id, timestamp=_iso(at_timestamp))
+            raise history_not_found(thing_id, revision=revision)
+        return state, event, view
 
     async def _visible(
         self, auth: AuthContext, states: list[ThingState], fields: list[list[str]] | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -27,6 +28,8 @@ class DittoHeaders(msgspec.Struct, kw_only=True):
     fields: list[list[str]] | None = None
     allow_policy_lockout: bool = False
     condition: Any = None  # a parsed RQL node (twinstore.model.rql.Node)
+    at_historical_revision: int | None = None
+    at_historical_timestamp: datetime | None = None
 
 
 def header(request: AnyRequest, name: str) -> str | None:
@@ -61,6 +64,38 @@ def _bool(name: str, value: str | None, default: bool) -> bool:
     raise HeaderInvalidError(f"The value '{value}' of the header '{name}' is not a valid boolean.")
 
 
+_REVISION = re.compile(r"[+-]?[0-9]{1,19}")
+
+
+def parse_historical(request: AnyRequest) -> tuple[int | None, datetime | None]:
+    """``at-historical-revision`` (an integer), ``at-historical-timestamp`` (ISO-8601; UTC if no offset)."""
+    rev_text = header(request, "at-historical-revision")
+    ts_text = header(request, "at-historical-timestamp")
+    if rev_text is not None and ts_text is not None:
+        raise HeaderInvalidError(
+            "Only one of the headers 'at-historical-revision' and 'at-historical-timestamp' may be given."
+        )
+    revision = None
+    if rev_text is not None:
+        if not _REVISION.fullmatch(rev_text.strip()):
+            raise HeaderInvalidError(
+                f"The value '{rev_text}' of the header 'at-historical-revision' is not a valid long."
+            )
+        revision = int(rev_text.strip())
+    ts = None
+    if ts_text is not None:
+        try:
+            ts = datetime.fromisoformat(ts_text.strip())
+        except ValueError:
+            raise HeaderInvalidError(
+                f"The value '{ts_text}' of the header 'at-historical-timestamp' is not a valid "
+                "ISO-8601 timestamp (e.g. 2022-10-24T03:11:15Z)."
+            ) from None
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+    return revision, ts
+
+
 def parse_headers(request: AnyRequest) -> DittoHeaders:
     """Parse and validate the Ditto headers of ``request``."""
     fields_text = request.query_params.get("fields")
@@ -68,7 +103,10 @@ def parse_headers(request: AnyRequest) -> DittoHeaders:
         raise InvalidInputError(
             "The 'fields' parameter must not be empty.", error="json.fieldselector.invalid"
         )
+    at_revision, at_timestamp = parse_historical(request)
     return DittoHeaders(
+        at_historical_revision=at_revision,
+        at_historical_timestamp=at_timestamp,
         correlation_id=correlation_id(request) or str(uuid.uuid4()),
         response_required=_bool("response-required", header(request, "response-required"), True),
         if_match=parse_etags(header(request, "if-match")),

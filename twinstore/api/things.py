@@ -8,6 +8,7 @@ Every Ditto thing resource is a JSON pointer into the thing (``/attributes/a`` o
 from __future__ import annotations
 
 import functools
+import json
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
@@ -26,7 +27,7 @@ from twinstore.model.errors import (
     UnsupportedMediaTypeError,
 )
 from twinstore.model.ids import parse_pointer, validate_namespace, validate_thing_id
-from twinstore.model.thing import Command, Create, Delete, JsonPatch, Merge, Modify
+from twinstore.model.thing import Command, Create, Delete, Event, JsonPatch, Merge, Modify
 from twinstore.service import ThingService
 from twinstore.store.journal import Committed, WriteRequest
 
@@ -130,6 +131,19 @@ def _base_headers(h: DittoHeaders) -> dict[str, str]:
     return {"correlation-id": h.correlation_id}
 
 
+def historical_headers(event: Event) -> dict[str, str]:
+    """Response headers of a historical read: the revision and time shown and who made that change."""
+    return {
+        "at-historical-revision": str(event.revision),
+        "at-historical-timestamp": event.timestamp.isoformat().replace("+00:00", "Z"),
+        # ASCII-escaped JSON: an HTTP header value is Latin-1
+        "historical-headers": json.dumps(
+            {"ditto-originator": event.originator, "correlation-id": event.correlation_id},
+            separators=(",", ":"),
+        ),
+    }
+
+
 def _service(request: Request[Any, Any, Any]) -> ThingService:
     service: ThingService = request.app.state.runtime.service
     return service
@@ -198,8 +212,13 @@ def _make(
                 if_match=h.if_match,
                 if_none_match=h.if_none_match,
                 condition=h.condition,
+                at_revision=h.at_historical_revision,
+                at_timestamp=h.at_historical_timestamp,
             )
-            return json_response(200, got.value, {**_base_headers(h), "etag": got.etag})
+            headers = {**_base_headers(h), "etag": got.etag}
+            if got.event is not None:
+                headers.update(historical_headers(got.event))
+            return json_response(200, got.value, headers)
         body = None
         if method == "PUT":
             body = await read_json(request, (JSON,))

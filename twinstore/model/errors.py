@@ -65,6 +65,7 @@ __all__ = [
     "TooLargeError",
     "UnavailableError",
     "UnsupportedMediaTypeError",
+    "history_not_found",
     "not_found",
     "not_modifiable",
     "policy_not_found",
@@ -345,4 +346,22 @@ def policy_not_found(policy_id: str) -> NotFoundError:
         "permissions to access it.",
         error="policies:policy.notfound",
         description="Check if the ID of the Policy was correct and you have sufficient permissions.",
+    )
+
+
+def history_not_found(
+    thing_id: str, *, revision: int | None = None, timestamp: str | None = None
+) -> NotFoundError:
+    """Ditto's 404 for a thing's state at a revision or timestamp outside its history.
+
+    >>> history_not_found("a:b", revision=7).instance_error
+    'things:thing.history.notfound'
+    """
+    at = f"revision '{revision}'" if revision is not None else f"timestamp '{timestamp}'"
+    return NotFoundError(
+        f"The Thing with ID '{thing_id}' at {at} could not be found or requester had insufficient "
+        "permissions to access it.",
+        error="things:thing.history.notfound",
+        description="Check if the ID of your requested Thing was correct, you have sufficient permissions "
+        "and ensure that the asked for revision/timestamp does not exceed the history-retention-duration.",
     )

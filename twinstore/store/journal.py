@@ -116,6 +116,18 @@ FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <
 ORDER BY revision
 """
 
+SELECT_EVENT = """
+SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id
+FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2
+"""
+
+# The last revision at or before a time: walks the primary key (entity, id, revision) backwards
+# from the newest event (a thing's event times grow with its revisions), no extra index.
+SELECT_REVISION_AT = """
+SELECT revision FROM journal WHERE entity = 'thing' AND id = $1 AND ts <= $2
+ORDER BY revision DESC LIMIT 1
+"""
+
 
 class WriteRequest(msgspec.Struct, kw_only=True):
     """A command for one thing with its preconditions and who sent it."""
@@ -521,3 +533,17 @@ class Journal:
         row = await con.fetchrow(SELECT_SNAPSHOT, thing_id, revision)
         base = _state(thing_id, row)
         return replay(base, await self.events(thing_id, base.revision, revision, con=con))
+
+    async def revision_at(self, thing_id: str, ts: datetime) -> int:
+        """The last revision of ``thing_id`` written at or before ``ts`` (0: none)."""
+        async with self._reader() as con:
+            revision = await con.fetchval(SELECT_REVISION_AT, thing_id, ts)
+        return 0 if revision is None else int(revision)
+
+    async def load_historical(self, thing_id: str, revision: int) -> tuple[ThingState, Event | None]:
+        """The state at ``revision`` and the event that produced it (``None``: no such revision)."""
+        async with self._reader() as con:
+            row = await con.fetchrow(SELECT_EVENT, thing_id, revision)
+            if row is None:
+                return ThingState.absent(thing_id), None
+            return await self.load_at(thing_id, revision, con=con), event_from_row(row)
