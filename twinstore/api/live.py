@@ -31,7 +31,7 @@ from twinstore.model.ids import parse_pointer, validate_namespace
 from twinstore.model.thing import Event, ThingState
 from twinstore.service import view_of
 
-__all__ = ["LiveQuery", "Matched", "event_thing", "from_now", "parse_query"]
+__all__ = ["LiveQuery", "Matched", "event_matches", "event_thing", "from_now", "parse_query"]
 
 log = logging.getLogger("twinstore.live")
 
@@ -70,6 +70,11 @@ def _meta(event: Event) -> dict[str, Any]:
         "_modified": event.timestamp.isoformat().replace("+00:00", "Z"),
         "_namespace": event.thing_id.partition(":")[0],
     }
+
+
+def event_matches(filter: rql.Node | None, event: Event) -> bool:
+    """Whether ``event`` passes ``filter`` (evaluated on :func:`event_thing`, as for live events)."""
+    return filter is None or rql.matches(filter, event_thing(event), _meta(event))
 
 
 class Matched:

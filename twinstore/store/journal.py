@@ -116,6 +116,12 @@ FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <
 ORDER BY revision
 """
 
+SELECT_EVENTS_PAGE = """
+SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id
+FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3
+ORDER BY revision LIMIT $4
+"""
+
 SELECT_EVENT = """
 SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id
 FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2
@@ -547,3 +553,20 @@ class Journal:
             if row is None:
                 return ThingState.absent(thing_id), None
             return await self.load_at(thing_id, revision, con=con), event_from_row(row)
+
+    async def event_pages(
+        self, thing_id: str, after_revision: int, to_revision: int, *, page: int = 500
+    ) -> AsyncIterator[list[Event]]:
+        """Events with ``after_revision < revision <= to_revision`` in revision order, ``page`` at a
+        time; each page on its own pooled connection (none is held between pages)."""
+        after = after_revision
+        while after < to_revision:
+            async with self._reader() as con:
+                rows = await con.fetch(SELECT_EVENTS_PAGE, thing_id, after, to_revision, page)
+            if not rows:
+                return
+            events = [event_from_row(r) for r in rows]
+            yield events
+            if len(rows) < page:
+                return
+            after = events[-1].revision
