@@ -1,4 +1,4 @@
-"""The ``twinstore`` command line: ``serve``, ``migrate`` and ``audit verify``.
+"""The ``twinstore`` command line: ``serve``, ``migrate``, ``audit verify`` and ``replay``.
 
 Run ``twinstore --help`` or ``twinstore serve --help``.
 """
@@ -88,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--entity", choices=["thing", "policy"], help="only things or only policies (default both)"
     )
     verify.add_argument("--json", action="store_true", help="print a machine-readable JSON report")
+    replay = sub.add_parser(
+        "replay",
+        help="rebuild current state from the journal and compare it with the projection",
+        description=REPLAY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(replay)
+    replay_scope = replay.add_mutually_exclusive_group()
+    replay_scope.add_argument("--thing", metavar="ID", help="replay only this thing")
+    replay_scope.add_argument(
+        "--namespace", metavar="NS", help="replay only entities with ids in namespace NS"
+    )
+    replay_scope.add_argument("--all", action="store_true", help="replay every entity (the default)")
+    replay.add_argument(
+        "--entity", choices=["thing", "policy"], help="only things or only policies (default both)"
+    )
+    replay.add_argument(
+        "--repair", action="store_true", help="rewrite the differing projection rows from the journal"
+    )
+    replay.add_argument("--json", action="store_true", help="print a machine-readable JSON report")
     return parser
 
 
@@ -108,6 +128,27 @@ Truncating the newest events of an entity is not detected (checkpoints will catc
 On a terminal a progress bar shows rate and ETA; --json prints the report as JSON.
 
 Exit status: 0 when every chain verifies, 1 when any break is found.
+"""
+
+
+REPLAY = """\
+Rebuild the current state of every entity (things and policies) from the journal alone, folding
+its events from revision 1 with the same functions the stores use, streamed in one consistent
+snapshot, and compare it with the stored projection row (tables things and policies): revision,
+created, modified, document, chain head hash, and policy_id of things / readers of policies.
+Each difference is reported with the entity and id:
+
+  missing     the entity has events but no projection row
+  extra       a projection row without any event
+  mismatch    the fields that differ (a document difference names its first JSON pointer)
+
+--repair rewrites the differing rows from the journal (one transaction per batch, under the
+journal's write lock; a row written meanwhile is left to its writer) and deletes rows without
+events. Running servers cache thing documents: restart them after a repair.
+On a terminal a progress bar shows rate and ETA; --json prints the report as JSON.
+
+Exit status: 0 when the projection equals the journal (with --repair: when every difference was
+repaired), 1 otherwise.
 """
 
 
@@ -281,6 +322,78 @@ def audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def replay(settings: Settings, args: argparse.Namespace) -> int:
+    """Run ``replay``; the exit status (0 equal or repaired, 1 differences)."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from twinstore.replay import Scope, replay_database
+
+    assert settings.database_url is not None
+    scope = Scope(entity=args.entity, thing=args.thing, namespace=args.namespace)
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn("replaying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} events/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=args.json or not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("replay", total=None, rate="-")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
+
+        report = asyncio.run(
+            replay_database(
+                settings.database_url,
+                scope,
+                repair=args.repair,
+                on_total=lambda total: bar.update(task, total=total),
+                progress=advance,
+            )
+        )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        out = Console(highlight=False)
+        for d in report.differences:
+            label = "[green]REPAIRED[/green]" if d.repaired else "[red]DIFFERS[/red]"
+            out.print(f"{label} {d}")
+        rate = report.events / report.seconds if report.seconds else 0
+        summary = (
+            f"{report.entities} entities, {report.events} events replayed in "
+            f"{report.seconds:.2f} s ({rate:,.0f} events/s)"
+        )
+        if not report.differences:
+            out.print(f"[green]OK[/green]: {summary}")
+        elif report.ok:
+            out.print(f"[green]REPAIRED[/green]: {report.repaired} projection rows; {summary}")
+        else:
+            out.print(
+                f"[red]FAILED[/red]: {len(report.differences)} differences "
+                f"({report.repaired} repaired); {summary}"
+            )
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
@@ -303,6 +416,16 @@ def main(argv: list[str] | None = None) -> None:
             settings, servers = _start_embedded(settings)
         try:
             status = audit_verify(settings, args)
+        finally:
+            if servers is not None:
+                servers.stop()  # type: ignore[attr-defined]
+        sys.exit(status)
+    elif args.command == "replay":
+        servers = None
+        if settings.database_url is None:
+            settings, servers = _start_embedded(settings)
+        try:
+            status = replay(settings, args)
         finally:
             if servers is not None:
                 servers.stop()  # type: ignore[attr-defined]
