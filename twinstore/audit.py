@@ -17,8 +17,32 @@ broken, and lets the kind of break be told:
 * ``mismatch``: the content does not match its hash and nothing more can be said (an edited
   last event, or an inserted/forged one).
 
-Truncating the newest events of an entity leaves a valid chain; only checkpoints (later)
-catch that.
+Truncating the newest events of an entity leaves a valid chain; only checkpoints catch that.
+
+Checkpoints (``twinstore audit checkpoint``, :func:`checkpoint_database`) seal the chain
+heads: in one snapshot the newest event of every entity (entity, id, revision, hash) and the
+highest journal position are read and stored in ``audit_checkpoints`` with a Merkle root:
+
+* heads are sorted by ``(entity, id)`` in code-point order (Python string order, not the
+  database collation);
+* a leaf is ``sha256(0x00 || f(entity) || f(id) || revision as 8-byte big-endian || hash)``
+  where ``f(s)`` is the UTF-8 bytes of ``s`` preceded by their length as 4-byte big-endian;
+* an inner node is ``sha256(0x01 || left || right)``; a level with an odd count carries its
+  last node up unchanged; the root of no heads is ``sha256(b"")``;
+* with ``audit_signing_key`` (a PEM Ed25519 private key) the checkpoint is signed over
+  ``b"twinstore-checkpoint-v1" || journal_position as 8-byte big-endian || root``; ``key_id``
+  is the first 16 hex digits of the sha-256 of the raw public key.
+
+:func:`verify_database` then checks the latest checkpoint (or all): every recorded head must
+still be in the journal with the same hash at that revision (``truncated`` when the revision
+is gone, ``rewritten`` when its hash differs), the root must recompute from the heads and the
+signature must verify with the configured key (``checkpoint-invalid`` otherwise; without a
+key the signature is not checked).
+
+>>> merkle_root([]) == hashlib.sha256(b"").digest()
+True
+>>> merkle_root([("thing", "a:b", 1, GENESIS)]) == leaf("thing", "a:b", 1, GENESIS)
+True
 
 >>> import asyncio
 >>> from datetime import datetime, UTC
@@ -37,17 +61,32 @@ True
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from twinstore.store.codec import GENESIS, chain_hash
 
-__all__ = ["Break", "Report", "Row", "Scope", "verify", "verify_database"]
+__all__ = [
+    "Break",
+    "Checkpoint",
+    "Report",
+    "Row",
+    "Scope",
+    "checkpoint_database",
+    "leaf",
+    "merkle_root",
+    "verify",
+    "verify_database",
+]
 
 # How far (in revisions) a reordered event is looked for around the place it is found.
 WINDOW = 8
@@ -100,6 +139,7 @@ class Report:
     broken_entities: int = 0
     breaks: list[Break] = field(default_factory=list)
     seconds: float = 0.0
+    checkpoints: int = 0  # checkpoints checked
 
     @property
     def ok(self) -> bool:
@@ -113,6 +153,7 @@ class Report:
             "broken_entities": self.broken_entities,
             "breaks": [b.as_dict() for b in self.breaks],
             "seconds": round(self.seconds, 3),
+            "checkpoints": self.checkpoints,
         }
 
 
@@ -300,8 +341,15 @@ async def verify_database(
     on_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
     prefetch: int = 2000,
+    checkpoints: str = "latest",
+    signing_key: str | None = None,
 ) -> Report:
-    """Verify the journal at ``url``, streamed through a server-side cursor in one snapshot."""
+    """Verify the journal at ``url``, streamed through a server-side cursor in one snapshot.
+
+    ``checkpoints`` is ``"latest"``, ``"all"`` or ``"none"``: which checkpoints are checked
+    (their heads within ``scope``); ``signing_key`` (PEM Ed25519 private key path) checks
+    their signatures.
+    """
     con = await asyncpg.connect(url)
     try:
         where, args = scope.where()
@@ -314,6 +362,202 @@ async def verify_database(
                 async for r in cursor:
                     yield Row(*r)
 
-            return await verify(rows(), progress=progress)
+            report = await verify(rows(), progress=progress)
+            if checkpoints != "none":
+                started = time.monotonic()
+                await _check_checkpoints(con, report, scope, checkpoints == "all", signing_key)
+                report.seconds += time.monotonic() - started
+            return report
     finally:
         await con.close()
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+SIGNED_PREFIX = b"twinstore-checkpoint-v1"
+
+Head = tuple[str, str, int, bytes]  # entity, id, revision, hash of the newest event
+
+
+def _field(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack(">I", len(b)) + b
+
+
+def leaf(entity: str, id: str, revision: int, hash: bytes) -> bytes:
+    """The Merkle leaf of one chain head (see the module docstring)."""
+    return hashlib.sha256(b"\x00" + _field(entity) + _field(id) + struct.pack(">q", revision) + hash).digest()
+
+
+def merkle_root(heads: Sequence[Head]) -> bytes:
+    """The Merkle root of chain heads, sorted here by ``(entity, id)``."""
+    level = [leaf(*h) for h in sorted(heads, key=lambda h: (h[0], h[1]))]
+    if not level:
+        return hashlib.sha256(b"").digest()
+    while len(level) > 1:
+        nxt = [
+            hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)
+        ]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def _signed_message(journal_position: int, root: bytes) -> bytes:
+    return SIGNED_PREFIX + struct.pack(">q", journal_position) + root
+
+
+def load_signing_key(path: str) -> Ed25519PrivateKey:
+    """The Ed25519 private key in the PEM file ``path``."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    with open(path, "rb") as fh:
+        key = load_pem_private_key(fh.read(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"audit_signing_key: {path} is not an Ed25519 private key")
+    return key
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: int
+    created: datetime
+    journal_position: int
+    heads: int
+    root: bytes
+    key_id: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created": self.created.isoformat(),
+            "journal_position": self.journal_position,
+            "heads": self.heads,
+            "root": self.root.hex(),
+            "key_id": self.key_id,
+        }
+
+
+SELECT_HEADS = """
+SELECT DISTINCT ON (entity, id) entity, id, revision, hash FROM journal ORDER BY entity, id, revision DESC
+"""
+
+
+async def checkpoint_database(url: str, *, signing_key: str | None = None) -> Checkpoint:
+    """Seal the chain heads of the journal at ``url`` (one snapshot) in a new checkpoint."""
+    private = load_signing_key(signing_key) if signing_key else None
+    con = await asyncpg.connect(url)
+    try:
+        async with con.transaction(isolation="repeatable_read"):
+            position = int(await con.fetchval("SELECT coalesce(max(position), 0) FROM journal"))
+            heads: list[Head] = [(r[0], r[1], int(r[2]), bytes(r[3])) for r in await con.fetch(SELECT_HEADS)]
+            heads.sort(key=lambda h: (h[0], h[1]))
+            root = merkle_root(heads)
+            signature = kid = None
+            if private is not None:
+                signature = private.sign(_signed_message(position, root))
+                kid = key_id(private.public_key())
+            stored = json.dumps([[e, i, r, h.hex()] for e, i, r, h in heads], separators=(",", ":"))
+            row = await con.fetchrow(
+                "INSERT INTO audit_checkpoints (journal_position, heads, root, signature, key_id) "
+                "VALUES ($1, $2::jsonb, $3, $4, $5) RETURNING id, created",
+                position,
+                stored,
+                root,
+                signature,
+                kid,
+            )
+            assert row is not None
+            return Checkpoint(row["id"], row["created"], position, len(heads), root, kid)
+    finally:
+        await con.close()
+
+
+def _in_scope(scope: Scope, entity: str, id: str) -> bool:
+    if scope.thing is not None:
+        return entity == "thing" and id == scope.thing
+    if scope.entity is not None and entity != scope.entity:
+        return False
+    return scope.namespace is None or id.startswith(scope.namespace + ":")
+
+
+CHECK_HEADS = """
+SELECT h.entity, h.id, h.revision, j.hash,
+       (SELECT max(k.revision) FROM journal k WHERE k.entity = h.entity AND k.id = h.id) AS newest
+FROM unnest($1::text[], $2::text[], $3::bigint[]) AS h(entity, id, revision)
+LEFT JOIN journal j ON j.entity = h.entity AND j.id = h.id AND j.revision = h.revision
+"""
+
+
+async def _check_checkpoints(
+    con: asyncpg.Connection, report: Report, scope: Scope, every: bool, signing_key: str | None
+) -> None:
+    public = load_signing_key(signing_key).public_key() if signing_key else None
+    exists = await con.fetchval("SELECT to_regclass('audit_checkpoints') IS NOT NULL")
+    if not exists:
+        return
+    query = (
+        "SELECT id, journal_position, heads::text AS heads, root, signature, key_id FROM audit_checkpoints"
+    )
+    query += " ORDER BY id" if every else " ORDER BY id DESC LIMIT 1"
+    broken: set[tuple[str, str]] = {(b.entity, b.id) for b in report.breaks}
+    for cp in await con.fetch(query):
+        report.checkpoints += 1
+        name = str(cp["id"])
+
+        def invalid(detail: str, name: str = name) -> None:
+            report.breaks.append(Break("checkpoint", name, 0, "checkpoint-invalid", detail))
+
+        heads: list[Head] = [(e, i, int(r), bytes.fromhex(h)) for e, i, r, h in json.loads(cp["heads"])]
+        root = bytes(cp["root"])
+        if merkle_root(heads) != root:
+            invalid("the Merkle root does not recompute from the recorded heads")
+        if public is not None:
+            from cryptography.exceptions import InvalidSignature
+
+            if cp["signature"] is None:
+                invalid("the checkpoint is not signed")
+            elif cp["key_id"] != key_id(public):
+                invalid(f"signed with key {cp['key_id']}, not the configured key {key_id(public)}")
+            else:
+                try:
+                    public.verify(bytes(cp["signature"]), _signed_message(cp["journal_position"], root))
+                except InvalidSignature:
+                    invalid("the signature does not verify")
+        mine = [h for h in heads if _in_scope(scope, h[0], h[1])]
+        rows = await con.fetch(CHECK_HEADS, [h[0] for h in mine], [h[1] for h in mine], [h[2] for h in mine])
+        recorded = {(h[0], h[1], h[2]): h[3] for h in mine}
+        for r in rows:
+            entity, id, revision = r["entity"], r["id"], int(r["revision"])
+            if r["hash"] is None:
+                newest = r["newest"]
+                now = "no events remain" if newest is None else f"the newest revision is now {newest}"
+                b = Break(
+                    entity,
+                    id,
+                    revision,
+                    "truncated",
+                    f"revision {revision} sealed in checkpoint {name} is gone ({now})",
+                )
+            elif bytes(r["hash"]) != recorded[(entity, id, revision)]:
+                b = Break(
+                    entity,
+                    id,
+                    revision,
+                    "rewritten",
+                    f"the hash differs from the one sealed in checkpoint {name}",
+                )
+            else:
+                continue
+            report.breaks.append(b)
+            if (entity, id) not in broken:
+                broken.add((entity, id))
+                report.broken_entities += 1

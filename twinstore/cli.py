@@ -1,4 +1,4 @@
-"""The ``twinstore`` command line: ``serve``, ``migrate``, ``audit verify`` and ``replay``.
+"""The ``twinstore`` command line: ``serve``, ``migrate``, ``audit verify|checkpoint``, ``replay``.
 
 Run ``twinstore --help`` or ``twinstore serve --help``.
 """
@@ -87,7 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--entity", choices=["thing", "policy"], help="only things or only policies (default both)"
     )
+    verify.add_argument(
+        "--checkpoints",
+        choices=["latest", "all", "none"],
+        default="latest",
+        help="which checkpoints to check against the journal (default latest)",
+    )
     verify.add_argument("--json", action="store_true", help="print a machine-readable JSON report")
+    checkpoint = audit_sub.add_parser(
+        "checkpoint",
+        help="seal every chain head in a (signed) checkpoint that verify checks",
+        description=(
+            "Read every entity's chain head in one snapshot, compute their Merkle root and store a "
+            "checkpoint, signed with audit_signing_key when set. `audit verify` then reports "
+            "truncated chains and invalid checkpoints."
+        ),
+    )
+    _common(checkpoint)
+    checkpoint.add_argument("--json", action="store_true", help="print the checkpoint as JSON")
     replay = sub.add_parser(
         "replay",
         help="rebuild current state from the journal and compare it with the projection",
@@ -124,7 +141,14 @@ where it breaks and why:
   inserted    an event inserted before renumbered later events
   mismatch    the content does not match its hash (edited last event, or inserted/forged)
 
-Truncating the newest events of an entity is not detected (checkpoints will catch it).
+Then the latest checkpoint (--checkpoints all: every one) is checked: each chain head it
+sealed must still be in the journal with the same hash:
+
+  truncated           the sealed revision is gone (the newest events were deleted)
+  rewritten           the sealed revision's hash differs
+  checkpoint-invalid  its Merkle root does not recompute, or its signature does not verify
+                      with audit_signing_key (not checked without a key)
+
 On a terminal a progress bar shows rate and ETA; --json prints the report as JSON.
 
 Exit status: 0 when every chain verifies, 1 when any break is found.
@@ -299,6 +323,8 @@ def audit_verify(settings: Settings, args: argparse.Namespace) -> int:
                 scope,
                 on_total=lambda total: bar.update(task, total=total),
                 progress=advance,
+                checkpoints=args.checkpoints,
+                signing_key=settings.audit_signing_key,
             )
         )
     if args.json:
@@ -310,7 +336,7 @@ def audit_verify(settings: Settings, args: argparse.Namespace) -> int:
         rate = report.events / report.seconds if report.seconds else 0
         summary = (
             f"{report.entities} entities, {report.events} events verified in "
-            f"{report.seconds:.2f} s ({rate:,.0f} events/s)"
+            f"{report.seconds:.2f} s ({rate:,.0f} events/s), {report.checkpoints} checkpoints checked"
         )
         if report.ok:
             out.print(f"[green]OK[/green]: {summary}")
@@ -320,6 +346,25 @@ def audit_verify(settings: Settings, args: argparse.Namespace) -> int:
                 f"entities; {summary}"
             )
     return 0 if report.ok else 1
+
+
+def audit_checkpoint(settings: Settings, args: argparse.Namespace) -> int:
+    """Run ``audit checkpoint``; prints the new checkpoint."""
+    import json
+
+    from twinstore.audit import checkpoint_database
+
+    assert settings.database_url is not None
+    cp = asyncio.run(checkpoint_database(settings.database_url, signing_key=settings.audit_signing_key))
+    if args.json:
+        print(json.dumps(cp.as_dict(), indent=2))
+    else:
+        signed = f", signed by key {cp.key_id}" if cp.key_id else ", unsigned"
+        print(
+            f"checkpoint {cp.id}: {cp.heads} chain heads up to journal position "
+            f"{cp.journal_position}, root {cp.root.hex()}{signed}"
+        )
+    return 0
 
 
 def replay(settings: Settings, args: argparse.Namespace) -> int:
@@ -415,7 +460,10 @@ def main(argv: list[str] | None = None) -> None:
         if settings.database_url is None:
             settings, servers = _start_embedded(settings)
         try:
-            status = audit_verify(settings, args)
+            if args.audit_command == "checkpoint":
+                status = audit_checkpoint(settings, args)
+            else:
+                status = audit_verify(settings, args)
         finally:
             if servers is not None:
                 servers.stop()  # type: ignore[attr-defined]

@@ -122,6 +122,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Paths whose range filters (gt/ge/lt/le) search answers from B-tree indexes, e.g.
     # ["attributes/floor", "features/env/properties/temperature"]; equality needs none.
     search_indexes: list[str] = msgspec.field(default_factory=list)
+    # PEM Ed25519 private key signing `twinstore audit checkpoint` (its public key verifies them).
+    audit_signing_key: str | None = None
 
     def __post_init__(self) -> None:
         for cidr in self.preauth_trusted:

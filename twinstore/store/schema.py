@@ -144,6 +144,18 @@ MIGRATIONS: list[str] = [
     -- search joins every candidate thing with these columns: index-only, a fifth of the table
     CREATE INDEX policies_access ON policies (id) INCLUDE (readers, full_readers, read_revokers);
     """,
+    # audit checkpoints: sealed chain heads (twinstore.audit), heads = [[entity, id, revision, hash hex]]
+    """
+    CREATE TABLE audit_checkpoints (
+        id                bigserial   PRIMARY KEY,
+        created           timestamptz NOT NULL DEFAULT now(),
+        journal_position  bigint      NOT NULL,
+        heads             jsonb       NOT NULL,
+        root              bytea       NOT NULL,
+        signature         bytea,
+        key_id            text
+    );
+    """,
 ]
 
 CREATE_MIGRATIONS = """
