@@ -1,4 +1,5 @@
-"""The ``twinstore`` command line: ``serve``, ``migrate``, ``audit verify|checkpoint``, ``replay``.
+"""The ``twinstore`` command line: ``serve``, ``migrate``, ``audit verify|checkpoint``, ``replay``,
+``export``, ``import``.
 
 Run ``twinstore --help`` or ``twinstore serve --help``.
 """
@@ -11,6 +12,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from twinstore.logs import configure_logging
@@ -125,6 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="rewrite the differing projection rows from the journal"
     )
     replay.add_argument("--json", action="store_true", help="print a machine-readable JSON report")
+    export = sub.add_parser(
+        "export",
+        help="write journal events as NDJSON (Ditto Protocol envelopes plus audit fields)",
+        description=EXPORT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(export)
+    export_scope = export.add_mutually_exclusive_group()
+    export_scope.add_argument("--thing", metavar="ID", help="export only this thing's events")
+    export_scope.add_argument(
+        "--namespace", metavar="NS", help="export only entities with ids in namespace NS"
+    )
+    export_scope.add_argument("--all", action="store_true", help="export every entity (the default)")
+    export.add_argument(
+        "--entity", choices=["thing", "policy"], help="only things or only policies (default both)"
+    )
+    export.add_argument("--from", dest="since", metavar="TS", help="only events at or after TS (ISO 8601)")
+    export.add_argument("--to", dest="until", metavar="TS", help="only events at or before TS (ISO 8601)")
+    export.add_argument(
+        "--output", "-o", metavar="FILE", default="-", help="file to write, - for stdout (default)"
+    )
+    import_ = sub.add_parser(
+        "import",
+        help="load an exported NDJSON file into an empty store, rebuild and verify",
+        description=IMPORT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(import_)
+    import_.add_argument("file", metavar="FILE", help="NDJSON file written by export, - for stdin")
+    import_.add_argument("--json", action="store_true", help="print a machine-readable JSON report")
     return parser
 
 
@@ -174,6 +207,70 @@ On a terminal a progress bar shows rate and ETA; --json prints the report as JSO
 Exit status: 0 when the projection equals the journal (with --repair: when every difference was
 repaired), 1 otherwise.
 """
+
+
+EXPORT = """\
+Write the journal's events as NDJSON, one line per event in (entity, id, revision) order,
+streamed from one consistent snapshot. Thing events are Ditto Protocol event envelopes (topic
+ns/name/things/twin/events/<action>), policy events similar envelopes (ns/name/policies/events/
+<action>); each line carries an `_audit` object with the exact journal row (entity, id,
+revision, ts, action, path, value as the stored canonical JSON text, originator,
+correlation_id, hash in hex) so that `twinstore import` can restore and re-verify it.
+--from/--to restrict the event timestamps (an export of part of a chain cannot be imported
+and verified on its own). On a terminal a progress bar on stderr shows rate and ETA.
+"""
+
+
+IMPORT = """\
+Load a file written by `twinstore export` into an EMPTY store (the schema is migrated first;
+refused with exit status 2 if the journal holds any event), read in batches, inserting the
+journal rows exactly (same hashes) in one transaction. Then the projections (things, policies)
+are rebuilt from the journal as `twinstore replay --repair` does, and every chain is verified
+as `twinstore audit verify` does.
+
+Exit status: 0 when the import verifies, 1 when replay or verification fails, 2 when refused.
+"""
+
+
+def _progress(
+    label: str, disable: bool
+) -> tuple[object, Callable[[int | None], None], Callable[[int], None]]:
+    """A progress bar on stderr (as audit and replay show): (bar, set_total, advance)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    err = Console(stderr=True)
+    bar = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} events/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=disable or not err.is_terminal,
+    )
+    task = bar.add_task(label, total=None, rate="-")
+
+    def set_total(total: int | None) -> None:
+        bar.update(task, total=total)
+
+    def advance(n: int) -> None:
+        bar.advance(task, n)
+        speed = bar.tasks[task].speed
+        bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
+
+    return bar, set_total, advance
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -439,6 +536,102 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _timestamp(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    ts = datetime.fromisoformat(text)
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def export(settings: Settings, args: argparse.Namespace) -> int:
+    """Run ``export``; writes NDJSON to --output (stdout for -)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from twinstore.export import Scope, export_database
+
+    assert settings.database_url is not None
+    scope = Scope(entity=args.entity, thing=args.thing, namespace=args.namespace)
+    try:
+        since, until = _timestamp(args.since), _timestamp(args.until)
+    except ValueError as exc:
+        print(f"twinstore export: invalid timestamp: {exc}", file=sys.stderr)
+        return 2
+    bar, set_total, advance = _progress("exporting", False)
+    assert isinstance(bar, Progress)
+    to_stdout = args.output == "-"
+    out = sys.stdout.buffer if to_stdout else open(args.output, "wb")  # noqa: SIM115
+    try:
+        with bar:
+            report = asyncio.run(
+                export_database(
+                    settings.database_url,
+                    out,
+                    scope,
+                    since=since,
+                    until=until,
+                    on_total=set_total,
+                    progress=advance,
+                )
+            )
+    finally:
+        if not to_stdout:
+            out.close()
+    rate = report.events / report.seconds if report.seconds else 0
+    Console(stderr=True, highlight=False).print(
+        f"exported {report.events} events of {report.entities} entities in "
+        f"{report.seconds:.2f} s ({rate:,.0f} events/s)"
+    )
+    return 0
+
+
+def import_file(settings: Settings, args: argparse.Namespace) -> int:
+    """Run ``import``; the exit status (0 verified, 1 failed, 2 refused)."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from twinstore.export import JournalNotEmpty, import_database
+
+    assert settings.database_url is not None
+    bar, _, advance = _progress("importing", args.json)
+    assert isinstance(bar, Progress)
+    source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    try:
+        with bar:
+            report = asyncio.run(import_database(settings.database_url, source, progress=advance))
+    except JournalNotEmpty as exc:
+        print(f"twinstore import: refused: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"twinstore import: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0 if report.ok else 1
+    out = Console(highlight=False)
+    assert report.replay is not None and report.audit is not None
+    for d in report.replay.differences:
+        if not d.repaired:
+            out.print(f"[red]DIFFERS[/red] {d}")
+    for b in report.audit.breaks:
+        out.print(f"[red]BROKEN[/red] {b}")
+    summary = (
+        f"{report.events} events of {report.things} things and {report.policies} policies imported, "
+        f"{report.replay.repaired} projection rows rebuilt, {report.audit.entities} chains verified "
+        f"in {report.seconds:.2f} s"
+    )
+    if report.ok:
+        out.print(f"[green]OK[/green]: {summary}")
+    else:
+        out.print(f"[red]FAILED[/red]: {summary}")
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
@@ -474,6 +667,16 @@ def main(argv: list[str] | None = None) -> None:
             settings, servers = _start_embedded(settings)
         try:
             status = replay(settings, args)
+        finally:
+            if servers is not None:
+                servers.stop()  # type: ignore[attr-defined]
+        sys.exit(status)
+    elif args.command in ("export", "import"):
+        servers = None
+        if settings.database_url is None:
+            settings, servers = _start_embedded(settings)
+        try:
+            status = export(settings, args) if args.command == "export" else import_file(settings, args)
         finally:
             if servers is not None:
                 servers.stop()  # type: ignore[attr-defined]
