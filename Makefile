@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/policy_cost.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/history.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(JS_CLIENT)/node_modules
