@@ -15,9 +15,13 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twinstore.logs import configure_logging
 from twinstore.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # rich is imported by the commands that draw a progress bar
+    from rich.progress import Progress
 
 __all__ = ["main"]
 
@@ -234,8 +238,10 @@ Exit status: 0 when the import verifies, 1 when replay or verification fails, 2 
 
 def _progress(
     label: str, disable: bool
-) -> tuple[object, Callable[[int | None], None], Callable[[int], None]]:
-    """A progress bar on stderr (as audit and replay show): (bar, set_total, advance)."""
+) -> tuple[Progress, Callable[[int | None], None], Callable[[int], None]]:
+    """The progress bar of the long CLI jobs (audit, replay, export, import), on stderr and only
+    on a terminal: (bar, set_total, advance), the rate in events/s and an ETA once the total
+    is known."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -380,45 +386,18 @@ def audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from twinstore.audit import Scope, verify_database
 
     assert settings.database_url is not None
     scope = Scope(entity=args.entity, thing=args.thing, namespace=args.namespace)
-    err = Console(stderr=True)
-    with Progress(
-        TextColumn("verifying"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} events/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=args.json or not err.is_terminal,
-    ) as bar:
-        task = bar.add_task("verify", total=None, rate="-")
-
-        def advance(n: int) -> None:
-            bar.advance(task, n)
-            speed = bar.tasks[task].speed
-            bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
-
+    bar, set_total, advance = _progress("verifying", args.json)
+    with bar:
         report = asyncio.run(
             verify_database(
                 settings.database_url,
                 scope,
-                on_total=lambda total: bar.update(task, total=total),
+                on_total=set_total,
                 progress=advance,
                 checkpoints=args.checkpoints,
                 signing_key=settings.audit_signing_key,
@@ -469,46 +448,19 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from twinstore.replay import Scope, replay_database
 
     assert settings.database_url is not None
     scope = Scope(entity=args.entity, thing=args.thing, namespace=args.namespace)
-    err = Console(stderr=True)
-    with Progress(
-        TextColumn("replaying"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} events/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=args.json or not err.is_terminal,
-    ) as bar:
-        task = bar.add_task("replay", total=None, rate="-")
-
-        def advance(n: int) -> None:
-            bar.advance(task, n)
-            speed = bar.tasks[task].speed
-            bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
-
+    bar, set_total, advance = _progress("replaying", args.json)
+    with bar:
         report = asyncio.run(
             replay_database(
                 settings.database_url,
                 scope,
                 repair=args.repair,
-                on_total=lambda total: bar.update(task, total=total),
+                on_total=set_total,
                 progress=advance,
             )
         )
@@ -546,7 +498,6 @@ def _timestamp(text: str | None) -> datetime | None:
 def export(settings: Settings, args: argparse.Namespace) -> int:
     """Run ``export``; writes NDJSON to --output (stdout for -)."""
     from rich.console import Console
-    from rich.progress import Progress
 
     from twinstore.export import Scope, export_database
 
@@ -558,7 +509,6 @@ def export(settings: Settings, args: argparse.Namespace) -> int:
         print(f"twinstore export: invalid timestamp: {exc}", file=sys.stderr)
         return 2
     bar, set_total, advance = _progress("exporting", False)
-    assert isinstance(bar, Progress)
     to_stdout = args.output == "-"
     out = sys.stdout.buffer if to_stdout else open(args.output, "wb")  # noqa: SIM115
     try:
@@ -590,13 +540,11 @@ def import_file(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     from rich.console import Console
-    from rich.progress import Progress
 
     from twinstore.export import JournalNotEmpty, import_database
 
     assert settings.database_url is not None
     bar, _, advance = _progress("importing", args.json)
-    assert isinstance(bar, Progress)
     source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
     try:
         with bar:
@@ -639,48 +587,46 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(settings)
     elif args.command == "migrate":
-        servers = None
-        if settings.database_url is None:
-            settings, servers = _start_embedded(settings)
-        try:
-            version = asyncio.run(_migrate(settings))
-            print(f"schema is at version {version}")
-        finally:
-            if servers is not None:
-                servers.stop()  # type: ignore[attr-defined]
+        sys.exit(_on_database(settings, _print_migrate))
     elif args.command == "audit":
-        servers = None
-        if settings.database_url is None:
-            settings, servers = _start_embedded(settings)
-        try:
-            if args.audit_command == "checkpoint":
-                status = audit_checkpoint(settings, args)
-            else:
-                status = audit_verify(settings, args)
-        finally:
-            if servers is not None:
-                servers.stop()  # type: ignore[attr-defined]
-        sys.exit(status)
+        sys.exit(
+            _on_database(
+                settings,
+                lambda s: (audit_checkpoint if args.audit_command == "checkpoint" else audit_verify)(s, args),
+            )
+        )
     elif args.command == "replay":
-        servers = None
-        if settings.database_url is None:
-            settings, servers = _start_embedded(settings)
-        try:
-            status = replay(settings, args)
-        finally:
-            if servers is not None:
-                servers.stop()  # type: ignore[attr-defined]
-        sys.exit(status)
+        sys.exit(_on_database(settings, lambda s: replay(s, args)))
     elif args.command in ("export", "import"):
-        servers = None
-        if settings.database_url is None:
-            settings, servers = _start_embedded(settings)
-        try:
-            status = export(settings, args) if args.command == "export" else import_file(settings, args)
-        finally:
-            if servers is not None:
-                servers.stop()  # type: ignore[attr-defined]
-        sys.exit(status)
+        sys.exit(
+            _on_database(settings, lambda s: (export if args.command == "export" else import_file)(s, args))
+        )
+
+
+def _print_migrate(settings: Settings) -> int:
+    print(f"schema is at version {asyncio.run(_migrate(settings))}")
+    return 0
+
+
+def _on_database(settings: Settings, run: Callable[[Settings], int]) -> int:
+    """Run a command against the configured database (the embedded one when none is set);
+    its exit status. A database without twinstore's schema is a clear error (2), not a trace."""
+    import asyncpg
+
+    servers = None
+    if settings.database_url is None:
+        settings, servers = _start_embedded(settings)
+    try:
+        return run(settings)
+    except asyncpg.UndefinedTableError as exc:
+        print(
+            f"twinstore: the database has no twinstore schema ({exc}); run `twinstore migrate` first",
+            file=sys.stderr,
+        )
+        return 2
+    finally:
+        if servers is not None:
+            servers.stop()  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":  # pragma: no cover
