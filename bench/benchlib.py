@@ -6,6 +6,7 @@ sits beside them and is imported as ``benchlib``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -13,8 +14,9 @@ import secrets
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +29,7 @@ __all__ = [
     "ROOT",
     "CpuMeter",
     "CpuUse",
+    "add_run_arguments",
     "command_line",
     "create_database",
     "default_database_url",
@@ -36,6 +39,7 @@ __all__ = [
     "markdown_table",
     "percentile",
     "process_cpu",
+    "run_on_fresh_database",
     "wait_quiet",
     "write_section",
 ]
@@ -272,3 +276,50 @@ INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, 
 SELECT 'thing', * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
                              $6::json[], $7::text[], $8::text[], $9::bytea[])
 """
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark on its own fresh database takes (see :func:`run_on_fresh_database`)."""
+    parser.add_argument("--database-url", default=default_database_url(), help="admin database URL")
+    parser.add_argument("--nats-url", default=default_nats_url())
+    parser.add_argument("--keep-database", action="store_true", help="do not drop the seeded database")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--no-output", action="store_true", help="print only; do not update BENCHMARKS.md")
+
+
+async def run_on_fresh_database(
+    args: argparse.Namespace,
+    *,
+    name: str,
+    title: str,
+    run: Callable[[str, Path], Awaitable[tuple[list[str], str]]],
+) -> int:
+    """Create a database, ``run(database_url, tmp_dir)`` -> (facts, body), drop the database
+    (unless ``--keep-database``), print the report and write it as the section ``name`` of
+    ``--output`` (unless ``--no-output``)."""
+    notes = await machine_notes(args.database_url)
+    print("\n".join(notes))
+    tmp = Path(tempfile.mkdtemp(prefix=f"twinstore-bench-{name}-"))
+    db_name, url = await create_database(args.database_url, f"twinstore_bench_{name}")
+    try:
+        facts, body = await run(url, tmp)
+    finally:
+        if args.keep_database:
+            print(f"kept database {db_name}")
+        else:
+            await drop_database(args.database_url, db_name)
+    text = "\n".join(
+        [
+            f"## {title}",
+            "",
+            "Command: `" + " ".join(["python", *sys.argv]) + "`",
+            "",
+            *[f"- {n}" for n in notes + facts],
+            "",
+            body,
+        ]
+    )
+    print("\n" + text)
+    if not args.no_output:
+        write_section(args.output, name, text)
+    return 0

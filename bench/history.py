@@ -30,7 +30,6 @@ import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,14 +38,10 @@ import httpx
 from api import Server
 from benchlib import (
     ROOT,
-    create_database,
-    default_database_url,
-    default_nats_url,
-    drop_database,
-    machine_notes,
+    add_run_arguments,
     markdown_table,
     percentile,
-    write_section,
+    run_on_fresh_database,
 )
 
 from twinstore.auth import AuthContext, write_users_file
@@ -293,41 +288,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events-per-thing", type=int, default=100, help="revisions of each other thing")
     parser.add_argument("--reads", type=int, default=300, help="historical reads (default 300)")
     parser.add_argument("--concurrency", type=int, default=256, help="writes in flight while seeding")
-    parser.add_argument("--database-url", default=default_database_url(), help="admin database URL")
-    parser.add_argument("--nats-url", default=default_nats_url())
-    parser.add_argument("--keep-database", action="store_true", help="do not drop the seeded database")
-    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--no-output", action="store_true", help="print only; do not update BENCHMARKS.md")
+    add_run_arguments(parser)
     return parser.parse_args(argv)
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    notes = await machine_notes(args.database_url)
-    print("\n".join(notes))
-    tmp = Path(tempfile.mkdtemp(prefix="twinstore-bench-history-"))
-    name, url = await create_database(args.database_url, "twinstore_bench_history")
-    try:
-        facts, tables = await run(args, url, tmp)
-    finally:
-        if args.keep_database:
-            print(f"kept database {name}")
-        else:
-            await drop_database(args.database_url, name)
-    text = "\n".join(
-        [
-            "## History and audit (issue 5)",
-            "",
-            "Command: `" + " ".join(["python", *sys.argv]) + "`",
-            "",
-            *[f"- {n}" for n in notes + facts],
-            "",
-            tables,
-        ]
+    return await run_on_fresh_database(
+        args, name="history", title="History and audit (issue 5)", run=lambda url, tmp: run(args, url, tmp)
     )
-    print("\n" + text)
-    if not args.no_output:
-        write_section(args.output, "history", text)
-    return 0
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ import random
 import secrets
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,15 +38,10 @@ import asyncpg
 import httpx
 from api import Server
 from benchlib import (
-    ROOT,
-    create_database,
-    default_database_url,
-    default_nats_url,
-    drop_database,
-    machine_notes,
+    add_run_arguments,
     markdown_table,
     percentile,
-    write_section,
+    run_on_fresh_database,
 )
 
 from twinstore.auth import AuthContext, write_users_file
@@ -328,41 +322,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--things", type=int, default=100_000, help="things to seed (default 100,000)")
     parser.add_argument("--repeat", type=int, default=100, help="requests per query and kind")
-    parser.add_argument("--database-url", default=default_database_url(), help="admin database URL")
-    parser.add_argument("--nats-url", default=default_nats_url())
-    parser.add_argument("--keep-database", action="store_true", help="do not drop the seeded database")
-    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--no-output", action="store_true", help="print only; do not update BENCHMARKS.md")
+    add_run_arguments(parser)
     return parser.parse_args(argv)
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    notes = await machine_notes(args.database_url)
-    print("\n".join(notes))
-    tmp = Path(tempfile.mkdtemp(prefix="twinstore-bench-search-"))
-    name, url = await create_database(args.database_url, "twinstore_bench_search")
-    try:
+    async def report(url: str, tmp: Path) -> tuple[list[str], str]:
         facts, rows = await run(args, url, tmp)
-    finally:
-        if args.keep_database:
-            print(f"kept database {name}")
-        else:
-            await drop_database(args.database_url, name)
-    text = "\n".join(
-        [
-            "## Search (issue 4)",
-            "",
-            "Command: `" + " ".join(["python", *sys.argv]) + "`",
-            "",
-            *[f"- {n}" for n in notes + facts],
-            "",
-            markdown_table(HEADERS, rows),
-        ]
-    )
-    print("\n" + text)
-    if not args.no_output:
-        write_section(args.output, "search", text)
-    return 0
+        return facts, markdown_table(HEADERS, rows)
+
+    return await run_on_fresh_database(args, name="search", title="Search (issue 4)", run=report)
 
 
 def main() -> None:
