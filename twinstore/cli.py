@@ -53,6 +53,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
 
 
+def _scope(parser: argparse.ArgumentParser, verb: str) -> None:
+    """Which journal entities a command works on (audit verify, replay, export: audit.Scope)."""
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--thing", metavar="ID", help=f"{verb} only this thing")
+    scope.add_argument("--namespace", metavar="NS", help=f"{verb} only entities with ids in namespace NS")
+    scope.add_argument("--all", action="store_true", help=f"{verb} every entity (the default)")
+    parser.add_argument(
+        "--entity", choices=["thing", "policy"], help="only things or only policies (default both)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twinstore", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,13 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(verify)
-    scope = verify.add_mutually_exclusive_group()
-    scope.add_argument("--thing", metavar="ID", help="verify only this thing's chain")
-    scope.add_argument("--namespace", metavar="NS", help="verify only entities with ids in namespace NS")
-    scope.add_argument("--all", action="store_true", help="verify every chain (the default)")
-    verify.add_argument(
-        "--entity", choices=["thing", "policy"], help="only things or only policies (default both)"
-    )
+    _scope(verify, "verify")
     verify.add_argument(
         "--checkpoints",
         choices=["latest", "all", "none"],
@@ -119,15 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(replay)
-    replay_scope = replay.add_mutually_exclusive_group()
-    replay_scope.add_argument("--thing", metavar="ID", help="replay only this thing")
-    replay_scope.add_argument(
-        "--namespace", metavar="NS", help="replay only entities with ids in namespace NS"
-    )
-    replay_scope.add_argument("--all", action="store_true", help="replay every entity (the default)")
-    replay.add_argument(
-        "--entity", choices=["thing", "policy"], help="only things or only policies (default both)"
-    )
+    _scope(replay, "replay")
     replay.add_argument(
         "--repair", action="store_true", help="rewrite the differing projection rows from the journal"
     )
@@ -139,15 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(export)
-    export_scope = export.add_mutually_exclusive_group()
-    export_scope.add_argument("--thing", metavar="ID", help="export only this thing's events")
-    export_scope.add_argument(
-        "--namespace", metavar="NS", help="export only entities with ids in namespace NS"
-    )
-    export_scope.add_argument("--all", action="store_true", help="export every entity (the default)")
-    export.add_argument(
-        "--entity", choices=["thing", "policy"], help="only things or only policies (default both)"
-    )
+    _scope(export, "export")
     export.add_argument("--from", dest="since", metavar="TS", help="only events at or after TS (ISO 8601)")
     export.add_argument("--to", dest="until", metavar="TS", help="only events at or before TS (ISO 8601)")
     export.add_argument(
