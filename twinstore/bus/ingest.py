@@ -1,0 +1,170 @@
+"""The ingestion wire format: what adapters publish to NATS JetStream and how (shared contract).
+
+Adapters (``adapters/``) import only this module and :mod:`twinstore.bus.subjects`; the ingest
+workers (``twinstore/ingest.py``) decode with it. Nothing here touches the database.
+
+Subjects and streams (``prefix`` is the ``nats_prefix`` setting, ``P`` ``ingest_partitions``):
+
+* ``<prefix>.ingest.<p>`` with ``p = crc32(thingId) % P``, in the stream ``<PREFIX>_INGEST``
+  whose subjects are exactly ``<prefix>.ingest.0`` … ``<prefix>.ingest.<P-1>`` (a publisher
+  configured with another partition count gets an error, never a silently unread subject).
+  All updates of one thing travel on one subject, so they are applied in publish order;
+  partitions are spread over the ingest workers.
+* ``<prefix>.ingest.errors`` in the stream ``<PREFIX>_INGEST_ERRORS``: one JSON report per
+  refused message or telemetry row (see ``twinstore.ingest``).
+
+Two message forms, told apart by ``Content-Type`` (or, without it, by their JSON shape):
+
+* a Ditto Protocol command envelope (``application/vnd.eclipse.ditto+json``):
+  ``{"topic": "org.acme/pump-1/things/twin/commands/modify", "path": "/features/temp/properties/value",
+  "value": 21.5}`` (``create``, ``modify``, ``merge``, ``delete``, as on the WebSocket);
+* a telemetry batch (``application/vnd.twinstore.telemetry+json``): many property values of
+  many things (of one partition) in one message, each row ``[thingId, path, value,
+  sourceTimestampMs, quality]`` (the last two may be ``null`` or left out). Each row is applied
+  as a merge of ``value`` at ``path`` (missing parents are created, as Ditto's merge does) and
+  becomes one journal event that keeps the source timestamp and quality as its headers
+  ``source-timestamp`` and ``source-quality`` (shown by history reads in ``historical-headers``).
+
+Every message carries ``Nats-Msg-Id: <source>:<seq>`` (JetStream drops a republish within its
+duplicate window), ``Twinstore-Source: <source>`` (the configured source: its subjects decide
+what it may write) and ``Twinstore-Seq: <seq>``, a number that grows with every message of the
+source (across restarts: :func:`initial_seq`); a message whose seq is not above the last one
+applied from that source on its partition is a duplicate and is skipped, so a republish after
+the duplicate window is still applied only once.
+
+>>> subjects = IngestSubjects("twinstore", 4)
+>>> rows = [Update("org.acme:a", "/features/t/properties/v", 1.5, 1_700_000_000_000, "Good"),
+...         Update("org.acme:b", "/features/t/properties/v", 2)]
+>>> msgs = telemetry_messages(subjects, "plc-1", 100, rows)
+>>> [(m.subject, m.headers["Twinstore-Seq"]) for m in msgs]
+[('twinstore.ingest.3', '100'), ('twinstore.ingest.1', '101')]
+>>> decode_telemetry(msgs[0].payload)[0]
+Update(thing_id='org.acme:a', path='/features/t/properties/v', value=1.5, ts=1700000000000, quality='Good')
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from twinstore.bus.subjects import partition_of
+
+__all__ = [
+    "COMMAND_TYPE",
+    "SEQ_HEADER",
+    "SOURCE_HEADER",
+    "TELEMETRY_TYPE",
+    "IngestSubjects",
+    "OutgoingMessage",
+    "Update",
+    "command_message",
+    "decode_telemetry",
+    "initial_seq",
+    "telemetry_messages",
+]
+
+COMMAND_TYPE = "application/vnd.eclipse.ditto+json"
+TELEMETRY_TYPE = "application/vnd.twinstore.telemetry+json"
+SOURCE_HEADER = "Twinstore-Source"
+SEQ_HEADER = "Twinstore-Seq"
+
+
+class Update(msgspec.Struct, array_like=True, frozen=True):
+    """One property value from a source: ``[thingId, path, value, sourceTimestampMs, quality]``."""
+
+    thing_id: str
+    path: str
+    value: Any
+    ts: int | None = None
+    quality: str | None = None
+
+
+class _Telemetry(msgspec.Struct):
+    updates: list[Update]
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_telemetry = msgspec.json.Decoder(_Telemetry).decode
+
+
+def decode_telemetry(payload: bytes) -> list[Update]:
+    """The rows of a telemetry batch; ``msgspec.ValidationError`` / ``DecodeError`` if malformed."""
+    return _decode_telemetry(payload).updates
+
+
+class IngestSubjects(msgspec.Struct, frozen=True):
+    prefix: str = "twinstore"
+    partitions: int = 16
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix.upper().replace('.', '_')}_INGEST"
+
+    @property
+    def errors_stream(self) -> str:
+        return f"{self.stream}_ERRORS"
+
+    @property
+    def errors_subject(self) -> str:
+        return f"{self.prefix}.ingest.errors"
+
+    def partition_subject(self, partition: int) -> str:
+        return f"{self.prefix}.ingest.{partition}"
+
+    def subject(self, thing_id: str) -> str:
+        return self.partition_subject(partition_of(thing_id, self.partitions))
+
+    @property
+    def all_subjects(self) -> list[str]:
+        return [self.partition_subject(p) for p in range(self.partitions)]
+
+
+class OutgoingMessage(msgspec.Struct, frozen=True):
+    """A message ready to publish (and to spool: it is complete, ids included)."""
+
+    subject: str
+    headers: dict[str, str]
+    payload: bytes
+
+
+def initial_seq(last: int = 0) -> int:
+    """Where a source's sequence starts: above ``last`` (kept by the adapter) and above the time
+    in microseconds, so a source that lost its state still counts upwards after a restart."""
+    return max(last + 1, time.time_ns() // 1000)
+
+
+def _headers(source: str, seq: int, content_type: str) -> dict[str, str]:
+    return {
+        "Nats-Msg-Id": f"{source}:{seq}",
+        SOURCE_HEADER: source,
+        SEQ_HEADER: str(seq),
+        "Content-Type": content_type,
+    }
+
+
+def telemetry_messages(
+    subjects: IngestSubjects, source: str, next_seq: int, updates: Iterable[Update]
+) -> list[OutgoingMessage]:
+    """One telemetry message per partition the rows fall on, numbered from ``next_seq`` up
+    (the caller's next seq is ``next_seq + len(result)``); row order is kept per thing."""
+    by_subject: dict[str, list[Update]] = {}
+    for update in updates:
+        by_subject.setdefault(subjects.subject(update.thing_id), []).append(update)
+    return [
+        OutgoingMessage(subject, _headers(source, next_seq + i, TELEMETRY_TYPE), _encode(_Telemetry(rows)))
+        for i, (subject, rows) in enumerate(by_subject.items())
+    ]
+
+
+def command_message(
+    subjects: IngestSubjects, source: str, seq: int, envelope: dict[str, Any]
+) -> OutgoingMessage:
+    """A Ditto Protocol command envelope for the thing named by its topic."""
+    parts = str(envelope.get("topic", "")).split("/")
+    if len(parts) < 2:
+        raise ValueError(f"not a thing command topic: {envelope.get('topic')!r}")
+    subject = subjects.subject(f"{parts[0]}:{parts[1]}")
+    return OutgoingMessage(subject, _headers(source, seq, COMMAND_TYPE), _encode(envelope))
