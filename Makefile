@@ -34,7 +34,7 @@ test: $(STAMP) $(JS_STAMP) lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check twinstore policies tests bench
+	$(BIN)/ruff check twinstore policies tests bench adapters
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -1,0 +1,404 @@
+"""What every adapter shares: configuration files and the store-and-forward publisher.
+
+An adapter turns a plant protocol into :class:`~twinstore.bus.ingest.Update` rows (or Ditto
+Protocol commands) and hands them to a :class:`Forwarder`:
+
+* ``send_updates`` numbers them (``Twinstore-Seq``, growing across restarts), writes them to
+  the :class:`~adapters.spool.Spool` (fsynced) and returns: from then on they survive a crash.
+  When the spool is full it waits for room (backpressure to the source) instead of dropping.
+* a background task publishes the spool to JetStream in order, one message at a time, each
+  awaited until JetStream acknowledged it, and drops acknowledged messages from the spool.
+  When NATS is unreachable it keeps the spool and retries with backoff. A message published
+  twice (ack lost, adapter restarted before its commit) carries the same ``Nats-Msg-Id`` and
+  seq, so JetStream or the ingest worker drops the copy: nothing lost, nothing applied twice.
+* ``desired_changes`` is the other direction: a durable JetStream consumer ``adapter-<source>``
+  on the events stream yields the events that change ``desiredProperties`` of the adapter's
+  things; :func:`desired_values` flattens one into the values to send to the device.
+
+>>> event = {"topic": "org.acme/pump-1/things/twin/events/merged",
+...          "path": "/features/valve/desiredProperties", "value": {"open": True, "pid": {"p": 2}}}
+>>> [(d.feature, d.path, d.value) for d in desired_values(event)]
+[('valve', '/open', True), ('valve', '/pid/p', 2)]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.api
+import nats.js.errors
+import yaml
+from nats.aio.client import Client as NATS
+
+from adapters.spool import Spool, SpoolFullError
+from twinstore.bus.ingest import IngestSubjects, OutgoingMessage, Update, command_message, initial_seq
+from twinstore.bus.ingest import telemetry_messages as _telemetry_messages
+from twinstore.bus.subjects import Subjects
+
+__all__ = ["DesiredValue", "Forwarder", "desired_values", "load_config"]
+
+log = logging.getLogger("adapters.forwarder")
+
+_DURABLE_INVALID = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read an adapter configuration: YAML (``.yml``/``.yaml``) or TOML (``.toml``)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".yml", ".yaml"):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    elif suffix == ".toml":
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    else:
+        raise ValueError(f"{path}: configuration must be .yml, .yaml or .toml")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the configuration must be a mapping at the top level")
+    return data
+
+
+class DesiredValue(msgspec.Struct, frozen=True):
+    """One value a device should take: ``features/<feature>/desiredProperties<path>``."""
+
+    thing_id: str
+    feature: str
+    path: str  # JSON pointer inside desiredProperties, e.g. "/speed" or "/pid/p"
+    value: Any
+
+
+def _escape(token: str) -> str:
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def _unescape(token: str) -> str:
+    return token.replace("~1", "/").replace("~0", "~")
+
+
+def _leaves(value: Any, pointer: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        for key, child in value.items():
+            yield from _leaves(child, f"{pointer}/{_escape(str(key))}")
+    elif pointer and value is not None:  # null in a merge removes: nothing to send
+        yield pointer, value
+
+
+def desired_values(envelope: dict[str, Any]) -> list[DesiredValue]:
+    """The ``desiredProperties`` leaves a thing event sets (empty for any other event)."""
+    parts = str(envelope.get("topic", "")).split("/")
+    if len(parts) != 6 or parts[2:5] != ["things", "twin", "events"]:
+        return []
+    if parts[5] not in ("created", "modified", "merged"):
+        return []
+    thing_id = f"{parts[0]}:{parts[1]}"
+    tokens = [_unescape(t) for t in str(envelope.get("path", "/")).split("/")[1:] if t != ""]
+    value = envelope.get("value")
+    # Lift the value to the thing's root so that one walk handles every path depth.
+    for token in reversed(tokens):
+        value = {token: value}
+    features = value.get("features") if isinstance(value, dict) else None
+    if not isinstance(features, dict):
+        return []
+    found: list[DesiredValue] = []
+    for feature, body in features.items():
+        desired = body.get("desiredProperties") if isinstance(body, dict) else None
+        if desired is None:
+            continue
+        found.extend(DesiredValue(thing_id, feature, p, v) for p, v in _leaves(desired, ""))
+    return found
+
+
+class Forwarder:
+    """Store-and-forward publisher of one source; see the module docstring."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        subjects: IngestSubjects,
+        source: str,
+        spool_dir: Path,
+        spool_max_bytes: int,
+        *,
+        nats_options: dict[str, Any] | None = None,
+        publish_batch: int = 256,
+        ack_timeout: float = 5.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.nats_url = nats_url
+        self.subjects = subjects
+        self.source = source
+        self.spool_dir = Path(spool_dir)
+        self.spool_max_bytes = spool_max_bytes
+        self.nats_options = dict(nats_options or {})
+        self.publish_batch = publish_batch
+        self.ack_timeout = ack_timeout
+        self.max_backoff = max_backoff
+        self.published = 0  # messages acknowledged by JetStream (this process)
+        self.spooled = 0  # messages written to the spool (this process)
+        self.updates = 0  # rows handed to send_updates
+        self._spool: Spool | None = None
+        self._nc: NATS | None = None
+        self._connected = asyncio.Event()
+        self._wake = asyncio.Event()  # something was spooled
+        self._room = asyncio.Event()  # something was committed
+        self._seq_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    @property
+    def spool(self) -> Spool:
+        if self._spool is None:
+            raise RuntimeError("Forwarder.start() was not called")
+        return self._spool
+
+    @property
+    def pending(self) -> int:
+        """Messages in the spool not yet acknowledged by JetStream (across restarts)."""
+        return self._spool.pending if self._spool is not None else 0
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def start(self) -> None:
+        """Open the spool (resuming what a previous run left) and start publishing in the
+        background; returns at once, also when NATS is unreachable."""
+        if self._task is not None:
+            return
+        self._spool = await asyncio.to_thread(Spool, self.spool_dir, self.spool_max_bytes)
+        if self._spool.pending:
+            log.info(
+                "resuming spool",
+                extra={"source": self.source, "pending": self._spool.pending, "spool": str(self.spool_dir)},
+            )
+        self._task = asyncio.create_task(self._run(), name=f"forwarder-{self.source}")
+
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Publish what can be published within ``flush_timeout`` seconds, then close; what is
+        left stays in the spool for the next start."""
+        if self._task is None:
+            return
+        if self.connected:
+            deadline = asyncio.get_running_loop().time() + flush_timeout
+            while self.pending and asyncio.get_running_loop().time() < deadline and not self._task.done():
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), 0.1)
+        task, self._task = self._task, None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.close(), 5)
+            self._nc = None
+        self._connected.clear()
+        log.info(
+            "forwarder stopped",
+            extra={"source": self.source, "published": self.published, "pending": self.pending},
+        )
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def send_updates(self, updates: list[Update]) -> None:
+        """Number ``updates`` (one telemetry message per partition), spool them durably and
+        return; published in the background."""
+        if not updates:
+            return
+        async with self._seq_lock:
+            first = initial_seq(self.spool.last_seq)
+            await self._append(_telemetry_messages(self.subjects, self.source, first, updates))
+        self.updates += len(updates)
+
+    async def send_command(self, envelope: dict[str, Any]) -> None:
+        """Spool one Ditto Protocol command envelope durably and return (published in order
+        with the telemetry of this source)."""
+        async with self._seq_lock:
+            seq = initial_seq(self.spool.last_seq)
+            await self._append([command_message(self.subjects, self.source, seq, envelope)])
+
+    async def _append(self, messages: list[OutgoingMessage]) -> None:
+        warned = False
+        while True:
+            self._room.clear()
+            try:
+                await self.spool.append(messages)
+                break
+            except SpoolFullError:
+                if self.spool.pending == 0:
+                    raise  # larger than the whole spool: waiting would never help
+                if not warned:
+                    log.warning(
+                        "spool full; holding the source until NATS takes messages",
+                        extra={"source": self.source, "pending": self.spool.pending},
+                    )
+                    warned = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), 1.0)
+        self.spooled += len(messages)
+        self._wake.set()
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def _connection(self) -> NATS:
+        """The connection, once connected (opened by the publishing task)."""
+        while True:
+            await self._connected.wait()
+            if self._nc is not None:
+                return self._nc
+
+    async def _open(self) -> NATS:
+        async def disconnected() -> None:
+            if self._task is None:  # stopping
+                return
+            log.warning("NATS disconnected; spooling", extra={"source": self.source})
+
+        async def reconnected() -> None:
+            log.info("NATS reconnected", extra={"source": self.source, "pending": self.pending})
+            self._wake.set()
+
+        async def error(exc: Exception) -> None:
+            log.debug("NATS: %s", exc, extra={"source": self.source})
+
+        options: dict[str, Any] = {
+            "name": f"twinstore-adapter-{self.source}",
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,  # also keeps the first connect trying
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 2,
+            "disconnected_cb": disconnected,
+            "reconnected_cb": reconnected,
+            "error_cb": error,
+            **self.nats_options,
+        }
+        nc = await nats.connect(self.nats_url, **options)
+        log.info("NATS connected", extra={"source": self.source, "pending": self.pending})
+        return nc
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if self._nc is None or self._nc.is_closed:
+                    self._connected.clear()
+                    self._nc = await self._open()
+                    self._connected.set()
+                js = self._nc.jetstream()
+                while True:
+                    self._wake.clear()  # before peeking: an append after this wakes us
+                    batch = self.spool.peek(self.publish_batch)
+                    if not batch:
+                        await self._wake.wait()
+                        continue
+                    await self._publish(js, batch)
+                    backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "publishing failed; retrying in %.2fs: %s",
+                    backoff,
+                    exc or type(exc).__name__,
+                    extra={"source": self.source, "pending": self.pending},
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+
+    async def _publish(self, js: nats.js.JetStreamContext, batch: list[OutgoingMessage]) -> None:
+        """Publish in order, each awaited until acknowledged; commit what was acknowledged
+        (also when a later one fails: the next round starts with the failed one)."""
+        done = 0
+        try:
+            for message in batch:
+                await js.publish(
+                    message.subject, message.payload, timeout=self.ack_timeout, headers=message.headers
+                )
+                done += 1
+        finally:
+            if done:
+                await asyncio.to_thread(self.spool.commit, done)
+                self.published += done
+                self._room.set()
+
+    # -- the other direction -------------------------------------------------------------------
+
+    async def desired_changes(self, thing_ids: set[str] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Yield the thing events (Ditto Protocol envelopes) that change ``desiredProperties``
+        of ``thing_ids`` (all things if None), in event order per thing; each is acknowledged
+        when the caller asks for the next one (so a crash while handling it redelivers it).
+
+        The durable consumer ``adapter-<source>`` starts with the events published after its
+        creation and resumes where it was after a restart."""
+        events = Subjects(self.subjects.prefix)
+        durable = "adapter-" + _DURABLE_INVALID.sub("_", self.source)
+        config = nats.js.api.ConsumerConfig(
+            durable_name=durable,
+            deliver_policy=nats.js.api.DeliverPolicy.NEW,
+            ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=1000,
+            filter_subject=events.events_wildcard,
+        )
+        backoff = 0.1
+        while True:
+            try:
+                nc = await self._connection()
+                js = nc.jetstream()
+                sub = await js.pull_subscribe(
+                    events.events_wildcard, durable=durable, stream=events.events_stream, config=config
+                )
+                while True:
+                    try:
+                        messages = await sub.fetch(100, timeout=1.0)
+                    except nats.errors.TimeoutError:
+                        continue
+                    backoff = 0.1
+                    for msg in messages:
+                        envelope = _decode_event(msg.data)
+                        if envelope is not None and _wanted(envelope, thing_ids):
+                            yield envelope
+                        await msg.ack()
+            except asyncio.CancelledError:
+                raise
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                log.warning(
+                    "desired-changes consumer failed; retrying in %.1fs: %s",
+                    backoff,
+                    exc or type(exc).__name__,
+                    extra={"source": self.source},
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+
+
+_decode_json = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def _decode_event(data: bytes) -> dict[str, Any] | None:
+    try:
+        return _decode_json(data)
+    except msgspec.DecodeError:
+        log.warning("undecodable event skipped")
+        return None
+
+
+def _wanted(envelope: dict[str, Any], thing_ids: set[str] | None) -> bool:
+    parts = str(envelope.get("topic", "")).split("/")
+    if len(parts) < 2 or (thing_ids is not None and f"{parts[0]}:{parts[1]}" not in thing_ids):
+        return False
+    return bool(desired_values(envelope))
