@@ -45,11 +45,22 @@ from twinstore.bus.ingest import IngestSubjects, OutgoingMessage, Update, comman
 from twinstore.bus.ingest import telemetry_messages as _telemetry_messages
 from twinstore.bus.subjects import Subjects
 
-__all__ = ["DesiredValue", "Forwarder", "desired_values", "load_config"]
+__all__ = [
+    "ConfigError",
+    "DesiredValue",
+    "Forwarder",
+    "desired_values",
+    "forwarder_from_config",
+    "load_config",
+]
 
 log = logging.getLogger("adapters.forwarder")
 
 _DURABLE_INVALID = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class ConfigError(ValueError):
+    """The adapter configuration is invalid (the message says which key and why)."""
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -61,12 +72,37 @@ def load_config(path: str | Path) -> dict[str, Any]:
     elif suffix == ".toml":
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     else:
-        raise ValueError(f"{path}: configuration must be .yml, .yaml or .toml")
+        raise ConfigError(f"{path}: configuration must be .yml, .yaml or .toml")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the configuration must be a mapping at the top level")
+        raise ConfigError(f"{path}: the configuration must be a mapping at the top level")
     return data
+
+
+def forwarder_from_config(config: dict[str, Any], default_source: str) -> Forwarder:
+    """A :class:`Forwarder` from the keys every adapter shares: ``nats_url``, ``nats_prefix``,
+    ``ingest_partitions``, ``source``, ``spool_dir``, ``spool_max_bytes`` and ``nats`` (extra
+    keyword options of ``nats.connect``, e.g. ``user``, ``password``, ``token``)."""
+    source = str(config.get("source", default_source))
+    if not source or any(c in source for c in " .*>"):
+        raise ConfigError(f"source {source!r}: must be non-empty without spaces, '.', '*' or '>'")
+    options = config.get("nats", {})
+    if not isinstance(options, dict):
+        raise ConfigError("nats: must be a mapping of nats.connect options")
+    try:
+        partitions = int(config.get("ingest_partitions", 16))
+        max_bytes = int(config.get("spool_max_bytes", 1 << 30))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"ingest_partitions / spool_max_bytes: {exc}") from exc
+    return Forwarder(
+        str(config.get("nats_url", "nats://127.0.0.1:4222")),
+        IngestSubjects(str(config.get("nats_prefix", "twinstore")), partitions),
+        source,
+        Path(str(config.get("spool_dir", f"spool-{source}"))),
+        max_bytes,
+        nats_options=options,
+    )
 
 
 class DesiredValue(msgspec.Struct, frozen=True):

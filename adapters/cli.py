@@ -1,0 +1,139 @@
+"""``twinstore-adapter``: run a protocol adapter as its own process.
+
+``twinstore-adapter mqtt --config FILE`` or ``twinstore-adapter opcua --config FILE``; each
+adapter module has ``async def run(config: dict) -> None`` which runs until cancelled and
+cleans up in ``finally`` (SIGTERM and SIGINT cancel it: the spool is flushed as far as NATS
+takes it, the rest stays on disk for the next start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import yaml
+
+from adapters.base import ConfigError, load_config
+
+__all__ = ["main"]
+
+log = logging.getLogger("adapters")
+
+DESCRIPTION = """\
+twinstore-adapter: feed twins from plant protocols through NATS JetStream.
+
+An adapter reads its configuration file (YAML .yml/.yaml or TOML .toml), subscribes to the
+plant (MQTT broker with plain topics and Sparkplug B, or OPC UA server), and publishes every
+value to twinstore's ingest stream. Values are written to a local spool (fsynced) first, so
+nothing is lost while NATS is unreachable or the adapter restarts; they are published in order
+when NATS is back. Changes of desiredProperties of the mapped things are sent to the devices
+(MQTT command topics, Sparkplug NCMD/DCMD, OPC UA writes).
+
+Common configuration keys (adapter-specific ones: see the README):
+  nats_url          NATS server (default nats://127.0.0.1:4222)
+  nats_prefix       twinstore's nats_prefix (default twinstore)
+  ingest_partitions twinstore's ingest_partitions (default 16)
+  source            this adapter's source name (Nats-Msg-Id, Twinstore-Source; unique per adapter)
+  spool_dir         spool directory (default ./spool-<source>)
+  spool_max_bytes   spool bound in bytes (default 1 GiB); when full the source is held back
+
+Logs are JSON lines on stderr (--log-format text for plain lines). SIGTERM stops gracefully.
+"""
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("asyncua", "nats"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twinstore-adapter",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="adapter", required=True, metavar="ADAPTER")
+    for name, help_text in (
+        ("mqtt", "MQTT 3.1.1/5 topics and Sparkplug B to twins, desired values to command topics"),
+        ("opcua", "OPC UA subscriptions to twins, desired values as OPC UA writes"),
+    ):
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--config", metavar="FILE", required=True, help="YAML or TOML configuration")
+        cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        cmd.add_argument("--log-format", default="json", choices=["json", "text"])
+    return parser
+
+
+def _runner(adapter: str) -> Callable[[dict[str, Any]], Awaitable[None]]:
+    # Imported lazily: the OPC UA adapter pulls in asyncua, the MQTT one paho and protobuf.
+    module = importlib.import_module(f"adapters.{adapter}")
+    return cast(Callable[[dict[str, Any]], Awaitable[None]], module.run)
+
+
+async def _serve(adapter: str, config: dict[str, Any]) -> None:
+    task = asyncio.ensure_future(_runner(adapter)(config))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("stopped", extra={"adapter": adapter})
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        log.error("cannot read configuration: %s", exc)
+        return 2
+    log.info("starting", extra={"adapter": args.adapter, "config": args.config})
+    try:
+        asyncio.run(_serve(args.adapter, config))
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc, extra={"adapter": args.adapter})
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
