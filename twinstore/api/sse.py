@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import orjson
@@ -33,13 +30,13 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
 from twinstore.api.headers import DittoHeaders
-from twinstore.api.live import LiveQuery, Matched, event_matches, event_thing, from_now, parse_query
+from twinstore.api.history import SSE_NAMES, History, parse_range
+from twinstore.api.live import LiveQuery, Matched, event_thing, from_now, parse_query
 from twinstore.auth import AuthContext
-from twinstore.enforcement import readable_event, readable_thing
 from twinstore.fanout import SlowConsumerError, Subscription
 from twinstore.model import patch as jp
 from twinstore.model import rql
-from twinstore.model.errors import DittoError, InvalidInputError, history_not_found, not_found
+from twinstore.model.errors import DittoError, InvalidInputError
 from twinstore.model.fields import select
 from twinstore.model.ids import parse_pointer, validate_thing_id
 from twinstore.runtime import Runtime
@@ -50,13 +47,7 @@ log = logging.getLogger("twinstore.sse")
 
 KEEPALIVE = 20.0
 EVENT_STREAM = "text/event-stream"
-HISTORY_PARAMS = (
-    "from-historical-revision",
-    "to-historical-revision",
-    "from-historical-timestamp",
-    "to-historical-timestamp",
-)
-HISTORY_PAGE = 500  # events read from the journal per query of a history stream
+HISTORY_PARAMS = tuple(SSE_NAMES)
 
 Render = Callable[[Matched], tuple[str, Any] | None]
 
@@ -214,147 +205,22 @@ def thing_stream(
     return _response(runtime, sub, _events(runtime, sub, live, render, KEEPALIVE), h)
 
 
-# -- history: persisted events of a range ------------------------------------------------------
-
-_REVISION = re.compile(r"[0-9]{1,18}")
+# -- history: persisted events of a range (shared with the WebSocket, twinstore.api.history) -----
 
 
-@dataclass
-class HistoryRange:
-    """The range asked for: revisions (``from_revision`` given) or timestamps (``from_timestamp``)."""
-
-    from_revision: int | None = None
-    to_revision: int | None = None
-    from_timestamp: datetime | None = None
-    to_timestamp: datetime | None = None
-
-
-def _revision_param(name: str, text: str) -> int:
-    if not _REVISION.fullmatch(text.strip()):
-        raise InvalidInputError(
-            f"The value '{text}' of the parameter '{name}' is not a valid revision (a non-negative long)."
-        )
-    return int(text.strip())
-
-
-def _timestamp_param(name: str, text: str) -> datetime:
-    try:
-        ts = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise InvalidInputError(
-            f"The value '{text}' of the parameter '{name}' is not a valid ISO-8601 timestamp "
-            "(e.g. 2022-10-24T03:11:15Z)."
-        ) from None
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
-
-
-def parse_history(params: dict[str, str]) -> HistoryRange:
-    """The range of :data:`HISTORY_PARAMS` (400 when invalid, mixed, or without a ``from-``)."""
-    rng = HistoryRange()
-    if "from-historical-revision" in params:
-        rng.from_revision = _revision_param("from-historical-revision", params["from-historical-revision"])
-    if "to-historical-revision" in params:
-        rng.to_revision = _revision_param("to-historical-revision", params["to-historical-revision"])
-    if "from-historical-timestamp" in params:
-        rng.from_timestamp = _timestamp_param(
-            "from-historical-timestamp", params["from-historical-timestamp"]
-        )
-    if "to-historical-timestamp" in params:
-        rng.to_timestamp = _timestamp_param("to-historical-timestamp", params["to-historical-timestamp"])
-    by_revision = rng.from_revision is not None or rng.to_revision is not None
-    by_time = rng.from_timestamp is not None or rng.to_timestamp is not None
-    if by_revision and by_time:
-        raise InvalidInputError(
-            "Either the revision or the timestamp parameters of a history stream may be given."
-        )
-    if rng.from_revision is None and rng.from_timestamp is None:
-        which = "revision" if by_revision else "timestamp"
-        raise InvalidInputError(f"A history stream needs the parameter 'from-historical-{which}'.")
-    if rng.to_revision is not None and rng.from_revision is not None and rng.to_revision < rng.from_revision:
-        raise InvalidInputError("'to-historical-revision' must not be lower than 'from-historical-revision'.")
-    if (
-        rng.to_timestamp is not None
-        and rng.from_timestamp is not None
-        and rng.to_timestamp < rng.from_timestamp
-    ):
-        raise InvalidInputError("'to-historical-timestamp' must not be before 'from-historical-timestamp'.")
-    return rng
-
-
-def _iso(ts: datetime) -> str:
-    return ts.isoformat().replace("+00:00", "Z")
-
-
-class _History:
-    """One history stream: resolved (caller's view, revisions) before the status line goes out."""
-
-    def __init__(
-        self, runtime: Runtime, auth: AuthContext, thing_id: str, rng: HistoryRange, filter: rql.Node | None
-    ) -> None:
-        self.runtime = runtime
-        self.auth = auth
-        self.thing_id = thing_id
-        self.rng = rng
-        self.filter = filter
-        self.first = 1
-        self.last = 0
-        self.view: Any = None
-
-    async def resolve(self) -> None:
-        """The caller's view of the thing's current policy (of a deleted thing: its last) and the
-        revisions of the range; 404 (thing) when unreadable, 404 (history) outside the history."""
-        journal, service = self.runtime.journal, self.runtime.service
-        assert journal is not None and service is not None
-        thing_id, rng = self.thing_id, self.rng
-        current = await journal.load(thing_id)
-        if current.revision <= 0:
-            raise not_found(thing_id, [])
-        policy_state = current
-        if current.doc is None:
-            policy_state = await journal.load_at(thing_id, current.revision - 1)
-        policy_id = (policy_state.doc or {}).get("policyId")
-        view = await service.cache.view(policy_id, self.auth.subjects) if isinstance(policy_id, str) else None
-        if view is None or readable_thing(view, policy_state) is None:
-            raise not_found(thing_id, [])
-        head = current.revision
-        if rng.from_timestamp is not None:
-            first = await journal.revision_at(thing_id, rng.from_timestamp - timedelta(microseconds=1)) + 1
-            if first > head:
-                raise history_not_found(thing_id, timestamp=_iso(rng.from_timestamp))
-            last = head
-            if rng.to_timestamp is not None:
-                last = await journal.revision_at(thing_id, rng.to_timestamp)
-                if last < first:
-                    raise history_not_found(thing_id, timestamp=_iso(rng.to_timestamp))
-        else:
-            assert rng.from_revision is not None
-            first = max(rng.from_revision, 1)
-            if first > head:
-                raise history_not_found(thing_id, revision=rng.from_revision)
-            last = head if rng.to_revision is None else min(rng.to_revision, head)
-        self.first, self.last, self.view = first, last, view
-
-    async def content(self, render: Render) -> AsyncIterator[bytes]:
-        """The readable events of the range, read page by page; the stream ends after the last."""
-        assert self.runtime.journal is not None
-        pages = self.runtime.journal.event_pages(self.thing_id, self.first - 1, self.last, page=HISTORY_PAGE)
-        async for page in pages:
-            for event in page:
-                if event.action == "deleted":
-                    continue
-                shown = readable_event(self.view, event)
-                if shown is None or not event_matches(self.filter, shown):
-                    continue
-                rendered = render(Matched(shown, event_thing(shown), None))
-                if rendered is not None:
-                    event_id, data = rendered
-                    yield b"id: " + event_id.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+async def _history_content(history: History, render: Render) -> AsyncIterator[bytes]:
+    """The readable events of the range, read page by page; the stream ends after the last."""
+    async for shown in history.events():
+        rendered = render(Matched(shown, event_thing(shown), None))
+        if rendered is not None:
+            event_id, data = rendered
+            yield b"id: " + event_id.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
 class _ResolveFirst:
     """The history stream's ASGI response, started only once its range resolved (else the error's)."""
 
-    def __init__(self, response: ASGIResponse, history: _History) -> None:
+    def __init__(self, response: ASGIResponse, history: History) -> None:
         self.response = response
         self.history = history
 
@@ -366,7 +232,7 @@ class _ResolveFirst:
 class _HistoryStream(Stream):
     __slots__ = ("history",)
 
-    def __init__(self, content: AsyncIterator[bytes], history: _History, **kw: Any) -> None:
+    def __init__(self, content: AsyncIterator[bytes], history: History, **kw: Any) -> None:
         super().__init__(content=content, **kw)
         self.history = history
 
@@ -387,10 +253,12 @@ def history_stream(
     """
     runtime: Runtime = request.app.state.runtime
     params = dict(request.query_params)
-    rng = parse_history(params)
+    rng = parse_range(params, SSE_NAMES, require_from=True)
     filter_text = params.get("filter")
     node = rql.parse_filter(filter_text) if filter_text is not None else None
-    history = _History(runtime, auth, thing_id, rng, node)
-    render = _thing_render(parse_pointer(pointer), h.fields)
+    parts = parse_pointer(pointer)
+    history = History(runtime, auth.subjects, thing_id, rng, node, parts)
+    render = _thing_render(parts, h.fields)
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "correlation-id": h.correlation_id}
-    return _HistoryStream(history.content(render), history, media_type=EVENT_STREAM, headers=headers)
+    content = _history_content(history, render)
+    return _HistoryStream(content, history, media_type=EVENT_STREAM, headers=headers)

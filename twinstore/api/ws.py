@@ -16,6 +16,18 @@ token; a token that does not authenticate closes the connection (1008, with the 
 ``START-SEND-MESSAGES[?namespaces=..&filter=..]`` streams the live messages the session may
 READ (:mod:`twinstore.messages`), its own excepted; it sends messages (and responses to those
 it received) as Ditto Protocol envelopes on ``.../things/live/messages/<subject>``.
+
+Ditto's streaming subscriptions for persisted events (reactive streams over the protocol):
+``<ns>/<name>/things/twin/streaming/subscribeForPersistedEvents`` (``value``: the range as
+``from/toHistoricalRevision`` or ``from/toHistoricalTimestamp``, optional ``filter``; ``path``:
+the resource) is answered with ``.../streaming/created`` ``{"subscriptionId"}``; each
+``.../streaming/request`` ``{"subscriptionId", "demand"}`` lets at most ``demand`` more
+``.../streaming/next`` ``{"subscriptionId", "item"}`` out (the item is the event envelope the
+live stream sends, partial under the caller's view); ``.../streaming/complete`` follows the
+last, ``.../streaming/failed`` ``{"subscriptionId", "error"}`` reports an error (never before
+the first request), ``.../streaming/cancel`` stops it. The events are those of
+:class:`~twinstore.api.history.History` (as for SSE history streams), read a page at a time
+and only once demanded.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import contextlib
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
@@ -34,12 +47,15 @@ from litestar.handlers import WebsocketRouteHandler
 
 from twinstore import protocol
 from twinstore.api.auth import authenticate
+from twinstore.api.history import WS_NAMES, History, parse_range
 from twinstore.api.live import LiveQuery, from_now, parse_query
 from twinstore.auth import AuthContext
 from twinstore.bus.envelope import event_envelope
 from twinstore.fanout import SlowConsumerError, Subscription
 from twinstore.messages import MessageSubscription
-from twinstore.model.errors import DittoError, TooLargeError
+from twinstore.model import rql
+from twinstore.model.errors import DittoError, InvalidInputError, JsonInvalidError, TooLargeError
+from twinstore.model.ids import parse_pointer, validate_thing_id
 from twinstore.runtime import Runtime
 
 __all__ = ["Session", "ws_handlers"]
@@ -55,13 +71,97 @@ JWT_PREFIX = "JWT-TOKEN?jwtToken="
 _CONTROL = re.compile(r"^(START|STOP)-SEND-[A-Z-]+(\?.*)?$", re.DOTALL)
 EVENT_WINDOW = 16  # events handed to the sender and not yet written; the rest wait in the subscription
 # What an outbox item gives back once sent: a command slot, an event window place, or nothing.
-Kind = Literal["slot", "event"]
+Kind = Literal["slot", "event", "none"]
+MAX_STREAMS = 32  # streaming subscriptions (persisted events) one session may have open at once
+MAX_DEMAND = 2**62  # a demand this large is unbounded (reactive streams: Long.MAX_VALUE)
+STREAMING_ACTIONS = ("subscribeForPersistedEvents", "request", "cancel")
 
 
 class NotSupportedError(DittoError):
     status = 501
     error = "gateway:streaming.notsupported"
     description = "twinstore's WebSocket streams twin events; live commands and events are not supported yet."
+
+
+class StreamingNotFoundError(DittoError):
+    status = 404
+    error = "streaming.subscription.not.found"
+    description = (
+        "Use the subscriptionId of a 'created' event; a subscription ends with its 'complete' or "
+        "'failed' event, or with 'cancel'."
+    )
+
+
+class StreamingProtocolError(DittoError):
+    status = 400
+    error = "streaming.subscription.protocol.error"
+    description = "Request a positive number of items with 'demand'."
+
+
+class TooManyStreamsError(DittoError):
+    status = 429
+    error = "streaming.subscription.toomany"
+    description = f"Cancel or finish a streaming subscription first (at most {MAX_STREAMS} per connection)."
+
+
+class _Stream:
+    """One streaming subscription: its demand, and the task sending its events (or its failure)."""
+
+    __slots__ = ("correlation_id", "demand", "failure", "id", "prefix", "task", "wakeup")
+
+    def __init__(self, stream_id: str, prefix: str, correlation_id: str) -> None:
+        self.id = stream_id
+        self.prefix = prefix  # <ns>/<name>/things/twin/streaming
+        self.correlation_id = correlation_id  # of the last command: the events carry it (as Ditto)
+        self.demand = 0
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.failure: DittoError | None = None  # an error to send at the first request
+
+    def envelope(self, action: str, **value: Any) -> dict[str, Any]:
+        return _streaming_envelope(self.prefix, action, self.id, self.correlation_id, **value)
+
+    async def demanded(self) -> None:
+        """Return once at least one more item may be sent."""
+        while self.demand <= 0:
+            self.wakeup.clear()
+            await self.wakeup.wait()
+
+
+def _streaming_envelope(
+    prefix: str, action: str, stream_id: str, correlation_id: str, **value: Any
+) -> dict[str, Any]:
+    """A streaming subscription event: ``<prefix>/<action>`` with ``{"subscriptionId", ...}``."""
+    return {
+        "topic": f"{prefix}/{action}",
+        "headers": {"correlation-id": correlation_id, "response-required": False},
+        "path": "/",
+        "value": {"subscriptionId": stream_id, **value},
+    }
+
+
+def _is_streaming(envelope: Any) -> bool:
+    topic = envelope.get("topic") if isinstance(envelope, dict) else None
+    return isinstance(topic, str) and topic.split("/")[2:5] == ["things", "twin", "streaming"]
+
+
+def _header(envelope: Mapping[str, Any], name: str) -> Any:
+    headers = envelope.get("headers")
+    if not isinstance(headers, dict):
+        return None
+    return {str(k).lower(): v for k, v in headers.items()}.get(name)
+
+
+def _demand(value: Any) -> int:
+    """The positive integer ``demand`` of a request (reactive streams rule 3.9: else an error)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise StreamingProtocolError(
+            f"The demand {value!r} is not a positive integer (reactive streams rule 3.9); "
+            "the subscription is cancelled."
+        )
+    return min(value, MAX_DEMAND)
 
 
 def _reason(text: str) -> str:
@@ -87,7 +187,8 @@ class Session:
         self.runtime = runtime
         self.send_timeout = send_timeout
         self.slots = asyncio.Semaphore(max_in_flight)
-        # Never more than max_in_flight + EVENT_WINDOW items: each holds a slot until it is sent.
+        # Never more than 2 * max_in_flight + EVENT_WINDOW items: each holds a slot or a window
+        # place until it is sent, but a "failed" right after its "created" (too many streams).
         self.outbox: asyncio.Queue[tuple[str, Kind]] = asyncio.Queue()
         self.window = asyncio.Semaphore(EVENT_WINDOW)
         self.events: Subscription | None = None
@@ -98,6 +199,8 @@ class Session:
         self.closed = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.max_message = runtime.settings.max_body_bytes
+        self.streams: dict[str, _Stream] = {}
+        self.stream_count = 0
 
     async def run(self) -> None:
         receiver = asyncio.create_task(self._receive_loop())
@@ -108,6 +211,7 @@ class Session:
         finally:
             await self._stop_events()
             await self._stop_messages()
+            await self._stop_streams()
             for task in (receiver, sender, closed):
                 task.cancel()
             await asyncio.gather(receiver, sender, closed, return_exceptions=True)
@@ -136,7 +240,11 @@ class Session:
             elif isinstance(data, str) and _CONTROL.match(data.strip()):
                 await self._control(data.strip())
             else:
-                task = asyncio.create_task(self._process(data))
+                decoded, envelope = _decode(data)
+                if decoded and _is_streaming(envelope):
+                    self._streaming(envelope)
+                    continue
+                task = asyncio.create_task(self._process(data, envelope if decoded else _UNDECODED))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
 
@@ -265,10 +373,151 @@ class Session:
                 await asyncio.wait_for(self.socket.close(POLICY_VIOLATION, _reason(str(exc))), 5)
             self.closed.set()
 
-    async def _process(self, data: str | bytes) -> None:
+    # -- streaming subscriptions for persisted events -----------------------------------------
+
+    def _streaming(self, envelope: dict[str, Any]) -> None:
+        """One ``.../things/twin/streaming/<action>`` command, handled at once (in order), holding
+        the slot taken for it until its answer (if any) is sent."""
+        parts = str(envelope["topic"]).split("/")
+        prefix = "/".join(parts[:5])
+        correlation = _header(envelope, "correlation-id")
+        if not isinstance(correlation, str) or not correlation:
+            correlation = str(uuid.uuid4())
+        action = parts[5] if len(parts) == 6 else ""
+        errors = f"{parts[0]}/{parts[1]}/things/twin/errors"
+        if action not in STREAMING_ACTIONS:
+            error = InvalidInputError(
+                f"The topic path '{envelope['topic']}' is not supported: the streaming action "
+                f"'{'/'.join(parts[5:])}' is unknown (only {', '.join(STREAMING_ACTIONS)}).",
+                error=protocol.UNKNOWN_TOPIC,
+            )
+            self._enqueue(protocol.error_envelope(error, errors, correlation))
+        elif action == "subscribeForPersistedEvents":
+            self._subscribe(envelope, prefix, correlation)
+        else:
+            value = envelope.get("value")
+            stream_id = value.get("subscriptionId") if isinstance(value, dict) else None
+            if not isinstance(stream_id, str):
+                error = JsonInvalidError(f"The '{action}' command needs a 'value' with a 'subscriptionId'.")
+                self._enqueue(protocol.error_envelope(error, errors, correlation))
+                return
+            assert isinstance(value, dict)
+            self._command(action, stream_id, prefix, correlation, value)
+
+    def _subscribe(self, envelope: dict[str, Any], prefix: str, correlation: str) -> None:
+        """``subscribeForPersistedEvents``: always answered with ``created``; an invalid command, a
+        thing that cannot be read or a range outside its history fail at the first request."""
+        self.stream_count += 1
+        stream = _Stream(str(self.stream_count), prefix, correlation)
+        self._enqueue(stream.envelope("created"))
+        if len(self.streams) >= MAX_STREAMS:
+            error = TooManyStreamsError(f"This connection already has {MAX_STREAMS} streaming subscriptions.")
+            failed = orjson.dumps(stream.envelope("failed", error=error.to_dict())).decode()
+            self.outbox.put_nowait((failed, "none"))  # the command's slot goes back with 'created'
+            return
+        try:
+            namespace, name = prefix.split("/")[:2]
+            thing_id = validate_thing_id(f"{namespace}:{name}")
+            path = envelope.get("path", "/")
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise InvalidInputError(
+                    f"The envelope's 'path' must be a JSON pointer string starting with '/', not {path!r}.",
+                    error="json.pointer.invalid",
+                )
+            value = envelope.get("value")
+            value = {} if value is None else value
+            if not isinstance(value, dict):
+                raise JsonInvalidError("The value of 'subscribeForPersistedEvents' must be a JSON object.")
+            rng = parse_range(value, WS_NAMES, require_from=False)
+            filter_text = value.get("filter")
+            if filter_text is not None and not isinstance(filter_text, str):
+                raise JsonInvalidError("The 'filter' of 'subscribeForPersistedEvents' must be an RQL string.")
+            node = rql.parse_filter(filter_text) if filter_text is not None else None
+            history = History(self.runtime, self.auth.subjects, thing_id, rng, node, parse_pointer(path))
+        except DittoError as exc:
+            stream.failure = exc
+        else:
+            stream.task = asyncio.create_task(self._run_stream(stream, history))
+        self.streams[stream.id] = stream
+
+    def _command(
+        self, action: str, stream_id: str, prefix: str, correlation: str, value: dict[str, Any]
+    ) -> None:
+        """``request`` or ``cancel`` of the subscription ``stream_id``."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            error = StreamingNotFoundError(f"No streaming subscription with ID '{stream_id}' exists.")
+            failed = _streaming_envelope(prefix, "failed", stream_id, correlation, error=error.to_dict())
+            self._enqueue(failed)
+            return
+        stream.correlation_id = correlation
+        if action == "cancel":
+            self._end_stream(stream)
+            self.slots.release()  # no answer
+            return
+        try:
+            demand = _demand(value.get("demand"))
+            if stream.failure is not None:
+                raise stream.failure
+        except DittoError as exc:
+            self._end_stream(stream)
+            self._enqueue(stream.envelope("failed", error=exc.to_dict()))
+            return
+        stream.demand += demand
+        stream.wakeup.set()
+        self.slots.release()  # answered by the subscription's task, within its demand
+
+    def _end_stream(self, stream: _Stream) -> None:
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+        if stream.task is not None:
+            stream.task.cancel()
+
+    async def _stop_streams(self) -> None:
+        tasks = [s.task for s in self.streams.values() if s.task is not None]
+        self.streams.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream_send(self, stream: _Stream, action: str, **value: Any) -> None:
+        """A streaming event into the outbox, within the event window (as live events)."""
+        text = orjson.dumps(stream.envelope(action, **value)).decode()
+        await self.window.acquire()
+        self.outbox.put_nowait((text, "event"))
+
+    async def _run_stream(self, stream: _Stream, history: History) -> None:
+        """After the first request: resolve the range, then one ``next`` per demanded event (read a
+        page at a time), then ``complete``; any error ends it with ``failed``."""
+        try:
+            await stream.demanded()
+            await history.resolve()
+            async with contextlib.aclosing(history.events()) as events:
+                async for shown in events:
+                    await stream.demanded()
+                    stream.demand -= 1
+                    await self._stream_send(stream, "next", item=event_envelope(shown))
+            await self._stream_send(stream, "complete")
+        except DittoError as exc:
+            await self._stream_send(stream, "failed", error=exc.to_dict())
+        except Exception:
+            log.exception("streaming subscription failed", extra={"correlation_id": stream.correlation_id})
+            error = DittoError(
+                "An unexpected error occurred; it was logged.",
+                description="Report this with the correlation id if it persists.",
+            )
+            await self._stream_send(stream, "failed", error=error.to_dict())
+        finally:
+            if self.streams.get(stream.id) is stream:
+                del self.streams[stream.id]
+
+    async def _process(self, data: str | bytes, envelope: Any) -> None:
         queued = False
         try:
-            response = await protocol.handle_text(data, self.auth, self.runtime, origin=self.id)
+            if envelope is _UNDECODED:  # answered with the protocol's json.invalid error
+                response = await protocol.handle_text(data, self.auth, self.runtime, origin=self.id)
+            else:
+                response = await protocol.handle(envelope, self.auth, self.runtime, origin=self.id)
             if response is not None:
                 self._enqueue(response)
                 queued = True
@@ -291,7 +540,19 @@ class Session:
                 return
             except Exception:  # the client went away
                 return
-            (self.slots if kind == "slot" else self.window).release()
+            if kind != "none":
+                (self.slots if kind == "slot" else self.window).release()
+
+
+_UNDECODED = object()
+
+
+def _decode(data: str | bytes) -> tuple[bool, Any]:
+    """``(True, the JSON value)``, or ``(False, None)`` when ``data`` is not JSON."""
+    try:
+        return True, orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False, None
 
 
 async def _refuse(socket: WebSocket[Any, Any, Any], error: DittoError) -> None:
