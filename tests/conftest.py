@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -36,6 +37,9 @@ from twinstore.store.codec import GENESIS, chain_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = ("ditto", "ditto")
+# Ingest sources of the test settings: "plc" writes as integration:plc, "ditto-user" as the
+# basic user the API tests use (nginx:ditto), so ingested writes need no extra policy.
+INGEST_SOURCES = {"plc": ["integration:plc"], "ditto-user": ["nginx:ditto"]}
 
 
 def with_database(url: str, database: str) -> str:
@@ -128,6 +132,9 @@ def settings(servers: tuple[str, str], users_file: Path) -> Iterator[Settings]:
         snapshot_every=10,
         relay_poll_interval=0.05,
         max_body_bytes=262_144,
+        # NATS ingestion (tests/test_ingest.py): a configured source and a default for others
+        ingest_sources=INGEST_SOURCES,
+        ingest_partitions=4,
     )
     drop_database(admin_url, database_url)
 
@@ -143,6 +150,9 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
         nc = await nats.connect(settings.nats_url)
         with contextlib.suppress(Exception):
             await nc.jetstream().delete_stream(rt.subjects.events_stream)
+        for stream in (rt.ingest_subjects.stream, rt.ingest_subjects.errors_stream):
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_stream(stream)
         await nc.close()
 
 
@@ -217,6 +227,8 @@ class ServerProcess:
             "TWINSTORE_NATS_PREFIX": settings.nats_prefix,
             "TWINSTORE_RELAY_POLL_INTERVAL": "0.05",
             "TWINSTORE_SNAPSHOT_EVERY": str(settings.snapshot_every),
+            "TWINSTORE_INGEST_SOURCES": json.dumps(settings.ingest_sources),
+            "TWINSTORE_INGEST_PARTITIONS": str(settings.ingest_partitions),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -71,6 +71,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from twinstore.store.codec import GENESIS, chain_hash
@@ -107,6 +108,7 @@ class Row(NamedTuple):
     originator: str
     correlation_id: str | None
     hash: bytes
+    headers: str | None = None  # JSON text of the event's kept headers (ingested events)
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ def _hash(previous: bytes, row: Row, revision: int | None = None) -> bytes:
         None if row.value is None else row.value.encode(),
         row.originator,
         row.correlation_id,
+        None if row.headers is None else orjson.loads(row.headers),
     )
 
 
@@ -329,7 +332,8 @@ class Scope:
 
 
 SELECT_ROWS = """
-SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash
+SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash,
+       headers::text AS headers
 FROM journal{where} ORDER BY entity, id, revision
 """
 

@@ -41,7 +41,7 @@ import orjson
 from policies import PolicyInvalidError, parse_resource_key
 from twinstore.auth import AuthContext
 from twinstore.messages import message_from_envelope
-from twinstore.model import etag
+from twinstore.model import etag, rql
 from twinstore.model.errors import (
     DittoError,
     HeaderInvalidError,
@@ -68,6 +68,7 @@ __all__ = [
     "handle",
     "handle_text",
     "parse_topic",
+    "write_command",
 ]
 
 log = logging.getLogger("twinstore.protocol")
@@ -259,23 +260,7 @@ async def _thing(
             condition=h.condition,
         )
         return _response(topic_text, path, 200, h.correlation_id, got.value, got.etag)
-    command: Command
-    if topic.action == "create":
-        value = _value(envelope, "create")
-        if parse_pointer(path):
-            raise InvalidInputError(
-                f"'create' addresses a whole Thing (path '/'), not '{path}'; use 'modify'.",
-                error="things:protocol.invalid",
-            )
-        if not isinstance(value, dict):
-            raise ThingInvalidError("The value of a new Thing must be a JSON object.")
-        command = Create(value=value)
-    elif topic.action == "modify":
-        command = Modify(path=path, value=_value(envelope, "modify"))
-    elif topic.action == "merge":
-        command = Merge(path=path, value=_value(envelope, "merge"))
-    else:
-        command = Delete(path=path)
+    command = _command(topic.action, path, envelope)
     done = await service.write(
         auth,
         WriteRequest(
@@ -295,6 +280,49 @@ async def _thing(
     if done.event.action == "created" and creates:
         return _response(topic_text, path, 201, h.correlation_id, done.event.value, tag)
     return _response(topic_text, path, 204, h.correlation_id, tag=tag)
+
+
+def _command(action: str, path: str, envelope: dict[str, Any]) -> Command:
+    """The thing command of a ``create`` / ``modify`` / ``merge`` / ``delete`` envelope."""
+    if action == "create":
+        value = _value(envelope, "create")
+        if parse_pointer(path):
+            raise InvalidInputError(
+                f"'create' addresses a whole Thing (path '/'), not '{path}'; use 'modify'.",
+                error="things:protocol.invalid",
+            )
+        if not isinstance(value, dict):
+            raise ThingInvalidError("The value of a new Thing must be a JSON object.")
+        return Create(value=value)
+    if action == "modify":
+        return Modify(path=path, value=_value(envelope, "modify"))
+    if action == "merge":
+        return Merge(path=path, value=_value(envelope, "merge"))
+    return Delete(path=path)
+
+
+def write_command(envelope: Any, originator: str) -> tuple[WriteRequest, rql.Node | None]:
+    """The write of a thing command envelope (for NATS ingestion, which commits many at once).
+
+    Only ``create``, ``modify``, ``merge`` and ``delete`` of a thing; anything else, or an
+    invalid envelope, is a :class:`DittoError` (400 as over the WebSocket).
+    """
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("topic"), str):
+        raise JsonInvalidError("A Ditto Protocol message must be a JSON object with a 'topic' string.")
+    h = parse_headers(envelope)
+    topic = parse_topic(envelope["topic"])
+    if topic.group != "things" or topic.action == "retrieve" or topic.namespace == "_":
+        raise _unknown_topic(envelope["topic"], "ingestion takes thing create/modify/merge/delete commands")
+    path = _path(envelope)
+    request = WriteRequest(
+        thing_id=validate_thing_id(topic.entity_id),
+        command=_command(topic.action, path, envelope),
+        originator=originator,
+        correlation_id=h.correlation_id,
+        if_match=h.if_match,
+        if_none_match=h.if_none_match,
+    )
+    return request, h.condition
 
 
 async def _retrieve_many(

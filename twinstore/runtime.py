@@ -14,10 +14,12 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from twinstore.auth import Authenticator
+from twinstore.bus.ingest import IngestSubjects
 from twinstore.bus.relay import Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache
 from twinstore.fanout import FanOut
+from twinstore.ingest import IngestWorker, ensure_ingest_streams
 from twinstore.messages import MessageService
 from twinstore.policy_service import PolicyService
 from twinstore.search import SearchService
@@ -61,6 +63,8 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.subjects = Subjects(settings.nats_prefix, settings.event_partitions)
+        self.ingest_subjects = IngestSubjects(settings.nats_prefix, settings.ingest_partitions)
+        self.ingest: IngestWorker | None = None
         self.pool: asyncpg.Pool | None = None
         self.nc: NATS | None = None
         self.journal: Journal | None = None
@@ -75,7 +79,10 @@ class Runtime:
         self.auth = Authenticator.from_settings(settings)
         self._owned: list[str] = []
 
-    async def open(self, *, pool: asyncpg.Pool | None = None, nc: NATS | None = None) -> None:
+    async def open(
+        self, *, pool: asyncpg.Pool | None = None, nc: NATS | None = None, ingest: bool | None = None
+    ) -> None:
+        """Open everything; ``ingest`` (default: the ``ingest_enabled`` setting) runs an ingest worker."""
         s = self.settings
         if s.database_url is None or s.nats_url is None:
             raise RuntimeError("database_url and nats_url must be set (or embedded servers started)")
@@ -124,9 +131,24 @@ class Runtime:
             store.listen(lambda: asyncpg.connect(database_url), cache.invalidate, self._stop_listener),
             name="twinstore-policy-listener",
         )
+        await ensure_ingest_streams(nc.jetstream(), self.ingest_subjects, s.ingest_max_age_seconds)
+        if s.ingest_enabled if ingest is None else ingest:
+            self.ingest = IngestWorker(
+                nc,
+                self.service,
+                self.ingest_subjects,
+                connect=lambda: asyncpg.connect(database_url),
+                pool=pool,
+                sources=s.ingest_sources,
+                default_subjects=s.ingest_default_subjects,
+                batch=s.ingest_batch,
+            )
+            self.ingest.start()
 
     async def close(self) -> None:
         """Finish in-flight writes, publish what was committed, then disconnect."""
+        if self.ingest is not None:
+            await self.ingest.stop()  # its batches in flight are committed and acknowledged
         if self.fanout is not None:
             await self.fanout.stop()
         if self.messages is not None:

@@ -30,6 +30,7 @@ from twinstore.model import etag, rql
 from twinstore.model import patch as jp
 from twinstore.model.errors import (
     ConflictError,
+    DittoError,
     InvalidInputError,
     PolicyConflictError,
     ThingNotCreatableError,
@@ -42,7 +43,7 @@ from twinstore.model.ids import parse_pointer, validate_policy_id, validate_thin
 from twinstore.model.policy import PolicyModify, default_policy
 from twinstore.model.thing import Command, Create, Event, Merge, Modify, ThingState, decide, validate_path
 from twinstore.policy_service import PolicyService, PolicyWrite
-from twinstore.store.journal import Committed, Journal, WriteRequest
+from twinstore.store.journal import Committed, Journal, Mark, Outcome, WriteRequest
 
 __all__ = ["Retrieved", "ThingService", "view_of"]
 
@@ -253,6 +254,42 @@ class ThingService:
                 continue
         raise ConflictError("The Thing's policy kept changing during the write; retry.")
 
+    async def write_unit(
+        self, items: list[tuple[AuthContext, WriteRequest, rql.Node | None]], mark: Mark | None = None
+    ) -> list[Outcome]:
+        """Authorize and commit many writes (and ``mark``) in one transaction; an outcome each.
+
+        For ingestion: each write is guarded as by :meth:`write`; a refused one is its error and
+        the others go on. The states the guards are prepared from must not change within the
+        unit, so a unit must not both create (or replace, delete, re-policy) a thing and write
+        it again: :func:`splits_unit` tells where the caller has to start a new unit. A policy
+        changed by someone else meanwhile fails the whole unit (:class:`ConflictError`);
+        preparing it again is the caller's retry.
+        """
+        outcomes: list[Outcome | None] = [None] * len(items)
+        states = await self.journal.peek_many([r.thing_id for _, r, _ in items])
+        guarded: list[WriteRequest] = []
+        where: list[int] = []
+        for index, (auth, request, condition) in enumerate(items):
+            try:
+                validate_thing_id(request.thing_id)
+                state = states[request.thing_id]
+                if state.exists:
+                    guard = await self._guard_existing(auth, state, request.command, condition)
+                elif creates_thing(request.command):
+                    guard = await self._prepare_creation(auth, request, False)
+                else:
+                    raise not_found(request.thing_id, [])
+            except DittoError as exc:
+                outcomes[index] = exc
+                continue
+            guarded.append(msgspec.structs.replace(request, guard=guard))
+            where.append(index)
+        if guarded or mark is not None:
+            for index, outcome in zip(where, await self.journal.write_unit(guarded, mark), strict=True):
+                outcomes[index] = outcome
+        return [o if o is not None else ConflictError("not decided") for o in outcomes]
+
     async def _guard_existing(
         self, auth: AuthContext, state: ThingState, command: Command, condition: rql.Node | None
     ) -> Any:
@@ -381,6 +418,12 @@ class ThingService:
 
 
 _POLICY_REF = re.compile(r"\{\{\s*ref:things/([^/\s]+)/policyId\s*\}\}")
+
+
+def splits_unit(command: Command) -> bool:
+    """True for a command after which :meth:`ThingService.write_unit` needs a new unit: it
+    creates, replaces or deletes the whole thing or moves it to another policy."""
+    return command.path in ("", "/", "/policyId")
 
 
 def _inline_view(inline: Any, policy_id: str, auth: AuthContext) -> SubjectView | None:

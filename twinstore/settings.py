@@ -124,6 +124,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     search_indexes: list[str] = msgspec.field(default_factory=list)
     # PEM Ed25519 private key signing `twinstore audit checkpoint` (its public key verifies them).
     audit_signing_key: str | None = None
+    # NATS ingestion (twinstore.ingest): `serve` runs the ingest workers unless disabled.
+    ingest_enabled: bool = True
+    ingest_partitions: int = 16
+    # source name (the Twinstore-Source header) -> the subjects it writes as (policies decide);
+    # a source not listed writes as ingest_default_subjects, or is refused when that is empty.
+    ingest_sources: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    ingest_default_subjects: list[str] = msgspec.field(default_factory=list)
+    ingest_batch: int = 1000
+    ingest_max_age_seconds: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         for cidr in self.preauth_trusted:
@@ -137,6 +146,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     f"search_indexes: {path!r} must be a path below attributes/ or features/ "
                     "without '*' or array indexes, e.g. 'attributes/floor'"
                 )
+        if not 1 <= self.ingest_partitions <= 1024 or not 1 <= self.ingest_batch <= 10_000:
+            raise ValueError("ingest_partitions must be 1..1024 and ingest_batch 1..10000")
+        for source, subjects in self.ingest_sources.items():
+            if not source or not subjects:
+                raise ValueError(f"ingest_sources: {source!r} needs at least one subject")
         issuers = [i.issuer for i in self.jwt_issuers]
         if len(set(issuers)) != len(issuers):
             raise ValueError("jwt_issuers: each 'issuer' may be configured only once")

@@ -138,7 +138,11 @@ def historical_headers(event: Event) -> dict[str, str]:
         "at-historical-timestamp": event.timestamp.isoformat().replace("+00:00", "Z"),
         # ASCII-escaped JSON: an HTTP header value is Latin-1
         "historical-headers": json.dumps(
-            {"ditto-originator": event.originator, "correlation-id": event.correlation_id},
+            {
+                "ditto-originator": event.originator,
+                "correlation-id": event.correlation_id,
+                **(event.headers or {}),  # kept with the event, e.g. source-timestamp / source-quality
+            },
             separators=(",", ":"),
         ),
     }

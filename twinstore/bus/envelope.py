@@ -29,6 +29,8 @@ def event_envelope(event: Event, extra_headers: dict[str, Any] | None = None) ->
     headers: dict[str, Any] = {"ditto-originator": event.originator, "response-required": False}
     if event.correlation_id is not None:
         headers["correlation-id"] = event.correlation_id
+    if event.headers:  # kept with the event: e.g. source-timestamp, source-quality of ingested values
+        headers.update(event.headers)
     if extra_headers:
         headers.update(extra_headers)
     envelope: dict[str, Any] = {

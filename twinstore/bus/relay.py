@@ -43,7 +43,7 @@ POSITION_HEADER = "Twinstore-Position"
 JOURNAL_CHANNEL = "twinstore_journal"  # NOTIFY'd by every journal commit (see journal.APPEND)
 
 SELECT_AFTER = """
-SELECT position, id, revision, ts, action, path, value::text AS value, originator, correlation_id
+SELECT position, id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
 FROM journal WHERE position > $1 AND entity = 'thing' ORDER BY position LIMIT $2
 """
 SELECT_CURSOR = "SELECT position FROM relay_cursor WHERE name = $1"

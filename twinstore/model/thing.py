@@ -71,6 +71,8 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     value: Any = None
     originator: str = ""
     correlation_id: str | None = None
+    # Kept with the event (e.g. an ingested value's source-timestamp / source-quality).
+    headers: dict[str, str] | None = None
 
 
 class ThingState(msgspec.Struct, kw_only=True):

@@ -71,20 +71,26 @@ def chain_hash(
     value: bytes | None,
     originator: str,
     correlation_id: str | None,
+    headers: dict[str, str] | None = None,
 ) -> bytes:
-    """sha-256 over the previous hash and the canonical encoding of one journal row."""
-    header = orjson.dumps(
-        [
-            entity,
-            entity_id,
-            revision,
-            ts.isoformat(timespec="microseconds"),
-            action,
-            path,
-            originator,
-            correlation_id,
-        ]
-    )
+    """sha-256 over the previous hash and the canonical encoding of one journal row.
+
+    ``headers`` (kept with ingested events: source, sequence, timestamp, quality) are hashed
+    only when present, so rows without them hash exactly as before the column existed.
+    """
+    fields: list[Any] = [
+        entity,
+        entity_id,
+        revision,
+        ts.isoformat(timespec="microseconds"),
+        action,
+        path,
+        originator,
+        correlation_id,
+    ]
+    if headers:
+        fields.append(headers)
+    header = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.sha256(previous)
     digest.update(len(header).to_bytes(4, "big"))
     digest.update(header)

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
@@ -55,7 +55,9 @@ __all__ = [
     "SELECT_FOR_WRITE",
     "WRITE_LOCK",
     "Committed",
+    "FencedError",
     "Journal",
+    "Mark",
     "WriteRequest",
 ]
 
@@ -75,11 +77,12 @@ SELECT id, revision, created, modified, doc, hash FROM things WHERE id = any($1:
 # element of 21 arrays. ``value`` travels as the canonical text that was hashed, hashes as hex.
 APPEND = """
 WITH appended AS (
-    INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
+    INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash,
+                         headers)
     SELECT 'thing', e.id, e.revision, e.ts, e.action, e.path, e.value::json, e.originator,
-           e.correlation_id, decode(e.hash, 'hex')
+           e.correlation_id, decode(e.hash, 'hex'), e.headers
     FROM json_to_recordset($1::text::json) AS e(id text, revision bigint, ts timestamptz, action text,
-        path text, value text, originator text, correlation_id text, hash text)
+        path text, value text, originator text, correlation_id text, hash text, headers jsonb)
 ), projected AS (
     INSERT INTO things (id, revision, created, modified, policy_id, doc, hash)
     SELECT p.id, p.revision, p.created, p.modified, p.doc ->> 'policyId', p.doc, decode(p.hash, 'hex')
@@ -98,6 +101,25 @@ WITH appended AS (
 SELECT pg_notify('twinstore_journal', '')  -- wakes the relay leader in whichever process at commit
 """
 
+# A unit's progress mark (ingestion): the partition's stream sequence moves only from the value
+# its writer last saw (a fence: a second writer of the partition fails instead of applying
+# twice), each source's sequence only grows.
+MARK = """
+WITH moved AS (
+    UPDATE ingest_progress p SET seq = m.seq, updated = now()
+    FROM json_to_recordset($1::text::json) AS m(consumer text, expected bigint, seq bigint)
+    WHERE p.consumer = m.consumer AND p.source = '' AND p.seq = m.expected
+    RETURNING p.consumer
+), sourced AS (
+    INSERT INTO ingest_progress (consumer, source, seq)
+    SELECT s.consumer, s.source, s.seq
+    FROM json_to_recordset($2::text::json) AS s(consumer text, source text, seq bigint)
+    ON CONFLICT (consumer, source) DO UPDATE
+        SET seq = greatest(ingest_progress.seq, excluded.seq), updated = now()
+)
+SELECT consumer FROM moved
+"""
+
 SELECT_THING = "SELECT revision, created, modified, doc FROM things WHERE id = $1"
 SELECT_THINGS = "SELECT id, revision, created, modified, doc FROM things WHERE id = any($1::text[])"
 
@@ -111,19 +133,19 @@ WHERE entity = 'thing' AND id = $1 AND revision <= $2 ORDER BY revision DESC LIM
 """
 
 SELECT_EVENTS = """
-SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id
+SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
 FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3
 ORDER BY revision
 """
 
 SELECT_EVENTS_PAGE = """
-SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id
+SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
 FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3
 ORDER BY revision LIMIT $4
 """
 
 SELECT_EVENT = """
-SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id
+SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
 FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2
 """
 
@@ -147,6 +169,26 @@ class WriteRequest(msgspec.Struct, kw_only=True):
     # Authorization, run on the exact state the write is decided on (before preconditions, so
     # a 412 never tells an unauthorised caller anything); raises a DittoError to refuse.
     guard: Callable[[ThingState, Command], None] | None = None
+    # Kept with the event and hashed with it (see Event.headers).
+    headers: dict[str, str] | None = None
+
+
+class Mark(msgspec.Struct, frozen=True, kw_only=True):
+    """Progress committed in the same transaction as a unit's events (ingestion: exactly once).
+
+    ``consumer``'s stream sequence moves from ``expected`` to ``seq`` (or the unit fails with
+    :class:`FencedError` and nothing of it is written); ``sources`` raise each source's last
+    applied sequence.
+    """
+
+    consumer: str
+    expected: int
+    seq: int
+    sources: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class FencedError(ConflictError):
+    """A unit's mark did not find the progress it expected: another writer moved it."""
 
 
 class Committed(msgspec.Struct, kw_only=True):
@@ -176,12 +218,26 @@ class _Row(NamedTuple):
     after: ThingState
 
 
+Outcome = Committed | DittoError
+
+
 @dataclass
 class _Pending:
-    request: WriteRequest
-    future: asyncio.Future[Committed] = field(
+    """A unit: requests committed in one transaction (with its mark), one outcome each."""
+
+    requests: list[WriteRequest]
+    mark: Mark | None = None
+    future: asyncio.Future[list[Outcome]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+
+class _Drop(Exception):
+    """Roll back and commit the batch again without ``pending``, which fails with ``error``."""
+
+    def __init__(self, pending: _Pending, error: DittoError) -> None:
+        self.pending = pending
+        self.error = error
 
 
 def event_from_row(row: asyncpg.Record) -> Event:
@@ -196,7 +252,14 @@ def event_from_row(row: asyncpg.Record) -> Event:
         value=None if value is None else loads(value),
         originator=row["originator"],
         correlation_id=row["correlation_id"],
+        headers=_headers(row.get("headers")),
     )
+
+
+def _headers(value: Any) -> dict[str, str] | None:
+    """An event's kept headers (jsonb: decoded by the pool's codec, text on a plain connection)."""
+    decoded = loads(value) if isinstance(value, str) else value
+    return decoded if isinstance(decoded, dict) else None
 
 
 def _state(thing_id: str, row: asyncpg.Record | None) -> ThingState:
@@ -272,17 +335,32 @@ class Journal:
 
     async def write(self, request: WriteRequest) -> Committed:
         """Queue one write for the next group commit and wait until it is durable."""
+        (outcome,) = await self.write_unit([request])
+        if isinstance(outcome, DittoError):
+            raise outcome
+        return outcome
+
+    async def write_unit(self, requests: list[WriteRequest], mark: Mark | None = None) -> list[Outcome]:
+        """Commit ``requests`` (in order) and ``mark`` in one transaction; an outcome per request.
+
+        A refused request (policy, precondition, invalid) is its :class:`DittoError` and does not
+        stop the others. With a ``mark``, the unit is all or nothing: a fenced mark fails it with
+        :class:`FencedError`, a request that met a concurrent policy change (a
+        :class:`ConflictError`) fails it with that error, and nothing of it is written.
+        """
         if not self._tasks:
             raise UnavailableError("The journal is not running.")
-        pending = _Pending(request)
+        pending = _Pending(requests, mark)
         self._queue.put_nowait(pending)
         return await pending.future
 
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
+            size = len(batch[0].requests)
+            while size < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+                size += len(batch[-1].requests)
             self._in_flight += 1
             try:
                 await self._commit(batch)
@@ -297,25 +375,28 @@ class Journal:
                 self._in_flight -= 1
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        for attempt in range(3):
+        attempt = 0
+        while True:
             try:
                 outcomes, events = await self._transaction(batch)
                 break
+            except _Drop as drop:
+                drop.pending.future.set_exception(drop.error)
+                batch = [p for p in batch if p is not drop.pending]
+                if not batch:
+                    return
             except asyncpg.UniqueViolationError:
                 # Only possible if a writer bypassed WRITE_LOCK; the state is re-read.
                 log.warning("journal conflict, retrying batch", extra={"attempt": attempt})
-        else:
-            for pending in batch:
-                pending.future.set_exception(ConflictError("Concurrent writes kept conflicting."))
-            return
+                attempt += 1
+                if attempt >= 3:
+                    for pending in batch:
+                        pending.future.set_exception(ConflictError("Concurrent writes kept conflicting."))
+                    return
         self.batches += 1
         self.events_appended += len(events)
         for pending, outcome in zip(batch, outcomes, strict=True):
-            if pending.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
+            if not pending.future.done():
                 pending.future.set_result(outcome)
         if events and self.on_commit is not None:
             self.on_commit(events)
@@ -342,15 +423,14 @@ class Journal:
                 value,
                 event.originator,
                 event.correlation_id,
+                event.headers,
             )
             plan.final = after
             plan.rows.append(_Row(event, value, plan.head, after))
             plan.outcomes.append((index, Committed(event=event, before=before, after=after)))
         return plan
 
-    async def _transaction(
-        self, batch: list[_Pending]
-    ) -> tuple[list[Committed | BaseException], list[Event]]:
+    async def _transaction(self, batch: list[_Pending]) -> tuple[list[list[Outcome]], list[Event]]:
         """Plan from the cache before taking the lock; re-plan the things whose head moved.
 
         The decisions are made outside the critical section when the cache is right (the
@@ -361,8 +441,12 @@ class Journal:
         match and that plan is redone.
         """
         groups: dict[str, list[tuple[int, WriteRequest]]] = {}
-        for index, pending in enumerate(batch):
-            groups.setdefault(pending.request.thing_id, []).append((index, pending.request))
+        owner: list[int] = []  # flat request index -> its unit in the batch
+        for unit, pending in enumerate(batch):
+            for request in pending.requests:
+                groups.setdefault(request.thing_id, []).append((len(owner), request))
+                owner.append(unit)
+        marks = [(p, p.mark) for p in batch if p.mark is not None]
         plans: dict[str, _Plan] = {}
         for thing_id, items in groups.items():
             cached = self._cache.get(thing_id)
@@ -375,6 +459,8 @@ class Journal:
                 heads = {
                     r["id"]: (r["revision"], bytes(r["hash"])) for r in await con.fetch(LOCK_AND_HEADS, ids)
                 }
+                if marks:
+                    await self._mark(con, marks)
                 stale = [
                     i
                     for i in ids
@@ -388,6 +474,7 @@ class Journal:
                         row = rows.get(i)
                         head = bytes(row["hash"]) if row is not None else GENESIS
                         plans[i] = self._plan(_state(i, row), head, groups[i])
+                self._check_units(batch, owner, plans)
                 appended = [r for i in ids for r in plans[i].rows]
                 if appended:
                     finals = {i: plans[i].final for i in ids if plans[i].rows}
@@ -401,11 +488,43 @@ class Journal:
             self._cache.move_to_end(thing_id)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        outcomes: list[Committed | BaseException] = [ConflictError("not decided")] * len(batch)
+        flat: list[Outcome] = [ConflictError("not decided")] * len(owner)
         for plan in plans.values():
             for index, outcome in plan.outcomes:
-                outcomes[index] = outcome
+                flat[index] = outcome
+        outcomes: list[list[Outcome]] = [[] for _ in batch]
+        for index, unit in enumerate(owner):
+            outcomes[unit].append(flat[index])
         return outcomes, [r.event for r in appended]
+
+    async def _mark(self, con: Connection, marks: list[tuple[_Pending, Mark]]) -> None:
+        """Write the units' marks (under the lock); a fenced one drops its unit (rolled back)."""
+        moved = await con.fetch(
+            MARK,
+            dumps([{"consumer": m.consumer, "expected": m.expected, "seq": m.seq} for _, m in marks]),
+            dumps([
+                {"consumer": m.consumer, "source": source, "seq": seq}
+                for _, m in marks
+                for source, seq in m.sources.items()
+            ]),
+        )
+        done = {r["consumer"] for r in moved}
+        for pending, mark in marks:
+            if mark.consumer not in done:
+                raise _Drop(
+                    pending,
+                    FencedError(f"The progress of '{mark.consumer}' is no longer at {mark.expected}."),
+                )
+
+    @staticmethod
+    def _check_units(batch: list[_Pending], owner: list[int], plans: dict[str, _Plan]) -> None:
+        """A unit with a mark is all or nothing: a request that met a concurrent change (e.g. of
+        its thing's policy: the caller prepares it again) drops the whole unit."""
+        for plan in plans.values():
+            for index, outcome in plan.outcomes:
+                pending = batch[owner[index]]
+                if pending.mark is not None and isinstance(outcome, ConflictError):
+                    raise _Drop(pending, outcome)
 
     def _decide(self, before: ThingState, req: WriteRequest) -> tuple[Event, ThingState]:
         if req.guard is not None:
@@ -423,6 +542,8 @@ class Journal:
             raise HeaderInvalidError("The originator and correlation-id must not contain NUL.")
         now = datetime.now(UTC)
         event = decide(before, req.command, now, originator=req.originator, correlation_id=req.correlation_id)
+        if req.headers:
+            event = msgspec.structs.replace(event, headers=req.headers)
         after = evolve(before, event)
         if after.doc is not None and len(dumps(after.doc)) > self.max_thing_bytes:
             raise TooLargeError(
@@ -450,6 +571,7 @@ class Journal:
                 "originator": r.event.originator,
                 "correlation_id": r.event.correlation_id,
                 "hash": r.head.hex(),
+                "headers": r.event.headers,
             }
             for r in rows
         ]
@@ -498,6 +620,23 @@ class Journal:
         """
         cached = self._cache.get(thing_id)
         return cached[0] if cached is not None else await self.load(thing_id)
+
+    async def peek_many(self, thing_ids: list[str]) -> dict[str, ThingState]:
+        """:meth:`peek` of many things (one query for those this process did not write last)."""
+        states: dict[str, ThingState] = {}
+        missing: list[str] = []
+        for thing_id in thing_ids:
+            cached = self._cache.get(thing_id)
+            if cached is not None:
+                states[thing_id] = cached[0]
+            else:
+                missing.append(thing_id)
+        if missing:
+            missing = list(dict.fromkeys(missing))
+            loaded = await self.load_many(missing)
+            for thing_id in missing:
+                states[thing_id] = loaded.get(thing_id) or ThingState.absent(thing_id)
+        return states
 
     async def load(self, thing_id: str) -> ThingState:
         """The current state (reads see every acknowledged write)."""

@@ -156,6 +156,20 @@ MIGRATIONS: list[str] = [
         key_id            text
     );
     """,
+    # ingestion (twinstore.ingest): headers kept with an event (source timestamp, quality, source
+    # and its sequence; hashed with the row when present), and per ingest partition the last
+    # applied JetStream sequence (source '') and the last applied sequence of each source,
+    # written in the same transaction as the events (exactly once, in order; see the module)
+    """
+    ALTER TABLE journal ADD COLUMN headers jsonb;
+    CREATE TABLE ingest_progress (
+        consumer    text        NOT NULL,
+        source      text        NOT NULL,
+        seq         bigint      NOT NULL,
+        updated     timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (consumer, source)
+    );
+    """,
 ]
 
 CREATE_MIGRATIONS = """

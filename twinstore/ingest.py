@@ -1,0 +1,570 @@
+"""NATS ingestion: apply what adapters publish (``twinstore.bus.ingest``) exactly once, in order.
+
+Every process that runs ingestion (``twinstore serve``, ``twinstore ingest``) is a member of one
+group and takes a fair share of the partitions ``<prefix>.ingest.<p>``:
+
+* **Claiming.** A member holds a session-level PostgreSQL advisory lock per partition it
+  applies, and one lock that says it is alive, all on a connection of its own. Every
+  ``REBALANCE_SECONDS`` it counts the live members (``pg_locks``) and takes free partitions
+  up to ``ceil(partitions / members)`` or gives back the ones above it. A member that dies
+  loses its connection and so its locks; the others take its partitions within a round.
+* **Exactly once, in order.** Per partition the last applied JetStream sequence is a row of
+  ``ingest_progress`` written *in the same transaction* as the events it produced
+  (:class:`~twinstore.store.journal.Mark`). Taking a partition re-creates its durable pull
+  consumer to start right after that sequence, so nothing committed is applied again and
+  nothing uncommitted is skipped; a message is acknowledged only after its transaction
+  committed. A lost acknowledgement only causes a redelivery, which the stored sequence
+  drops. The mark moves only from the sequence its writer read, so a member that lost its
+  partition without noticing fails its next commit (:class:`FencedError`) instead of
+  applying anything twice. Each source's ``Twinstore-Seq`` is kept the same way, so a
+  message republished by an adapter after JetStream's duplicate window is dropped too.
+* **Units.** A fetched batch (up to ``ingest_batch`` messages) is committed as few
+  transactions as possible: one, unless a message creates, replaces, deletes or re-policies a
+  whole thing (the guards of a unit are prepared from the states before it).
+* **Refusals never block.** An undecodable message, an unknown source, an invalid thing id
+  or command, a policy refusal or a failed precondition is reported on
+  ``<prefix>.ingest.errors`` (JSON: reason, Ditto error, stream sequence, subject, message
+  id, source, row) and the message is terminated (or, when only some rows of a telemetry
+  batch are refused, acknowledged after the others were applied). A database outage is not
+  a refusal: the batch is retried with backoff (the messages kept in progress), so ingestion
+  pauses and resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+import nats.errors
+import nats.js
+import nats.js.api
+import nats.js.errors
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from twinstore.auth import AuthContext
+from twinstore.bus.ingest import (
+    COMMAND_TYPE,
+    SEQ_HEADER,
+    SOURCE_HEADER,
+    TELEMETRY_TYPE,
+    IngestSubjects,
+    Update,
+    decode_telemetry,
+)
+from twinstore.model import rql
+from twinstore.model.errors import ConflictError, DittoError, InvalidInputError, JsonInvalidError
+from twinstore.model.ids import validate_thing_id
+from twinstore.model.thing import Merge
+from twinstore.protocol import write_command
+from twinstore.service import ThingService, splits_unit
+from twinstore.store.journal import FencedError, Mark, Outcome, WriteRequest
+
+__all__ = ["IngestWorker", "ensure_ingest_streams"]
+
+log = logging.getLogger("twinstore.ingest")
+
+REBALANCE_SECONDS = 2.0
+ACK_WAIT_SECONDS = 60.0
+IN_PROGRESS_SECONDS = 10.0
+FETCH_TIMEOUT = 1.0
+MAX_PAYLOAD_IN_REPORT = 1024
+
+SELECT_MEMBERS = """
+SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND classid = $1::bigint::oid AND objsubid = 2
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+INIT_PROGRESS = """
+INSERT INTO ingest_progress (consumer, source, seq) VALUES ($1, '', 0) ON CONFLICT DO NOTHING
+"""
+SELECT_PROGRESS = "SELECT source, seq FROM ingest_progress WHERE consumer = $1"
+
+
+def _key(text: str) -> int:
+    """A stable positive int4 for an advisory-lock class."""
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+async def ensure_ingest_streams(
+    js: nats.js.JetStreamContext, subjects: IngestSubjects, max_age_seconds: float
+) -> None:
+    """Create or update the ingest stream (exactly the partition subjects) and the errors stream."""
+    for config in (
+        nats.js.api.StreamConfig(
+            name=subjects.stream,
+            subjects=subjects.all_subjects,
+            storage=nats.js.api.StorageType.FILE,
+            retention=nats.js.api.RetentionPolicy.LIMITS,
+            max_age=max_age_seconds,
+            duplicate_window=120.0,
+        ),
+        nats.js.api.StreamConfig(
+            name=subjects.errors_stream,
+            subjects=[subjects.errors_subject],
+            storage=nats.js.api.StorageType.FILE,
+            retention=nats.js.api.RetentionPolicy.LIMITS,
+            max_age=max_age_seconds,
+            duplicate_window=120.0,
+        ),
+    ):
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(config)
+
+
+class _Lost(Exception):
+    pass
+
+
+@dataclass
+class _Unit:
+    """Writes committed together, with the progress they move the partition to."""
+
+    items: list[tuple[AuthContext, WriteRequest, rql.Node | None]] = field(default_factory=list)
+    refs: list[tuple[int, int | None]] = field(default_factory=list)  # (message index, row)
+    last_seq: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Report:
+    message: int  # index in the fetched batch
+    row: int | None
+    thing_id: str | None
+    error: DittoError
+
+
+@dataclass
+class Stats:
+    """Counters of one worker (the metrics endpoint and the benchmark read them)."""
+
+    applied: int = 0  # events committed
+    messages: int = 0  # messages acknowledged or terminated
+    duplicates: int = 0  # messages dropped as already applied
+    refused: int = 0  # rows or messages reported on the errors subject
+    batches: int = 0
+    retries: int = 0  # database outages / conflicts waited out
+    lag: dict[int, int] = field(default_factory=dict)  # partition -> messages pending
+
+
+class IngestWorker:
+    """One member of the ingest group: claims partitions and applies them (see the module)."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        service: ThingService,
+        subjects: IngestSubjects,
+        *,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        pool: asyncpg.Pool,
+        sources: dict[str, list[str]],
+        default_subjects: list[str],
+        batch: int = 1000,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.service = service
+        self.subjects = subjects
+        self.connect = connect
+        self.pool = pool
+        self.auths = {name: AuthContext(subjects=tuple(s)) for name, s in sources.items()}
+        self.default_auth = AuthContext(subjects=tuple(default_subjects)) if default_subjects else None
+        self.batch = batch
+        self.stats = Stats()
+        self._lock_class = _key(f"twinstore-ingest:{subjects.stream}")
+        self._member_class = _key(f"twinstore-ingest-members:{subjects.stream}")
+        self._con: asyncpg.Connection | None = None
+        self._owned: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()  # the whole worker; each partition has its own too
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._membership(), name="twinstore-ingest")
+
+    async def stop(self) -> None:
+        """Finish the batches in flight (committed and acknowledged), then give everything back."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self._owned)
+
+    # ---- membership and partitions ------------------------------------------------------
+
+    async def _membership(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._rebalance()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("ingest: lock connection lost, giving back partitions", extra={"error": str(exc)})
+                await self._release_all()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), REBALANCE_SECONDS)
+        await self._release_all()
+
+    async def _rebalance(self) -> None:
+        if self._con is None or self._con.is_closed():
+            await self._release_all()
+            self._con = await self.connect()
+            await self._con.execute(
+                "SELECT pg_advisory_lock($1, $2)", self._member_class, random.randrange(1, 2**31 - 1)
+            )
+        con = self._con
+        for partition, (task, _) in list(self._owned.items()):
+            if task.done():  # taken over, or failed: give the lock back, maybe take it again
+                del self._owned[partition]
+                await con.execute("SELECT pg_advisory_unlock($1, $2)", self._lock_class, partition)
+        members = max(1, int(await con.fetchval(SELECT_MEMBERS, self._member_class)))
+        fair = math.ceil(self.subjects.partitions / members)
+        while len(self._owned) > fair:
+            partition = max(self._owned)
+            await self._release(partition)
+        if len(self._owned) < fair:
+            free = [p for p in range(self.subjects.partitions) if p not in self._owned]
+            random.shuffle(free)
+            for partition in free:
+                if len(self._owned) >= fair:
+                    break
+                if await con.fetchval("SELECT pg_try_advisory_lock($1, $2)", self._lock_class, partition):
+                    stop = asyncio.Event()
+                    task = asyncio.create_task(
+                        self._partition(partition, stop), name=f"twinstore-ingest-{partition}"
+                    )
+                    self._owned[partition] = (task, stop)
+                    log.info("ingest: took partition", extra={"partition": partition, "members": members})
+
+    async def _release(self, partition: int) -> None:
+        task, stop = self._owned.pop(partition)
+        stop.set()
+        await _finish(task)
+        if self._con is not None and not self._con.is_closed():
+            with contextlib.suppress(Exception):
+                await self._con.execute("SELECT pg_advisory_unlock($1, $2)", self._lock_class, partition)
+        log.info("ingest: gave back partition", extra={"partition": partition})
+
+    async def _release_all(self) -> None:
+        for partition in list(self._owned):
+            await self._release(partition)
+        if self._con is not None:
+            with contextlib.suppress(Exception):
+                await self._con.close()
+            self._con = None
+
+    # ---- one partition ------------------------------------------------------------------
+
+    async def _partition(self, partition: int, stop: asyncio.Event) -> None:
+        """Apply one partition until stopped or taken over (a fence), retrying outages."""
+        while not stop.is_set():
+            try:
+                await _PartitionRun(self, partition, stop).run()
+                return
+            except _Lost:
+                log.warning("ingest: partition taken over elsewhere", extra={"partition": partition})
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS or database trouble: start the partition again
+                self.stats.retries += 1
+                log.warning(
+                    "ingest: partition failed, restarting", extra={"partition": partition, "error": repr(exc)}
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    def auth_of(self, source: str | None) -> AuthContext | None:
+        if source is not None and source in self.auths:
+            return self.auths[source]
+        return self.default_auth
+
+
+async def _finish(task: asyncio.Task[None], grace: float = 30.0) -> None:
+    """Let a partition task end its batch (it checks its stop flag between batches: the batch
+    in flight is committed and acknowledged); cancelled only after ``grace`` seconds."""
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.wait_for(task, grace)
+
+
+class _PartitionRun:
+    """One claim of one partition: its consumer, its progress and the apply loop."""
+
+    def __init__(self, worker: IngestWorker, partition: int, stop: asyncio.Event) -> None:
+        self.w = worker
+        self.partition = partition
+        self.stop = stop
+        self.consumer = f"{worker.subjects.stream}/{partition}"
+        self.durable = f"ingest-{partition}"
+        self.offset = 0
+        self.sources: dict[str, int] = {}
+
+    async def run(self) -> None:
+        w = self.w
+        async with w.pool.acquire() as con:
+            await con.execute(INIT_PROGRESS, self.consumer)
+            for row in await con.fetch(SELECT_PROGRESS, self.consumer):
+                if row["source"] == "":
+                    self.offset = int(row["seq"])
+                else:
+                    self.sources[row["source"]] = int(row["seq"])
+        stream = w.subjects.stream
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await w.js.delete_consumer(stream, self.durable)
+        config = nats.js.api.ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=w.subjects.partition_subject(self.partition),
+            ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+            deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE
+            if self.offset > 0
+            else nats.js.api.DeliverPolicy.ALL,
+            opt_start_seq=self.offset + 1 if self.offset > 0 else None,
+            ack_wait=ACK_WAIT_SECONDS,
+            max_ack_pending=max(4 * w.batch, 1000),
+            max_deliver=-1,
+        )
+        await w.js.add_consumer(stream, config)
+        sub = await w.js.pull_subscribe_bind(self.durable, stream)
+        try:
+            while not self.stop.is_set():
+                try:
+                    msgs = await sub.fetch(w.batch, timeout=FETCH_TIMEOUT)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                await self.apply(msgs)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # ---- a batch ------------------------------------------------------------------------
+
+    async def apply(self, msgs: list[Msg]) -> None:
+        """Decode, commit (units in order), report refusals, then acknowledge."""
+        w = self.w
+        units: list[_Unit] = [_Unit()]
+        reports: list[_Report] = []
+        whole_refusals: set[int] = set()
+        skipped = 0
+        for index, msg in enumerate(msgs):
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            w.stats.lag[self.partition] = meta.num_pending
+            unit = units[-1]
+            if seq <= self.offset:
+                skipped += 1
+                continue
+            unit.last_seq = seq
+            headers = msg.headers or {}
+            source = headers.get(SOURCE_HEADER)
+            source_seq = _int(headers.get(SEQ_HEADER))
+            if source is not None and source_seq is not None:
+                known = max(unit.sources.get(source, 0), self._source_seq(units, source))
+                if source_seq <= known:
+                    skipped += 1
+                    continue
+                unit.sources[source] = source_seq
+            try:
+                writes = self._decode(msg, source)
+            except DittoError as exc:
+                reports.append(_Report(index, None, None, exc))
+                whole_refusals.add(index)
+                continue
+            for row, (auth, request, condition) in writes:
+                if isinstance(request, DittoError):
+                    reports.append(_Report(index, row, None, request))
+                    continue
+                unit.items.append((auth, request, condition))
+                unit.refs.append((index, row))
+                if splits_unit(request.command):
+                    nxt = _Unit(last_seq=seq)
+                    units.append(nxt)
+                    unit = nxt
+        w.stats.duplicates += skipped
+        in_progress = asyncio.create_task(self._keep_in_progress(msgs))
+        try:
+            for unit in units:
+                if unit.last_seq <= self.offset and not unit.items:
+                    continue
+                outcomes = await self._commit(unit)
+                for (index, row), item, outcome in zip(unit.refs, unit.items, outcomes, strict=True):
+                    if isinstance(outcome, DittoError):
+                        reports.append(_Report(index, row, item[1].thing_id, outcome))
+                    else:
+                        w.stats.applied += 1
+        finally:
+            in_progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await in_progress
+        if reports:
+            await self._report(msgs, reports)
+        for index, msg in enumerate(msgs):
+            with contextlib.suppress(Exception):  # a lost ack is a redelivery the offset drops
+                if index in whole_refusals:
+                    await msg.term()
+                else:
+                    await msg.ack()
+        w.stats.messages += len(msgs)
+        w.stats.batches += 1
+
+    def _source_seq(self, units: list[_Unit], source: str) -> int:
+        for unit in reversed(units):
+            if source in unit.sources:
+                return unit.sources[source]
+        return self.sources.get(source, 0)
+
+    def _decode(
+        self, msg: Msg, source: str | None
+    ) -> list[tuple[int | None, tuple[AuthContext, WriteRequest | DittoError, rql.Node | None]]]:
+        """The writes of one message (row index for telemetry); a refused whole message raises."""
+        auth = self.w.auth_of(source)
+        if auth is None:
+            raise InvalidInputError(
+                f"The source {source!r} is not configured (ingest_sources) and no "
+                "ingest_default_subjects are set.",
+                error="ingest:source.unknown",
+            )
+        headers = msg.headers or {}
+        content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type not in (COMMAND_TYPE, TELEMETRY_TYPE, ""):
+            raise InvalidInputError(
+                f"The content type {content_type!r} is not ingested "
+                f"(use {COMMAND_TYPE} or {TELEMETRY_TYPE}).",
+                error="mediatype.unsupported",
+            )
+        try:
+            if content_type == TELEMETRY_TYPE or (content_type == "" and msg.data[:11] == b'{"updates":'):
+                rows = decode_telemetry(msg.data)
+                kept = {"source": source, "source-seq": headers.get(SEQ_HEADER, "")} if source else {}
+                return [(i, (auth, _telemetry_write(u, auth, kept), None)) for i, u in enumerate(rows)]
+            envelope = orjson.loads(msg.data)
+        except (msgspec.DecodeError, orjson.JSONDecodeError) as exc:
+            raise JsonInvalidError(f"The message could not be decoded: {exc}") from None
+        request, condition = write_command(envelope, auth.subject)
+        if source:
+            request.headers = {"source": source, "source-seq": headers.get(SEQ_HEADER, "")}
+        return [(None, (auth, request, condition))]
+
+    async def _commit(self, unit: _Unit) -> list[Outcome]:
+        """Commit a unit and its mark, waiting out outages; :class:`_Lost` when fenced."""
+        delay = 0.2
+        mark = Mark(consumer=self.consumer, expected=self.offset, seq=unit.last_seq, sources=unit.sources)
+        while True:
+            try:
+                outcomes = await self.w.service.write_unit(unit.items, mark)
+            except FencedError as exc:
+                raise _Lost() from exc
+            except ConflictError:
+                self.w.stats.retries += 1  # a policy changed under the unit: prepare it again
+                await asyncio.sleep(0.05)
+                continue
+            except (DittoError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # 503 (unreachable / failed commit) and connection errors: pause, then retry.
+                self.w.stats.retries += 1
+                log.warning(
+                    "ingest: commit failed, retrying",
+                    extra={"partition": self.partition, "error": str(exc), "retry_in": delay},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.offset = unit.last_seq
+            self.sources.update(unit.sources)
+            return outcomes
+
+    async def _keep_in_progress(self, msgs: list[Msg]) -> None:
+        """Tell JetStream the batch is being worked on (a long outage must not redeliver it)."""
+        while True:
+            await asyncio.sleep(IN_PROGRESS_SECONDS)
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    async def _report(self, msgs: list[Msg], reports: list[_Report]) -> None:
+        w = self.w
+        for report in reports:
+            msg = msgs[report.message]
+            seq = msg.metadata.sequence.stream
+            headers = msg.headers or {}
+            body = {
+                "reason": report.error.message,
+                "error": report.error.to_dict(),
+                "stream": w.subjects.stream,
+                "sequence": seq,
+                "subject": msg.subject,
+                "msgId": headers.get("Nats-Msg-Id"),
+                "source": headers.get(SOURCE_HEADER),
+                "sourceSeq": _int(headers.get(SEQ_HEADER)),
+                "row": report.row,
+                "thingId": report.thing_id,
+                "payload": msg.data[:MAX_PAYLOAD_IN_REPORT].decode(errors="replace"),
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            }
+            report_id = f"{w.subjects.stream}:{seq}:{'' if report.row is None else report.row}"
+            w.stats.refused += 1
+            log.info("ingest: refused", extra={k: body[k] for k in ("reason", "sequence", "source", "row")})
+            for attempt in range(5):
+                try:
+                    await w.js.publish(
+                        w.subjects.errors_subject, orjson.dumps(body), headers={"Nats-Msg-Id": report_id}
+                    )
+                    break
+                except Exception as exc:  # NATS away: the refusal is logged above; retry a little
+                    if attempt == 4:
+                        log.error("ingest: could not publish a refusal", extra={"error": repr(exc)})
+                    await asyncio.sleep(0.2 * (attempt + 1))
+
+
+def _int(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _telemetry_write(update: Update, auth: AuthContext, kept: dict[str, str]) -> WriteRequest | DittoError:
+    """A telemetry row as a merge at its path, its source timestamp and quality kept as headers."""
+    try:
+        thing_id = validate_thing_id(update.thing_id)
+        if not isinstance(update.path, str) or not update.path.startswith("/") or update.path == "/":
+            raise InvalidInputError(
+                f"A telemetry row's path must point inside the thing, not {update.path!r}.",
+                error="json.pointer.invalid",
+            )
+    except DittoError as exc:
+        return exc
+    headers = dict(kept)
+    if update.ts is not None:
+        when = datetime.fromtimestamp(update.ts / 1000, UTC)
+        headers["source-timestamp"] = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if update.quality is not None:
+        headers["source-quality"] = str(update.quality)
+    return WriteRequest(
+        thing_id=thing_id,
+        command=Merge(path=update.path, value=update.value),
+        originator=auth.subject,
+        correlation_id=None,
+        headers=headers or None,
+    )
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
