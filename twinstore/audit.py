@@ -19,6 +19,32 @@ broken, and lets the kind of break be told:
 
 Truncating the newest events of an entity leaves a valid chain; only checkpoints catch that.
 
+History retention (``twinstore audit cleanup``, :mod:`twinstore.retention`) removes the oldest
+events of things and leaves a chain *anchor* per entity in ``journal_retention``: the last
+removed revision and its hash. A chain then starts at the anchor instead of GENESIS: the first
+retained event must be the anchor's revision + 1 and link to the anchor's hash (the rows are
+streamed with the entity's newest anchor merged in front of them, :func:`rows_query`). What is
+detected and what is not:
+
+* an edited, deleted, inserted or reordered retained event: as without retention (a deleted
+  first retained event is ``missing``: the chain no longer starts right after the anchor);
+* an edited anchor hash: the first retained event no longer links (``mismatch``/``edited``);
+  a deleted anchor row: the chain starts after revision 1 (``missing``); an anchor without
+  any event after it (the newest event is never removed): ``missing``; journal rows at or
+  below the anchor: ``anchor``;
+* a checkpoint that sealed the anchor's revision checks the anchor's hash (``rewritten``); one
+  that sealed a revision removed by retention cannot be checked and is skipped;
+* each cleanup run (``journal_cleanups``) records a digest over the anchors it set, in order
+  (:func:`anchor_leaf`, :func:`fold_anchor`), signed like checkpoints: an anchor edited, added,
+  deleted or moved forward (to hide more removed events) no longer recomputes the digest
+  (``cleanup-invalid``, checked when the whole journal is verified: no ``--thing`` /
+  ``--namespace``); the snapshot kept at an anchor (the state at the anchor's revision, which
+  the removed events no longer prove) is sealed with it (``snapshot-altered``);
+* not detected: without ``audit_signing_key`` someone able to write the database can recompute
+  an unsigned digest (as an unsigned checkpoint root); keep the printed digests elsewhere. What
+  the removed events were is, by design, no longer provable: only that the retained history
+  continues the anchored one.
+
 Checkpoints (``twinstore audit checkpoint``, :func:`checkpoint_database`) seal the chain
 heads: in one snapshot the newest event of every entity (entity, id, revision, hash) and the
 highest journal position are read and stored in ``audit_checkpoints`` with a Merkle root:
@@ -67,7 +93,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -82,9 +108,14 @@ __all__ = [
     "Report",
     "Row",
     "Scope",
+    "anchor_leaf",
     "checkpoint_database",
+    "cleanup_message",
+    "fold_anchor",
     "leaf",
     "merkle_root",
+    "row_hash",
+    "snapshot_digest",
     "verify",
     "verify_database",
 ]
@@ -109,6 +140,9 @@ class Row(NamedTuple):
     correlation_id: str | None
     hash: bytes
     headers: str | None = None  # JSON text of the event's kept headers (ingested events)
+    # A retention anchor (journal_retention), not an event: the chain continues from its hash
+    # at revision + 1 (only entity, id, revision, ts and hash are meaningful).
+    anchor: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +193,11 @@ class Report:
         }
 
 
+def row_hash(previous: bytes, row: Row, revision: int | None = None) -> bytes:
+    """The chain hash of ``row`` after ``previous`` (optionally as if written as ``revision``)."""
+    return _hash(previous, row, revision)
+
+
 def _hash(previous: bytes, row: Row, revision: int | None = None) -> bytes:
     return chain_hash(
         previous,
@@ -181,6 +220,10 @@ class _Entity:
     def __init__(self, first: Row) -> None:
         self.entity = first.entity
         self.id = first.id
+        # Where the chain starts: revision 1 after GENESIS, or after a retention anchor.
+        self.start = 1
+        self.start_hash = GENESIS
+        self.anchor: Row | None = None
         self.last: Row | None = None
         self.stored: dict[int, bytes] = {}  # revision -> stored hash
         self.by_hash: dict[bytes, int] = {}  # stored hash -> first revision carrying it
@@ -191,10 +234,28 @@ class _Entity:
     def _break(self, revision: int, kind: str, detail: str) -> None:
         self.breaks.append(Break(self.entity, self.id, revision, kind, detail))
 
+    def add_anchor(self, anchor: Row) -> None:
+        """The chain continues after ``anchor`` (rows arrive in revision order, so any row
+        already seen is at or below it: cleanup removed those)."""
+        if self.last is not None:
+            self._break(
+                self.last.revision,
+                "anchor",
+                f"revision {self.last.revision} is still in the journal although retention "
+                f"removed revisions up to {anchor.revision}",
+            )
+        self.anchor = anchor
+        self.start = anchor.revision + 1
+        self.start_hash = bytes(anchor.hash)
+        self.last = None
+
     def add(self, row: Row) -> None:
+        if row.anchor:
+            self.add_anchor(row)
+            return
         stored = bytes(row.hash)
         last = self.last
-        expected_revision = 1 if last is None else last.revision + 1
+        expected_revision = self.start if last is None else last.revision + 1
         if last is not None and row.revision == last.revision:
             self._break(row.revision, "duplicated", "the revision occurs more than once")
         elif row.revision > expected_revision:
@@ -206,7 +267,7 @@ class _Entity:
             self._break(expected_revision, "missing", f"{missing} (deleted event)")
             # The predecessor is gone, so this row's link cannot be checked.
         else:
-            previous = GENESIS if last is None else bytes(last.hash)
+            previous = self.start_hash if last is None else bytes(last.hash)
             ok = _hash(previous, row) == stored
             self.links_ok[row.revision] = ok
             if not ok:
@@ -228,9 +289,10 @@ class _Entity:
     def _written_as(self, row: Row) -> tuple[int, int | None] | None:
         """(revision the row was written as, revision holding its predecessor) if found near it."""
         stored = bytes(row.hash)
-        near = range(max(1, row.revision - WINDOW), row.revision + WINDOW + 1)
+        near = range(max(self.start, row.revision - WINDOW), row.revision + WINDOW + 1)
         for k in near:
-            candidates: list[tuple[bytes, int | None]] = [(GENESIS, None)] if k == 1 else []
+            first = [(self.start_hash, None)] if k == self.start else []
+            candidates: list[tuple[bytes, int | None]] = list(first)
             candidates += [(self.stored[j], j) for j in near if j in self.stored]
             for previous, j in candidates:
                 if _hash(previous, row, k) == stored:
@@ -238,6 +300,13 @@ class _Entity:
         return None
 
     def finish(self) -> list[Break]:
+        if self.anchor is not None and self.last is None:
+            self._break(
+                self.start,
+                "missing",
+                f"no event after the retention anchor at revision {self.anchor.revision} "
+                "(cleanup never removes the newest event)",
+            )
         explained: dict[int, tuple[int, int | None]] = {}
         for row in self.failed:
             found = self._written_as(row)
@@ -250,7 +319,8 @@ class _Entity:
                 if k != r:
                     self._break(r, "reordered", f"revision {r} holds the event written as revision {k}")
                 elif not self.breaks and not any(e[0] != rr for rr, e in explained.items()):
-                    where = "the start" if j is None else f"revision {j}"
+                    start = "the start" if self.anchor is None else "the retention anchor"
+                    where = start if j is None else f"revision {j}"
                     self._break(r, "reordered", f"the event was chained after {where}, not revision {r - 1}")
                 # else: intact content after a reordered/edited predecessor, reported there.
                 continue
@@ -294,6 +364,8 @@ async def verify(
             current = _Entity(row)
             report.entities += 1
         current.add(row)
+        if row.anchor:
+            continue
         report.events += 1
         pending += 1
         if progress is not None and pending >= every:
@@ -336,6 +408,33 @@ SELECT entity, id, revision, ts, action, path, value::text AS value, originator,
        headers::text AS headers
 FROM journal{where} ORDER BY entity, id, revision
 """
+# The same rows with each entity's newest retention anchor (its current one) merged in front:
+# both branches come from their primary keys (entity, id, revision) in order (a Merge Append),
+# so the journal is still streamed, not sorted. {where} uses columns of either table.
+NEWEST_ANCHOR = """NOT EXISTS (
+    SELECT 1 FROM journal_retention n
+    WHERE n.entity = r.entity AND n.id = r.id AND n.revision > r.revision)"""
+SELECT_ROWS_ANCHORED = f"""
+SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash,
+       headers::text AS headers, false AS anchor
+FROM journal{{where}}
+UNION ALL
+SELECT entity, id, revision, ts, '', '', NULL, '', NULL, hash, NULL, true
+FROM journal_retention r{{where}}{{glue}}{NEWEST_ANCHOR}
+ORDER BY entity, id, revision
+"""
+
+
+async def has_retention(con: asyncpg.Connection) -> bool:
+    """Whether the schema has the retention tables (an older one is verified without them)."""
+    return bool(await con.fetchval("SELECT to_regclass('journal_retention') IS NOT NULL"))
+
+
+def rows_query(where: str, retention: bool) -> str:
+    """:data:`SELECT_ROWS`, with the newest retention anchors when ``retention``."""
+    if not retention:
+        return SELECT_ROWS.format(where=where)
+    return SELECT_ROWS_ANCHORED.format(where=where, glue=" AND " if where else " WHERE ")
 
 
 async def verify_database(
@@ -361,16 +460,20 @@ async def verify_database(
             if on_total is not None:
                 on_total(int(await con.fetchval(f"SELECT count(*) FROM journal{where}", *args)))
 
+            retention = await has_retention(con)
+
             async def rows() -> AsyncIterator[Row]:
-                cursor = con.cursor(SELECT_ROWS.format(where=where), *args, prefetch=prefetch)
+                cursor = con.cursor(rows_query(where, retention), *args, prefetch=prefetch)
                 async for r in cursor:
                     yield Row(*r)
 
             report = await verify(rows(), progress=progress)
+            started = time.monotonic()
             if checkpoints != "none":
-                started = time.monotonic()
-                await _check_checkpoints(con, report, scope, checkpoints == "all", signing_key)
-                report.seconds += time.monotonic() - started
+                await _check_checkpoints(con, report, scope, checkpoints == "all", signing_key, retention)
+            if retention:
+                await _check_retention(con, report, scope, signing_key, prefetch)
+            report.seconds += time.monotonic() - started
             return report
     finally:
         await con.close()
@@ -495,14 +598,24 @@ def _in_scope(scope: Scope, entity: str, id: str) -> bool:
 
 CHECK_HEADS = """
 SELECT h.entity, h.id, h.revision, j.hash,
-       (SELECT max(k.revision) FROM journal k WHERE k.entity = h.entity AND k.id = h.id) AS newest
+       (SELECT max(k.revision) FROM journal k WHERE k.entity = h.entity AND k.id = h.id) AS newest{anchors}
 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS h(entity, id, revision)
 LEFT JOIN journal j ON j.entity = h.entity AND j.id = h.id AND j.revision = h.revision
 """
+# With retention: the entity's newest anchor and the anchor at the sealed revision, if any.
+CHECK_ANCHORS = """,
+       (SELECT max(a.revision) FROM journal_retention a WHERE a.entity = h.entity AND a.id = h.id) AS anchor,
+       (SELECT a.hash FROM journal_retention a
+        WHERE a.entity = h.entity AND a.id = h.id AND a.revision = h.revision) AS anchor_hash"""
 
 
 async def _check_checkpoints(
-    con: asyncpg.Connection, report: Report, scope: Scope, every: bool, signing_key: str | None
+    con: asyncpg.Connection,
+    report: Report,
+    scope: Scope,
+    every: bool,
+    signing_key: str | None,
+    retention: bool = False,
 ) -> None:
     public = load_signing_key(signing_key).public_key() if signing_key else None
     exists = await con.fetchval("SELECT to_regclass('audit_checkpoints') IS NOT NULL")
@@ -537,11 +650,30 @@ async def _check_checkpoints(
                 except InvalidSignature:
                     invalid("the signature does not verify")
         mine = [h for h in heads if _in_scope(scope, h[0], h[1])]
-        rows = await con.fetch(CHECK_HEADS, [h[0] for h in mine], [h[1] for h in mine], [h[2] for h in mine])
+        rows = await con.fetch(
+            CHECK_HEADS.format(anchors=CHECK_ANCHORS if retention else ""),
+            [h[0] for h in mine],
+            [h[1] for h in mine],
+            [h[2] for h in mine],
+        )
         recorded = {(h[0], h[1], h[2]): h[3] for h in mine}
         for r in rows:
             entity, id, revision = r["entity"], r["id"], int(r["revision"])
-            if r["hash"] is None:
+            anchor = r["anchor"] if retention else None
+            if r["hash"] is None and anchor is not None and revision <= anchor:
+                # Removed by retention cleanup. An anchor left at exactly this revision must
+                # carry the sealed hash; an older sealed revision can no longer be checked.
+                sealed = recorded[(entity, id, revision)]
+                if r["anchor_hash"] is None or bytes(r["anchor_hash"]) == sealed:
+                    continue
+                b = Break(
+                    entity,
+                    id,
+                    revision,
+                    "rewritten",
+                    f"the retention anchor's hash differs from the one sealed in checkpoint {name}",
+                )
+            elif r["hash"] is None:
                 newest = r["newest"]
                 now = "no events remain" if newest is None else f"the newest revision is now {newest}"
                 b = Break(
@@ -565,3 +697,134 @@ async def _check_checkpoints(
             if (entity, id) not in broken:
                 broken.add((entity, id))
                 report.broken_entities += 1
+
+
+# ---- retention records (twinstore.retention) ----------------------------------------------
+
+CLEANUP_PREFIX = b"twinstore-cleanup-v1"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def anchor_leaf(entity: str, id: str, revision: int, hash: bytes, snapshot_hash: bytes) -> bytes:
+    """The digest leaf of one retention anchor:
+    ``sha256(0x02 || f(entity) || f(id) || revision as 8-byte big-endian || hash || snapshot_hash)``."""
+    return hashlib.sha256(
+        b"\x02" + _field(entity) + _field(id) + struct.pack(">q", revision) + hash + snapshot_hash
+    ).digest()
+
+
+def fold_anchor(digest: bytes, leaf: bytes) -> bytes:
+    """A cleanup run's digest after one more anchor (it starts at GENESIS): ``sha256(digest || leaf)``.
+
+    >>> a = anchor_leaf("thing", "a:b", 3, GENESIS, GENESIS)
+    >>> fold_anchor(fold_anchor(GENESIS, a), a) != fold_anchor(GENESIS, a)
+    True
+    """
+    return hashlib.sha256(digest + leaf).digest()
+
+
+def snapshot_digest(created: datetime | None, modified: datetime, doc: str | None) -> bytes:
+    """sha-256 of a snapshot row as stored: created and modified (ISO 8601 with microseconds)
+    and the document's ``jsonb`` text as PostgreSQL prints it (``doc::text``)."""
+    times = [None if created is None else created.isoformat(timespec="microseconds")]
+    times.append(modified.isoformat(timespec="microseconds"))
+    return hashlib.sha256(orjson.dumps(times) + b"\n" + (b"null" if doc is None else doc.encode())).digest()
+
+
+def cleanup_message(cleanup_id: int, cutoff: datetime, entities: int, events: int, digest: bytes) -> bytes:
+    """What a cleanup run's signature signs: ``b"twinstore-cleanup-v1"`` || id, cutoff (microseconds
+    since the epoch), anchors set and events removed, each 8-byte big-endian || digest."""
+    micros = (cutoff - _EPOCH) // timedelta(microseconds=1)
+    return CLEANUP_PREFIX + struct.pack(">qqqq", cleanup_id, micros, entities, events) + digest
+
+
+SELECT_CLEANUPS = """
+SELECT id, cutoff, entities, events, digest, signature, key_id FROM journal_cleanups ORDER BY id
+"""
+SELECT_CLEANUP_ANCHORS = """
+SELECT entity, id, revision, hash, snapshot_hash FROM journal_retention WHERE cleanup_id = $1 ORDER BY seq
+"""
+SELECT_ORPHAN_ANCHORS = """
+SELECT cleanup_id, count(*) AS n FROM journal_retention r
+WHERE NOT EXISTS (SELECT 1 FROM journal_cleanups c WHERE c.id = r.cleanup_id)
+GROUP BY cleanup_id ORDER BY cleanup_id
+"""
+# The snapshot kept at each current anchor in scope ({where} on journal_retention's columns).
+SELECT_ANCHOR_SNAPSHOTS = f"""
+SELECT r.entity, r.id, r.revision, r.snapshot_hash, r.cleanup_id,
+       s.created, s.modified, s.doc::text AS doc, s.revision IS NOT NULL AS present
+FROM (SELECT * FROM journal_retention r{{where}}{{glue}}{NEWEST_ANCHOR}) r
+LEFT JOIN snapshots s ON s.entity = r.entity AND s.id = r.id AND s.revision = r.revision
+ORDER BY r.entity, r.id
+"""
+
+
+async def _check_retention(
+    con: asyncpg.Connection, report: Report, scope: Scope, signing_key: str | None, prefetch: int
+) -> None:
+    """Check the records of retention cleanups: the snapshot kept at every current anchor in
+    scope, and (verifying the whole journal) every run's digest and signature, and anchors
+    of no recorded run."""
+    broken: set[tuple[str, str]] = {(b.entity, b.id) for b in report.breaks}
+    where, args = scope.where()
+    query = SELECT_ANCHOR_SNAPSHOTS.format(where=where, glue=" AND " if where else " WHERE ")
+    async for r in con.cursor(query, *args, prefetch=prefetch):
+        if not r["present"]:
+            detail = "the snapshot kept at the retention anchor is missing"
+        elif snapshot_digest(r["created"], r["modified"], r["doc"]) != bytes(r["snapshot_hash"]):
+            detail = (
+                "the snapshot kept at the retention anchor differs from the one sealed by "
+                f"cleanup {r['cleanup_id']}"
+            )
+        else:
+            continue
+        report.breaks.append(Break(r["entity"], r["id"], int(r["revision"]), "snapshot-altered", detail))
+        if (r["entity"], r["id"]) not in broken:
+            broken.add((r["entity"], r["id"]))
+            report.broken_entities += 1
+    if scope.thing is not None or scope.namespace is not None:
+        return  # a run's digest covers all its anchors: checked only over the whole journal
+    public = load_signing_key(signing_key).public_key() if signing_key else None
+    for run in await con.fetch(SELECT_CLEANUPS):
+        name = str(run["id"])
+
+        def invalid(detail: str, name: str = name) -> None:
+            report.breaks.append(Break("cleanup", name, 0, "cleanup-invalid", detail))
+
+        digest, count = GENESIS, 0
+        async for a in con.cursor(SELECT_CLEANUP_ANCHORS, run["id"], prefetch=prefetch):
+            leaf_ = anchor_leaf(
+                a["entity"], a["id"], a["revision"], bytes(a["hash"]), bytes(a["snapshot_hash"])
+            )
+            digest = fold_anchor(digest, leaf_)
+            count += 1
+        if digest != bytes(run["digest"]) or count != run["entities"]:
+            invalid(
+                f"the {count} anchors it set do not recompute its digest ({run['entities']} recorded): "
+                "an anchor was edited, added or deleted"
+            )
+        if public is not None:
+            from cryptography.exceptions import InvalidSignature
+
+            message = cleanup_message(
+                run["id"], run["cutoff"], run["entities"], run["events"], bytes(run["digest"])
+            )
+            if run["signature"] is None:
+                invalid("the cleanup record is not signed")
+            elif run["key_id"] != key_id(public):
+                invalid(f"signed with key {run['key_id']}, not the configured key {key_id(public)}")
+            else:
+                try:
+                    public.verify(bytes(run["signature"]), message)
+                except InvalidSignature:
+                    invalid("the signature does not verify")
+    for r in await con.fetch(SELECT_ORPHAN_ANCHORS):
+        report.breaks.append(
+            Break(
+                "cleanup",
+                str(r["cleanup_id"]),
+                0,
+                "cleanup-invalid",
+                f"{r['n']} retention anchors refer to cleanup {r['cleanup_id']}, which is not recorded",
+            )
+        )

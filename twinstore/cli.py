@@ -1,5 +1,5 @@
-"""The ``twinstore`` command line: ``serve``, ``migrate``, ``audit verify|checkpoint``, ``replay``,
-``export``, ``import``.
+"""The ``twinstore`` command line: ``serve``, ``migrate``, ``audit verify|checkpoint|cleanup``,
+``replay``, ``export``, ``import``.
 
 Run ``twinstore --help`` or ``twinstore serve --help``.
 """
@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(checkpoint)
     checkpoint.add_argument("--json", action="store_true", help="print the checkpoint as JSON")
+    cleanup = audit_sub.add_parser(
+        "cleanup",
+        help="remove thing history older than the retention period (recorded, checkpoint-bound)",
+        description=AUDIT_CLEANUP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(cleanup)
+    _scope(cleanup, "clean up")
+    cutoff = cleanup.add_mutually_exclusive_group()
+    cutoff.add_argument("--before", metavar="TS", help="remove events written before TS (ISO 8601)")
+    cutoff.add_argument(
+        "--older-than-days",
+        type=float,
+        metavar="N",
+        help="remove events older than N days (default: the history_retention_days setting)",
+    )
+    cleanup.add_argument(
+        "--dry-run", action="store_true", help="report what would be removed; change nothing"
+    )
+    cleanup.add_argument("--json", action="store_true", help="print a machine-readable JSON report")
     replay = sub.add_parser(
         "replay",
         help="rebuild current state from the journal and compare it with the projection",
@@ -155,10 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 AUDIT_VERIFY = """\
-Recompute every hash chain of the journal from GENESIS, in revision order per entity (things
-and policies), streaming the rows in one consistent snapshot, and report either OK with the
-number of entities and events checked, or for each broken chain the entity, id and revision
-where it breaks and why:
+Recompute every hash chain of the journal from GENESIS (after a history cleanup: from the
+entity's retention anchor), in revision order per entity (things and policies), streaming the
+rows in one consistent snapshot, and report either OK with the number of entities and events
+checked, or for each broken chain the entity, id and revision where it breaks and why:
 
   missing     a revision gap (a deleted event)
   edited      the event's content no longer matches its hash
@@ -175,22 +195,54 @@ sealed must still be in the journal with the same hash:
   checkpoint-invalid  its Merkle root does not recompute, or its signature does not verify
                       with audit_signing_key (not checked without a key)
 
+and the records of history cleanups (`audit cleanup`):
+
+  anchor              events left at or below a retention anchor
+  snapshot-altered    the snapshot kept at a retention anchor is missing or changed
+  cleanup-invalid     a cleanup run's anchors do not recompute its digest (edited, added,
+                      deleted or moved anchors), or its signature does not verify (checked
+                      only without --thing/--namespace)
+
 On a terminal a progress bar shows rate and ETA; --json prints the report as JSON.
 
 Exit status: 0 when every chain verifies, 1 when any break is found.
 """
 
 
+AUDIT_CLEANUP = """\
+History retention: remove the oldest journal events of things, keeping per thing
+
+  * every event written at or after the cutoff (--before TS, --older-than-days N, default
+    now minus the history_retention_days setting; unset: keep everything, nothing to do),
+  * every event beyond the journal position sealed by the latest `audit checkpoint` (without
+    a checkpoint nothing is removed) or not yet published by the NATS relay,
+  * its newest event (the chain head), and everything after the first event that stays.
+
+Where events were removed a snapshot of the state at the last removed revision is kept and a
+retention anchor (that revision and its hash) is recorded: history reads, replay and audit
+verify start from it; revisions and times before it answer 404 things:thing.history.notfound.
+Policy events are always kept. A thing whose removed range does not verify (hash chain) is
+left alone and reported. Every run is recorded in journal_cleanups (who, cutoff, checkpoint,
+counts, a digest over its anchors, signed with audit_signing_key when set), which audit verify
+checks. Batches of things, each in one transaction; --dry-run only reports.
+
+Exit status: 0 done (or nothing to do), 1 some things were skipped, 2 refused (another cleanup
+is running, or an invalid cutoff).
+"""
+
+
 REPLAY = """\
 Rebuild the current state of every entity (things and policies) from the journal alone, folding
-its events from revision 1 with the same functions the stores use, streamed in one consistent
-snapshot, and compare it with the stored projection row (tables things and policies): revision,
-created, modified, document, chain head hash, and policy_id of things / readers of policies.
-Each difference is reported with the entity and id:
+its events from revision 1 (after a history cleanup: from the snapshot kept at its retention
+anchor) with the same functions the stores use, streamed in one consistent snapshot, and
+compare it with the stored projection row (tables things and policies): revision, created,
+modified, document, chain head hash, and policy_id of things / readers of policies. Each
+difference is reported with the entity and id:
 
   missing     the entity has events but no projection row
   extra       a projection row without any event
   mismatch    the fields that differ (a document difference names its first JSON pointer)
+  unreplayable  no snapshot at the thing's retention anchor (never repaired)
 
 --repair rewrites the differing rows from the journal (one transaction per batch, under the
 journal's write lock; a row written meanwhile is left to its writer) and deletes rows without
@@ -210,7 +262,8 @@ ns/name/things/twin/events/<action>), policy events similar envelopes (ns/name/p
 revision, ts, action, path, value as the stored canonical JSON text, originator,
 correlation_id, hash in hex) so that `twinstore import` can restore and re-verify it.
 --from/--to restrict the event timestamps (an export of part of a chain cannot be imported
-and verified on its own). On a terminal a progress bar on stderr shows rate and ETA.
+and verified on its own; neither can one of chains shortened by `audit cleanup`). On a
+terminal a progress bar on stderr shows rate and ETA.
 """
 
 
@@ -226,10 +279,10 @@ Exit status: 0 when the import verifies, 1 when replay or verification fails, 2 
 
 
 def _progress(
-    label: str, disable: bool
+    label: str, disable: bool, unit: str = "events"
 ) -> tuple[Progress, Callable[[int | None], None], Callable[[int], None]]:
     """The progress bar of the long CLI jobs (audit, replay, export, import), on stderr and only
-    on a terminal: (bar, set_total, advance), the rate in events/s and an ETA once the total
+    on a terminal: (bar, set_total, advance), the rate in ``unit``/s and an ETA once the total
     is known."""
     from rich.console import Console
     from rich.progress import (
@@ -248,7 +301,7 @@ def _progress(
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} events/s"),
+        TextColumn(f"{{task.fields[rate]}} {unit}/s"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -432,6 +485,76 @@ def audit_checkpoint(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def audit_cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    """Run ``audit cleanup``; the exit status (0 done, 1 things skipped, 2 refused)."""
+    import getpass
+    import json
+    import socket
+
+    from rich.console import Console
+
+    from twinstore.retention import CleanupBusy, Scope, cleanup_database
+
+    assert settings.database_url is not None
+    days = args.older_than_days if args.older_than_days is not None else settings.history_retention_days
+    try:
+        cutoff = _timestamp(args.before)
+    except ValueError as exc:
+        print(f"twinstore audit cleanup: invalid timestamp: {exc}", file=sys.stderr)
+        return 2
+    if cutoff is None and days is not None:
+        if not days > 0:
+            print("twinstore audit cleanup: --older-than-days must be positive", file=sys.stderr)
+            return 2
+        cutoff = datetime.now(UTC) - timedelta(days=days)
+    if cutoff is None:
+        reason = "no retention configured (history_retention_days): all history is kept"
+        print(json.dumps({"ok": True, "reason": reason}) if args.json else f"nothing removed: {reason}")
+        return 0
+    scope = Scope(entity=args.entity, thing=args.thing, namespace=args.namespace)
+    bar, set_total, advance = _progress("cleaning up", args.json, unit="things")
+    try:
+        with bar:
+            report = asyncio.run(
+                cleanup_database(
+                    settings.database_url,
+                    cutoff,
+                    scope,
+                    run_by=f"{getpass.getuser()}@{socket.gethostname()}",
+                    dry_run=args.dry_run,
+                    signing_key=settings.audit_signing_key,
+                    on_total=set_total,
+                    progress=advance,
+                )
+            )
+    except CleanupBusy as exc:
+        print(f"twinstore audit cleanup: refused: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0 if report.ok else 1
+    out = Console(highlight=False, soft_wrap=True)
+    for skipped in report.skipped:
+        out.print(f"[yellow]SKIPPED[/yellow] {skipped}")
+    if report.reason is not None:
+        out.print(f"nothing removed: {report.reason}")
+        return 0
+    verb = "would remove" if report.dry_run else "removed"
+    summary = (
+        f"{verb} {report.events} events of {report.entities} things (of {report.examined}) written "
+        f"before {cutoff.isoformat()} up to journal position {report.bound} (checkpoint "
+        f"{report.checkpoint_id}) in {report.seconds:.2f} s"
+    )
+    if report.cleanup_id is not None:
+        summary += (
+            f"; {report.snapshots} snapshots written; recorded as cleanup {report.cleanup_id}, "
+            f"digest {report.digest.hex()}"
+        )
+    label = "[green]OK[/green]" if report.ok else f"[yellow]{len(report.skipped)} SKIPPED[/yellow]"
+    out.print(f"{label}: {summary}")
+    return 0 if report.ok else 1
+
+
 def replay(settings: Settings, args: argparse.Namespace) -> int:
     """Run ``replay``; the exit status (0 equal or repaired, 1 differences)."""
     import json
@@ -578,12 +701,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "migrate":
         sys.exit(_on_database(settings, _print_migrate))
     elif args.command == "audit":
-        sys.exit(
-            _on_database(
-                settings,
-                lambda s: (audit_checkpoint if args.audit_command == "checkpoint" else audit_verify)(s, args),
-            )
+        command = {"checkpoint": audit_checkpoint, "cleanup": audit_cleanup}.get(
+            args.audit_command, audit_verify
         )
+        sys.exit(_on_database(settings, lambda s: command(s, args)))
     elif args.command == "replay":
         sys.exit(_on_database(settings, lambda s: replay(s, args)))
     elif args.command in ("export", "import"):

@@ -8,6 +8,11 @@ projection rows (``things`` / ``policies``: revision, created, modified, documen
 hash, and ``policy_id`` of things or ``readers`` of policies). Projection rows without any event
 are found afterwards with an anti-join.
 
+A thing whose oldest events were removed by history retention (``twinstore audit cleanup``)
+is folded from the snapshot kept at its newest retention anchor instead of from revision 1
+(the rows come with the anchor and its snapshot merged in front, :data:`SELECT_ROWS_ANCHORED`);
+without that snapshot it cannot be replayed (``unreplayable``, never repaired).
+
 With ``repair`` the differing rows are rewritten from the journal, one transaction per batch,
 under the journal's ``WRITE_LOCK`` and only while the entity's newest event is still the one
 replayed (a write committed meanwhile already brought its row up to date); projection rows
@@ -32,7 +37,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from twinstore.audit import Scope
+from twinstore.audit import NEWEST_ANCHOR, Scope, has_retention
 from twinstore.model.policy import PolicyEvent, PolicyState, evolve_policy, thing_readers
 from twinstore.model.thing import ThingState, evolve
 from twinstore.store.codec import dumps
@@ -44,8 +49,23 @@ __all__ = ["Difference", "Report", "Scope", "first_difference", "replay_database
 BATCH = 500
 
 SELECT_ROWS = """
-SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash
+SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash,
+       false AS anchor
 FROM journal{where} ORDER BY entity, id, revision
+"""
+# Each entity's newest retention anchor with the snapshot kept there (its state at the anchor's
+# revision: modified as ts, created, doc) merged in front of its rows; both branches in primary
+# key order (a Merge Append, still streamed).
+SELECT_ROWS_ANCHORED = f"""
+SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash,
+       false AS anchor, NULL::timestamptz AS created, NULL::text AS doc, false AS snapshot
+FROM journal{{where}}
+UNION ALL
+SELECT r.entity, r.id, r.revision, s.modified, '', '', NULL, '', NULL, r.hash,
+       true, s.created, s.doc::text, s.revision IS NOT NULL
+FROM (SELECT * FROM journal_retention r{{where}}{{glue}}{NEWEST_ANCHOR}) r
+LEFT JOIN snapshots s ON s.entity = r.entity AND s.id = r.id AND s.revision = r.revision
+ORDER BY entity, id, revision
 """
 SELECT_THINGS = (
     "SELECT id, revision, created, modified, doc, hash, policy_id FROM things WHERE id = any($1::text[])"
@@ -86,7 +106,9 @@ class Difference:
 
     entity: str
     id: str
-    kind: str  # 'missing' (no projection row), 'extra' (no events) or 'mismatch'
+    # 'missing' (no projection row), 'extra' (no events), 'mismatch', or 'unreplayable' (no
+    # snapshot at the retention anchor: never repaired)
+    kind: str
     fields: tuple[str, ...] = ()
     detail: str = ""
     repaired: bool = False
@@ -172,6 +194,7 @@ class _Replayed:
     modified: datetime | None
     doc: dict[str, Any] | None
     hash: bytes
+    problem: str | None = None  # why the state could not be folded (then it is not compared)
 
     def extra(self) -> tuple[str, Any]:
         if self.entity == "thing":
@@ -180,6 +203,8 @@ class _Replayed:
 
 
 def _compare(r: _Replayed, row: asyncpg.Record | None) -> Difference | None:
+    if r.problem is not None:
+        return Difference(r.entity, r.id, "unreplayable", (), r.problem)
     if row is None:
         return Difference(
             r.entity, r.id, "missing", (), f"no projection row (journal at revision {r.revision})"
@@ -219,9 +244,12 @@ class _Folder:
         self.thing = ThingState.absent(entity_id) if entity == "thing" else None
         self.policy = PolicyState(policy_id=entity_id) if entity == "policy" else None
         self.hash = b""
+        self.problem: str | None = None
 
     def add(self, row: asyncpg.Record) -> None:
-        if self.thing is not None:
+        if row["anchor"]:
+            self._anchor(row)
+        elif self.thing is not None:
             self.thing = evolve(self.thing, event_from_row(row))
         elif self.policy is not None:
             value = row["value"]
@@ -238,10 +266,24 @@ class _Folder:
             self.policy = evolve_policy(self.policy, event)
         self.hash = bytes(row["hash"])
 
+    def _anchor(self, row: asyncpg.Record) -> None:
+        """Start from the snapshot kept at a retention anchor (only things have anchors)."""
+        revision = row["revision"]
+        self.hash = bytes(row["hash"])
+        if not row["snapshot"] or self.thing is None:
+            self.problem = f"no snapshot at the retention anchor (revision {revision}): the state is unknown"
+            return
+        doc = None if row["doc"] is None else orjson.loads(row["doc"])
+        self.thing = ThingState(
+            thing_id=self.id, revision=revision, created=row["created"], modified=row["ts"], doc=doc
+        )
+
     def result(self) -> _Replayed:
         s: ThingState | PolicyState | None = self.thing if self.thing is not None else self.policy
         assert s is not None
-        return _Replayed(self.entity, self.id, s.revision, s.created, s.modified, s.doc, self.hash)
+        return _Replayed(
+            self.entity, self.id, s.revision, s.created, s.modified, s.doc, self.hash, self.problem
+        )
 
 
 async def _init(con: asyncpg.Connection) -> None:
@@ -319,6 +361,8 @@ async def replay_database(
             pending: list[_Replayed] = []
 
             async def settle(found: list[tuple[Difference, _Replayed | None]]) -> None:
+                report.differences.extend(d for d, _ in found if d.kind == "unreplayable")
+                found = [(d, r) for d, r in found if d.kind != "unreplayable"]
                 if not found:
                     return
                 if writer is not None:
@@ -341,8 +385,14 @@ async def replay_database(
                 pending.clear()
                 await settle(found)
 
+            if await has_retention(con):
+                glue = " AND " if where else " WHERE "
+                query = SELECT_ROWS_ANCHORED.format(where=where, glue=glue)
+            else:
+                query = SELECT_ROWS.format(where=where)
+
             async def rows() -> AsyncIterator[asyncpg.Record]:
-                async for row in con.cursor(SELECT_ROWS.format(where=where), *args, prefetch=prefetch):
+                async for row in con.cursor(query, *args, prefetch=prefetch):
                     yield row
 
             current: _Folder | None = None
@@ -356,6 +406,8 @@ async def replay_database(
                     current = _Folder(row["entity"], row["id"])
                     report.entities += 1
                 current.add(row)
+                if row["anchor"]:
+                    continue
                 report.events += 1
                 count += 1
                 if progress is not None and count >= 1000:

@@ -133,6 +133,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ingest_default_subjects: list[str] = msgspec.field(default_factory=list)
     ingest_batch: int = 1000
     ingest_max_age_seconds: float = 7 * 24 * 3600.0
+    # Days of thing history kept by `twinstore audit cleanup` (none: keep everything).
+    history_retention_days: float | None = None
 
     def __post_init__(self) -> None:
         for cidr in self.preauth_trusted:
@@ -146,6 +148,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     f"search_indexes: {path!r} must be a path below attributes/ or features/ "
                     "without '*' or array indexes, e.g. 'attributes/floor'"
                 )
+        if self.history_retention_days is not None and not self.history_retention_days > 0:
+            raise ValueError("history_retention_days must be a positive number of days (or unset)")
         if not 1 <= self.ingest_partitions <= 1024 or not 1 <= self.ingest_batch <= 10_000:
             raise ValueError("ingest_partitions must be 1..1024 and ingest_batch 1..10000")
         for source, subjects in self.ingest_sources.items():
@@ -167,8 +171,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _ENV_PREFIX = "TWINSTORE_"
-_INT = {f.name for f in msgspec.structs.fields(Settings) if f.type is int}
-_FLOAT = {f.name for f in msgspec.structs.fields(Settings) if f.type is float}
+_INT = {f.name for f in msgspec.structs.fields(Settings) if f.type in (int, int | None)}
+_FLOAT = {f.name for f in msgspec.structs.fields(Settings) if f.type in (float, float | None)}
 _BOOL = {f.name for f in msgspec.structs.fields(Settings) if f.type is bool}
 _SCALAR = (str, int, float, bool, str | None, int | None, float | None)
 _JSON = {f.name for f in msgspec.structs.fields(Settings) if f.type not in _SCALAR}

@@ -42,6 +42,7 @@ from twinstore.model.errors import (
     HeaderInvalidError,
     TooLargeError,
     UnavailableError,
+    history_not_found,
 )
 from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Command, Event, ThingState, decide, evolve, replay
@@ -149,11 +150,18 @@ SELECT id, revision, ts, action, path, value::text AS value, originator, correla
 FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2
 """
 
-# The last revision at or before a time: walks the primary key (entity, id, revision) backwards
-# from the newest event (a thing's event times grow with its revisions), no extra index.
+# The last revision at or before a time: one descent of the index journal_ts (entity, id, ts,
+# revision), index only, however long the history. A thing's event times grow with its revisions
+# (each is stamped when decided, one after the other; clock skew between processes aside), so the
+# latest time at or before ``ts`` is the last revision; on equal times the higher revision wins.
 SELECT_REVISION_AT = """
 SELECT revision FROM journal WHERE entity = 'thing' AND id = $1 AND ts <= $2
-ORDER BY revision DESC LIMIT 1
+ORDER BY ts DESC, revision DESC LIMIT 1
+"""
+# After a snapshot, the first event left (to tell a revision removed by retention from one
+# beyond the newest).
+SELECT_NEXT_REVISION = """
+SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2
 """
 
 
@@ -671,13 +679,28 @@ class Journal:
         return [event_from_row(r) for r in rows]
 
     async def load_at(self, thing_id: str, revision: int, *, con: Connection | None = None) -> ThingState:
-        """The state at ``revision``: nearest snapshot at or before it plus later events."""
+        """The state at ``revision``: nearest snapshot at or before it plus later events.
+
+        The events must continue the snapshot without a gap. A gap means the revision is before
+        the thing's retained history (history retention removed those events and the snapshots
+        below its anchor): :func:`history_not_found`. A retention cleanup committing between
+        the two reads also leaves one, so the state is read once more before giving up.
+        """
         if con is None:
             async with self._reader() as c:
                 return await self.load_at(thing_id, revision, con=c)
-        row = await con.fetchrow(SELECT_SNAPSHOT, thing_id, revision)
-        base = _state(thing_id, row)
-        return replay(base, await self.events(thing_id, base.revision, revision, con=con))
+        for _ in range(2):
+            row = await con.fetchrow(SELECT_SNAPSHOT, thing_id, revision)
+            base = _state(thing_id, row)
+            events = await self.events(thing_id, base.revision, revision, con=con)
+            if events:
+                if all(e.revision == base.revision + 1 + i for i, e in enumerate(events)):
+                    return replay(base, events)
+            elif base.revision >= revision:
+                return base  # exactly a snapshot
+            elif await con.fetchval(SELECT_NEXT_REVISION, thing_id, base.revision) is None:
+                return base  # nothing after it: beyond the newest event
+        raise history_not_found(thing_id, revision=revision)
 
     async def revision_at(self, thing_id: str, ts: datetime) -> int:
         """The last revision of ``thing_id`` written at or before ``ts`` (0: none)."""

@@ -170,6 +170,45 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (consumer, source)
     );
     """,
+    # history retention (twinstore.retention): every cleanup run (journal_cleanups: who, the
+    # cutoff, the bound it respected, what it removed, a digest over the anchors it set, signed
+    # like checkpoints) and per entity and run the chain anchor left behind (journal_retention:
+    # the last removed revision, its hash, when it was written, the digest of the snapshot kept
+    # at that revision); append-only, the newest anchor of an entity is the current one.
+    # journal_ts: the revision at a time is found by descending (entity, id, ts) (index only)
+    # instead of walking the whole newer history backwards.
+    """
+    CREATE TABLE journal_cleanups (
+        id                bigserial   PRIMARY KEY,
+        started           timestamptz NOT NULL DEFAULT now(),
+        finished          timestamptz,
+        cutoff            timestamptz NOT NULL,
+        checkpoint_id     bigint      NOT NULL,
+        journal_position  bigint      NOT NULL,
+        scope             text        NOT NULL,
+        run_by            text        NOT NULL,
+        db_user           text        NOT NULL DEFAULT current_user,
+        entities          bigint      NOT NULL DEFAULT 0,
+        events            bigint      NOT NULL DEFAULT 0,
+        snapshots         bigint      NOT NULL DEFAULT 0,
+        digest            bytea       NOT NULL,
+        signature         bytea,
+        key_id            text
+    );
+    CREATE TABLE journal_retention (
+        entity         text        NOT NULL,
+        id             text        NOT NULL,
+        revision       bigint      NOT NULL,
+        hash           bytea       NOT NULL,
+        ts             timestamptz NOT NULL,
+        snapshot_hash  bytea       NOT NULL,
+        cleanup_id     bigint      NOT NULL,
+        seq            bigint      NOT NULL,
+        PRIMARY KEY (entity, id, revision),
+        UNIQUE (cleanup_id, seq)
+    );
+    CREATE INDEX journal_ts ON journal (entity, id, ts, revision);
+    """,
 ]
 
 CREATE_MIGRATIONS = """

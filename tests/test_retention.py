@@ -1,0 +1,435 @@
+"""History retention (``twinstore audit cleanup``) on real PostgreSQL.
+
+Cleanup only removes events that are old, sealed by the latest checkpoint and published by the
+relay, never a thing's newest event; it leaves an anchor that ``audit verify``, ``replay`` and
+history reads start from, and records itself. As in ``tests/test_audit.py`` tampering happens
+in a scratch database the journal rows were copied into; history reads go through the HTTP API
+on the session database (cleaned up within the test's own namespace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import secrets
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.api.helpers import assert_error, url
+from tests.conftest import ROOT, new_thing_id
+from tests.test_audit import COLUMNS, make_things, sql, where
+from tests.test_checkpoint import write_key
+from twinstore.audit import Scope, checkpoint_database, verify_database
+from twinstore.replay import replay_database
+from twinstore.retention import cleanup_database
+from twinstore.settings import Settings
+from twinstore.store.schema import migrate
+
+HISTORY_NOT_FOUND = "things:thing.history.notfound"
+FUTURE = datetime.now(UTC) + timedelta(days=1)
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"org.retention{secrets.token_hex(4)}"
+
+
+def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "TWINSTORE_DATABASE_URL": url, **env}
+    if "TWINSTORE_AUDIT_SIGNING_KEY" not in env:
+        environ.pop("TWINSTORE_AUDIT_SIGNING_KEY", None)
+    if "TWINSTORE_HISTORY_RETENTION_DAYS" not in env:
+        environ.pop("TWINSTORE_HISTORY_RETENTION_DAYS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "twinstore.cli", *args],
+        env=environ,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    con = await asyncpg.connect(url)
+    try:
+        return await con.fetch(query, *args)
+    finally:
+        await con.close()
+
+
+async def copy_rows(settings: Settings, scratch: str, namespace: str, condition: str = "true") -> None:
+    """Copy the journal rows of ``namespace`` matching ``condition`` (in revision order, so
+    later copies get higher positions) into ``scratch`` (migrated first)."""
+    assert settings.database_url is not None
+    rows = await fetch(
+        settings.database_url,
+        f"SELECT {COLUMNS} FROM journal WHERE id >= $1 AND id < $2 AND ({condition}) "
+        "ORDER BY ts, entity, id, revision",
+        namespace + ":",
+        namespace + ";",
+    )
+    dst = await asyncpg.connect(scratch)
+    try:
+        await migrate(dst)
+        await dst.executemany(
+            f"INSERT INTO journal ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            [tuple(r) for r in rows],
+        )
+    finally:
+        await dst.close()
+
+
+async def published(url: str, position: int = 2**62) -> None:
+    """Mark the journal as published by the NATS relay up to ``position`` (scratch databases
+    have no relay)."""
+    await sql(
+        url,
+        f"INSERT INTO relay_cursor (name, position) VALUES ('events', {position}) "
+        "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+    )
+
+
+async def revisions(url: str, thing_id: str) -> list[int]:
+    rows = await fetch(
+        url, "SELECT revision FROM journal WHERE entity = 'thing' AND id = $1 ORDER BY revision", thing_id
+    )
+    return [r["revision"] for r in rows]
+
+
+async def ts_of(settings: Settings, thing_id: str, revision: int) -> datetime:
+    assert settings.database_url is not None
+    rows = await fetch(
+        settings.database_url,
+        "SELECT ts FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2",
+        thing_id,
+        revision,
+    )
+    return rows[0]["ts"]  # type: ignore[no-any-return]
+
+
+async def journal_hash(settings: Settings, thing_id: str, revision: int) -> bytes:
+    assert settings.database_url is not None
+    rows = await fetch(
+        settings.database_url,
+        "SELECT hash FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2",
+        thing_id,
+        revision,
+    )
+    return bytes(rows[0]["hash"])
+
+
+async def counts(url: str) -> tuple[int, int, int, int]:
+    (row,) = await fetch(
+        url,
+        "SELECT (SELECT count(*) FROM journal) AS j, (SELECT count(*) FROM snapshots) AS s, "
+        "(SELECT count(*) FROM journal_retention) AS r, (SELECT count(*) FROM journal_cleanups) AS c",
+    )
+    return row["j"], row["s"], row["r"], row["c"]
+
+
+async def three_things(
+    client: httpx.AsyncClient, settings: Settings, scratch: str, namespace: str
+) -> tuple[str, str, str, datetime]:
+    """h, a, b with revisions 1..6 each, written in that order, copied so that the checkpoint
+    seals all of h and revisions 1..4 of a and b; the cutoff is the time of b's revision 4.
+
+    Expected cuts: h at 5 (all old and sealed: only the head stays), a at 4 (old, but 5 and 6
+    are not sealed), b at 3 (4 is not old)."""
+    (h,) = await make_things(client, namespace, count=1)
+    a, b = await make_things(client, namespace, count=2)
+    await copy_rows(settings, scratch, namespace, f"entity = 'policy' OR id = '{h}' OR revision <= 4")
+    await published(scratch)
+    await replay_database(scratch, repair=True)  # the projection (the scratch copy has none)
+    await checkpoint_database(scratch)
+    await copy_rows(settings, scratch, namespace, f"entity = 'thing' AND id <> '{h}' AND revision > 4")
+    await replay_database(scratch, repair=True)
+    return h, a, b, await ts_of(settings, b, 4)
+
+
+async def test_nothing_without_checkpoint_or_retention(
+    client: httpx.AsyncClient, settings: Settings, scratch_database: str, namespace: str
+) -> None:
+    (a,) = await make_things(client, namespace, count=1)
+    await copy_rows(settings, scratch_database, namespace)
+    await published(scratch_database)
+    before = await counts(scratch_database)
+    done = cli(scratch_database, "audit", "cleanup", "--before", FUTURE.isoformat())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "nothing removed: no audit checkpoint" in done.stdout
+    # No retention configured and no cutoff given: all history is kept.
+    done = cli(scratch_database, "audit", "cleanup", "--json")
+    assert done.returncode == 0 and "no retention configured" in json.loads(done.stdout)["reason"]
+    # Sealed, but not yet published by the relay.
+    await checkpoint_database(scratch_database)
+    await sql(scratch_database, "DELETE FROM relay_cursor")
+    report = await cleanup_database(scratch_database, FUTURE, run_by="test")
+    assert report.reason is not None and "relay" in report.reason and report.events == 0
+    assert await counts(scratch_database) == before
+    assert await revisions(scratch_database, a) == [1, 2, 3, 4, 5, 6]
+    # Policy events are always kept.
+    await published(scratch_database)
+    report = await cleanup_database(scratch_database, FUTURE, Scope(entity="policy"), run_by="test")
+    assert report.reason is not None and "policy" in report.reason
+    assert await counts(scratch_database) == before
+
+
+async def test_cleanup_removes_only_old_sealed_events_and_keeps_the_head(
+    client: httpx.AsyncClient, settings: Settings, scratch_database: str, namespace: str
+) -> None:
+    h, a, b, cutoff = await three_things(client, settings, scratch_database, namespace)
+    policies = await fetch(scratch_database, "SELECT count(*) AS n FROM journal WHERE entity = 'policy'")
+    hashes = {(t, r): await journal_hash(settings, t, r) for t, r in ((h, 5), (a, 4), (b, 3))}
+    # A dry run reports and changes nothing.
+    before = await counts(scratch_database)
+    done = cli(scratch_database, "audit", "cleanup", "--before", cutoff.isoformat(), "--dry-run", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    dry = json.loads(done.stdout)
+    assert dry["dry_run"] and dry["entities"] == 3 and dry["events"] == 5 + 4 + 3
+    assert dry["cleanup_id"] is None and await counts(scratch_database) == before
+    # The real run, through the command.
+    done = cli(scratch_database, "audit", "cleanup", "--before", cutoff.isoformat(), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["entities"] == 3 and report["events"] == 12 and report["snapshots"] == 3
+    assert await revisions(scratch_database, h) == [6]  # the head stays
+    assert await revisions(scratch_database, a) == [5, 6]  # 5 and 6 are after the checkpoint
+    assert await revisions(scratch_database, b) == [4, 5, 6]  # 4 is not older than the cutoff
+    assert (
+        await fetch(scratch_database, "SELECT count(*) AS n FROM journal WHERE entity = 'policy'") == policies
+    )
+    # Anchors: the last removed revision and its hash; a snapshot of the state kept there.
+    anchors = await fetch(
+        scratch_database,
+        "SELECT r.id, r.revision, r.hash, r.cleanup_id, s.doc FROM journal_retention r "
+        "JOIN snapshots s USING (entity, id, revision) ORDER BY r.seq",
+    )
+    assert {(x["id"], x["revision"]) for x in anchors} == {(h, 5), (a, 4), (b, 3)}
+    assert all(bytes(x["hash"]) == hashes[(x["id"], x["revision"])] for x in anchors)
+    docs = {x["id"]: json.loads(x["doc"]) for x in anchors}
+    assert docs[h]["attributes"] == {"n": 4} and docs[b]["attributes"] == {"n": 2}
+    # The run is recorded.
+    (run,) = await fetch(scratch_database, "SELECT * FROM journal_cleanups")
+    assert run["id"] == report["cleanup_id"] and run["finished"] is not None
+    assert (run["entities"], run["events"], run["snapshots"]) == (3, 12, 3)
+    assert run["cutoff"] == cutoff and run["scope"] == "all" and "@" in run["run_by"]
+    assert bytes(run["digest"]).hex() == report["digest"] and run["signature"] is None
+    # Nothing more to remove with the same cutoff: a second run records itself, removes nothing.
+    again = await cleanup_database(scratch_database, cutoff, run_by="test")
+    assert again.ok and again.events == 0 and again.entities == 0 and again.cleanup_id == run["id"] + 1
+    # Verify (also every checkpoint: sealed revisions removed by retention are not "truncated")
+    # and replay are OK after the cleanup.
+    done = cli(scratch_database, "audit", "verify")
+    assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
+    report_all = await verify_database(scratch_database, checkpoints="all")
+    assert report_all.ok, report_all.breaks
+    done = cli(scratch_database, "replay", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["differences"] == []
+    # A later checkpoint and cleanup continue from the anchors.
+    await checkpoint_database(scratch_database)
+    later = await cleanup_database(scratch_database, FUTURE, Scope(namespace=namespace), run_by="test")
+    assert later.ok and later.entities == 2 and later.events == 1 + 2
+    assert await revisions(scratch_database, a) == [6] and await revisions(scratch_database, b) == [6]
+    assert (await verify_database(scratch_database, checkpoints="all")).ok
+    assert (await replay_database(scratch_database)).ok
+
+
+async def test_verify_catches_tampering_after_cleanup(
+    client: httpx.AsyncClient, settings: Settings, scratch_database: str, namespace: str
+) -> None:
+    h, a, b, cutoff = await three_things(client, settings, scratch_database, namespace)
+    await cleanup_database(scratch_database, cutoff, run_by="test")
+    assert (await verify_database(scratch_database)).ok
+
+    async def breaks(scope: Scope | None = None) -> list[tuple[str, int, str]]:
+        report = await verify_database(scratch_database, scope or Scope())
+        return [(x.id, x.revision, x.kind) for x in report.breaks]
+
+    async def restore(thing_id: str, revision: int) -> None:
+        await sql(scratch_database, f"DELETE FROM journal WHERE {where(thing_id, revision)}")
+        await copy_rows(settings, scratch_database, namespace, where(thing_id, revision))
+
+    async def anchor_at(thing_id: str, revision: int) -> None:
+        digest = (await journal_hash(settings, thing_id, revision)).hex()
+        await sql(
+            scratch_database,
+            f"UPDATE journal_retention SET revision = {revision}, hash = decode('{digest}', 'hex') "
+            f"WHERE id = '{thing_id}'",
+        )
+
+    # An edited retained event, and a deleted retained middle event.
+    await sql(scratch_database, f"UPDATE journal SET value = '99' WHERE {where(b, 5)}")
+    await sql(scratch_database, f"DELETE FROM journal WHERE {where(a, 5)}")
+    assert await breaks() == [(a, 5, "missing"), (b, 5, "edited")]
+    assert await breaks(Scope(thing=b)) == [(b, 5, "edited")]
+    done = cli(scratch_database, "audit", "verify")
+    assert done.returncode == 1 and f"thing {b} revision 5: edited" in done.stdout
+    await restore(a, 5)
+    await restore(b, 5)
+    assert await breaks() == []
+    # The first retained event deleted: the chain no longer starts right after the anchor (and
+    # the checkpoint sealed that revision).
+    await sql(scratch_database, f"DELETE FROM journal WHERE {where(b, 4)}")
+    assert await breaks() == [(b, 4, "missing"), (b, 4, "truncated")]
+    await restore(b, 4)
+    # An edited anchor hash: the first retained event no longer links; the run's digest and the
+    # checkpoint that sealed a's revision 4 (now its anchor) disagree too.
+    await sql(scratch_database, f"UPDATE journal_retention SET hash = sha256(hash) WHERE id = '{a}'")
+    found = await breaks()
+    assert {(x[0], x[1]) for x in found if x[2] in ("edited", "mismatch")} == {(a, 5)}
+    assert (a, 4, "rewritten") in found and ("1", 0, "cleanup-invalid") in found and len(found) == 3
+    await anchor_at(a, 4)
+    assert await breaks() == []
+    # The anchor moved forward to hide one more removed event: the chain still links, the run's
+    # digest does not recompute (and the snapshot at the new anchor is missing).
+    await sql(scratch_database, f"DELETE FROM journal WHERE {where(b, 4)}")
+    await anchor_at(b, 4)
+    assert await breaks() == [(b, 4, "snapshot-altered"), ("1", 0, "cleanup-invalid")]
+    await anchor_at(b, 3)
+    await restore(b, 4)
+    assert await breaks() == []
+    # The snapshot kept at an anchor edited, or the anchor row deleted.
+    await sql(
+        scratch_database,
+        f"UPDATE snapshots SET doc = jsonb_set(doc, '{{attributes,n}}', '7') "
+        f"WHERE id = '{h}' AND revision = 5",
+    )
+    assert await breaks() == [(h, 5, "snapshot-altered")]
+    done = cli(scratch_database, "replay")
+    assert done.returncode == 0  # h's later event replaces the attribute: same state
+    await sql(
+        scratch_database,
+        f"UPDATE snapshots SET doc = jsonb_set(doc, '{{attributes,n}}', '4') "
+        f"WHERE id = '{h}' AND revision = 5",
+    )
+    assert await breaks() == []
+    await sql(scratch_database, f"DELETE FROM journal_retention WHERE id = '{h}'")
+    assert await breaks() == [(h, 1, "missing"), ("1", 0, "cleanup-invalid")]
+
+
+async def test_broken_chain_is_left_alone_and_signed_record(
+    client: httpx.AsyncClient, settings: Settings, scratch_database: str, namespace: str, tmp_path: Path
+) -> None:
+    a, b = await make_things(client, namespace, count=2)
+    await copy_rows(settings, scratch_database, namespace)
+    await published(scratch_database)
+    await replay_database(scratch_database, repair=True)
+    key = write_key(tmp_path / "audit.pem")
+    await checkpoint_database(scratch_database, signing_key=key)
+    await sql(scratch_database, f"UPDATE journal SET value = '99' WHERE {where(a, 2)}")
+    done = cli(
+        scratch_database,
+        "audit",
+        "cleanup",
+        "--older-than-days",
+        "0.000001",
+        TWINSTORE_AUDIT_SIGNING_KEY=key,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"SKIPPED thing {a}: the hash chain breaks at revision 2" in done.stdout
+    assert await revisions(scratch_database, a) == [1, 2, 3, 4, 5, 6]  # the evidence stays
+    assert await revisions(scratch_database, b) == [6]
+    (run,) = await fetch(scratch_database, "SELECT signature, key_id FROM journal_cleanups")
+    assert run["signature"] is not None and run["key_id"] is not None
+    await sql(scratch_database, f"UPDATE journal SET value = '1' WHERE {where(a, 2)}")
+    assert (await verify_database(scratch_database, signing_key=key)).ok
+    other = write_key(tmp_path / "other.pem")
+    report = await verify_database(scratch_database, signing_key=other)
+    assert {x.kind for x in report.breaks} == {"checkpoint-invalid", "cleanup-invalid"}
+    await sql(
+        scratch_database,
+        "UPDATE journal_cleanups SET signature = set_byte(signature, 0, get_byte(signature, 0) # 1)",
+    )
+    report = await verify_database(scratch_database, signing_key=key)
+    assert [(x.kind, x.detail) for x in report.breaks] == [
+        ("cleanup-invalid", "the signature does not verify")
+    ]
+
+
+async def wait_published(url: str) -> None:
+    """Until the runtime's relay has published every event of the journal."""
+    for _ in range(200):
+        (row,) = await fetch(
+            url,
+            "SELECT (SELECT max(position) FROM journal) AS head, "
+            "(SELECT position FROM relay_cursor WHERE name = 'events') AS cursor",
+        )
+        if row["cursor"] is not None and row["cursor"] >= row["head"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the relay did not catch up")
+
+
+async def test_history_reads_after_cleanup(
+    client: httpx.AsyncClient, settings: Settings, namespace: str
+) -> None:
+    assert settings.database_url is not None
+    thing_id = new_thing_id(namespace)
+    r = await client.put(url(thing_id), json={"attributes": {"n": 0}})
+    assert r.status_code == 201, r.text
+    seen: dict[int, dict[str, Any]] = {}
+
+    async def write(path: str, value: Any) -> None:
+        r = await client.put(url(thing_id, path), json=value)
+        assert r.status_code in (201, 204), r.text
+        current = await client.get(url(thing_id))
+        seen[int(current.headers["etag"].strip('"').removeprefix("rev:"))] = copy.deepcopy(current.json())
+
+    for n in range(1, 26):  # revisions 2..31, snapshots (every 10) at 10, 20 and 30
+        await write("/attributes/n", n)
+        if n % 5 == 0:
+            await write(f"/attributes/k{n % 3}", n)
+    newest = max(seen)
+    assert sorted(seen) == list(range(2, newest + 1)) and newest == 31
+    # A deleted thing: its history stays readable for the retention period.
+    gone = new_thing_id(namespace)
+    assert (await client.put(url(gone), json={"attributes": {"v": 0}})).status_code == 201
+    for v in (1, 2, 3):
+        assert (await client.put(url(gone, "/attributes/v"), json=v)).status_code == 204
+    assert (await client.delete(url(gone))).status_code == 204
+    await wait_published(settings.database_url)
+    await checkpoint_database(settings.database_url)
+    cut_ts = await ts_of(settings, thing_id, 13)  # revisions 1..12 go
+    gone_ts = await ts_of(settings, gone, 3)  # revisions 1..2 of the deleted thing go
+    done = cli(settings.database_url, "audit", "cleanup", "--thing", thing_id, "--before", cut_ts.isoformat())
+    assert done.returncode == 0 and "removed 12 events of 1 things" in done.stdout, done.stdout + done.stderr
+    done = cli(settings.database_url, "audit", "cleanup", "--thing", gone, "--before", gone_ts.isoformat())
+    assert done.returncode == 0 and "removed 2 events of 1 things" in done.stdout, done.stdout + done.stderr
+    assert await revisions(settings.database_url, thing_id) == list(range(13, newest + 1))
+
+    for revision in (1, 5, 10, 12):  # before the retained range
+        r = await client.get(url(thing_id), headers={"at-historical-revision": str(revision)})
+        assert_error(r, 404, HISTORY_NOT_FOUND)
+    for revision in range(13, newest + 1):  # the retained range: as it was live
+        r = await client.get(url(thing_id), params={"at-historical-revision": str(revision)})
+        assert r.status_code == 200, (revision, r.text)
+        assert r.json() == seen[revision] and r.headers["etag"] == f'"rev:{revision}"'
+    r = await client.get(url(thing_id, "/attributes/n"), params={"at-historical-revision": "15"})
+    assert r.status_code == 200 and r.json() == seen[15]["attributes"]["n"]
+    before = (cut_ts - timedelta(microseconds=1)).isoformat()
+    r = await client.get(url(thing_id), params={"at-historical-timestamp": before})
+    assert_error(r, 404, HISTORY_NOT_FOUND)
+    r = await client.get(url(thing_id), params={"at-historical-timestamp": cut_ts.isoformat()})
+    assert r.status_code == 200 and r.headers["at-historical-revision"] == "13"
+    assert r.json() == seen[13]
+    # The deleted thing: revisions 3 and 4 (before the deletion) stay readable, 1..2 are gone.
+    for revision, value in ((3, 2), (4, 3)):
+        r = await client.get(url(gone), params={"at-historical-revision": str(revision)})
+        assert r.status_code == 200 and r.json()["attributes"] == {"v": value}, r.text
+    assert_error(await client.get(url(gone), params={"at-historical-revision": "2"}), 404, HISTORY_NOT_FOUND)
+    assert_error(await client.get(url(gone), params={"at-historical-revision": "5"}), 404, HISTORY_NOT_FOUND)
+    # Verify and replay of the namespace through the real commands.
+    done = cli(settings.database_url, "audit", "verify", "--namespace", namespace)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
+    done = cli(settings.database_url, "replay", "--namespace", namespace, "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["differences"] == [], done.stdout
