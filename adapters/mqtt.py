@@ -12,6 +12,7 @@ Configuration (YAML or TOML; the keys every adapter shares are in :mod:`adapters
       tls: {ca: ca.pem, cert: client.pem, key: client.key, insecure: false}
       keepalive: 30
       session_expiry: 3600           # MQTT 5; the session (and queued QoS 1 messages) outlives us
+      receive_maximum: 1000          # MQTT 5; unacknowledged QoS 1 messages in flight to us
       clean_start: false
     batch_rows: 500                  # rows per send_updates, or
     batch_ms: 20                     # at most this long after the first message
@@ -83,8 +84,10 @@ class _Inbox:
             self._signalled = True
             self.loop.call_soon_threadsafe(self._event.set)
 
-    async def take(self, most: int, linger: float) -> list[Received]:
-        """At least one message, then what arrives within ``linger`` seconds, up to ``most``."""
+    async def take(self, most: int, linger: float, idle: float = 0.002) -> list[Received]:
+        """At least one message, then what arrives within ``linger`` seconds, up to ``most``;
+        stops early when nothing arrived for ``idle`` seconds (the broker may be waiting for
+        our acks: its window of unacknowledged QoS 1 messages is full)."""
         while True:
             self._signalled = False  # before looking: a put after this signals again
             if self.items:
@@ -95,8 +98,11 @@ class _Inbox:
         while len(self.items) < most and (left := deadline - self.loop.time()) > 0:
             self._signalled = False
             self._event.clear()
+            seen = len(self.items)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), left)
+                await asyncio.wait_for(self._event.wait(), min(left, idle))
+            if len(self.items) == seen:
+                break
         taken = [self.items.popleft() for _ in range(min(most, len(self.items)))]
         self._room.set()
         return taken
@@ -152,6 +158,7 @@ class MqttAdapter:
         self._client: mqtt.Client | None = None
         self._inbox: _Inbox | None = None
         self._connected = asyncio.Event()
+        self.subscribed = asyncio.Event()  # the broker granted the subscriptions (once)
 
     @property
     def subscriptions(self) -> list[str]:
@@ -206,13 +213,22 @@ class MqttAdapter:
             assert self._inbox is not None
             self._inbox.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos, int(time.time() * 1000)))
 
+        def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+            if refused := [str(r) for r in reasons if r.is_failure]:
+                log.error("MQTT subscription refused: %s", refused, extra={"topics": self.subscriptions})
+            loop.call_soon_threadsafe(self.subscribed.set)
+
         client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
         client.on_disconnect = on_disconnect
         client.on_message = on_message
         properties = None
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = int(self.mqtt_config.get("session_expiry", 3600))
+            # How many unacknowledged QoS 1 messages the broker may send us (we ack after the
+            # spool's fsync); MQTT 3.1.1 brokers use their own limit (mosquitto: 20).
+            properties.ReceiveMaximum = int(self.mqtt_config.get("receive_maximum", 1000))
         client.connect_async(
             self.host,
             self.port,
