@@ -15,6 +15,12 @@ Measured in one run on a fresh database:
   --json`` as subprocesses; wall time (process start included) and events/s over every journal
   event. Target: >= 50,000 events/s each. Baseline in the same run: the same journal rows
   streamed by a raw asyncpg server-side cursor (the floor of any pass over the journal).
+* **Export**: ``twinstore export --all --output FILE`` as a subprocess; wall time (process start
+  included), events/s = lines written / wall time (the line count is checked against the
+  journal's event count), file size and MB/s. Target: >= 100,000 events/s. Baseline in the same
+  run: the same rows through a raw asyncpg server-side cursor written as NDJSON with orjson, one
+  flat object per row (the minimum any Python exporter does). ``--export-runs`` runs of each,
+  alternating, each after waiting for a quiet machine; the median is reported.
 
 Run ``.venv/bin/python bench/history.py --help``.
 """
@@ -26,15 +32,20 @@ import asyncio
 import json
 import os
 import random
+import resource
 import secrets
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import httpx
+import orjson
+import psutil
 from api import Server
 from benchlib import (
     ROOT,
@@ -42,6 +53,7 @@ from benchlib import (
     markdown_table,
     percentile,
     run_on_fresh_database,
+    wait_quiet,
 )
 
 from twinstore.auth import AuthContext, write_users_file
@@ -55,6 +67,8 @@ BIG = "bench:big"
 ALICE = AuthContext(("nginx:alice",))
 READ_TARGET_MS = 50.0
 PASS_TARGET = 50_000.0
+EXPORT_TARGET = 100_000.0
+MB = 1_000_000
 
 
 def small_id(i: int) -> str:
@@ -168,11 +182,17 @@ async def reads(server: Server, args: argparse.Namespace) -> list[list[object]]:
 
 
 def run_cli(database_url: str, *command: str) -> tuple[float, dict[str, object]]:
+    seconds, proc = run_process(database_url, *command, "--json")
+    return seconds, json.loads(proc.stdout)
+
+
+def run_process(database_url: str, *command: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """``twinstore COMMAND`` as a subprocess on ``database_url``: (wall seconds, the process)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWINSTORE_")}
     env["TWINSTORE_DATABASE_URL"] = database_url
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "twinstore.cli", *command, "--json"],
+        [sys.executable, "-m", "twinstore.cli", *command],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -184,7 +204,7 @@ def run_cli(database_url: str, *command: str) -> tuple[float, dict[str, object]]
         raise RuntimeError(
             f"twinstore {' '.join(command)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         )
-    return seconds, json.loads(proc.stdout)
+    return seconds, proc
 
 
 async def cursor_baseline(database_url: str) -> tuple[float, int]:
@@ -206,6 +226,184 @@ async def cursor_baseline(database_url: str) -> tuple[float, int]:
         await con.close()
 
 
+SELECT_JOURNAL = (
+    "SELECT entity, id, revision, ts, action, path, value::text AS value, originator, "
+    "correlation_id, hash FROM journal ORDER BY entity, id, revision"
+)
+
+
+def flat_lines(rows: list[asyncpg.Record]) -> bytes:
+    """One flat orjson object per journal row (value as its stored JSON text, ts as RFC 3339,
+    hash as hex), each with its newline."""
+    dumps, options = orjson.dumps, orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
+    out: list[bytes] = []
+    for entity, id_, revision, ts, action, path, value, originator, correlation_id, hash_ in rows:
+        row = {
+            "entity": entity,
+            "id": id_,
+            "revision": revision,
+            "ts": ts,
+            "action": action,
+            "path": path,
+            "value": value,
+            "originator": originator,
+            "correlation_id": correlation_id,
+            "hash": hash_.hex(),
+        }
+        out.append(dumps(row, option=options))
+    return b"".join(out)
+
+
+async def export_baseline(database_url: str, path: Path) -> float:
+    """The journal's rows as NDJSON (:func:`flat_lines`) through a raw server-side cursor in one
+    snapshot, fetched in batches of 2,000, the next batch requested before the current one is
+    encoded (as the export does); returns the seconds taken."""
+    con = await asyncpg.connect(database_url)
+    try:
+        t0 = time.monotonic()
+        with path.open("wb") as out:
+            async with con.transaction(isolation="repeatable_read", readonly=True):
+                cursor = await con.cursor(SELECT_JOURNAL)
+                pending = asyncio.ensure_future(cursor.fetch(2000))
+                while rows := await pending:
+                    pending = asyncio.ensure_future(cursor.fetch(2000))
+                    await asyncio.sleep(0)  # sends the request for the next batch
+                    out.write(flat_lines(rows))
+        return time.monotonic() - t0
+    finally:
+        await con.close()
+
+
+def count_lines(path: Path) -> int:
+    lines = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            lines += block.count(b"\n")
+    return lines
+
+
+@dataclass
+class ExportRun:
+    seconds: float
+    exporter: float  # cores busy with the exporter (this script, or the export process)
+    rest: float  # cores busy with everything else: PostgreSQL and any other work on the machine
+    quiet: float  # busy cores on the machine (1 s sample) just before the run
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy so far."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure_export(
+    export: Callable[[], Awaitable[float]], cpu: Callable[[], float], quiet: float
+) -> ExportRun:
+    """Run ``export`` (returns its wall seconds); ``cpu``: the exporter's CPU seconds so far."""
+    busy0, cpu0, t0 = busy_seconds(), cpu(), time.monotonic()
+    seconds = await export()
+    elapsed = time.monotonic() - t0
+    exporter = cpu() - cpu0
+    rest = max(0.0, busy_seconds() - busy0 - exporter)
+    return ExportRun(seconds, exporter / elapsed, rest / elapsed, quiet)
+
+
+def export_row(name: str, runs: list[ExportRun], path: Path, events: int, target: bool) -> list[object]:
+    """The run with the median wall time, checked: as many lines in ``path`` as journal events."""
+    lines = count_lines(path)
+    if lines != events:
+        raise RuntimeError(f"{name}: {lines:,} lines in {path}, the journal holds {events:,} events")
+    size = path.stat().st_size
+    run = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+    rate = lines / run.seconds
+    verdict = "-"
+    if target:
+        verdict = f"≥ {EXPORT_TARGET:,.0f} events/s: " + ("met" if rate >= EXPORT_TARGET else "MISSED")
+    return [
+        name,
+        f"{lines:,}",
+        f"{run.seconds:.2f} s",
+        f"{rate:,.0f}",
+        f"{size / MB:.1f} MB",
+        f"{size / MB / run.seconds:.1f}",
+        f"{run.exporter:.2f} / {run.rest:.2f}",
+        verdict,
+    ]
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def exports(
+    database_url: str, tmp: Path, events: int, args: argparse.Namespace
+) -> tuple[list[str], list[list[object]]]:
+    """``twinstore export --all`` (subprocess) vs the raw cursor + orjson baseline over the same
+    rows, ``--export-runs`` times each, alternating, each after waiting for a quiet machine."""
+    facts = [f"load average (1 / 5 / 15 min) before the exports: {load_average()}"]
+    baseline, exported = tmp / "baseline.ndjson", tmp / "export.ndjson"
+    await export_baseline(database_url, baseline)  # warms the cache for both
+    base_runs: list[ExportRun] = []
+    export_runs: list[ExportRun] = []
+    report = ""
+
+    async def export() -> float:
+        nonlocal report
+        seconds, proc = run_process(database_url, "export", "--all", "--output", str(exported))
+        report = proc.stderr.strip().splitlines()[-1]
+        return seconds
+
+    for _ in range(args.export_runs):
+        base_runs.append(
+            await measure_export(
+                lambda: export_baseline(database_url, baseline),
+                time.process_time,
+                wait_quiet(args.quiet_wait),
+            )
+        )
+        export_runs.append(await measure_export(export, children_cpu, wait_quiet(args.quiet_wait)))
+        print(
+            f"  baseline {events / base_runs[-1].seconds:,.0f} events/s, "
+            f"export {events / export_runs[-1].seconds:,.0f} events/s",
+            flush=True,
+        )
+    rows = [
+        export_row(
+            "baseline: raw asyncpg cursor + orjson, one flat object per row",
+            base_runs,
+            baseline,
+            events,
+            False,
+        ),
+        export_row(
+            "`twinstore export --all --output FILE` (subprocess, wall)", export_runs, exported, events, True
+        ),
+    ]
+    baseline.unlink()
+    exported.unlink()
+
+    def rates(runs: list[ExportRun]) -> str:
+        return ", ".join(f"{events / r.seconds:,.0f} (busy {r.quiet:.2f})" for r in runs)
+
+    facts += [
+        f"exports: {args.export_runs} runs each, alternating, each after waiting up to "
+        f"{args.quiet_wait:.0f} s for fewer than 0.3 busy cores; the table shows the run with the "
+        "median wall time; CPU: cores busy during that run (exporter: this script for the "
+        "baseline, the export process for the export; rest: PostgreSQL and any other work on the "
+        "machine)",
+        f"baseline runs, events/s (machine's busy cores just before): {rates(base_runs)}",
+        f"export runs, events/s (machine's busy cores just before): {rates(export_runs)}",
+        f"`twinstore export --all` reported (last run): {report}",
+        f"load average (1 / 5 / 15 min) after the exports: {load_average()}",
+    ]
+    return facts, rows
+
+
 def pass_row(name: str, seconds: float, events: int, target: bool) -> list[object]:
     rate = events / seconds
     verdict = "-"
@@ -214,7 +412,7 @@ def pass_row(name: str, seconds: float, events: int, target: bool) -> list[objec
     return [name, f"{events:,}", f"{seconds:.2f} s", f"{rate:,.0f}", verdict]
 
 
-async def passes(database_url: str) -> tuple[list[str], list[list[object]]]:
+async def passes(database_url: str) -> tuple[list[str], list[list[object]], int]:
     con = await asyncpg.connect(database_url)
     try:
         events = int(await con.fetchval("SELECT count(*) FROM journal"))
@@ -237,11 +435,21 @@ async def passes(database_url: str) -> tuple[list[str], list[list[object]]]:
         print(markdown_table(PASS_HEADERS, [rows[-1]]).splitlines()[-1], flush=True)
         summary = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
         facts.append(f"`twinstore {' '.join(command)}` reported {json.dumps(summary)}")
-    return facts, rows
+    return facts, rows, events
 
 
 READ_HEADERS = ["read", "requests", "p50", "p95", "max", "target"]
 PASS_HEADERS = ["pass over the journal", "events", "wall time", "events/s", "target"]
+EXPORT_HEADERS = [
+    "export to NDJSON",
+    "lines",
+    "wall time",
+    "events/s",
+    "file",
+    "MB/s",
+    "CPU cores exporter / rest",
+    "target",
+]
 
 
 async def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[list[str], str]:
@@ -272,9 +480,16 @@ async def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[l
     finally:
         server.stop()
         await server.delete_stream()
-    pass_facts, pass_rows = await passes(database_url)
-    tables = markdown_table(READ_HEADERS, read_rows) + "\n\n" + markdown_table(PASS_HEADERS, pass_rows)
-    return facts + pass_facts, tables
+    pass_facts, pass_rows, events = await passes(database_url)
+    export_facts, export_rows = await exports(database_url, tmp, events, args)
+    tables = "\n\n".join(
+        [
+            markdown_table(READ_HEADERS, read_rows),
+            markdown_table(PASS_HEADERS, pass_rows),
+            markdown_table(EXPORT_HEADERS, export_rows),
+        ]
+    )
+    return facts + pass_facts + export_facts, tables
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -288,6 +503,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events-per-thing", type=int, default=100, help="revisions of each other thing")
     parser.add_argument("--reads", type=int, default=300, help="historical reads (default 300)")
     parser.add_argument("--concurrency", type=int, default=256, help="writes in flight while seeding")
+    parser.add_argument("--export-runs", type=int, default=3, help="runs of each export (default 3)")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="wait up to this long for an idle machine before each export",
+    )
     add_run_arguments(parser)
     return parser.parse_args(argv)
 
