@@ -188,18 +188,23 @@ Snapshot = tuple[float, dict[int, float], dict[int, float], float]
 class CpuMeter:
     """CPU seconds of the server's processes, of PostgreSQL's and of the whole machine."""
 
-    def __init__(self, server_pid: int | None) -> None:
-        self.server_pid = server_pid
+    def __init__(self, server_pid: int | Sequence[int] | None) -> None:
+        """``server_pid``: the server's process, or several (each with its children)."""
+        if server_pid is None:
+            self.server_pids: list[int] = []
+        else:
+            self.server_pids = [server_pid] if isinstance(server_pid, int) else list(server_pid)
 
     def _server(self) -> dict[int, float]:
-        if self.server_pid is None:
-            return {}
-        try:
-            root = psutil.Process(self.server_pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return {}
-        return {p.pid: process_cpu(p) for p in procs}
+        out: dict[int, float] = {}
+        for pid in self.server_pids:
+            try:
+                root = psutil.Process(pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            out.update({p.pid: process_cpu(p) for p in procs})
+        return out
 
     @staticmethod
     def _postgres() -> dict[int, float]:

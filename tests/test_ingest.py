@@ -385,3 +385,40 @@ async def test_ingest_stream_has_exactly_the_partition_subjects(runtime: Runtime
     subject = wrong.partition_subject(63)
     with pytest.raises(nats.js.errors.NoStreamResponseError):
         await js.publish(subject, b"{}", timeout=1)
+
+
+async def test_ingested_headers_survive_export_and_import(
+    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, scratch_database: str, tmp_path: Any
+) -> None:
+    """The kept headers are part of the hashed row: an export -> import round trip keeps them
+    (the imported chains verify) and the exported envelopes show them."""
+    from twinstore.export import export_database, import_database
+
+    thing_id = new_thing_id("org.ingest")
+    await create(client, thing_id, {"features": {"t": {"properties": {"v": 0}}}})
+    source = Source(runtime, "ditto-user")
+    await source.values([Update(thing_id, "/features/t/properties/v", 7, 1_767_225_600_000, "Uncertain")])
+
+    async def landed() -> bool:
+        return await property_values(settings, thing_id, "/features/t/properties/v") == [7]
+
+    await eventually(landed)
+    out = tmp_path / "export.ndjson"
+    with out.open("wb") as fh:
+        await export_database(settings.database_url or "", fh)
+    lines = out.read_bytes().splitlines()
+    mine = [orjson.loads(line) for line in lines if thing_id.replace(":", "/", 1) in line.decode()]
+    ingested = next(e for e in mine if e["path"] == "/features/t/properties/v")
+    assert ingested["headers"]["source-quality"] == "Uncertain"
+    assert ingested["_audit"]["headers"]["source-timestamp"] == "2026-01-01T00:00:00.000Z"
+    report = await import_database(scratch_database, lines)
+    assert report.audit is not None and report.audit.ok, report.audit
+    assert report.replay is not None and report.replay.ok
+    con = await asyncpg.connect(scratch_database)
+    try:
+        kept = await con.fetchval(
+            "SELECT headers::text FROM journal WHERE id = $1 AND path = '/features/t/properties/v'", thing_id
+        )
+    finally:
+        await con.close()
+    assert orjson.loads(kept)["source-quality"] == "Uncertain"

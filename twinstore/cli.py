@@ -1,4 +1,4 @@
-"""The ``twinstore`` command line: ``serve``, ``migrate``, ``audit verify|checkpoint|cleanup``,
+"""The ``twinstore`` command line: ``serve``, ``ingest``, ``migrate``, ``audit verify|checkpoint|cleanup``,
 ``replay``, ``export``, ``import``.
 
 Run ``twinstore --help`` or ``twinstore serve --help``.
@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--workers", type=int, help="HTTP worker processes (default 1)")
     serve.add_argument("--users-file", metavar="FILE", help="htpasswd file with bcrypt hashes")
+    serve.add_argument(
+        "--no-ingest",
+        action="store_true",
+        help="do not run an ingest worker in this process (setting ingest_enabled)",
+    )
+    ingest = sub.add_parser(
+        "ingest",
+        help="run only NATS ingestion (scale-out worker): no HTTP API",
+        description=INGEST,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(ingest)
     migrate = sub.add_parser(
         "migrate",
         help="apply the database schema and exit",
@@ -206,6 +218,18 @@ and the records of history cleanups (`audit cleanup`):
 On a terminal a progress bar shows rate and ETA; --json prints the report as JSON.
 
 Exit status: 0 when every chain verifies, 1 when any break is found.
+"""
+
+
+INGEST = """\
+Apply what protocol adapters publish to NATS JetStream: Ditto Protocol commands and telemetry
+batches on <prefix>.ingest.<partition> (see the README, "NATS ingestion"). Every `twinstore
+serve` runs an ingest worker too (unless --no-ingest); run this for more workers: all of them,
+in any number of processes and machines, share the partitions (each applied by one worker at a
+time, in order, exactly once). Also runs the journal's relay (standby unless elected). Stops
+on SIGTERM / SIGINT after committing and acknowledging the batches in flight.
+
+Settings: ingest_partitions, ingest_sources, ingest_default_subjects, ingest_batch (README).
 """
 
 
@@ -408,6 +432,37 @@ def serve(settings: Settings) -> None:
     finally:
         if servers is not None:
             servers.stop()  # type: ignore[attr-defined]
+
+
+def ingest(settings: Settings) -> int:
+    """Run an ingest worker (and the relay) until SIGTERM / SIGINT."""
+    from twinstore.runtime import Runtime
+
+    servers = None
+    if settings.embedded:
+        settings, servers = _start_embedded(settings)
+
+    async def run() -> None:
+        runtime = Runtime(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await runtime.open(ingest=True, clients=False)
+        assert runtime.ingest is not None
+        log.info("ingesting", extra={"stream": runtime.ingest_subjects.stream})
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: finishing the batches in flight")
+            await runtime.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        if servers is not None:
+            servers.stop()  # type: ignore[attr-defined]
+    return 0
 
 
 async def _migrate(settings: Settings) -> int:
@@ -697,7 +752,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
+        if args.no_ingest:
+            os.environ["TWINSTORE_INGEST_ENABLED"] = "false"  # HTTP worker processes read it too
+            settings = _settings(args)
         serve(settings)
+    elif args.command == "ingest":
+        sys.exit(ingest(settings))
     elif args.command == "migrate":
         sys.exit(_on_database(settings, _print_migrate))
     elif args.command == "audit":

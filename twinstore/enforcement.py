@@ -223,6 +223,11 @@ def thing_guard(
     does not exist yet has none to check, as in Ditto).
     """
 
+    # The view's answers do not change while the guard lives: asked once per path (a guard
+    # made for many writes of one thing, as ingestion does, asks the policy tree once).
+    readable: list[bool] = []
+    writable: dict[str, bool] = {}
+
     def guard(before: ThingState, command: Command) -> None:
         parts = parse_pointer(command.path)
         if creating:
@@ -241,9 +246,16 @@ def thing_guard(
             raise not_found(thing_id, [])
         if before.doc.get("policyId") != policy_id:
             raise PolicyMovedError("The Thing's policy changed concurrently.")
-        if view is None or not view.has_partial("thing", [], READ):
+        if view is None:
             raise not_found(thing_id, [])
-        if not view.has_unrestricted("thing", parts, WRITE):
+        if not readable:
+            readable.append(view.has_partial("thing", [], READ))
+        if not readable[0]:
+            raise not_found(thing_id, [])
+        allowed = writable.get(command.path)
+        if allowed is None:
+            allowed = writable[command.path] = view.has_unrestricted("thing", parts, WRITE)
+        if not allowed:
             for path in touched(command):
                 if not view.has_unrestricted("thing", path, WRITE):
                     raise not_modifiable(thing_id, parts)

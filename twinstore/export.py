@@ -55,9 +55,11 @@ COLUMNS = (
     "originator",
     "correlation_id",
     "hash",
+    "headers",
 )
 SELECT_ROWS = """
-SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash
+SELECT entity, id, revision, ts, action, path, value::text AS value, originator, correlation_id, hash,
+       headers::text AS headers
 FROM journal{where} ORDER BY entity, id, revision
 """
 
@@ -139,20 +141,25 @@ def export_lines(rows: Iterable[asyncpg.Record | tuple[Any, ...]]) -> tuple[byte
     >>> def reference(row):  # the definition (export's former per-row code)
     ...     r = dict(zip(COLUMNS, row))
     ...     audit = {**r, "ts": _iso(r["ts"]), "hash": bytes(r["hash"]).hex()}
+    ...     if r["headers"] is None:
+    ...         del audit["headers"]
+    ...     else:
+    ...         audit["headers"] = orjson.loads(r["headers"])
     ...     thing = r["entity"] == "thing"
     ...     envelope = event_envelope(event_from_row(r)) if thing else policy_envelope(audit)
     ...     envelope["_audit"] = audit
     ...     return orjson.dumps(envelope) + b"\n"
     >>> rows = [("thing", "org.acme:pump", 1, datetime(2026, 1, 1, tzinfo=UTC), "created", "/",
-    ...          '{"attributes":{"a":1}}', "nginx:ditto", None, b"\x01" * 32),
+    ...          '{"attributes":{"a":1}}', "nginx:ditto", None, b"\x01" * 32, None),
     ...         ("thing", "org.acme:pump", 2, datetime(2026, 1, 1, 0, 0, 1, 5, tzinfo=UTC),
-    ...          "modified", "/attributes/a", "2.5", "nginx:ditto", "corr-1", b"\x02" * 32),
+    ...          "modified", "/attributes/a", "2.5", "nginx:ditto", "corr-1", b"\x02" * 32,
+    ...          '{"source": "plc", "source-quality": "Good"}'),
     ...         ("thing", "org.acme:pump", 3, datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
-    ...          "deleted", "/", None, "nginx:bob", None, b"\x03" * 32),
+    ...          "deleted", "/", None, "nginx:bob", None, b"\x03" * 32, None),
     ...         ("thing", "org.acme:valve", 1, datetime(2026, 1, 3, tzinfo=UTC), "created", "/",
-    ...          "{}", "nginx:ditto", "c", b"\x04" * 32),
+    ...          "{}", "nginx:ditto", "c", b"\x04" * 32, None),
     ...         ("policy", "org.acme:valve", 1, datetime(2026, 1, 3, tzinfo=UTC), "created", "/",
-    ...          '{"entries":{}}', "nginx:ditto", None, b"\x05" * 32)]
+    ...          '{"entries":{}}', "nginx:ditto", None, b"\x05" * 32, None)]
     >>> lines, entities = export_lines(rows)
     >>> lines == b"".join(reference(row) for row in rows), entities
     (True, 3)
@@ -163,7 +170,7 @@ def export_lines(rows: Iterable[asyncpg.Record | tuple[Any, ...]]) -> tuple[byte
     out: list[bytes] = []
     entities = 0
     last_entity = last_id = None
-    for entity, id_, revision, ts, action, path, value, originator, correlation_id, hash_ in rows:
+    for entity, id_, revision, ts, action, path, value, originator, correlation_id, hash_, kept in rows:
         if id_ != last_id or entity != last_entity:
             entities += 1
             last_entity, last_id = entity, id_
@@ -179,10 +186,14 @@ def export_lines(rows: Iterable[asyncpg.Record | tuple[Any, ...]]) -> tuple[byte
             "correlation_id": correlation_id,
             "hash": hash_.hex(),
         }
+        if kept is not None:  # an event's kept headers (ingested values), hashed with the row
+            audit["headers"] = kept = loads(kept) if isinstance(kept, str) else kept
         if entity == "thing":
             headers: dict[str, Any] = {"ditto-originator": originator, "response-required": False}
             if correlation_id is not None:
                 headers["correlation-id"] = correlation_id
+            if kept:
+                headers.update(kept)
             namespace, _, name = id_.partition(":")
             envelope: dict[str, Any] = {
                 "topic": f"{namespace}/{name}/things/twin/events/{action}",
@@ -270,6 +281,7 @@ def _record(audit: dict[str, Any]) -> tuple[Any, ...]:
         audit["originator"],
         audit["correlation_id"],
         bytes.fromhex(audit["hash"]),
+        None if audit.get("headers") is None else orjson.dumps(audit["headers"]).decode(),
     )
 
 

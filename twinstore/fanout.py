@@ -335,6 +335,13 @@ class FanOut:
                 log.exception("event fan-out failed for one message")
 
     async def handle(self, msg: Msg) -> None:
+        if not (self._all or self._by_thing or self._by_namespace):
+            # Nobody to deliver to (e.g. a process busy with ingestion): skip decoding. What was
+            # learnt of policies may go stale meanwhile, so it is forgotten; dedupe needs nothing
+            # (a new subscriber starts after the journal's head, see Subscription.start_after).
+            if self._policy_ids:
+                self._policy_ids.clear()
+            return
         event = decode_event(msg.data, msg.headers)
         if event is not None:
             await self.dispatch(event, position_of(msg.headers))

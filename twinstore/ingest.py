@@ -315,6 +315,7 @@ class _PartitionRun:
         self.durable = f"ingest-{partition}"
         self.offset = 0
         self.sources: dict[str, int] = {}
+        self.valid_ids: set[str] = set()  # thing ids seen valid (telemetry repeats them)
 
     async def run(self) -> None:
         w = self.w
@@ -452,7 +453,10 @@ class _PartitionRun:
             if content_type == TELEMETRY_TYPE or (content_type == "" and msg.data[:11] == b'{"updates":'):
                 rows = decode_telemetry(msg.data)
                 kept = {"source": source, "source-seq": headers.get(SEQ_HEADER, "")} if source else {}
-                return [(i, (auth, _telemetry_write(u, auth, kept), None)) for i, u in enumerate(rows)]
+                if len(self.valid_ids) > 100_000:
+                    self.valid_ids.clear()
+                valid = self.valid_ids
+                return [(i, (auth, _telemetry_write(u, auth, kept, valid), None)) for i, u in enumerate(rows)]
             envelope = orjson.loads(msg.data)
         except (msgspec.DecodeError, orjson.JSONDecodeError) as exc:
             raise JsonInvalidError(f"The message could not be decoded: {exc}") from None
@@ -540,10 +544,14 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-def _telemetry_write(update: Update, auth: AuthContext, kept: dict[str, str]) -> WriteRequest | DittoError:
+def _telemetry_write(
+    update: Update, auth: AuthContext, kept: dict[str, str], valid_ids: set[str]
+) -> WriteRequest | DittoError:
     """A telemetry row as a merge at its path, its source timestamp and quality kept as headers."""
+    thing_id = update.thing_id
     try:
-        thing_id = validate_thing_id(update.thing_id)
+        if thing_id not in valid_ids:
+            valid_ids.add(validate_thing_id(thing_id))
         if not isinstance(update.path, str) or not update.path.startswith("/") or update.path == "/":
             raise InvalidInputError(
                 f"A telemetry row's path must point inside the thing, not {update.path!r}.",

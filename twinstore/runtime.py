@@ -80,9 +80,16 @@ class Runtime:
         self._owned: list[str] = []
 
     async def open(
-        self, *, pool: asyncpg.Pool | None = None, nc: NATS | None = None, ingest: bool | None = None
+        self,
+        *,
+        pool: asyncpg.Pool | None = None,
+        nc: NATS | None = None,
+        ingest: bool | None = None,
+        clients: bool = True,
     ) -> None:
-        """Open everything; ``ingest`` (default: the ``ingest_enabled`` setting) runs an ingest worker."""
+        """Open everything; ``ingest`` (default: the ``ingest_enabled`` setting) runs an ingest
+        worker; ``clients=False`` (``twinstore ingest``) leaves out what serves WebSocket/SSE
+        clients and live messages (the event fan-out and the message service)."""
         s = self.settings
         if s.database_url is None or s.nats_url is None:
             raise RuntimeError("database_url and nats_url must be set (or embedded servers started)")
@@ -123,10 +130,11 @@ class Runtime:
         self.policies = PolicyService(store, cache)
         self.service = ThingService(self.journal, self.policies)
         self.search = SearchService(pool, cache, frozenset(s.search_index_paths))
-        self.fanout = FanOut(nc, self.subjects, cache, self.journal.load)
-        await self.fanout.start()
-        self.messages = MessageService(nc, self.subjects, cache, self.journal.load)
-        await self.messages.start()
+        if clients:
+            self.fanout = FanOut(nc, self.subjects, cache, self.journal.load)
+            await self.fanout.start()
+            self.messages = MessageService(nc, self.subjects, cache, self.journal.load)
+            await self.messages.start()
         self._listener = asyncio.create_task(
             store.listen(lambda: asyncpg.connect(database_url), cache.invalidate, self._stop_listener),
             name="twinstore-policy-listener",

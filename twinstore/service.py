@@ -268,13 +268,30 @@ class ThingService:
         """
         outcomes: list[Outcome | None] = [None] * len(items)
         states = await self.journal.peek_many([r.thing_id for _, r, _ in items])
+        # every policy of the unit in one query (a cold cache would otherwise load them one by one)
+        await self.cache.enforcers(
+            [p for s in states.values() if s.doc is not None and isinstance(p := s.doc.get("policyId"), str)]
+        )
         guarded: list[WriteRequest] = []
         where: list[int] = []
+        # A write inside a feature or attribute of an existing thing needs only the thing's guard,
+        # the same for all such writes of one caller: made once per thing and caller (the journal
+        # runs it on the exact state each write is decided on).
+        plain: dict[tuple[str, tuple[str, ...]], Any] = {}
         for index, (auth, request, condition) in enumerate(items):
             try:
-                validate_thing_id(request.thing_id)
-                state = states[request.thing_id]
-                if state.exists:
+                state = states[request.thing_id]  # ids were validated by the caller (decoding)
+                path = request.command.path
+                if state.exists and condition is None and path.startswith(("/features/", "/attributes/")):
+                    key = (request.thing_id, auth.subjects)
+                    guard = plain.get(key)
+                    if guard is None:
+                        assert state.doc is not None
+                        view = await self._view(state, auth)
+                        guard = plain[key] = thing_guard(
+                            state.thing_id, state.doc.get("policyId"), view, creating=False
+                        )
+                elif state.exists:
                     guard = await self._guard_existing(auth, state, request.command, condition)
                 elif creates_thing(request.command):
                     guard = await self._prepare_creation(auth, request, False)

@@ -1,0 +1,430 @@
+"""NATS ingestion: sustained property updates/s and publish -> commit latency (issue 6's figures).
+
+Measured in one run on a fresh database and a fresh NATS prefix, against a real ``twinstore
+serve`` process (one worker; it runs the ingest worker, the journal and the relay):
+
+* **Seed** ``--things`` things through :class:`twinstore.service.ThingService`, each with one
+  feature whose policy lets the benchmark's source write.
+* **Sustained ingestion**: ``--updates`` property updates published to JetStream as telemetry
+  batches (``--rows`` rows per message, the things in turn, as an adapter would) while the
+  server ingests them; the rate is updates / time from the first publish until the last event is
+  committed (every one a durable journal event: counted in the journal afterwards, and the hash
+  chains of the ingested things verified). Target: >= 20,000 updates/s. The publisher runs on
+  the same 2 cores; so does PostgreSQL.
+* **Baseline in the same run**: the same rows inserted by raw asyncpg into a copy of the
+  journal table (same columns, keys and indexes), 1,000 rows per ``INSERT ... unnest`` and per
+  transaction (the floor of writing these rows durably from Python), and ``COPY`` of the same
+  rows.
+* **Latency**: ``--rate`` updates/s (default 5,000) for ``--seconds`` s, paced in messages of
+  ``--latency-rows`` rows; per update the time from its publish to (a) its journal timestamp
+  (when the write was decided, just before the commit) and (b) its event arriving on the
+  NATS events subject (after the commit and the relay's publish: an upper bound of commit
+  time). p50 / p99 / max. Target: p99 <= 100 ms.
+
+Run ``.venv/bin/python bench/ingest.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import orjson
+import psutil
+from api import Server
+from benchlib import (
+    INSERT_EVENTS,
+    ROOT,
+    CpuMeter,
+    add_run_arguments,
+    markdown_table,
+    percentile,
+    run_on_fresh_database,
+    wait_quiet,
+)
+
+from twinstore.audit import Scope, verify_database
+from twinstore.auth import AuthContext, write_users_file
+from twinstore.bus.ingest import IngestSubjects, Update, initial_seq, telemetry_messages
+from twinstore.bus.subjects import Subjects
+from twinstore.model.thing import Create
+from twinstore.runtime import Runtime
+from twinstore.settings import load_settings
+from twinstore.store.codec import GENESIS, canonical, chain_hash
+from twinstore.store.journal import WriteRequest
+
+SOURCE = "bench-plc"
+SUBJECT = "integration:bench-plc"
+OWNER = "nginx:bench"
+PATH = "/features/sensor/properties/value"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p)
+    p.add_argument("--things", type=int, default=1000)
+    p.add_argument("--updates", type=int, default=300_000, help="updates in the throughput phase")
+    p.add_argument("--rows", type=int, default=100, help="rows per telemetry message (throughput phase)")
+    p.add_argument("--rate", type=int, default=5000, help="updates/s in the latency phase")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
+    p.add_argument("--latency-rows", type=int, default=25, help="rows per message in the latency phase")
+    p.add_argument("--quiet-wait", type=float, default=10.0, help="wait up to s for an idle machine first")
+    p.add_argument(
+        "--topology",
+        choices=["single", "separate"],
+        default="separate",
+        help="single: one `twinstore serve` ingests; separate: `twinstore serve --no-ingest` (API, relay, "
+        "fan-out) and one `twinstore ingest` process (default)",
+    )
+    return p.parse_args()
+
+
+def thing_ids(n: int) -> list[str]:
+    return [f"bench.ingest:pump-{i:05d}" for i in range(n)]
+
+
+async def seed(database_url: str, nats_url: str, prefix: str, things: list[str]) -> None:
+    """Things whose policy lets the source write the sensor feature (through ThingService)."""
+    settings = load_settings(
+        {}, database_url=database_url, nats_url=nats_url, nats_prefix=prefix, ingest_enabled=False
+    )
+    runtime = Runtime(settings)
+    await runtime.open()
+    try:
+        assert runtime.service is not None
+        auth = AuthContext(subjects=(OWNER,))
+        policy = {
+            "entries": {
+                "owner": {
+                    "subjects": {OWNER: {"type": "bench"}},
+                    "resources": {
+                        "thing:/": {"grant": ["READ", "WRITE"], "revoke": []},
+                        "policy:/": {"grant": ["READ", "WRITE"], "revoke": []},
+                    },
+                },
+                "plc": {
+                    "subjects": {SUBJECT: {"type": "ingest source"}},
+                    "resources": {"thing:/features/sensor": {"grant": ["READ", "WRITE"], "revoke": []}},
+                },
+            }
+        }
+
+        async def one(thing_id: str) -> None:
+            body = {"_policy": policy, "features": {"sensor": {"properties": {"value": 0.0}}}}
+            await runtime.service.write(  # type: ignore[union-attr]
+                auth, WriteRequest(thing_id=thing_id, command=Create(value=body), originator=OWNER)
+            )
+
+        for start in range(0, len(things), 100):
+            await asyncio.gather(*(one(t) for t in things[start : start + 100]))
+    finally:
+        await runtime.close()
+
+
+async def journal_count(database_url: str) -> int:
+    con = await asyncpg.connect(database_url)
+    try:
+        return int(
+            await con.fetchval("SELECT count(*) FROM journal WHERE entity = 'thing' AND path = $1", PATH)
+        )
+    finally:
+        await con.close()
+
+
+async def wait_for_count(database_url: str, expected: int, timeout: float) -> float:
+    """Poll the journal until ``expected`` sensor events are committed; the time it happened."""
+    con = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            n = int(
+                await con.fetchval("SELECT count(*) FROM journal WHERE entity = 'thing' AND path = $1", PATH)
+            )
+            if n >= expected:
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {n} of {expected} events after {timeout} s")
+            await asyncio.sleep(0.05)
+    finally:
+        await con.close()
+
+
+async def throughput(
+    args: argparse.Namespace, database_url: str, prefix: str, things: list[str]
+) -> dict[str, Any]:
+    nc = await nats.connect(args.nats_url)
+    js = nc.jetstream()
+    subjects = IngestSubjects(prefix, 16)
+    seq = initial_seq()
+    before = await journal_count(database_url)
+    value = 0
+    started = time.monotonic()
+    published = 0
+    pending: list[Any] = []
+    while published < args.updates:
+        rows = []
+        for _ in range(args.rows):
+            rows.append(Update(things[value % len(things)], PATH, float(value)))
+            value += 1
+        msgs = telemetry_messages(subjects, SOURCE, seq, rows)
+        seq += len(msgs)
+        for m in msgs:
+            pending.append(js.publish(m.subject, m.payload, headers=m.headers))
+        published += len(rows)
+        if len(pending) >= 64:
+            await asyncio.gather(*pending)
+            pending = []
+    await asyncio.gather(*pending)
+    publish_done = time.monotonic()
+    end = await wait_for_count(database_url, before + published, 600)
+    await nc.close()
+    seconds = end - started
+    return {
+        "updates": published,
+        "seconds": seconds,
+        "rate": published / seconds,
+        "publish_seconds": publish_done - started,
+    }
+
+
+async def baseline(database_url: str, n: int, things: list[str]) -> dict[str, float]:
+    """The same rows written by raw asyncpg into a copy of the journal table."""
+    con = await asyncpg.connect(database_url)
+    try:
+        await con.execute("DROP TABLE IF EXISTS journal_copy")
+        await con.execute("CREATE TABLE journal_copy (LIKE journal INCLUDING ALL)")
+        now = datetime.now(UTC)
+        rows = []
+        head = GENESIS
+        for i in range(n):
+            value = canonical(float(i))
+            thing = things[i % len(things)]
+            head = chain_hash(head, "thing", thing, 1_000_000 + i, now, "merged", PATH, value, SUBJECT, None)
+            rows.append((thing, 1_000_000 + i, now, "merged", PATH, value.decode(), SUBJECT, None, head))
+        insert = INSERT_EVENTS.replace("INTO journal", "INTO journal_copy")
+        started = time.monotonic()
+        for start in range(0, n, 1000):
+            chunk = rows[start : start + 1000]
+            async with con.transaction():
+                await con.execute(insert, *[list(col) for col in zip(*chunk, strict=True)])
+        insert_rate = n / (time.monotonic() - started)
+        await con.execute("TRUNCATE journal_copy")
+        records = [("thing", *r[:5], r[5], *r[6:]) for r in rows]
+        started = time.monotonic()
+        for start in range(0, n, 1000):
+            async with con.transaction():
+                await con.copy_records_to_table(
+                    "journal_copy",
+                    records=records[start : start + 1000],
+                    columns=[
+                        "entity", "id", "revision", "ts", "action", "path", "value", "originator",
+                        "correlation_id", "hash",
+                    ],
+                )
+        copy_rate = n / (time.monotonic() - started)
+        await con.execute("DROP TABLE journal_copy")
+        return {"insert": insert_rate, "copy": copy_rate}
+    finally:
+        await con.close()
+
+
+async def latency(
+    args: argparse.Namespace, prefix: str, things: list[str], database_url: str
+) -> dict[str, Any]:
+    """Paced publishing; publish -> journal ts and publish -> event on NATS, per update."""
+    nc = await nats.connect(args.nats_url)
+    js = nc.jetstream()
+    subjects = IngestSubjects(prefix, 16)
+    events = Subjects(prefix, 16)
+    sent: dict[str, float] = {}  # marker value -> publish wall time
+    arrived: dict[str, float] = {}
+
+    async def on_event(msg: Any) -> None:
+        envelope = orjson.loads(msg.data)
+        value = envelope.get("value")
+        if isinstance(value, str) and value.startswith("L"):
+            arrived[value] = time.time()
+
+    sub = await nc.subscribe(events.events_wildcard, cb=on_event)
+    seq = initial_seq()
+    per_message = args.latency_rows
+    interval = per_message / args.rate
+    total = int(args.rate * args.seconds)
+    n = 0
+    next_at = time.monotonic()
+    while n < total:
+        rows = []
+        for _ in range(per_message):
+            rows.append(Update(things[n % len(things)], PATH, f"L{n}"))
+            n += 1
+        msgs = telemetry_messages(subjects, SOURCE, seq, rows)
+        seq += len(msgs)
+        now = time.time()
+        for row in rows:
+            sent[row.value] = now
+        for m in msgs:
+            await js.publish(m.subject, m.payload, headers=m.headers)
+        next_at += interval
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    elapsed_rate = total / (time.monotonic() - (next_at - total / args.rate))
+    deadline = time.monotonic() + 60
+    while len(arrived) < total and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    await sub.unsubscribe()
+    await nc.close()
+    con = await asyncpg.connect(database_url)
+    try:
+        rows = await con.fetch(
+            "SELECT value #>> '{}' AS v, ts FROM journal WHERE entity = 'thing' AND path = $1 "
+            "AND json_typeof(value) = 'string'",
+            PATH,
+        )
+    finally:
+        await con.close()
+    decided = sorted((r["ts"].timestamp() - sent[r["v"]]) * 1000 for r in rows if r["v"] in sent)
+    delivered = sorted((arrived[v] - sent[v]) * 1000 for v in arrived if v in sent)
+    return {"updates": total, "rate": elapsed_rate, "decided": decided, "delivered": delivered}
+
+
+def stats(values: list[float]) -> list[str]:
+    if not values:
+        return ["-", "-", "-", "-"]
+    return [
+        f"{percentile(values, 0.5):.1f}",
+        f"{percentile(values, 0.99):.1f}",
+        f"{max(values):.1f}",
+        f"{len(values):,}",
+    ]
+
+
+async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
+    args = ARGS
+    things = thing_ids(args.things)
+    users = tmp / "users"
+    write_users_file(users, {"bench": "bench"})
+    server = Server(database_url, args.nats_url, users, 1, tmp / "server.log")
+    server.env["TWINSTORE_INGEST_SOURCES"] = orjson.dumps({SOURCE: [SUBJECT]}).decode()
+    server.env["TWINSTORE_INGEST_PARTITIONS"] = "16"
+    worker: subprocess.Popen[bytes] | None = None
+    if args.topology == "separate":
+        server.env["TWINSTORE_INGEST_ENABLED"] = "false"
+    await seed(database_url, args.nats_url, server.prefix, things)
+    base = await baseline(database_url, min(args.updates, 200_000), things)
+    wait_quiet(args.quiet_wait)
+    server.start()
+    try:
+        assert server.proc is not None
+        pids = [server.proc.pid]
+        if args.topology == "separate":
+            env = {**server.env, "TWINSTORE_INGEST_ENABLED": "true"}
+            with (tmp / "ingest.log").open("ab") as out:
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "twinstore.cli", "ingest"], env=env, stdout=out,
+                    stderr=subprocess.STDOUT, cwd=ROOT,
+                )
+            pids.append(worker.pid)
+            await asyncio.sleep(4)  # the worker claims its partitions
+        meter = CpuMeter(pids)
+        me = psutil.Process(os.getpid())
+        cpu0, mine0 = meter.start(), sum(me.cpu_times()[:2])
+        tp = await throughput(args, database_url, server.prefix, things)
+        cpu = meter.stop(cpu0, sum(me.cpu_times()[:2]) - mine0)
+        print(f"throughput: {tp['rate']:,.0f} updates/s ({tp['updates']:,} in {tp['seconds']:.1f} s), {cpu}")
+        wait_quiet(args.quiet_wait)
+        lat = await latency(args, server.prefix, things, database_url)
+        print(f"latency: decided {stats(lat['decided'])}, delivered {stats(lat['delivered'])}")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        server.stop()
+        await server.delete_stream()
+        nc = await nats.connect(args.nats_url)
+        subjects = IngestSubjects(server.prefix, 16)
+        for stream in (subjects.stream, subjects.errors_stream):
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_stream(stream)
+        await nc.close()
+    total_events = await journal_count(database_url)
+    expected = tp["updates"] + lat["updates"]
+    report = await verify_database(database_url, Scope(namespace="bench.ingest"), checkpoints="none")
+    facts = [
+        f"{args.things:,} things, {args.updates:,} updates in telemetry messages of {args.rows} rows "
+        f"(throughput), {args.rate:,}/s for {args.seconds:.0f} s in messages of {args.latency_rows} "
+        "rows (latency); one `twinstore serve` process (ingest worker, journal, relay) with 16 "
+        "partitions; publisher, server and PostgreSQL share the machine's 2 cores",
+        f"journal afterwards: {total_events:,} sensor events for {expected:,} published updates "
+        f"({'ok' if total_events == expected else 'MISMATCH'}); audit verify of the ingested things: "
+        f"{'ok' if report.ok else 'BROKEN'} ({report.events:,} events)",
+    ]
+    table1 = markdown_table(
+        ["what", "updates", "seconds", "updates/s", "vs raw INSERT", "CPU ts / postgres / client / other"],
+        [
+            [
+                "ingestion via NATS (durable journal events)",
+                f"{tp['updates']:,}",
+                f"{tp['seconds']:.1f}",
+                f"{tp['rate']:,.0f}",
+                f"{tp['rate'] / base['insert']:.2f}x",
+                str(cpu),
+            ],
+            ["raw asyncpg INSERT unnest, 1,000 rows/txn", "-", "-", f"{base['insert']:,.0f}", "1.00x", "-"],
+            [
+                "raw asyncpg COPY, 1,000 rows/txn",
+                "-",
+                "-",
+                f"{base['copy']:,.0f}",
+                f"{base['copy'] / base['insert']:.2f}x",
+                "-",
+            ],
+        ],
+    )
+    table2 = markdown_table(
+        ["latency at " + f"{lat['rate']:,.0f} updates/s", "p50 ms", "p99 ms", "max ms", "samples"],
+        [
+            ["publish -> journal event decided (ts)", *stats(lat["decided"])],
+            ["publish -> event on NATS (committed + relayed)", *stats(lat["delivered"])],
+        ],
+    )
+    target1 = "met" if tp["rate"] >= 20_000 else "MISSED"
+    p99 = percentile(lat["delivered"], 0.99) if lat["delivered"] else float("inf")
+    target2 = "met" if p99 <= 100 else "MISSED"
+    body = "\n".join(
+        [
+            table1,
+            "",
+            table2,
+            "",
+            f"- sustained ingestion: {tp['rate']:,.0f} updates/s (target >= 20,000/s: {target1}); "
+            f"publishing alone took {tp['publish_seconds']:.1f} s of the {tp['seconds']:.1f} s",
+            f"- p99 publish -> committed and relayed: {p99:.1f} ms (target <= 100 ms: {target2})",
+        ]
+    )
+    return facts, body
+
+
+ARGS: argparse.Namespace
+
+
+def main() -> int:
+    global ARGS
+    ARGS = parse_args()
+    return asyncio.run(
+        run_on_fresh_database(ARGS, name="ingest", title="NATS ingestion (issue 6, bench/ingest.py)", run=run)
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
