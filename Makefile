@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/history.py
+	$(BIN)/python bench/adapter_mqtt.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(JS_CLIENT)/node_modules

@@ -141,6 +141,19 @@ class _Client(mqtt.Client):
     def _create_socket(self) -> Any:
         return _BufferedSocket(super()._create_socket())
 
+    def ack_many(self, acks: list[tuple[int, int]]) -> None:
+        """Acknowledge many messages with one wake-up of paho's thread (``ack`` alone writes a
+        byte to paho's wake-up socket for every packet it queues)."""
+        wake, self._sockpairW = self._sockpairW, None
+        try:
+            for mid, qos in acks:
+                self.ack(mid, qos)
+        finally:
+            self._sockpairW = wake
+        if wake is not None:
+            with contextlib.suppress(BlockingIOError):
+                wake.send(b"0")
+
 
 def _protocol(value: Any) -> MQTTProtocolVersion:
     text = str(value)
@@ -192,7 +205,7 @@ class MqttAdapter:
         self.received = 0
         self.unmatched = 0
         self.commands = 0
-        self._client: mqtt.Client | None = None
+        self._client: _Client | None = None
         self._inbox: _Inbox | None = None
         self._connected = asyncio.Event()
         self.subscribed = asyncio.Event()  # the broker granted the subscriptions (once)
@@ -205,7 +218,7 @@ class MqttAdapter:
 
     # -- MQTT client ---------------------------------------------------------------------------
 
-    def _make_client(self, loop: asyncio.AbstractEventLoop) -> mqtt.Client:
+    def _make_client(self, loop: asyncio.AbstractEventLoop) -> _Client:
         v5 = self.protocol == MQTTProtocolVersion.MQTTv5
         clean_start = bool(self.mqtt_config.get("clean_start", False))
         client = _Client(
@@ -332,9 +345,7 @@ class MqttAdapter:
             if client is None:
                 return
             if self.ack_after_spool:
-                for _, _, mid, qos, _ in batch:
-                    if qos > 0:
-                        client.ack(mid, qos)
+                client.ack_many([(mid, qos) for _, _, mid, qos, _ in batch if qos > 0])
             for topic, body in answers:
                 client.publish(topic, body, qos=0)
 
