@@ -1,5 +1,5 @@
 """The ``twinstore`` command line: ``serve``, ``ingest``, ``migrate``, ``audit verify|checkpoint|cleanup``,
-``replay``, ``export``, ``import``.
+``replay``, ``export``, ``import``, ``simulate``.
 
 Run ``twinstore --help`` or ``twinstore serve --help``.
 """
@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # rich is imported by the commands that draw a progress bar
 __all__ = ["main"]
 
 log = logging.getLogger("twinstore")
+
+# Development mode (embedded servers): the subject of ingest sources not in ingest_sources,
+# unless ingest_default_subjects is set; `twinstore simulate`'s policies grant it.
+DEV_INGEST_SUBJECT = "integration:dev-ingest"
 
 DESCRIPTION = """\
 twinstore: an event-sourced digital-twin service speaking Eclipse Ditto's HTTP API v2.
@@ -183,7 +187,81 @@ def build_parser() -> argparse.ArgumentParser:
     _common(import_)
     import_.add_argument("file", metavar="FILE", help="NDJSON file written by export, - for stdin")
     import_.add_argument("--json", action="store_true", help="print a machine-readable JSON report")
+    _simulate_parser(sub)
     return parser
+
+
+def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    simulate = sub.add_parser(
+        "simulate",
+        help="run a simulated plant (pumps over OPC UA and MQTT) feeding live twins",
+        description=SIMULATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(simulate)
+    simulate.add_argument("--things", type=int, default=2, metavar="N", help="pumps (default 2)")
+    simulate.add_argument(
+        "--rate", type=float, default=1.0, metavar="HZ", help="samples/s per pump (default 1)"
+    )
+    simulate.add_argument(
+        "--namespace", default="plant", help="namespace of the things <ns>:pump-<i> (default plant)"
+    )
+    simulate.add_argument(
+        "--api-url", metavar="URL", help="twinstore's HTTP API (default http://127.0.0.1:<port setting>)"
+    )
+    simulate.add_argument(
+        "--user", default="ditto:ditto", metavar="USER:PASSWORD", help="basic auth (default ditto:ditto)"
+    )
+    simulate.add_argument(
+        "--mqtt-url",
+        default="mqtt://127.0.0.1:1883",
+        metavar="URL",
+        help="MQTT broker of the sensors (default mqtt://127.0.0.1:1883; none: OPC UA only)",
+    )
+    simulate.add_argument("--opcua-host", default="127.0.0.1", help="address of the PLC (default 127.0.0.1)")
+    simulate.add_argument("--opcua-port", type=int, default=4840, help="port of the PLC (default 4840)")
+    simulate.add_argument(
+        "--dataset",
+        metavar="DIR",
+        help="SKAB directory to replay (default $TWINSTORE_SKAB_DIR or ../shared/datasets/skab if "
+        "present); synthetic: generated signals",
+    )
+    simulate.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+    simulate.add_argument(
+        "--status-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="print the twins' values this often (0: never; default 10)",
+    )
+    simulate.add_argument("--seed", type=int, help="random seed of the synthetic signals")
+    simulate.add_argument(
+        "--grant",
+        action="append",
+        metavar="SUBJECT",
+        help="another subject the adapters write as (ingest_default_subjects of the server); repeatable",
+    )
+
+
+SIMULATE = """\
+Run a small simulated plant against a running twinstore, so that its twins change live: per
+pump a PLC (an OPC UA server with the speed set point, current, voltage, pressure and flow)
+and sensors publishing over MQTT (two accelerometers, motor and fluid temperature), with the
+signals of the SKAB pump data set (replayed when found, else synthetic ones with occasional
+anomalies). Both adapters (twinstore-adapter opcua and mqtt) run as child processes and feed
+the things <namespace>:pump-1..N through NATS; a desired speed
+(PUT .../features/pump/desiredProperties/speed) is written to the PLC over OPC UA and the
+confirmed value comes back in properties.
+
+With `make run` in another terminal nothing needs configuring: the embedded NATS is found under
+--data-dir and the development mode lets the adapters write as integration:dev-ingest, which the
+simulation's policy grants. Against servers of your own: --nats-url (or TWINSTORE_NATS_URL and
+TWINSTORE_NATS_PREFIX as the server's), --api-url, --user, and the server's ingest_sources must
+map the sources simulate-<namespace>-opcua and simulate-<namespace>-mqtt to
+integration:<source> (or use --grant with its ingest_default_subjects).
+
+Without an MQTT broker (--mqtt-url) only the OPC UA path runs. Ctrl-C stops everything.
+"""
 
 
 AUDIT_VERIFY = """\
@@ -373,6 +451,13 @@ def _start_embedded(settings: Settings) -> tuple[Settings, object]:
         "nats_url": settings.nats_url or nats_url,
         "dev_mode": True,
     }
+    if not settings.ingest_default_subjects:
+        changes["ingest_default_subjects"] = [DEV_INGEST_SUBJECT]
+        log.info(
+            "development mode: ingest sources not in ingest_sources write as %s",
+            DEV_INGEST_SUBJECT,
+            extra={"ingest_default_subjects": [DEV_INGEST_SUBJECT]},
+        )
     if settings.users_file is None:
         changes["users_file"] = str(default_dev_users(data_dir))
         log.warning(
@@ -408,6 +493,11 @@ def serve(settings: Settings) -> None:
                 value = getattr(settings, name)
                 if value:
                     os.environ["TWINSTORE_" + name.upper()] = str(value)
+            if settings.ingest_default_subjects:
+                import json
+
+                subjects = json.dumps(settings.ingest_default_subjects)
+                os.environ["TWINSTORE_INGEST_DEFAULT_SUBJECTS"] = subjects
             uvicorn.run(
                 "twinstore.api.app:app_from_environment",
                 factory=True,
@@ -767,6 +857,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_on_database(settings, lambda s: command(s, args)))
     elif args.command == "replay":
         sys.exit(_on_database(settings, lambda s: replay(s, args)))
+    elif args.command == "simulate":
+        from twinstore import simulate
+
+        sys.exit(simulate.run(settings, args))
     elif args.command in ("export", "import"):
         sys.exit(
             _on_database(settings, lambda s: (export if args.command == "export" else import_file)(s, args))
