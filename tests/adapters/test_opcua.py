@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import doctest
 import secrets
 import socket
 import textwrap
@@ -562,3 +563,7 @@ async def test_a_desired_change_while_the_plc_is_away_is_written_after_the_recon
     await plc.start()
     await received.wait_for(lambda r: r.path == SPEED and r.value == 20, timeout=20)
     assert await plc.value("Speed") == 20
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(opcua, optionflags=doctest.ELLIPSIS).failed == 0
