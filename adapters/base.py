@@ -398,17 +398,21 @@ class Forwarder:
                 sub = await js.pull_subscribe(
                     events.events_wildcard, durable=durable, stream=events.events_stream, config=config
                 )
-                while True:
-                    try:
-                        messages = await sub.fetch(100, timeout=1.0)
-                    except nats.errors.TimeoutError:
-                        continue
-                    backoff = 0.1
-                    for msg in messages:
-                        envelope = _decode_event(msg.data)
-                        if envelope is not None and _wanted(envelope, thing_ids):
-                            yield envelope
-                        await msg.ack()
+                try:
+                    while True:
+                        try:
+                            messages = await sub.fetch(100, timeout=1.0)
+                        except nats.errors.TimeoutError:
+                            continue
+                        backoff = 0.1
+                        for msg in messages:
+                            envelope = _decode_event(msg.data)
+                            if envelope is not None and _wanted(envelope, thing_ids):
+                                yield envelope
+                            await msg.ack()
+                finally:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
             except asyncio.CancelledError:
                 raise
             except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
