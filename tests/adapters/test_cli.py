@@ -1,0 +1,58 @@
+"""``twinstore-adapter`` as a process: a value goes through, SIGTERM stops it cleanly (exit 0),
+a bad configuration is exit 2 with a message."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+
+from tests.adapters.conftest import MqttPeer
+from tests.adapters.test_mqtt import rows_on_stream
+from twinstore.bus.ingest import IngestSubjects, Update
+
+ADAPTER = [sys.executable, "-m", "adapters.cli"]
+
+
+async def test_the_mqtt_adapter_process_forwards_and_stops_on_sigterm(
+    ingest: tuple[NATS, IngestSubjects], prefix: str, nats_url: str, mqtt_url: str, tmp_path: Path
+) -> None:
+    nc, subjects = ingest
+    config = tmp_path / "adapter.toml"
+    config.write_text(
+        f'nats_url = "{nats_url}"\nnats_prefix = "{prefix}"\ningest_partitions = 4\n'
+        f'source = "cli-{prefix}"\nspool_dir = "{tmp_path / "spool"}"\n'
+        f'[mqtt]\nurl = "{mqtt_url}"\nclient_id = "cli-{prefix}"\nsession_expiry = 5\n'
+        f'[[mappings]]\ntopic = "{prefix}/{{thing}}/v"\nthing = "org.acme:{{thing}}"\n'
+        'feature = "f"\nproperty = "v"\n'
+    )
+    proc = subprocess.Popen([*ADAPTER, "mqtt", "--config", str(config)], stderr=subprocess.PIPE)
+    try:
+        with MqttPeer(mqtt_url) as device:
+            for attempt in range(100):  # until the adapter has subscribed
+                device.publish(f"{prefix}/m{attempt}/v", json.dumps(attempt))
+                rows = await rows_on_stream(nc, subjects, 1, timeout=0.2)
+                if rows:
+                    break
+        assert rows and rows[0].path == "/features/f/properties/v"
+        assert isinstance(rows[0], Update)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr.decode()
+    logs = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+    assert any(entry["msg"] == "forwarder stopped" for entry in logs)
+
+
+def test_a_bad_configuration_is_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("mappings:\n  - topic: a/{thing}/b{x}\n")
+    done = subprocess.run([*ADAPTER, "mqtt", "--config", str(config)], capture_output=True, timeout=60)
+    assert done.returncode == 2
+    assert b"placeholder must be a whole level" in done.stderr
+    done = subprocess.run([*ADAPTER, "mqtt", "--config", str(tmp_path / "missing.yaml")], capture_output=True)
+    assert done.returncode == 2
