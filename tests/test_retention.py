@@ -253,7 +253,7 @@ async def test_verify_catches_tampering_after_cleanup(
 
     async def breaks(scope: Scope | None = None) -> list[tuple[str, int, str]]:
         report = await verify_database(scratch_database, scope or Scope())
-        return [(x.id, x.revision, x.kind) for x in report.breaks]
+        return sorted((x.id, x.revision, x.kind) for x in report.breaks)  # ids are random: by id
 
     async def restore(thing_id: str, revision: int) -> None:
         await sql(scratch_database, f"DELETE FROM journal WHERE {where(thing_id, revision)}")
@@ -270,7 +270,7 @@ async def test_verify_catches_tampering_after_cleanup(
     # An edited retained event, and a deleted retained middle event.
     await sql(scratch_database, f"UPDATE journal SET value = '99' WHERE {where(b, 5)}")
     await sql(scratch_database, f"DELETE FROM journal WHERE {where(a, 5)}")
-    assert await breaks() == [(a, 5, "missing"), (b, 5, "edited")]
+    assert await breaks() == sorted([(a, 5, "missing"), (b, 5, "edited")])
     assert await breaks(Scope(thing=b)) == [(b, 5, "edited")]
     done = cli(scratch_database, "audit", "verify")
     assert done.returncode == 1 and f"thing {b} revision 5: edited" in done.stdout
@@ -280,7 +280,7 @@ async def test_verify_catches_tampering_after_cleanup(
     # The first retained event deleted: the chain no longer starts right after the anchor (and
     # the checkpoint sealed that revision).
     await sql(scratch_database, f"DELETE FROM journal WHERE {where(b, 4)}")
-    assert await breaks() == [(b, 4, "missing"), (b, 4, "truncated")]
+    assert await breaks() == sorted([(b, 4, "missing"), (b, 4, "truncated")])
     await restore(b, 4)
     # An edited anchor hash: the first retained event no longer links; the run's digest and the
     # checkpoint that sealed a's revision 4 (now its anchor) disagree too.
@@ -294,7 +294,7 @@ async def test_verify_catches_tampering_after_cleanup(
     # digest does not recompute (and the snapshot at the new anchor is missing).
     await sql(scratch_database, f"DELETE FROM journal WHERE {where(b, 4)}")
     await anchor_at(b, 4)
-    assert await breaks() == [(b, 4, "snapshot-altered"), ("1", 0, "cleanup-invalid")]
+    assert await breaks() == sorted([(b, 4, "snapshot-altered"), ("1", 0, "cleanup-invalid")])
     await anchor_at(b, 3)
     await restore(b, 4)
     assert await breaks() == []
@@ -304,7 +304,7 @@ async def test_verify_catches_tampering_after_cleanup(
         f"UPDATE snapshots SET doc = jsonb_set(doc, '{{attributes,n}}', '7') "
         f"WHERE id = '{h}' AND revision = 5",
     )
-    assert await breaks() == [(h, 5, "snapshot-altered")]
+    assert await breaks() == sorted([(h, 5, "snapshot-altered")])
     done = cli(scratch_database, "replay")
     assert done.returncode == 0  # h's later event replaces the attribute: same state
     await sql(
@@ -314,7 +314,7 @@ async def test_verify_catches_tampering_after_cleanup(
     )
     assert await breaks() == []
     await sql(scratch_database, f"DELETE FROM journal_retention WHERE id = '{h}'")
-    assert await breaks() == [(h, 1, "missing"), ("1", 0, "cleanup-invalid")]
+    assert await breaks() == sorted([(h, 1, "missing"), ("1", 0, "cleanup-invalid")])
 
 
 async def test_broken_chain_is_left_alone_and_signed_record(
@@ -433,3 +433,15 @@ async def test_history_reads_after_cleanup(
     assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
     done = cli(settings.database_url, "replay", "--namespace", namespace, "--json")
     assert done.returncode == 0 and json.loads(done.stdout)["differences"] == [], done.stdout
+    # History streams (SSE) start inside the retained range: an explicit earlier start is 404,
+    # "from the oldest" (revision 0) starts at the first retained revision.
+    sse = {"Accept": "text/event-stream"}
+    r = await client.get(url(thing_id), params={"from-historical-revision": "5"}, headers=sse)
+    assert_error(r, 404, HISTORY_NOT_FOUND)
+    r = await client.get(url(thing_id), params={"from-historical-timestamp": before}, headers=sse)
+    assert_error(r, 404, HISTORY_NOT_FOUND)
+    r = await client.get(
+        url(thing_id), params={"from-historical-revision": "0", "to-historical-revision": "14"}, headers=sse
+    )
+    assert r.status_code == 200, r.text
+    assert [line for line in r.text.splitlines() if line.startswith("id:")] == ["id: 13", "id: 14"]

@@ -203,6 +203,17 @@ class History:
             if first > head:
                 raise history_not_found(thing_id, revision=asked)
             last = head if rng.to_revision is None else min(rng.to_revision, head)
+        # After a history cleanup the oldest events are gone: a range that starts before the
+        # retained history is outside it (no bound, or revision 0, means "the oldest there is").
+        retained = await journal.first_revision(thing_id)
+        if first < retained:
+            explicit = rng.from_timestamp is not None if rng.by_time else bool(rng.from_revision)
+            if explicit:
+                if rng.by_time:
+                    assert rng.from_timestamp is not None
+                    raise history_not_found(thing_id, timestamp=_iso(rng.from_timestamp))
+                raise history_not_found(thing_id, revision=first)
+            first = retained
         self.first, self.last, self.view = first, last, view
 
     def shown(self, event: Event) -> Event | None:

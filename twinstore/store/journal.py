@@ -160,6 +160,7 @@ ORDER BY ts DESC, revision DESC LIMIT 1
 """
 # After a snapshot, the first event left (to tell a revision removed by retention from one
 # beyond the newest).
+SELECT_FIRST_REVISION = "SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1"
 SELECT_NEXT_REVISION = """
 SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2
 """
@@ -701,6 +702,13 @@ class Journal:
             elif await con.fetchval(SELECT_NEXT_REVISION, thing_id, base.revision) is None:
                 return base  # nothing after it: beyond the newest event
         raise history_not_found(thing_id, revision=revision)
+
+    async def first_revision(self, thing_id: str) -> int:
+        """The oldest revision of ``thing_id`` still in the journal (above 1 after a history
+        cleanup; 0: no events)."""
+        async with self._reader() as con:
+            first = await con.fetchval(SELECT_FIRST_REVISION, thing_id)
+        return 0 if first is None else int(first)
 
     async def revision_at(self, thing_id: str, ts: datetime) -> int:
         """The last revision of ``thing_id`` written at or before ``ts`` (0: none)."""
