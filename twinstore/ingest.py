@@ -263,8 +263,17 @@ class IngestWorker:
         log.info("ingest: gave back partition", extra={"partition": partition})
 
     async def _release_all(self) -> None:
-        for partition in list(self._owned):
-            await self._release(partition)
+        """Stop every partition at once (each finishes its batch, within one grace period)."""
+        owned, self._owned = self._owned, {}
+        for _, stop in owned.values():
+            stop.set()
+        await asyncio.gather(*(_finish(task) for task, _ in owned.values()))
+        if self._con is not None and not self._con.is_closed():
+            for partition in owned:
+                with contextlib.suppress(Exception):
+                    await self._con.execute("SELECT pg_advisory_unlock($1, $2)", self._lock_class, partition)
+        if owned:
+            log.info("ingest: gave back partitions", extra={"partitions": sorted(owned)})
         if self._con is not None:
             with contextlib.suppress(Exception):
                 await self._con.close()
