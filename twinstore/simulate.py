@@ -226,9 +226,10 @@ class Synthetic:
     noise (AR(1)) of its standard deviation; an anomaly episode (20-90 s, ramped in and out)
     starts every ``mean_interval`` seconds on average.
 
-    >>> gen = Synthetic(random.Random(1), mean_interval=10.0)
-    >>> samples = [gen.next(1.0) for _ in range(600)]
-    >>> 120 < sum(s.values["Volume Flow RateRMS"] for s in samples) / 600 < 126
+    >>> gen = Synthetic(random.Random(1), mean_interval=60.0)
+    >>> samples = [gen.next(1.0) for _ in range(1200)]
+    >>> normal = [s.values["Volume Flow RateRMS"] for s in samples if not s.anomaly]
+    >>> 123 < sum(normal) / len(normal) < 127.5
     True
     >>> {s.scenario for s in samples} - {"normal"} <= set(ANOMALIES), any(s.anomaly for s in samples)
     (True, True)
@@ -272,8 +273,9 @@ class Synthetic:
 def scale(values: dict[str, float], speed: float) -> dict[str, float]:
     """Values at nominal speed scaled to ``speed`` (rpm), after the affinity laws.
 
-    >>> scale({"Volume Flow RateRMS": 100.0, "Pressure": 1.0, "Current": 2.0, "Voltage": 230.0}, 750)
-    {'Volume Flow RateRMS': 50.0, 'Pressure': 0.25, 'Current': 0.65, 'Voltage': 230.0}
+    >>> values = scale({"Volume Flow RateRMS": 100.0, "Pressure": 1.0, "Current": 2.0, "Voltage": 230.0}, 750)
+    >>> {column: round(value, 3) for column, value in values.items()}
+    {'Volume Flow RateRMS': 50.0, 'Pressure': 0.25, 'Current': 0.6, 'Voltage': 230.0}
     """
     r = max(speed, 0.0) / NOMINAL_RPM
     factors = {
@@ -418,8 +420,8 @@ class Sensors:
         self.client.connect(self.host, self.port, keepalive=30)
         self.client.loop_start()
 
-    def publish(self, topic: str, value: Any, ts_ms: int) -> None:
-        self.client.publish(topic, json.dumps({"value": value, "ts": ts_ms}), qos=1)
+    def publish(self, topic: str, value: Any, ts_ms: int, retain: bool = False) -> None:
+        self.client.publish(topic, json.dumps({"value": value, "ts": ts_ms}), qos=1, retain=retain)
         self.published += 1
 
     def stop(self) -> None:
@@ -925,8 +927,9 @@ async def _tick(plan: Plan, pumps: list[Pump], plc: Plc, sensors: Sensors | None
         label = (sample.anomaly, sample.scenario)
         if sensors is not None and label != pump.last_scenario:
             topic = f"{TOPIC_ROOT}/{plan.namespace}/{pump.name}/simulation"
-            sensors.publish(f"{topic}/anomaly", sample.anomaly, ts_ms)
-            sensors.publish(f"{topic}/scenario", sample.scenario, ts_ms)
+            # retained: sent only on change, and an adapter (re)subscribing gets the current one
+            sensors.publish(f"{topic}/anomaly", sample.anomaly, ts_ms, retain=True)
+            sensors.publish(f"{topic}/scenario", sample.scenario, ts_ms, retain=True)
             pump.last_scenario = label
 
 
