@@ -229,8 +229,8 @@ def plant(settings: Settings, scratch_database: str, tmp_path: Path) -> Iterator
         yield plant
     finally:
         if plant.proc is not None and plant.proc.poll() is None:
-            plant.proc.kill()
-            plant.proc.wait()
+            with contextlib.suppress(AssertionError):
+                plant.stop()  # SIGTERM: the simulator stops its adapters
         plant.server.stop()
 
         async def drop_streams() -> None:
@@ -347,7 +347,9 @@ def test_simulated_plant_feeds_twins_over_mqtt_and_opcua_and_takes_a_desired_spe
 
 
 @pytest.mark.slow
-def test_without_an_mqtt_broker_only_the_opcua_path_runs(plant: Plant) -> None:
+def test_without_an_mqtt_broker_only_the_opcua_path_runs_and_a_killed_simulator_leaves_no_adapter(
+    plant: Plant,
+) -> None:
     plant.start("--things", "1", "--rate", "4", "--mqtt-url", f"mqtt://127.0.0.1:{free_port()}")
     thing = plant.wait(
         "pump-1 fed over OPC UA",
@@ -357,4 +359,20 @@ def test_without_an_mqtt_broker_only_the_opcua_path_runs(plant: Plant) -> None:
     )
     assert _prop(thing, "vibration", "accelerometer1RMS") is None
     assert "only the PLC (OPC UA) path runs" in plant.output()
-    assert plant.stop() == 0
+    assert not (plant.tmp_path / "data" / "simulate" / plant.namespace / "mqtt.yaml").exists()
+    # kill -9: the adapter gets SIGTERM from the kernel (parent-death signal) and stops
+    pid = int((plant.tmp_path / "data" / "simulate" / plant.namespace / "opcua-adapter.pid").read_text())
+    assert plant.proc is not None
+    plant.proc.kill()
+    plant.proc.wait()
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{pid}").exists() and b"zombie" not in _status(pid):
+        assert time.monotonic() < deadline, "the OPC UA adapter outlived the killed simulator"
+        time.sleep(0.1)
+
+
+def _status(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes()
+    except OSError:
+        return b"zombie"

@@ -433,8 +433,23 @@ class Sensors:
 # -- the adapters (child processes) -------------------------------------------------------------
 
 
+# Runs a command with the parent-death signal SIGTERM (Linux prctl PR_SET_PDEATHSIG, kept
+# across exec): an adapter stops by itself when the simulator is killed (kill -9 too).
+_ORPHAN_GUARD = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 class Adapter:
-    """``twinstore-adapter <kind> --config FILE`` as a child process, logging to a file."""
+    """``twinstore-adapter <kind> --config FILE`` as a child process, logging to a file; it
+    stops by itself when the simulator dies (on Linux)."""
 
     def __init__(self, kind: str, workdir: Path, config: dict[str, Any]) -> None:
         import yaml
@@ -453,7 +468,10 @@ class Adapter:
     def command(self) -> list[str]:
         script = Path(sys.executable).parent / "twinstore-adapter"
         prefix = [str(script)] if script.is_file() else [sys.executable, "-m", "adapters.cli"]
-        return [*prefix, self.kind, "--config", str(self.config_path), "--log-format", "text"]
+        command = [*prefix, self.kind, "--config", str(self.config_path), "--log-format", "text"]
+        if sys.platform == "linux":
+            return [sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), *command]
+        return command
 
     def stop_leftover(self) -> None:
         """Stop an adapter a killed simulator left running on this configuration."""
