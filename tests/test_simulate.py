@@ -260,6 +260,26 @@ async def _originators(database_url: str, thing_id: str) -> set[str]:
     return {r["originator"] for r in rows}
 
 
+def _retained(mqtt_url: str, topic: str) -> list[str]:
+    """Topics under ``topic`` with a retained message on the broker."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    found: list[str] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"check-{secrets.token_hex(4)}")
+    client.on_message = lambda _c, _u, msg: found.append(msg.topic) if msg.retain and msg.payload else None
+    parts = urlsplit(mqtt_url)
+    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    client.loop_start()
+    try:
+        client.subscribe(topic, qos=1)
+        time.sleep(1.0)  # retained messages come right after the SUBACK
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return found
+
+
 def _consumer_exists(nats_url: str, stream: str, name: str) -> bool:
     async def check() -> bool:
         nc = await nats.connect(nats_url)
@@ -341,6 +361,9 @@ def test_simulated_plant_feeds_twins_over_mqtt_and_opcua_and_takes_a_desired_spe
     assert httpx.get(f"{url}/desiredProperties/speed", auth=AUTH).json() == 99999
 
     assert plant.stop() == 0
+    assert _retained(mqtt_url, f"twinstore-sim/{ns}/#") == [], (
+        "the ground truth's retained messages are cleared"
+    )
     data = plant.tmp_path / "data" / "simulate" / ns
     assert (data / "opcua.yaml").is_file() and (data / "mqtt.yaml").is_file()
     assert not list(data.glob("*.pid")), "the adapters were stopped"

@@ -415,6 +415,7 @@ class Sensors:
         if self.tls:
             self.client.tls_set()
         self.published = 0
+        self.retained: set[str] = set()
 
     def start(self) -> None:
         self.client.connect(self.host, self.port, keepalive=30)
@@ -423,8 +424,14 @@ class Sensors:
     def publish(self, topic: str, value: Any, ts_ms: int, retain: bool = False) -> None:
         self.client.publish(topic, json.dumps({"value": value, "ts": ts_ms}), qos=1, retain=retain)
         self.published += 1
+        if retain:
+            self.retained.add(topic)
 
     def stop(self) -> None:
+        """Clear the retained messages (the adapter is gone by now) and disconnect."""
+        with contextlib.suppress(Exception):
+            for info in [self.client.publish(t, b"", qos=1, retain=True) for t in sorted(self.retained)]:
+                info.wait_for_publish(2.0)
         with contextlib.suppress(Exception):
             self.client.disconnect()
         self.client.loop_stop()
