@@ -107,6 +107,7 @@ class Connection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     sampling_interval: float = 0.0  # ms, default of every node
     queue_size: int = 100  # per monitored item, on the server
     request_timeout: float = 10.0  # s
+    watchdog_interval: float = 5.0  # s: a silent server is probed this often, lost after as long
     reconnect_max_delay: float = 10.0  # s
 
 
@@ -367,9 +368,7 @@ class OpcUaAdapter:
             sessions = self.sessions
             try:
                 await self._session()
-                log.warning(
-                    "OPC UA connection lost; reconnecting", extra={"endpoint": self.config.opcua.endpoint}
-                )
+                log.info("OPC UA session ended; reconnecting", extra={"endpoint": self.config.opcua.endpoint})
             except Exception as exc:  # any failure of one session: log it, start another
                 log.warning(
                     "OPC UA session failed, retrying in %.1fs: %r",
@@ -384,10 +383,14 @@ class OpcUaAdapter:
 
     async def _session(self) -> None:
         """Connect, subscribe, consume until the connection is lost."""
-        client = Client(self.config.opcua.endpoint, timeout=self.config.opcua.request_timeout)
+        config = self.config.opcua
+        client = Client(
+            config.endpoint, timeout=config.request_timeout, watchdog_intervall=config.watchdog_interval
+        )
         lost = asyncio.Event()
 
         async def on_lost(exc: Exception) -> None:
+            log.warning("OPC UA connection lost: %r", exc, extra={"endpoint": config.endpoint})
             lost.set()
 
         client.connection_lost_callback = on_lost
