@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,6 +335,7 @@ async def run_adapter(plc: Plc, mode: str, variables: int, seconds: float, nats_
     (workdir / "opcua.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "adapters.cli", "opcua", "--config", str(workdir / "opcua.yaml")]
     log = (workdir / "adapter.log").open("wb")
+    keep = False  # the work directory (spool, log) is kept when the run fails
     proc = subprocess.Popen(
         [*command, "--log-level", "warning", "--log-format", "text"], cwd=ROOT, stderr=log
     )
@@ -357,8 +359,15 @@ async def run_adapter(plc: Plc, mode: str, variables: int, seconds: float, nats_
             "cpu_us": cpu / max(counter.rows, 1) * 1e6,
             "load": os.getloadavg()[0],
         }
+    except BaseException:
+        print(f"adapter log: {workdir / 'adapter.log'}", file=sys.stderr)
+        keep = True
+        raise
     finally:
         stop(proc)
+        log.close()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
         await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await js.delete_stream(subjects.stream)
