@@ -118,14 +118,17 @@ async def test_telemetry_batch_lands_with_source_timestamp_and_quality(
     messages = await source.values(rows)
     assert len(messages) >= 2  # six things spread over the partitions
 
-    async def landed() -> bool:
+    async def landed() -> bool:  # the things' messages travel on different partitions
         r = await client.get(url(things[0], "/features/flow/properties"))
-        return r.status_code == 200 and r.json() == {"value": 0.0, "unit": "m3/h"}
+        if r.status_code != 200 or r.json() != {"value": 0.0, "unit": "m3/h"}:
+            return False
+        for i, t in enumerate(things):
+            r = await client.get(url(t, "/features/flow/properties/value"))
+            if r.status_code != 200 or r.json() != i * 1.5:
+                return False
+        return True
 
     await eventually(landed)
-    for i, t in enumerate(things):
-        r = await client.get(url(t, "/features/flow/properties/value"))
-        assert r.json() == i * 1.5
     rows0 = await journal_rows(settings, things[0])
     value_event = next(r for r in rows0 if r["path"] == "/features/flow/properties/value")
     assert value_event["action"] == "merged"

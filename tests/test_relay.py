@@ -101,12 +101,12 @@ async def test_a_lost_ack_republishes_from_the_last_acknowledged_batch_and_loses
         # the relay hears of a failure (0.2 s after the real ack).
         lost = positions[17]
         log: list[int] = []
-        real_publish = relay.js.publish_async
+        real_publish = relay.publisher.publish
 
-        async def publish_async(subject: str, payload: bytes, **kwargs: Any) -> asyncio.Future[Any]:
-            position = int(kwargs["headers"]["Twinstore-Position"])
+        async def publish(subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future[Any]:
+            position = int(headers["Twinstore-Position"])
             log.append(position)
-            future = await real_publish(subject, payload, **kwargs)
+            future = await real_publish(subject, payload, headers)
             if position != lost or log.count(lost) > 1:
                 return future
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -119,7 +119,7 @@ async def test_a_lost_ack_republishes_from_the_last_acknowledged_batch_and_loses
             future.add_done_callback(fail)
             return failed
 
-        relay.js.publish_async = publish_async  # type: ignore[method-assign]
+        relay.publisher.publish = publish  # type: ignore[method-assign]
         relay.start()
         deadline = time.monotonic() + 10
         while relay.position < positions[-1] and time.monotonic() < deadline:

@@ -30,6 +30,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from twinstore.bus.envelope import event_envelope
+from twinstore.bus.publisher import JetStreamPublisher
 from twinstore.bus.subjects import Subjects
 from twinstore.store.journal import event_from_row
 
@@ -99,6 +100,7 @@ class Relay:
         self.connect = connect
         self.nc = nc
         self.js = nc.jetstream()
+        self.publisher = JetStreamPublisher(nc)
         self.subjects = subjects
         self.poll_interval = poll_interval
         self.batch = batch
@@ -120,6 +122,7 @@ class Relay:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await self.publisher.stop()
 
     def notify(self) -> None:
         """Called after a local commit: publish without waiting for the next poll."""
@@ -187,6 +190,7 @@ class Relay:
         if not rows:
             return 0
         futures: list[asyncio.Future[Any]] = []
+        publish = self.publisher.publish
         for row in rows:
             event = event_from_row(row)
             headers = {
@@ -195,14 +199,15 @@ class Relay:
                 "Ditto-Thing-Id": event.thing_id,
             }
             futures.append(
-                await self.js.publish_async(
-                    self.subjects.event_subject(event.thing_id),
-                    orjson.dumps(event_envelope(event)),
-                    headers=headers,
+                await publish(
+                    self.subjects.event_subject(event.thing_id), orjson.dumps(event_envelope(event)), headers
                 )
             )
         # All or nothing for the cursor: on any failure the batch is republished (dedup ids).
-        await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+        finally:
+            self.publisher.forget(futures)
         self.position = rows[-1]["position"]
         self.published += len(rows)
         async with self.pool.acquire() as con:
