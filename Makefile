@@ -31,7 +31,7 @@ run: $(STAMP)
 
 ## test: lint, type-check and run the whole test suite (machine services if TWINSTORE_TEST_* are set, else embedded)
 test: $(STAMP) $(JS_STAMP) lint typecheck
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check twinstore policies tests bench adapters
@@ -47,7 +47,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/history.py
+	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/adapter_mqtt.py
+	$(BIN)/python bench/adapter_opcua.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(JS_CLIENT)/node_modules
