@@ -78,7 +78,7 @@ class MahalanobisDetector:
     'current'
     """
 
-    def __init__(self, warmup: int = 400, shrinkage: float = 1.0, forget: float = 0.001) -> None:
+    def __init__(self, warmup: int = 400, shrinkage: float = 1.0, forget: float = 0.003) -> None:
         self.warmup = warmup
         self.shrinkage = shrinkage
         self.forget = forget
@@ -230,7 +230,7 @@ ALARM_DEFAULTS: Mapping[str, Param] = {
     "k": 3,  # high scores in a row that raise an alarm
     "release": 30,  # low (or faded) scores in a row that end it
     "peak_ratio": 0.2,  # "faded": under this share of the alarm's highest score
-    "alpha": 0.1,  # EWMA weight of the newest update (1.0: no smoothing)
+    "alpha": 0.2,  # EWMA weight of the newest update (1.0: no smoothing)
 }
 
 _BOUNDS: Mapping[str, tuple[float, float]] = {
@@ -283,7 +283,7 @@ REGISTRY: Mapping[str, DetectorSpec] = {
             "mahalanobis",
             "twinstore's multivariate detector: distance from the warm-up's normal, per property spread",
             _mahalanobis,
-            {"shrinkage": 1.0, "forget": 0.001},
+            {"shrinkage": 1.0, "forget": 0.003},
             uses_warmup=True,
         ),
         DetectorSpec(
