@@ -25,9 +25,12 @@ group and takes a fair share of the partitions ``<prefix>.ingest.<p>``:
   or command, a policy refusal or a failed precondition is reported on
   ``<prefix>.ingest.errors`` (JSON: reason, Ditto error, stream sequence, subject, message
   id, source, row) and the message is terminated (or, when only some rows of a telemetry
-  batch are refused, acknowledged after the others were applied). A database outage is not
-  a refusal: the batch is retried with backoff (the messages kept in progress), so ingestion
-  pauses and resumes.
+  batch are refused, acknowledged after the others were applied). What decoding refuses is
+  reported before the batch commits (a crash redelivers it and reports it again under the
+  same ``Nats-Msg-Id``, which JetStream drops within its duplicate window); what the commit
+  refuses (policy, precondition) only after it, so a crash in between loses that report. A
+  database outage is not a refusal: the batch is retried with backoff (the messages kept in
+  progress), so ingestion pauses and resumes.
 """
 
 from __future__ import annotations
@@ -407,6 +410,13 @@ class _PartitionRun:
                     units.append(nxt)
                     unit = nxt
         w.stats.duplicates += skipped
+        # What decoding refused is reported before the commit: once the commit moved the
+        # partition past these messages they are never delivered again, so a crash between
+        # commit and report would lose the report. A crash before the commit redelivers them
+        # and reports again under the same Nats-Msg-Id, which JetStream drops.
+        if reports:
+            await self._report(msgs, reports, before_commit=True)
+            reports = []
         in_progress = asyncio.create_task(self._keep_in_progress(msgs))
         try:
             for unit in units:
@@ -422,7 +432,7 @@ class _PartitionRun:
             in_progress.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await in_progress
-        if reports:
+        if reports:  # refused by the commit (policy, precondition, size): known only now
             await self._report(msgs, reports)
         for index, msg in enumerate(msgs):
             with contextlib.suppress(Exception):  # a lost ack is a redelivery the offset drops
@@ -509,7 +519,7 @@ class _PartitionRun:
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
 
-    async def _report(self, msgs: list[Msg], reports: list[_Report]) -> None:
+    async def _report(self, msgs: list[Msg], reports: list[_Report], *, before_commit: bool = False) -> None:
         w = self.w
         for report in reports:
             msg = msgs[report.message]
@@ -540,6 +550,8 @@ class _PartitionRun:
                     break
                 except Exception as exc:  # NATS away: the refusal is logged above; retry a little
                     if attempt == 4:
+                        if before_commit:  # nothing committed: the batch is delivered again
+                            raise
                         log.error("ingest: could not publish a refusal", extra={"error": repr(exc)})
                     await asyncio.sleep(0.2 * (attempt + 1))
 
