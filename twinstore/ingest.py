@@ -38,10 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import random
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -67,6 +64,7 @@ from twinstore.bus.ingest import (
     Update,
     decode_telemetry,
 )
+from twinstore.bus.partitions import PartitionGroup, lock_key
 from twinstore.model import rql
 from twinstore.model.errors import ConflictError, DittoError, InvalidInputError, JsonInvalidError
 from twinstore.model.ids import validate_thing_id
@@ -86,20 +84,12 @@ FETCH_TIMEOUT = 1.0
 MORE_TIMEOUT = 0.02  # after the first message: the rest is taken if it is there already
 MAX_PAYLOAD_IN_REPORT = 1024
 
-SELECT_MEMBERS = """
-SELECT count(*) FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND classid = $1::bigint::oid AND objsubid = 2
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-"""
+_key = lock_key  # the group's advisory-lock classes (tests look at the locks with it)
+
 INIT_PROGRESS = """
 INSERT INTO ingest_progress (consumer, source, seq) VALUES ($1, '', 0) ON CONFLICT DO NOTHING
 """
 SELECT_PROGRESS = "SELECT source, seq FROM ingest_progress WHERE consumer = $1"
-
-
-def _key(text: str) -> int:
-    """A stable positive int4 for an advisory-lock class."""
-    return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 async def ensure_ingest_streams(
@@ -190,99 +180,27 @@ class IngestWorker:
         self.default_auth = AuthContext(subjects=tuple(default_subjects)) if default_subjects else None
         self.batch = batch
         self.stats = Stats()
-        self._lock_class = _key(f"twinstore-ingest:{subjects.stream}")
-        self._member_class = _key(f"twinstore-ingest-members:{subjects.stream}")
-        self._con: asyncpg.Connection | None = None
-        self._owned: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()  # the whole worker; each partition has its own too
+        self.group = PartitionGroup(
+            f"twinstore-ingest:{subjects.stream}",
+            subjects.partitions,
+            self._partition,
+            connect=connect,
+            rebalance_seconds=REBALANCE_SECONDS,
+            label="ingest",
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._membership(), name="twinstore-ingest")
+        self.group.start()
 
     async def stop(self) -> None:
         """Finish the batches in flight (committed and acknowledged), then give everything back."""
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        await self.group.stop()
 
     @property
     def partitions(self) -> list[int]:
-        return sorted(self._owned)
-
-    # ---- membership and partitions ------------------------------------------------------
-
-    async def _membership(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self._rebalance()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("ingest: lock connection lost, giving back partitions", extra={"error": str(exc)})
-                await self._release_all()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), REBALANCE_SECONDS)
-        await self._release_all()
-
-    async def _rebalance(self) -> None:
-        if self._con is None or self._con.is_closed():
-            await self._release_all()
-            self._con = await self.connect()
-            await self._con.execute(
-                "SELECT pg_advisory_lock($1, $2)", self._member_class, random.randrange(1, 2**31 - 1)
-            )
-        con = self._con
-        for partition, (task, _) in list(self._owned.items()):
-            if task.done():  # taken over, or failed: give the lock back, maybe take it again
-                del self._owned[partition]
-                await con.execute("SELECT pg_advisory_unlock($1, $2)", self._lock_class, partition)
-        members = max(1, int(await con.fetchval(SELECT_MEMBERS, self._member_class)))
-        fair = math.ceil(self.subjects.partitions / members)
-        while len(self._owned) > fair:
-            partition = max(self._owned)
-            await self._release(partition)
-        if len(self._owned) < fair:
-            free = [p for p in range(self.subjects.partitions) if p not in self._owned]
-            random.shuffle(free)
-            for partition in free:
-                if len(self._owned) >= fair:
-                    break
-                if await con.fetchval("SELECT pg_try_advisory_lock($1, $2)", self._lock_class, partition):
-                    stop = asyncio.Event()
-                    task = asyncio.create_task(
-                        self._partition(partition, stop), name=f"twinstore-ingest-{partition}"
-                    )
-                    self._owned[partition] = (task, stop)
-                    log.info("ingest: took partition", extra={"partition": partition, "members": members})
-
-    async def _release(self, partition: int) -> None:
-        task, stop = self._owned.pop(partition)
-        stop.set()
-        await _finish(task)
-        if self._con is not None and not self._con.is_closed():
-            with contextlib.suppress(Exception):
-                await self._con.execute("SELECT pg_advisory_unlock($1, $2)", self._lock_class, partition)
-        log.info("ingest: gave back partition", extra={"partition": partition})
-
-    async def _release_all(self) -> None:
-        """Stop every partition at once (each finishes its batch, within one grace period)."""
-        owned, self._owned = self._owned, {}
-        for _, stop in owned.values():
-            stop.set()
-        await asyncio.gather(*(_finish(task) for task, _ in owned.values()))
-        if self._con is not None and not self._con.is_closed():
-            for partition in owned:
-                with contextlib.suppress(Exception):
-                    await self._con.execute("SELECT pg_advisory_unlock($1, $2)", self._lock_class, partition)
-        if owned:
-            log.info("ingest: gave back partitions", extra={"partitions": sorted(owned)})
-        if self._con is not None:
-            with contextlib.suppress(Exception):
-                await self._con.close()
-            self._con = None
+        return self.group.partitions
 
     # ---- one partition ------------------------------------------------------------------
 
@@ -309,13 +227,6 @@ class IngestWorker:
         if source is not None and source in self.auths:
             return self.auths[source]
         return self.default_auth
-
-
-async def _finish(task: asyncio.Task[None], grace: float = 30.0) -> None:
-    """Let a partition task end its batch (it checks its stop flag between batches: the batch
-    in flight is committed and acknowledged); cancelled only after ``grace`` seconds."""
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await asyncio.wait_for(task, grace)
 
 
 class _PartitionRun:

@@ -1,0 +1,175 @@
+"""A group of processes sharing N partitions, each claimed by one member at a time.
+
+Used by NATS ingestion (:mod:`twinstore.ingest`) and anomaly scoring
+(:mod:`twinstore.anomaly.worker`): every process that runs the work is a member of one group
+(named by a lock class) and takes a fair share of the partitions.
+
+* A member holds a session-level PostgreSQL advisory lock per partition it runs, and one lock
+  that says it is alive, all on a connection of its own (``connect``).
+* Every ``rebalance_seconds`` it counts the live members (``pg_locks``) and takes free
+  partitions up to ``ceil(partitions / members)`` or gives back the ones above it. A member
+  that dies loses its connection and so its locks; the others take its partitions within a
+  round. A lost lock connection gives every partition back (and the next round starts over).
+* Each claimed partition runs ``run(partition, stop)`` as a task; the task ends its work in
+  flight when ``stop`` is set (it is cancelled only after a grace period). A task that ends by
+  itself (taken over, failed) gives its lock back and may be claimed again next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import zlib
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import asyncpg
+
+__all__ = ["PartitionGroup", "lock_key"]
+
+log = logging.getLogger("twinstore.partitions")
+
+SELECT_MEMBERS = """
+SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND classid = $1::bigint::oid AND objsubid = 2
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+Run = Callable[[int, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def lock_key(text: str) -> int:
+    """A stable positive int4 for an advisory-lock class.
+
+    >>> lock_key("twinstore-ingest:TWINSTORE_INGEST")
+    1390784561
+    """
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+class PartitionGroup:
+    """This process's membership in a group sharing ``partitions`` (see the module)."""
+
+    def __init__(
+        self,
+        name: str,
+        partitions: int,
+        run: Run,
+        *,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        rebalance_seconds: float = 2.0,
+        grace_seconds: float = 30.0,
+        label: str = "partitions",
+    ) -> None:
+        self.partitions_total = partitions
+        self.run = run
+        self.connect = connect
+        self.rebalance_seconds = rebalance_seconds
+        self.grace_seconds = grace_seconds
+        self.label = label
+        self._lock_class = lock_key(name)
+        self._member_class = lock_key(name.replace(":", "-members:", 1) if ":" in name else name + "-members")
+        self._con: asyncpg.Connection | None = None
+        self._owned: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._stopping = asyncio.Event()
+            self._task = asyncio.create_task(self._membership(), name=f"twinstore-{self.label}")
+
+    async def stop(self) -> None:
+        """Let every partition finish its work in flight, then give everything back."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self._owned)
+
+    async def _membership(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._rebalance()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning(
+                    "%s: lock connection lost, giving back partitions",
+                    self.label,
+                    extra={"error": str(exc)},
+                )
+                await self._release_all()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.rebalance_seconds)
+        await self._release_all()
+
+    async def _rebalance(self) -> None:
+        if self._con is None or self._con.is_closed():
+            await self._release_all()
+            self._con = await self.connect()
+            await self._con.execute(
+                "SELECT pg_advisory_lock($1, $2)", self._member_class, random.randrange(1, 2**31 - 1)
+            )
+        con = self._con
+        for partition, (task, _) in list(self._owned.items()):
+            if task.done():  # taken over, or failed: give the lock back, maybe take it again
+                del self._owned[partition]
+                await con.execute("SELECT pg_advisory_unlock($1, $2)", self._lock_class, partition)
+        members = max(1, int(await con.fetchval(SELECT_MEMBERS, self._member_class)))
+        fair = math.ceil(self.partitions_total / members)
+        while len(self._owned) > fair:
+            await self._release(max(self._owned))
+        if len(self._owned) < fair:
+            free = [p for p in range(self.partitions_total) if p not in self._owned]
+            random.shuffle(free)
+            for partition in free:
+                if len(self._owned) >= fair:
+                    break
+                if await con.fetchval("SELECT pg_try_advisory_lock($1, $2)", self._lock_class, partition):
+                    stop = asyncio.Event()
+                    task = asyncio.create_task(
+                        self.run(partition, stop), name=f"twinstore-{self.label}-{partition}"
+                    )
+                    self._owned[partition] = (task, stop)
+                    log.info(
+                        "%s: took partition",
+                        self.label,
+                        extra={"partition": partition, "members": members},
+                    )
+
+    async def _release(self, partition: int) -> None:
+        task, stop = self._owned.pop(partition)
+        stop.set()
+        await self._finish(task)
+        if self._con is not None and not self._con.is_closed():
+            with contextlib.suppress(Exception):
+                await self._con.execute("SELECT pg_advisory_unlock($1, $2)", self._lock_class, partition)
+        log.info("%s: gave back partition", self.label, extra={"partition": partition})
+
+    async def _release_all(self) -> None:
+        """Stop every partition at once (each finishes its work, within one grace period)."""
+        owned, self._owned = self._owned, {}
+        for _, stop in owned.values():
+            stop.set()
+        await asyncio.gather(*(self._finish(task) for task, _ in owned.values()))
+        if self._con is not None and not self._con.is_closed():
+            for partition in owned:
+                with contextlib.suppress(Exception):
+                    await self._con.execute("SELECT pg_advisory_unlock($1, $2)", self._lock_class, partition)
+        if owned:
+            log.info("%s: gave back partitions", self.label, extra={"partitions": sorted(owned)})
+        if self._con is not None:
+            with contextlib.suppress(Exception):
+                await self._con.close()
+            self._con = None
+
+    async def _finish(self, task: asyncio.Task[None]) -> None:
+        """Let a partition task end its work (it checks its stop flag between batches);
+        cancelled only after the grace period."""
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, self.grace_seconds)
