@@ -18,6 +18,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 
 import twinstore
+from twinstore.api.anomaly import anomaly_handlers
 from twinstore.api.headers import correlation_id
 from twinstore.api.messages import message_handlers
 from twinstore.api.policies import policy_handlers
@@ -108,6 +109,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             health,
             *thing_handlers(),
             *message_handlers(),
+            *anomaly_handlers(),
             *policy_handlers(),
             *search_handlers(),
             *whoami_handlers(),

@@ -209,6 +209,43 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX journal_ts ON journal (entity, id, ts, revision);
     """,
+    # 10: anomaly detection (twinstore.anomaly.worker): detectors per feature, their state and
+    # the anomalies found. Keys lead with the thing id.
+    """
+    CREATE TABLE anomaly_detectors (
+        thing_id    text        NOT NULL,
+        feature_id  text        NOT NULL,
+        config      jsonb       NOT NULL,
+        created     timestamptz NOT NULL DEFAULT now(),
+        modified    timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (thing_id, feature_id)
+    );
+    CREATE TABLE anomaly_state (
+        thing_id    text             NOT NULL,
+        feature_id  text             NOT NULL,
+        revision    bigint           NOT NULL,  -- the last thing revision scored
+        state       bytea,                      -- the detector's checkpoint
+        score       double precision,
+        threshold   double precision,
+        anomalous   boolean          NOT NULL DEFAULT false,
+        scored_at   timestamptz,
+        PRIMARY KEY (thing_id, feature_id)
+    );
+    CREATE TABLE anomalies (
+        thing_id       text             NOT NULL,
+        feature_id     text             NOT NULL,
+        revision       bigint           NOT NULL,
+        ts             timestamptz      NOT NULL,
+        score          double precision NOT NULL,
+        threshold      double precision NOT NULL,
+        contributions  jsonb            NOT NULL,
+        label          text,
+        labelled_by    text,
+        labelled_at    timestamptz,
+        PRIMARY KEY (thing_id, feature_id, revision)
+    );
+    CREATE INDEX anomalies_ts ON anomalies (thing_id, feature_id, ts DESC, revision DESC);
+    """,
 ]
 
 CREATE_MIGRATIONS = """

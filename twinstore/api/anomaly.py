@@ -1,0 +1,216 @@
+"""Anomaly detection under a feature (a twinstore extension; Ditto has no such resource).
+
+``/api/2/things/{thingId}/features/{featureId}/anomaly``:
+
+* ``/detector``: ``PUT`` (201 / 204) ``{"algorithm", "parameters", "properties"}``, ``GET``,
+  ``DELETE`` (204) — WRITE on ``thing:/features/{featureId}`` to put or delete, READ to get;
+* ``GET`` (no suffix): the latest score ``{"score", "threshold", "anomalous", "revision",
+  "timestamp", "algorithm"}``;
+* ``/anomalies``: ``GET ?from=&to=&size=&cursor=`` newest first, ``{"items", "cursor"}``;
+* ``/anomalies/{revision}/label``: ``PUT "confirmed" | "false-alarm"`` (WRITE).
+
+As everywhere in Ditto, a feature the caller may not read looks absent (404); readable but
+not writable is 403.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from litestar import Request, Response, delete, get, put
+from litestar.handlers import HTTPRouteHandler
+
+from policies import READ, WRITE
+from twinstore.anomaly import store
+from twinstore.api.auth import authenticate
+from twinstore.api.things import JSON, json_response, read_json
+from twinstore.auth import AuthContext
+from twinstore.model.errors import InvalidInputError, NotFoundError, not_found, not_modifiable
+from twinstore.model.ids import validate_thing_id
+from twinstore.runtime import Runtime
+
+__all__ = ["anomaly_handlers"]
+
+F = "/api/2/things/{thingId:str}/features/{featureId:str}/anomaly"
+TAGS = ["Anomaly detection (twinstore)"]
+MAX_SIZE = 200
+DEFAULT_SIZE = 25
+
+
+def _detector_not_found(thing_id: str, feature_id: str) -> NotFoundError:
+    return NotFoundError(
+        f"The Feature '{feature_id}' of the Thing with ID '{thing_id}' has no anomaly detector.",
+        error="things:anomaly.detector.notfound",
+        description="Attach one with PUT .../anomaly/detector.",
+    )
+
+
+async def _access(request: Request[Any, Any, Any], *, write: bool) -> tuple[Runtime, AuthContext, str, str]:
+    """The runtime, caller, thing and feature, after checking READ (or WRITE) on the feature."""
+    auth = await authenticate(request)
+    runtime: Runtime = request.app.state.runtime
+    assert runtime.journal is not None and runtime.service is not None
+    thing_id = validate_thing_id(request.path_params["thingId"])
+    feature_id = str(request.path_params["featureId"])
+    state = await runtime.journal.load(thing_id)
+    policy_id = (state.doc or {}).get("policyId")
+    view = await runtime.service.cache.view(policy_id, auth.subjects) if isinstance(policy_id, str) else None
+    if view is None or state.doc is None or not view.has_partial("thing", [], READ):
+        raise not_found(thing_id, [])
+    parts = ["features", feature_id]
+    if not view.has_unrestricted("thing", parts, READ):
+        raise not_found(thing_id, parts)
+    if write and not view.has_unrestricted("thing", parts, WRITE):
+        raise not_modifiable(thing_id, parts)
+    if write and feature_id not in (state.doc.get("features") or {}):
+        raise not_found(thing_id, parts)
+    return runtime, auth, thing_id, feature_id
+
+
+def _pool(runtime: Runtime) -> Any:
+    assert runtime.pool is not None
+    return runtime.pool
+
+
+async def put_detector(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime, _, thing_id, feature_id = await _access(request, write=True)
+    config = store.validate_config(await read_json(request, (JSON,)))
+    created = await store.put_detector(_pool(runtime), thing_id, feature_id, config)
+    if created:
+        return json_response(201, _shown(config), {"location": str(request.url).split("?")[0]})
+    return json_response(204)
+
+
+def _shown(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if v is not None}
+
+
+async def get_detector(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime, _, thing_id, feature_id = await _access(request, write=False)
+    row = await store.get_detector(_pool(runtime), thing_id, feature_id)
+    if row is None:
+        raise _detector_not_found(thing_id, feature_id)
+    return json_response(200, _shown(row["config"]))
+
+
+async def delete_detector(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime, _, thing_id, feature_id = await _access(request, write=True)
+    if not await store.delete_detector(_pool(runtime), thing_id, feature_id):
+        raise _detector_not_found(thing_id, feature_id)
+    return json_response(204)
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return None if ts is None else ts.isoformat().replace("+00:00", "Z")
+
+
+async def get_latest(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime, _, thing_id, feature_id = await _access(request, write=False)
+    row = await store.latest(_pool(runtime), thing_id, feature_id)
+    if row is None:
+        raise NotFoundError(
+            f"The Feature '{feature_id}' of the Thing with ID '{thing_id}' has no anomaly score yet.",
+            error="things:anomaly.notfound",
+            description="Attach a detector (PUT .../anomaly/detector) and update the feature's properties.",
+        )
+    return json_response(
+        200,
+        {
+            "score": store.finite(row["score"]),
+            "threshold": store.finite(row["threshold"]),
+            "anomalous": row["anomalous"],
+            "revision": row["revision"],
+            "timestamp": _iso(row["scored_at"]),
+            "algorithm": row["config"]["algorithm"],
+        },
+    )
+
+
+def _time(request: Request[Any, Any, Any], name: str) -> datetime | None:
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"The parameter {name!r} must be an ISO-8601 timestamp, not {text!r}."
+        ) from None
+    if ts.tzinfo is None:
+        raise InvalidInputError(f"The parameter {name!r} needs a time zone (e.g. 'Z'), not {text!r}.")
+    return ts
+
+
+async def list_anomalies(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime, _, thing_id, feature_id = await _access(request, write=False)
+    size_text = request.query_params.get("size", str(DEFAULT_SIZE))
+    if not size_text.isdigit() or not 1 <= int(size_text) <= MAX_SIZE:
+        raise InvalidInputError(f"The parameter 'size' must be 1..{MAX_SIZE}, not {size_text!r}.")
+    size = int(size_text)
+    cursor = request.query_params.get("cursor")
+    before = store.decode_cursor(cursor) if cursor else 2**62
+    rows = await store.list_anomalies(
+        _pool(runtime),
+        thing_id,
+        feature_id,
+        before=before,
+        start=_time(request, "from"),
+        end=_time(request, "to"),
+        size=size + 1,
+    )
+    items = [
+        {
+            "revision": r["revision"],
+            "timestamp": _iso(r["ts"]),
+            "score": store.finite(r["score"]),
+            "threshold": store.finite(r["threshold"]),
+            "properties": r["contributions"],
+            **(
+                {"label": r["label"], "labelledBy": r["labelled_by"], "labelledAt": _iso(r["labelled_at"])}
+                if r["label"] is not None
+                else {}
+            ),
+        }
+        for r in rows[:size]
+    ]
+    next_cursor = store.encode_cursor(items[-1]["revision"]) if len(rows) > size else None
+    return json_response(200, {"items": items, "cursor": next_cursor})
+
+
+async def label_anomaly(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime, auth, thing_id, feature_id = await _access(request, write=True)
+    revision = int(request.path_params["revision"])
+    label = await read_json(request, (JSON,))
+    if label not in store.LABELS:
+        raise InvalidInputError(
+            f"The label must be one of {', '.join(repr(x) for x in store.LABELS)}, not {label!r}.",
+            error="things:anomaly.label.invalid",
+        )
+    if not await store.label_anomaly(_pool(runtime), thing_id, feature_id, revision, label, auth.subject):
+        raise NotFoundError(
+            f"The Feature '{feature_id}' of the Thing with ID '{thing_id}' has no anomaly "
+            f"at revision {revision}.",
+            error="things:anomaly.notfound",
+            description="List the anomalies with GET .../anomaly/anomalies.",
+        )
+    return json_response(204)
+
+
+def anomaly_handlers() -> list[HTTPRouteHandler]:
+    """The anomaly routes under a feature."""
+    common: dict[str, Any] = {"tags": TAGS, "status_code": 200}
+    return [
+        put(F + "/detector", operation_id="putFeatureAnomalyDetector",
+            summary="Attach (or replace) the feature's anomaly detector", **common)(put_detector),
+        get(F + "/detector", operation_id="getFeatureAnomalyDetector",
+            summary="Retrieve the feature's anomaly detector", **common)(get_detector),
+        delete(F + "/detector", operation_id="deleteFeatureAnomalyDetector",
+               summary="Detach the feature's anomaly detector", **common)(delete_detector),
+        get(F, operation_id="getFeatureAnomaly",
+            summary="Retrieve the feature's latest anomaly score", **common)(get_latest),
+        get(F + "/anomalies", operation_id="getFeatureAnomalies",
+            summary="List the feature's anomalies, newest first", **common)(list_anomalies),
+        put(F + "/anomalies/{revision:int}/label", operation_id="putFeatureAnomalyLabel",
+            summary="Label an anomaly: confirmed or false-alarm", **common)(label_anomaly),
+    ]  # fmt: skip
