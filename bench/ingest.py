@@ -84,7 +84,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=100, help="rows per telemetry message (throughput phase)")
     p.add_argument("--rate", type=int, default=5000, help="updates/s in the latency phase")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
-    p.add_argument("--latency-rows", type=int, default=25, help="rows per message in the latency phase")
+    p.add_argument(
+        "--latency-rows",
+        type=int,
+        default=100,
+        help="rows per publish in the latency phase (adapters send every 20 ms: 100 rows at 5,000/s)",
+    )
     p.add_argument("--quiet-wait", type=float, default=10.0, help="wait up to s for an idle machine first")
     p.add_argument(
         "--topology",
