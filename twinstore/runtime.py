@@ -13,6 +13,7 @@ import nats
 import orjson
 from nats.aio.client import Client as NATS
 
+from twinstore.anomaly.worker import AnomalyWorker
 from twinstore.auth import Authenticator
 from twinstore.bus.ingest import IngestSubjects
 from twinstore.bus.relay import Relay, ensure_events_stream
@@ -65,6 +66,7 @@ class Runtime:
         self.subjects = Subjects(settings.nats_prefix, settings.event_partitions)
         self.ingest_subjects = IngestSubjects(settings.nats_prefix, settings.ingest_partitions)
         self.ingest: IngestWorker | None = None
+        self.anomaly: AnomalyWorker | None = None
         self.pool: asyncpg.Pool | None = None
         self.nc: NATS | None = None
         self.journal: Journal | None = None
@@ -86,10 +88,12 @@ class Runtime:
         nc: NATS | None = None,
         ingest: bool | None = None,
         clients: bool = True,
+        anomaly: bool | None = None,
     ) -> None:
         """Open everything; ``ingest`` (default: the ``ingest_enabled`` setting) runs an ingest
         worker; ``clients=False`` (``twinstore ingest``) leaves out what serves WebSocket/SSE
-        clients and live messages (the event fan-out and the message service)."""
+        clients and live messages (the event fan-out and the message service); ``anomaly``
+        (default: the ``anomaly_enabled`` setting) runs an anomaly scoring worker."""
         s = self.settings
         if s.database_url is None or s.nats_url is None:
             raise RuntimeError("database_url and nats_url must be set (or embedded servers started)")
@@ -152,11 +156,40 @@ class Runtime:
                 batch=s.ingest_batch,
             )
             self.ingest.start()
+        if s.anomaly_enabled if anomaly is None else anomaly:
+            self.anomaly = self.anomaly_worker()
+            self.anomaly.start()
+
+    def anomaly_worker(self, **options: Any) -> AnomalyWorker:
+        """A new (not started) anomaly scoring worker on this runtime's connections."""
+        assert self.nc is not None and self.journal is not None and self.pool is not None
+        s = self.settings
+        database_url = s.database_url
+        assert database_url is not None
+        messages = self.messages
+
+        async def send(thing_id: str, feature_id: str, value: dict[str, Any]) -> None:
+            assert messages is not None
+            await messages.send_from_feature(thing_id, feature_id, "anomaly", value)
+
+        return AnomalyWorker(
+            self.nc,
+            self.journal,
+            self.subjects,
+            pool=self.pool,
+            connect=lambda: asyncpg.connect(database_url),
+            send=send if messages is not None else None,
+            checkpoint_every=s.anomaly_checkpoint_every,
+            checkpoint_seconds=s.anomaly_checkpoint_seconds,
+            **options,
+        )
 
     async def close(self) -> None:
         """Finish in-flight writes, publish what was committed, then disconnect."""
         if self.ingest is not None:
             await self.ingest.stop()  # its batches in flight are committed and acknowledged
+        if self.anomaly is not None:
+            await self.anomaly.stop()  # checkpoints what it scored, then acknowledges it
         if self.fanout is not None:
             await self.fanout.stop()
         if self.messages is not None:

@@ -133,6 +133,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ingest_default_subjects: list[str] = msgspec.field(default_factory=list)
     ingest_batch: int = 1000
     ingest_max_age_seconds: float = 7 * 24 * 3600.0
+    # Anomaly detection (twinstore.anomaly.worker): `serve` scores watched features unless disabled.
+    anomaly_enabled: bool = True
+    anomaly_checkpoint_every: int = 1000
+    anomaly_checkpoint_seconds: float = 1.0
     # Days of thing history kept by `twinstore audit cleanup` (none: keep everything).
     history_retention_days: float | None = None
 
@@ -152,6 +156,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("history_retention_days must be a positive number of days (or unset)")
         if not 1 <= self.ingest_partitions <= 1024 or not 1 <= self.ingest_batch <= 10_000:
             raise ValueError("ingest_partitions must be 1..1024 and ingest_batch 1..10000")
+        if not 1 <= self.anomaly_checkpoint_every <= 100_000 or not 0 < self.anomaly_checkpoint_seconds <= 60:
+            raise ValueError(
+                "anomaly_checkpoint_every must be 1..100000 and anomaly_checkpoint_seconds in (0, 60]"
+            )
         for source, subjects in self.ingest_sources.items():
             if not source or not subjects:
                 raise ValueError(f"ingest_sources: {source!r} needs at least one subject")

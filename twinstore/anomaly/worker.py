@@ -1,0 +1,389 @@
+"""The scoring worker: committed thing events in, scores, checkpoints and anomalies out.
+
+Not in the write path: it reads the events stream (``<PREFIX>_EVENTS``) that the relay fills
+after each commit, so a slow model never slows a write.
+
+* **Partitions.** The processes running it share the event partitions as ingestion shares its
+  own (:class:`~twinstore.bus.partitions.PartitionGroup`: advisory locks, members counted in
+  ``pg_locks``); per partition a durable pull consumer ``anomaly-<p>``. A new consumer starts
+  at the earliest detector's config time (nothing before it can be scored), or at new events.
+* **Scoring.** For every event touching the properties of a feature with a detector
+  (``anomaly_detectors``): the feature's numeric leaves (``properties`` of the config, default
+  all) from the thing's state, kept per thing and folded from the events (loaded from the
+  journal at the event's revision on a cold start or a gap); revisions at or below the
+  detector's last scored one are skipped; then score, classify, explain, learn
+  (:mod:`twinstore.anomaly.base`).
+* **Exactly-once scoring.** The detector's checkpoint, its last revision, the latest score and
+  the anomalies found are written in one transaction every ``checkpoint_every`` updates or
+  ``checkpoint_seconds`` and on stop; messages are acknowledged only after the checkpoint
+  that contains them, so a crash redelivers exactly what the checkpoint has not seen (older
+  revisions are skipped). A checkpoint is written only while its config is still the one
+  stored (``modified``), so a replaced or removed detector's state never comes back.
+* **Anomalies** are published at once (at least once: after a crash the same anomaly, scored
+  again from the checkpoint with the same result, may be told twice) on core NATS
+  ``<prefix>.anomalies.<partition>`` and as a Ditto live message from the feature's outbox,
+  subject ``anomaly`` (receivers need READ on ``message:/features/<f>/outbox/messages/anomaly``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import nats.errors
+import nats.js
+import nats.js.api
+import nats.js.errors
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from twinstore.anomaly import store
+from twinstore.anomaly.base import Explainer, Filter, checkpoint, restore
+from twinstore.anomaly.detectors import create
+from twinstore.bus.partitions import PartitionGroup
+from twinstore.bus.subjects import Subjects
+from twinstore.fanout import decode_event
+from twinstore.model.errors import DittoError
+from twinstore.model.ids import parse_pointer
+from twinstore.model.thing import Event, ThingState, evolve
+from twinstore.store.journal import Journal
+
+__all__ = ["AnomalyStats", "AnomalyWorker", "Send"]
+
+log = logging.getLogger("twinstore.anomaly")
+
+ACK_WAIT_SECONDS = 120.0
+FETCH_TIMEOUT = 1.0
+THINGS_CACHED = 10_000
+
+# (thing id, feature id, value) -> the live message is on its way
+Send = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass
+class AnomalyStats:
+    """Counters of one worker."""
+
+    scored: int = 0
+    anomalies: int = 0
+    skipped: int = 0  # revisions already scored (redeliveries after a restart)
+    checkpoints: int = 0
+    scored_revisions: list[tuple[str, str, int]] = field(default_factory=list)  # kept when tracing
+
+
+@dataclass
+class _Watched:
+    """One live detector of one feature."""
+
+    config: dict[str, Any]
+    modified: datetime
+    detector: Filter
+    revision: int = 0
+    score: float | None = None
+    threshold: float | None = None
+    anomalous: bool = False
+    scored_at: datetime | None = None
+    dirty: bool = False
+
+
+class AnomalyWorker:
+    """One member of the scoring group: claims event partitions and scores them."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        journal: Journal,
+        subjects: Subjects,
+        *,
+        pool: asyncpg.Pool,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        send: Send | None = None,
+        checkpoint_every: int = 1000,
+        checkpoint_seconds: float = 1.0,
+        batch: int = 500,
+        trace: bool = False,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.journal = journal
+        self.subjects = subjects
+        self.pool = pool
+        self.send = send
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = checkpoint_seconds
+        self.batch = batch
+        self.trace = trace
+        self.stats = AnomalyStats()
+        self.group = PartitionGroup(
+            f"twinstore-anomaly:{subjects.events_stream}",
+            subjects.partitions,
+            self._partition,
+            connect=connect,
+            label="anomaly",
+        )
+
+    def start(self) -> None:
+        self.group.start()
+
+    async def stop(self) -> None:
+        """Checkpoint and acknowledge what was scored, then give the partitions back."""
+        await self.group.stop()
+
+    @property
+    def partitions(self) -> list[int]:
+        return self.group.partitions
+
+    async def _partition(self, partition: int, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await _Scorer(self, partition, stop).run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS or database trouble: start the partition again
+                log.warning(
+                    "anomaly: partition failed, restarting",
+                    extra={"partition": partition, "error": repr(exc)},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+
+def _touches(parts: list[str], feature_id: str) -> bool:
+    """Whether a change at ``parts`` can change the feature's properties."""
+    if len(parts) <= 1:
+        return not parts or parts == ["features"]
+    if parts[0] != "features" or parts[1] != feature_id:
+        return False
+    return len(parts) == 2 or parts[2] == "properties"
+
+
+class _Scorer:
+    """One claim of one partition: its consumer, the detectors' state and the pending acks."""
+
+    def __init__(self, worker: AnomalyWorker, partition: int, stop: asyncio.Event) -> None:
+        self.w = worker
+        self.partition = partition
+        self.stop = stop
+        self.durable = f"anomaly-{partition}"
+        self.things: OrderedDict[str, ThingState] = OrderedDict()
+        self.watched: dict[tuple[str, str], _Watched] = {}
+        self.unacked: list[Msg] = []
+        self.found: list[tuple[Any, ...]] = []  # anomalies rows not yet written
+        self.updates = 0
+        self.last_flush = time.monotonic()
+
+    async def _consumer(self) -> None:
+        w = self.w
+        stream = w.subjects.events_stream
+        try:
+            await w.js.consumer_info(stream, self.durable)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        async with w.pool.acquire() as con:
+            earliest = await con.fetchval(store.SELECT_EARLIEST_DETECTOR)
+        config = nats.js.api.ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=f"{w.subjects.prefix}.events.{self.partition}",
+            ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+            deliver_policy=nats.js.api.DeliverPolicy.BY_START_TIME
+            if earliest is not None
+            else nats.js.api.DeliverPolicy.NEW,
+            opt_start_time=earliest,
+            ack_wait=ACK_WAIT_SECONDS,
+            max_ack_pending=max(4 * w.checkpoint_every, 4 * w.batch, 1000),
+            max_deliver=-1,
+        )
+        await w.js.add_consumer(stream, config)
+
+    async def run(self) -> None:
+        await self._consumer()
+        sub = await self.w.js.pull_subscribe_bind(self.durable, self.w.subjects.events_stream)
+        try:
+            while not self.stop.is_set():
+                try:
+                    msgs = await sub.fetch(self.w.batch, timeout=FETCH_TIMEOUT)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    msgs = []
+                if msgs:
+                    await self.score(msgs)
+                    self.unacked.extend(msgs)
+                due = time.monotonic() - self.last_flush >= self.w.checkpoint_seconds
+                if self.unacked and (self.updates >= self.w.checkpoint_every or due):
+                    await self.flush()
+            await self.flush()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # ---- scoring ------------------------------------------------------------------------
+
+    async def score(self, msgs: list[Msg]) -> None:
+        events = [e for e in (decode_event(m.data, m.headers) for m in msgs) if e is not None]
+        thing_ids = list(dict.fromkeys(e.thing_id for e in events))
+        if not thing_ids:
+            return
+        async with self.w.pool.acquire() as con:
+            rows = await con.fetch(store.SELECT_DETECTORS_OF, thing_ids)
+        configs: dict[str, dict[str, tuple[dict[str, Any], datetime]]] = {}
+        for r in rows:
+            configs.setdefault(r["thing_id"], {})[r["feature_id"]] = (r["config"], r["modified"])
+        batch_things = set(thing_ids)
+        for key in [k for k in self.watched if k[0] in batch_things]:
+            if key[1] not in configs.get(key[0], {}):
+                del self.watched[key]  # detector removed
+        for event in events:
+            features = configs.get(event.thing_id)
+            if features:
+                await self._event(event, features)
+            else:
+                self.things.pop(event.thing_id, None)
+
+    async def _state(self, event: Event) -> ThingState | None:
+        """The thing after ``event`` (None: this run applied it already, or history is gone)."""
+        cached = self.things.get(event.thing_id)
+        if cached is not None and event.revision <= cached.revision:
+            return None
+        if cached is not None and event.revision == cached.revision + 1:
+            state = evolve(cached, event)
+        else:
+            try:
+                state = await self.w.journal.load_at(event.thing_id, event.revision)
+            except DittoError as exc:
+                log.warning(
+                    "anomaly: state not loadable, event skipped",
+                    extra={"thing_id": event.thing_id, "revision": event.revision, "error": exc.message},
+                )
+                return None
+        self.things[event.thing_id] = state
+        self.things.move_to_end(event.thing_id)
+        while len(self.things) > THINGS_CACHED:
+            self.things.popitem(last=False)
+        return state
+
+    async def _event(self, event: Event, features: dict[str, tuple[dict[str, Any], datetime]]) -> None:
+        state = await self._state(event)
+        if state is None or state.doc is None:
+            return
+        parts = parse_pointer(event.path)
+        for feature_id, (config, modified) in features.items():
+            if not _touches(parts, feature_id):
+                continue
+            feature = (state.doc.get("features") or {}).get(feature_id)
+            if not isinstance(feature, dict):
+                continue
+            x = store.leaves(feature.get("properties") or {}, config.get("properties"))
+            if not x:
+                continue
+            watched = await self._detector(event.thing_id, feature_id, config, modified)
+            if event.revision <= watched.revision:
+                self.w.stats.skipped += 1
+                continue
+            await self._score(event, feature_id, watched, x)
+
+    async def _detector(
+        self, thing_id: str, feature_id: str, config: dict[str, Any], modified: datetime
+    ) -> _Watched:
+        key = (thing_id, feature_id)
+        watched = self.watched.get(key)
+        if watched is not None and watched.modified == modified:
+            return watched
+        async with self.w.pool.acquire() as con:
+            row = await con.fetchrow(store.SELECT_STATE, thing_id, feature_id)
+        detector: Filter
+        if row is not None and row["state"] is not None:
+            restored = restore(bytes(row["state"]))
+            assert isinstance(restored, Filter)
+            detector = restored
+        else:
+            detector = create(config["algorithm"], config.get("parameters") or {})
+        watched = _Watched(config, modified, detector, revision=0 if row is None else int(row["revision"]))
+        self.watched[key] = watched
+        return watched
+
+    async def _score(self, event: Event, feature_id: str, watched: _Watched, x: dict[str, float]) -> None:
+        d = watched.detector
+        score = d.score_one(x)
+        anomalous = d.classify(score)
+        contributions = d.contributions(x) if anomalous and isinstance(d, Explainer) else {}
+        d.learn_one(x)
+        watched.revision = event.revision
+        watched.score, watched.threshold, watched.anomalous = score, d.threshold, anomalous
+        watched.scored_at = event.timestamp
+        watched.dirty = True
+        self.updates += 1
+        stats = self.w.stats
+        stats.scored += 1
+        if self.w.trace:
+            stats.scored_revisions.append((event.thing_id, feature_id, event.revision))
+        if not anomalous:
+            return
+        stats.anomalies += 1
+        threshold = store.finite(d.threshold)
+        self.found.append(
+            (event.thing_id, feature_id, event.revision, event.timestamp, score, d.threshold, contributions)
+        )
+        value = {
+            "thingId": event.thing_id,
+            "featureId": feature_id,
+            "revision": event.revision,
+            "score": store.finite(score),
+            "threshold": threshold,
+            "properties": contributions,
+        }
+        log.info(
+            "anomaly",
+            extra={"thing_id": event.thing_id, "feature_id": feature_id, "revision": event.revision},
+        )
+        subject = f"{self.w.subjects.prefix}.anomalies.{self.partition}"
+        try:
+            await self.w.nc.publish(
+                subject, orjson.dumps({**value, "timestamp": event.timestamp.isoformat()})
+            )
+            if self.w.send is not None:
+                await self.w.send(event.thing_id, feature_id, value)
+        except Exception as exc:  # telling is best effort; the anomaly is stored with the checkpoint
+            log.warning("anomaly: could not be sent", extra={"thing_id": event.thing_id, "error": repr(exc)})
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write the checkpoints and anomalies, then acknowledge the messages they contain."""
+        dirty = [(key, w) for key, w in self.watched.items() if w.dirty]
+        if dirty or self.found:
+            async with self.w.pool.acquire() as con, con.transaction():
+                if self.found:
+                    await con.executemany(store.INSERT_ANOMALY, self.found)
+                for (thing_id, feature_id), w in dirty:
+                    await con.execute(
+                        store.SAVE_STATE,
+                        thing_id,
+                        feature_id,
+                        w.revision,
+                        checkpoint(w.detector),
+                        w.score,
+                        w.threshold,
+                        w.anomalous,
+                        w.scored_at,
+                        w.modified,
+                    )
+            for _, w in dirty:
+                w.dirty = False
+            self.found = []
+            self.w.stats.checkpoints += 1
+        for msg in self.unacked:
+            with contextlib.suppress(Exception):  # a lost ack is a redelivery the revision skips
+                await msg.ack()
+        self.unacked = []
+        self.updates = 0
+        self.last_flush = time.monotonic()
