@@ -42,7 +42,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import msgspec
@@ -64,7 +63,7 @@ from twinstore.bus.ingest import (
     Update,
     decode_telemetry,
 )
-from twinstore.bus.partitions import PartitionGroup, lock_key
+from twinstore.bus.partitions import PartitionGroup, fetch_available, lock_key
 from twinstore.model import rql
 from twinstore.model.errors import ConflictError, DittoError, InvalidInputError, JsonInvalidError
 from twinstore.model.ids import validate_thing_id
@@ -81,7 +80,6 @@ REBALANCE_SECONDS = 2.0
 ACK_WAIT_SECONDS = 60.0
 IN_PROGRESS_SECONDS = 10.0
 FETCH_TIMEOUT = 1.0
-MORE_TIMEOUT = 0.02  # after the first message: the rest is taken if it is there already
 MAX_PAYLOAD_IN_REPORT = 1024
 
 _key = lock_key  # the group's advisory-lock classes (tests look at the locks with it)
@@ -270,7 +268,7 @@ class _PartitionRun:
         sub = await w.js.pull_subscribe_bind(self.durable, stream)
         try:
             while not self.stop.is_set():
-                msgs = await _fetch(sub, w.batch)
+                msgs = await fetch_available(sub, w.batch, FETCH_TIMEOUT)
                 if msgs:
                     await self.apply(msgs)
         finally:
@@ -465,26 +463,6 @@ class _PartitionRun:
                             raise
                         log.error("ingest: could not publish a refusal", extra={"error": repr(exc)})
                     await asyncio.sleep(0.2 * (attempt + 1))
-
-
-async def _fetch(sub: Any, batch: int) -> list[Msg]:
-    """The next messages: wait (up to FETCH_TIMEOUT) for one, then take what else is there.
-
-    One ``fetch(batch)`` is not used for both: once nats-py's lingering pull request got its
-    first message it waits for the whole batch until the timeout, so a trickle of messages would
-    wait a second each round instead of being applied at once.
-    """
-    try:
-        first = await sub.fetch(1, timeout=FETCH_TIMEOUT)
-    except (TimeoutError, nats.errors.TimeoutError):
-        return []
-    if batch <= 1:
-        return list(first)
-    try:
-        rest = await sub.fetch(batch - 1, timeout=MORE_TIMEOUT)
-    except (TimeoutError, nats.errors.TimeoutError):
-        rest = []
-    return [*first, *rest]
 
 
 def _int(text: str | None) -> int | None:

@@ -49,7 +49,7 @@ from nats.aio.msg import Msg
 from twinstore.anomaly import store
 from twinstore.anomaly.base import Explainer, Filter, checkpoint, restore
 from twinstore.anomaly.detectors import create
-from twinstore.bus.partitions import PartitionGroup
+from twinstore.bus.partitions import PartitionGroup, fetch_available
 from twinstore.bus.subjects import Subjects
 from twinstore.fanout import decode_event
 from twinstore.model.errors import DittoError
@@ -64,6 +64,7 @@ log = logging.getLogger("twinstore.anomaly")
 ACK_WAIT_SECONDS = 120.0
 FETCH_TIMEOUT = 1.0
 THINGS_CACHED = 10_000
+WATCHED_SECONDS = 0.25  # how stale the set of things with a detector may be
 
 # (thing id, feature id, value) -> the live message is on its way
 Send = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
@@ -123,6 +124,9 @@ class AnomalyWorker:
         self.batch = batch
         self.trace = trace
         self.stats = AnomalyStats()
+        self._watched_things: frozenset[str] = frozenset()
+        self._watched_at = float("-inf")
+        self._watched_lock = asyncio.Lock()
         self.group = PartitionGroup(
             f"twinstore-anomaly:{subjects.events_stream}",
             subjects.partitions,
@@ -141,6 +145,24 @@ class AnomalyWorker:
     @property
     def partitions(self) -> list[int]:
         return self.group.partitions
+
+    def invalidate(self) -> None:
+        """A detector was attached or removed in this process: re-read the watched things."""
+        self._watched_at = float("-inf")
+
+    async def watched_things(self) -> frozenset[str]:
+        """Things with a detector, re-read at most every WATCHED_SECONDS (and after
+        :meth:`invalidate`): events of other things are not even decoded. A detector attached
+        through another process scores from at most WATCHED_SECONDS after it was attached."""
+        if time.monotonic() - self._watched_at < WATCHED_SECONDS:
+            return self._watched_things
+        async with self._watched_lock:
+            if time.monotonic() - self._watched_at >= WATCHED_SECONDS:
+                async with self.pool.acquire() as con:
+                    rows = await con.fetch(store.SELECT_WATCHED_THINGS)
+                self._watched_things = frozenset(r["thing_id"] for r in rows)
+                self._watched_at = time.monotonic()
+        return self._watched_things
 
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -211,10 +233,7 @@ class _Scorer:
         sub = await self.w.js.pull_subscribe_bind(self.durable, self.w.subjects.events_stream)
         try:
             while not self.stop.is_set():
-                try:
-                    msgs = await sub.fetch(self.w.batch, timeout=FETCH_TIMEOUT)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    msgs = []
+                msgs = await fetch_available(sub, self.w.batch, FETCH_TIMEOUT)
                 if msgs:
                     await self.score(msgs)
                     self.unacked.extend(msgs)
@@ -229,6 +248,13 @@ class _Scorer:
     # ---- scoring ------------------------------------------------------------------------
 
     async def score(self, msgs: list[Msg]) -> None:
+        watched = await self.w.watched_things()
+        for key in [k for k in self.watched if k[0] not in watched]:
+            del self.watched[key]  # its detector was removed
+        if not watched:
+            return
+        # the relay names the thing in a header: events of unwatched things are not decoded
+        msgs = [m for m in msgs if (m.headers or {}).get("Ditto-Thing-Id", "") in watched]
         events = [e for e in (decode_event(m.data, m.headers) for m in msgs) if e is not None]
         thing_ids = list(dict.fromkeys(e.thing_id for e in events))
         if not thing_ids:

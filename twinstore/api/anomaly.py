@@ -77,6 +77,8 @@ async def put_detector(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime, _, thing_id, feature_id = await _access(request, write=True)
     config = store.validate_config(await read_json(request, (JSON,)))
     created = await store.put_detector(_pool(runtime), thing_id, feature_id, config)
+    if runtime.anomaly is not None:
+        runtime.anomaly.invalidate()  # this process's scorers watch the thing from now on
     if created:
         return json_response(201, _shown(config), {"location": str(request.url).split("?")[0]})
     return json_response(204)
@@ -98,6 +100,8 @@ async def delete_detector(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime, _, thing_id, feature_id = await _access(request, write=True)
     if not await store.delete_detector(_pool(runtime), thing_id, feature_id):
         raise _detector_not_found(thing_id, feature_id)
+    if runtime.anomaly is not None:
+        runtime.anomaly.invalidate()
     return json_response(204)
 
 

@@ -27,8 +27,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
+import nats.errors
+from nats.aio.msg import Msg
 
-__all__ = ["PartitionGroup", "lock_key"]
+__all__ = ["PartitionGroup", "fetch_available", "lock_key"]
 
 log = logging.getLogger("twinstore.partitions")
 
@@ -173,3 +175,27 @@ class PartitionGroup:
         cancelled only after the grace period."""
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, self.grace_seconds)
+
+
+MORE_TIMEOUT = 0.02  # after the first message: the rest is taken if it is there already
+
+
+async def fetch_available(sub: Any, batch: int, timeout: float) -> list[Msg]:
+    """The next messages of a pull subscription: wait (up to ``timeout``) for one, then take
+    what else is there at once (at most ``batch``); ``[]`` when nothing came.
+
+    One ``fetch(batch)`` is not used for both: once nats-py's lingering pull request got its
+    first message it waits for the whole batch until the timeout, so a trickle of messages would
+    wait a second each round instead of being applied at once.
+    """
+    try:
+        first = await sub.fetch(1, timeout=timeout)
+    except (TimeoutError, nats.errors.TimeoutError):
+        return []
+    if batch <= 1:
+        return list(first)
+    try:
+        rest = await sub.fetch(batch - 1, timeout=MORE_TIMEOUT)
+    except (TimeoutError, nats.errors.TimeoutError):
+        rest = []
+    return [*first, *rest]
