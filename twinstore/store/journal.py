@@ -307,6 +307,8 @@ class Journal:
         # moment the first commits. The lock keeps them strictly one after the other.
         self.writers = writers
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._planned = asyncio.Event()  # the last batch's plans are in the cache (see _transaction)
+        self._planned.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
         # Last known (state, chain head) of things this process wrote: plans are made from it
@@ -456,13 +458,37 @@ class Journal:
                 groups.setdefault(request.thing_id, []).append((len(owner), request))
                 owner.append(unit)
         marks = [(p, p.mark) for p in batch if p.mark is not None]
+        # Batches are planned one after the other: this one builds on the previous batch's
+        # plans (in the cache), made before its lock or, if they were wrong, under it. Without
+        # this, a loop planned its next batch while the other was still correcting its own, and
+        # the two went on planning on stale states (every plan made twice).
+        previous, planned = self._planned, asyncio.Event()
+        self._planned = planned
+        try:
+            await previous.wait()
+            return await self._planned_transaction(batch, groups, owner, marks, planned)
+        finally:
+            planned.set()
+
+    async def _planned_transaction(
+        self,
+        batch: list[_Pending],
+        groups: dict[str, list[tuple[int, WriteRequest]]],
+        owner: list[int],
+        marks: list[tuple[_Pending, Mark]],
+        planned: asyncio.Event,
+    ) -> tuple[list[list[Outcome]], list[Event]]:
         plans: dict[str, _Plan] = {}
+        entered: dict[str, tuple[ThingState, bytes]] = {}  # what this batch put in the cache
         for thing_id, items in groups.items():
             cached = self._cache.get(thing_id)
             if cached is not None:
                 plans[thing_id] = plan = self._plan(cached[0], cached[1], items)
-                self._cache[thing_id] = (plan.final, plan.head)
+                self._cache[thing_id] = entered[thing_id] = (plan.final, plan.head)
         ids = list(groups)
+        if len(plans) == len(ids):
+            planned.set()  # the next batch may plan on these now
+        stale: list[str] = []
         try:
             async with self.pool.acquire() as con, con.transaction():
                 heads = {
@@ -482,7 +508,10 @@ class Journal:
                     for i in stale:
                         row = rows.get(i)
                         head = bytes(row["hash"]) if row is not None else GENESIS
-                        plans[i] = self._plan(_state(i, row), head, groups[i])
+                        plans[i] = plan = self._plan(_state(i, row), head, groups[i])
+                        # at once, so the other commit loop plans its next batch on this one
+                        self._cache[i] = entered[i] = (plan.final, plan.head)
+                planned.set()
                 self._check_units(batch, owner, plans)
                 appended = [r for i in ids for r in plans[i].rows]
                 if appended:
@@ -493,8 +522,14 @@ class Journal:
                 self._cache.pop(thing_id, None)
             raise
         for thing_id in ids:
-            self._cache[thing_id] = (plans[thing_id].final, plans[thing_id].head)
-            self._cache.move_to_end(thing_id)
+            # The other commit loop may have planned its batch on top of this one's meanwhile
+            # (its entry replaced ours in the cache): it is ahead, so it stays; putting this
+            # final back would make every later plan of the thing miss and be made again under
+            # the lock.
+            current = self._cache.get(thing_id)
+            if current is None or current is entered.get(thing_id):
+                self._cache[thing_id] = (plans[thing_id].final, plans[thing_id].head)
+                self._cache.move_to_end(thing_id)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         flat: list[Outcome] = [ConflictError("not decided")] * len(owner)
