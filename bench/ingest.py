@@ -365,7 +365,10 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
         cpu8 = meter.stop(cpu0, sum(me.cpu_times()[:2]) - mine0)
         print(f"samples: {tp8['rate']:,.0f} updates/s, {tp8['events']:,} events, {cpu8}")
         wait_quiet(args.quiet_wait)
+        cpu0, mine0 = meter.start(), sum(me.cpu_times()[:2])
         lat = await latency(args, server.prefix, things, database_url)
+        lat["cpu"] = meter.stop(cpu0, sum(me.cpu_times()[:2]) - mine0)
+        print(f"latency phase CPU: {lat['cpu']}")
         print(f"latency: decided {stats(lat['decided'])}, delivered {stats(lat['delivered'])}")
     finally:
         if worker is not None:
@@ -457,7 +460,8 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
             f"= {tp8['events'] / tp8['seconds']:,.0f} events/s",
             "- CPU columns: cores busy during the phase: twinstore processes / PostgreSQL / the publisher "
             "(this script) / everything else (NATS server, other work on the shared machine)",
-            f"- p99 publish -> committed and relayed: {p99:.1f} ms (target <= 100 ms: {target2})",
+            f"- p99 publish -> committed and relayed: {p99:.1f} ms (target <= 100 ms: {target2}); CPU during "
+            f"the latency phase: {lat['cpu']}",
         ]
     )
     return facts, body

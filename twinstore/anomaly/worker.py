@@ -229,21 +229,39 @@ class _Scorer:
         await w.js.add_consumer(stream, config)
 
     async def run(self) -> None:
-        await self._consumer()
-        sub = await self.w.js.pull_subscribe_bind(self.durable, self.w.subjects.events_stream)
-        try:
-            while not self.stop.is_set():
-                msgs = await fetch_available(sub, self.w.batch, FETCH_TIMEOUT)
-                if msgs:
-                    await self.score(msgs)
-                    self.unacked.extend(msgs)
-                due = time.monotonic() - self.last_flush >= self.w.checkpoint_seconds
-                if self.unacked and (self.updates >= self.w.checkpoint_every or due):
-                    await self.flush()
-            await self.flush()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        """Score while some thing has a detector; with none anywhere, read nothing at all (the
+        consumer is removed and made again, from the earliest detector's time, when one comes)."""
+        dropped = False
+        while not self.stop.is_set():
+            if not await self.w.watched_things():
+                if not dropped:
+                    await self._drop_consumer()
+                    dropped = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), WATCHED_SECONDS)
+                continue
+            await self._consumer()
+            dropped = False
+            sub = await self.w.js.pull_subscribe_bind(self.durable, self.w.subjects.events_stream)
+            try:
+                while not self.stop.is_set():
+                    msgs = await fetch_available(sub, self.w.batch, FETCH_TIMEOUT)
+                    if msgs:
+                        await self.score(msgs)
+                        self.unacked.extend(msgs)
+                    due = time.monotonic() - self.last_flush >= self.w.checkpoint_seconds
+                    if self.unacked and (self.updates >= self.w.checkpoint_every or due):
+                        await self.flush()
+                    if not self.unacked and not await self.w.watched_things():
+                        break  # the last detector is gone
+                await self.flush()
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _drop_consumer(self) -> None:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.w.js.delete_consumer(self.w.subjects.events_stream, self.durable)
 
     # ---- scoring ------------------------------------------------------------------------
 

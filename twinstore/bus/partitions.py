@@ -177,7 +177,7 @@ class PartitionGroup:
             await asyncio.wait_for(task, self.grace_seconds)
 
 
-MORE_TIMEOUT = 0.02  # after the first message: the rest is taken if it is there already
+MORE_TIMEOUT = 0.002  # after the first message: only what is there already (no lingering wait)
 
 
 async def fetch_available(sub: Any, batch: int, timeout: float) -> list[Msg]:
