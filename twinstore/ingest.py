@@ -64,6 +64,7 @@ from twinstore.bus.ingest import (
     decode_telemetry,
 )
 from twinstore.bus.partitions import PartitionGroup, fetch_available, lock_key
+from twinstore.bus.streams import ensure_stream
 from twinstore.model import rql
 from twinstore.model.errors import ConflictError, DittoError, InvalidInputError, JsonInvalidError
 from twinstore.model.ids import validate_thing_id
@@ -94,28 +95,8 @@ async def ensure_ingest_streams(
     js: nats.js.JetStreamContext, subjects: IngestSubjects, max_age_seconds: float
 ) -> None:
     """Create or update the ingest stream (exactly the partition subjects) and the errors stream."""
-    for config in (
-        nats.js.api.StreamConfig(
-            name=subjects.stream,
-            subjects=subjects.all_subjects,
-            storage=nats.js.api.StorageType.FILE,
-            retention=nats.js.api.RetentionPolicy.LIMITS,
-            max_age=max_age_seconds,
-            duplicate_window=120.0,
-        ),
-        nats.js.api.StreamConfig(
-            name=subjects.errors_stream,
-            subjects=[subjects.errors_subject],
-            storage=nats.js.api.StorageType.FILE,
-            retention=nats.js.api.RetentionPolicy.LIMITS,
-            max_age=max_age_seconds,
-            duplicate_window=120.0,
-        ),
-    ):
-        try:
-            await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await js.update_stream(config)
+    await ensure_stream(js, subjects.stream, subjects.all_subjects, max_age_seconds)
+    await ensure_stream(js, subjects.errors_stream, [subjects.errors_subject], max_age_seconds)
 
 
 class _Lost(Exception):

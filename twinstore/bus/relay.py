@@ -31,6 +31,7 @@ from nats.aio.client import Client as NATS
 
 from twinstore.bus.envelope import event_envelope
 from twinstore.bus.publisher import JetStreamPublisher
+from twinstore.bus.streams import ensure_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.store.journal import event_from_row
 
@@ -61,18 +62,7 @@ async def ensure_events_stream(
     js: nats.js.JetStreamContext, subjects: Subjects, max_age_seconds: float
 ) -> None:
     """Create or update the events stream (file storage, dedup window 2 minutes)."""
-    config = nats.js.api.StreamConfig(
-        name=subjects.events_stream,
-        subjects=[subjects.events_wildcard],
-        storage=nats.js.api.StorageType.FILE,
-        retention=nats.js.api.RetentionPolicy.LIMITS,
-        max_age=max_age_seconds,
-        duplicate_window=120.0,
-    )
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        await js.update_stream(config)
+    await ensure_stream(js, subjects.events_stream, [subjects.events_wildcard], max_age_seconds)
 
 
 async def journal_head(pool: asyncpg.Pool) -> int:

@@ -1,0 +1,33 @@
+"""JetStream streams of twinstore: one way to declare them (created, or updated, at start).
+
+Every stream is file-stored, limits-retained for ``max_age`` seconds and deduplicates
+``Nats-Msg-Id`` over two minutes.
+"""
+
+from __future__ import annotations
+
+import nats.js
+import nats.js.api
+import nats.js.errors
+
+__all__ = ["DUPLICATE_WINDOW", "ensure_stream"]
+
+DUPLICATE_WINDOW = 120.0
+
+
+async def ensure_stream(
+    js: nats.js.JetStreamContext, name: str, subjects: list[str], max_age_seconds: float
+) -> None:
+    """Create the stream ``name`` over ``subjects``, or bring an existing one to this config."""
+    config = nats.js.api.StreamConfig(
+        name=name,
+        subjects=subjects,
+        storage=nats.js.api.StorageType.FILE,
+        retention=nats.js.api.RetentionPolicy.LIMITS,
+        max_age=max_age_seconds,
+        duplicate_window=DUPLICATE_WINDOW,
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(config)
