@@ -99,11 +99,15 @@ class PartitionGroup:
         while not self._stopping.is_set():
             try:
                 await self._rebalance()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:
+                # Lost, or left unusable: a connection terminated in the middle of a query can
+                # also surface as asyncpg's InternalClientError ("another operation is in
+                # progress") on the next one. Either way its locks are not to be trusted: give
+                # everything back and start again on a new connection.
                 log.warning(
                     "%s: lock connection lost, giving back partitions",
                     self.label,
-                    extra={"error": str(exc)},
+                    extra={"error": repr(exc)},
                 )
                 await self._release_all()
             with contextlib.suppress(TimeoutError):
@@ -166,8 +170,10 @@ class PartitionGroup:
         if owned:
             log.info("%s: gave back partitions", self.label, extra={"partitions": sorted(owned)})
         if self._con is not None:
-            with contextlib.suppress(Exception):
-                await self._con.close()
+            try:
+                await self._con.close(timeout=2)
+            except Exception:  # a broken connection: drop it without a goodbye
+                self._con.terminate()
             self._con = None
 
     async def _finish(self, task: asyncio.Task[None]) -> None:
