@@ -67,6 +67,7 @@ from benchlib import (
 )
 
 from twinstore.auth import write_users_file
+from twinstore.bus.streams import delete_streams
 from twinstore.bus.subjects import Subjects
 
 USER, PASSWORD = "bench", "bench-password"
@@ -288,7 +289,7 @@ class Server:
     async def delete_stream(self) -> None:
         nc = await nats.connect(self.nats_url)
         try:
-            await nc.jetstream().delete_stream(Subjects(self.prefix).events_stream)
+            await delete_streams(nc.jetstream(), self.prefix)
         except Exception:  # already gone or never created: nothing to clean
             pass
         finally:

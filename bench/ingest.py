@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -375,13 +374,7 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
             worker.terminate()
             worker.wait(30)
         server.stop()
-        await server.delete_stream()
-        nc = await nats.connect(args.nats_url)
-        subjects = IngestSubjects(server.prefix, 16)
-        for stream in (subjects.stream, subjects.errors_stream):
-            with contextlib.suppress(Exception):
-                await nc.jetstream().delete_stream(stream)
-        await nc.close()
+        await server.delete_stream()  # events, ingest and ingest-errors streams of its prefix
     total_events = await journal_count(database_url)
     expected = tp["events"] + tp8["events"] + lat["updates"]
     report = await verify_database(database_url, Scope(namespace="bench.ingest"), checkpoints="none")

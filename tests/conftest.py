@@ -31,6 +31,7 @@ import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from twinstore.api.app import create_app
+from twinstore.bus.streams import delete_streams
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings, load_settings
 from twinstore.store.codec import GENESIS, chain_hash
@@ -149,10 +150,7 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await rt.close()
         nc = await nats.connect(settings.nats_url)
         with contextlib.suppress(Exception):
-            await nc.jetstream().delete_stream(rt.subjects.events_stream)
-        for stream in (rt.ingest_subjects.stream, rt.ingest_subjects.errors_stream):
-            with contextlib.suppress(Exception):
-                await nc.jetstream().delete_stream(stream)
+            await delete_streams(nc.jetstream(), settings.nats_prefix)
         await nc.close()
 
 

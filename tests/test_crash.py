@@ -30,6 +30,7 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import AUTH, SELECT_JOURNAL, ServerProcess, fresh_database, new_thing_id, verify_chain
+from twinstore.bus.streams import delete_streams
 from twinstore.bus.subjects import Subjects
 from twinstore.settings import Settings
 
@@ -94,7 +95,7 @@ async def own_settings(servers: tuple[str, str], settings: Settings) -> AsyncIte
     yield own
     nc = await nats.connect(own.nats_url)
     with contextlib.suppress(Exception):
-        await nc.jetstream().delete_stream(Subjects(own.nats_prefix, own.event_partitions).events_stream)
+        await delete_streams(nc.jetstream(), own.nats_prefix)
     await nc.close()
     con = await asyncpg.connect(servers[0])
     try:

@@ -10,7 +10,7 @@ import nats.js
 import nats.js.api
 import nats.js.errors
 
-__all__ = ["DUPLICATE_WINDOW", "ensure_stream"]
+__all__ = ["DUPLICATE_WINDOW", "delete_streams", "ensure_stream"]
 
 DUPLICATE_WINDOW = 120.0
 
@@ -31,3 +31,17 @@ async def ensure_stream(
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
         await js.update_stream(config)
+
+
+async def delete_streams(js: nats.js.JetStreamContext, prefix: str) -> list[str]:
+    """Delete every stream twinstore makes for ``prefix`` (events, ingest, ingest errors), e.g.
+    after a test or a benchmark; the names of those that existed."""
+    base = prefix.upper().replace(".", "_")
+    deleted = []
+    for name in (f"{base}_EVENTS", f"{base}_INGEST", f"{base}_INGEST_ERRORS"):
+        try:
+            await js.delete_stream(name)
+            deleted.append(name)
+        except nats.js.errors.NotFoundError:
+            pass
+    return deleted
