@@ -184,23 +184,15 @@ class IngestWorker:
     # ---- one partition ------------------------------------------------------------------
 
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
-        """Apply one partition until stopped or taken over (a fence), retrying outages."""
-        while not stop.is_set():
-            try:
-                await _PartitionRun(self, partition, stop).run()
-                return
-            except _Lost:
-                log.warning("ingest: partition taken over elsewhere", extra={"partition": partition})
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS or database trouble: start the partition again
-                self.stats.retries += 1
-                log.warning(
-                    "ingest: partition failed, restarting", extra={"partition": partition, "error": repr(exc)}
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+        """Apply one partition until stopped or taken over (a fence); the group restarts it
+        after a failure (NATS or database trouble)."""
+        try:
+            await _PartitionRun(self, partition, stop).run()
+        except _Lost:
+            log.warning("ingest: partition taken over elsewhere", extra={"partition": partition})
+        except Exception:
+            self.stats.retries += 1
+            raise
 
     def auth_of(self, source: str | None) -> AuthContext | None:
         if source is not None and source in self.auths:

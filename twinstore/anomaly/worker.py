@@ -165,19 +165,8 @@ class AnomalyWorker:
         return self._watched_things
 
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await _Scorer(self, partition, stop).run()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS or database trouble: start the partition again
-                log.warning(
-                    "anomaly: partition failed, restarting",
-                    extra={"partition": partition, "error": repr(exc)},
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+        """Score one partition until stopped (the group restarts it after a failure)."""
+        await _Scorer(self, partition, stop).run()
 
 
 def _touches(parts: list[str], feature_id: str) -> bool:

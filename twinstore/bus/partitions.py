@@ -139,7 +139,7 @@ class PartitionGroup:
                 if await con.fetchval("SELECT pg_try_advisory_lock($1, $2)", self._lock_class, partition):
                     stop = asyncio.Event()
                     task = asyncio.create_task(
-                        self.run(partition, stop), name=f"twinstore-{self.label}-{partition}"
+                        self._keep(partition, stop), name=f"twinstore-{self.label}-{partition}"
                     )
                     self._owned[partition] = (task, stop)
                     log.info(
@@ -147,6 +147,24 @@ class PartitionGroup:
                         self.label,
                         extra={"partition": partition, "members": members},
                     )
+
+    async def _keep(self, partition: int, stop: asyncio.Event) -> None:
+        """Run one claimed partition until it returns or is stopped; after a failure (NATS or
+        database trouble) start it again a second later."""
+        while not stop.is_set():
+            try:
+                await self.run(partition, stop)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "%s: partition failed, restarting",
+                    self.label,
+                    extra={"partition": partition, "error": repr(exc)},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _release(self, partition: int) -> None:
         task, stop = self._owned.pop(partition)
