@@ -307,8 +307,8 @@ class Journal:
         # moment the first commits. The lock keeps them strictly one after the other.
         self.writers = writers
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._planned = asyncio.Event()  # the last batch's plans are in the cache (see _transaction)
-        self._planned.set()
+        # The last batch's things and an event set once its plans are in the cache (_transaction).
+        self._planned: tuple[frozenset[str], asyncio.Event] = (frozenset(), asyncio.Event())
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
         # Last known (state, chain head) of things this process wrote: plans are made from it
@@ -458,14 +458,16 @@ class Journal:
                 groups.setdefault(request.thing_id, []).append((len(owner), request))
                 owner.append(unit)
         marks = [(p, p.mark) for p in batch if p.mark is not None]
-        # Batches are planned one after the other: this one builds on the previous batch's
-        # plans (in the cache), made before its lock or, if they were wrong, under it. Without
-        # this, a loop planned its next batch while the other was still correcting its own, and
-        # the two went on planning on stale states (every plan made twice).
-        previous, planned = self._planned, asyncio.Event()
-        self._planned = planned
+        # A batch that writes things of the previous one is planned after it: it builds on that
+        # batch's plans (in the cache), made before its lock or, if they were wrong, under it.
+        # Without this, a loop planned its next batch while the other was still correcting its
+        # own, and the two went on planning on stale states (every plan made twice). Batches
+        # without a thing in common do not wait (the one before the previous ran on this loop).
+        (previous_ids, previous), planned = self._planned, asyncio.Event()
+        self._planned = (frozenset(groups), planned)
         try:
-            await previous.wait()
+            if not previous_ids.isdisjoint(groups):
+                await previous.wait()
             return await self._planned_transaction(batch, groups, owner, marks, planned)
         finally:
             planned.set()
