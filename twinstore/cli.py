@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not run an ingest worker in this process (setting ingest_enabled)",
     )
+    serve.add_argument(
+        "--no-anomaly",
+        action="store_true",
+        help="do not run an anomaly scoring worker in this process (setting anomaly_enabled)",
+    )
     ingest = sub.add_parser(
         "ingest",
         help="run only NATS ingestion (scale-out worker): no HTTP API",
@@ -95,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(ingest)
+    anomaly = sub.add_parser(
+        "anomaly",
+        help="run only anomaly scoring (scale-out worker): no HTTP API",
+        description=ANOMALY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(anomaly)
     migrate = sub.add_parser(
         "migrate",
         help="apply the database schema and exit",
@@ -311,6 +323,18 @@ Settings: ingest_partitions, ingest_sources, ingest_default_subjects, ingest_bat
 """
 
 
+ANOMALY = """\
+Score every update of watched features (README, "Anomaly detection") from the committed-event
+stream and send anomalies as the feature's outbox messages (subject `anomaly`), on NATS and to
+REST. Every `twinstore serve` scores too (unless --no-anomaly); run this for more workers: all
+of them share the event partitions (each scored by one worker at a time, in order, resumed from
+its checkpoint). Also runs the journal's relay (standby unless elected). Stops on SIGTERM /
+SIGINT after checkpointing and acknowledging what it scored.
+
+Settings: anomaly_checkpoint_every, anomaly_checkpoint_seconds, event_partitions (README).
+"""
+
+
 AUDIT_CLEANUP = """\
 History retention: remove the oldest journal events of things, keeping per thing
 
@@ -524,8 +548,8 @@ def serve(settings: Settings) -> None:
             servers.stop()  # type: ignore[attr-defined]
 
 
-def ingest(settings: Settings) -> int:
-    """Run an ingest worker (and the relay) until SIGTERM / SIGINT."""
+def worker(settings: Settings, role: str) -> int:
+    """Run one worker role, ``ingest`` or ``anomaly`` (and the relay), until SIGTERM / SIGINT."""
     from twinstore.runtime import Runtime
 
     servers = None
@@ -538,13 +562,15 @@ def ingest(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await runtime.open(ingest=True, clients=False)
-        assert runtime.ingest is not None
-        log.info("ingesting", extra={"stream": runtime.ingest_subjects.stream})
+        await runtime.open(ingest=role == "ingest", anomaly=role == "anomaly", clients=False)
+        if role == "ingest":
+            log.info("ingesting", extra={"stream": runtime.ingest_subjects.stream})
+        else:
+            log.info("scoring anomalies", extra={"partitions": settings.event_partitions})
         try:
             await stop.wait()
         finally:
-            log.info("stopping: finishing the batches in flight")
+            log.info("stopping: finishing the work in flight", extra={"role": role})
             await runtime.close()
 
     try:
@@ -842,12 +868,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
+        # HTTP worker processes (--workers) read the environment too.
         if args.no_ingest:
-            os.environ["TWINSTORE_INGEST_ENABLED"] = "false"  # HTTP worker processes read it too
+            os.environ["TWINSTORE_INGEST_ENABLED"] = "false"
+        if args.no_anomaly:
+            os.environ["TWINSTORE_ANOMALY_ENABLED"] = "false"
+        if args.no_ingest or args.no_anomaly:
             settings = _settings(args)
         serve(settings)
-    elif args.command == "ingest":
-        sys.exit(ingest(settings))
+    elif args.command in ("ingest", "anomaly"):
+        sys.exit(worker(settings, args.command))
     elif args.command == "migrate":
         sys.exit(_on_database(settings, _print_migrate))
     elif args.command == "audit":

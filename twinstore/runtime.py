@@ -92,7 +92,7 @@ class Runtime:
     ) -> None:
         """Open everything; ``ingest`` (default: the ``ingest_enabled`` setting) runs an ingest
         worker; ``clients=False`` (``twinstore ingest``) leaves out what serves WebSocket/SSE
-        clients and live messages (the event fan-out and the message service); ``anomaly``
+        clients and live messages (the event fan-out and message delivery); ``anomaly``
         (default: the ``anomaly_enabled`` setting) runs an anomaly scoring worker."""
         s = self.settings
         if s.database_url is None or s.nats_url is None:
@@ -134,10 +134,12 @@ class Runtime:
         self.policies = PolicyService(store, cache)
         self.service = ThingService(self.journal, self.policies)
         self.search = SearchService(pool, cache, frozenset(s.search_index_paths))
+        # Every process can send (the anomaly worker's outbox messages); only those serving
+        # clients subscribe to deliver them.
+        self.messages = MessageService(nc, self.subjects, cache, self.journal.load)
         if clients:
             self.fanout = FanOut(nc, self.subjects, cache, self.journal.load)
             await self.fanout.start()
-            self.messages = MessageService(nc, self.subjects, cache, self.journal.load)
             await self.messages.start()
         self._listener = asyncio.create_task(
             store.listen(lambda: asyncpg.connect(database_url), cache.invalidate, self._stop_listener),
@@ -178,7 +180,7 @@ class Runtime:
             self.subjects,
             pool=self.pool,
             connect=lambda: asyncpg.connect(database_url),
-            send=send if messages is not None else None,
+            send=send,
             checkpoint_every=s.anomaly_checkpoint_every,
             checkpoint_seconds=s.anomaly_checkpoint_seconds,
             **options,
