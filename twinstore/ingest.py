@@ -132,6 +132,7 @@ class Stats:
     batches: int = 0
     retries: int = 0  # database outages / conflicts waited out
     lag: dict[int, int] = field(default_factory=dict)  # partition -> messages pending
+    redeliveries: dict[int, int] = field(default_factory=dict)  # partition -> messages seen again
 
 
 class IngestWorker:
@@ -261,6 +262,8 @@ class _PartitionRun:
             meta = msg.metadata
             seq = meta.sequence.stream
             w.stats.lag[self.partition] = meta.num_pending
+            if meta.num_delivered > 1:
+                w.stats.redeliveries[self.partition] = w.stats.redeliveries.get(self.partition, 0) + 1
             unit = units[-1]
             if seq <= self.offset:
                 skipped += 1

@@ -307,6 +307,7 @@ class MessageSubscription(Mailbox[dict[str, Any]]):
     def offer(self, envelope: dict[str, Any]) -> None:
         """Queue an envelope; a full queue drops the subscriber (its reader sees why)."""
         if not self.put(envelope):
+            self.service.dropped += 1
             self.end(self.reason or "dropped")
 
     def end(self, reason: str) -> None:
@@ -339,6 +340,7 @@ class MessageService:
         self._delivered: OrderedDict[str, tuple[str, float, set[Any]]] = OrderedDict()
         self._nats_subs: list[Any] = []
         self._task: asyncio.Task[None] | None = None
+        self.dropped = 0  # receivers dropped as too slow (/metrics)
 
     async def start(self) -> None:
         if self._task is None:

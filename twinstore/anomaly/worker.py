@@ -52,6 +52,7 @@ from twinstore.anomaly.detectors import create
 from twinstore.bus.partitions import PartitionGroup, fetch_available
 from twinstore.bus.subjects import Subjects
 from twinstore.fanout import decode_event
+from twinstore.histogram import SCORE_BUCKETS, Histogram
 from twinstore.model.errors import DittoError
 from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Event, ThingState, evolve
@@ -78,6 +79,7 @@ class AnomalyStats:
     anomalies: int = 0
     skipped: int = 0  # revisions already scored (redeliveries after a restart)
     checkpoints: int = 0
+    scores: Histogram = field(default_factory=lambda: Histogram(SCORE_BUCKETS))  # /metrics
     scored_revisions: list[tuple[str, str, int]] = field(default_factory=list)  # kept when tracing
 
 
@@ -357,6 +359,7 @@ class _Scorer:
         self.updates += 1
         stats = self.w.stats
         stats.scored += 1
+        stats.scores.observe(score)
         if self.w.trace:
             stats.scored_revisions.append((event.thing_id, feature_id, event.revision))
         if not anomalous:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import Any, NamedTuple
 import asyncpg
 import msgspec
 
+from twinstore.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
 from twinstore.model import etag
 from twinstore.model.errors import (
     ConflictError,
@@ -321,6 +323,9 @@ class Journal:
         self._readers = asyncio.Semaphore(max(1, pool.get_max_size() - writers))
         self.batches = 0
         self.events_appended = 0
+        # read by /metrics: write requests per committed transaction, seconds per transaction
+        self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self.commit_seconds = Histogram(SECONDS_BUCKETS)
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -386,6 +391,7 @@ class Journal:
                 self._in_flight -= 1
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
         attempt = 0
         while True:
             try:
@@ -406,6 +412,8 @@ class Journal:
                     return
         self.batches += 1
         self.events_appended += len(events)
+        self.commit_seconds.observe(time.perf_counter() - started)
+        self.batch_sizes.observe(sum(len(p.requests) for p in batch))
         for pending, outcome in zip(batch, outcomes, strict=True):
             if not pending.future.done():
                 pending.future.set_result(outcome)
