@@ -1,4 +1,4 @@
-"""Health, OpenAPI, settings, migrations, CLI help, no-users refusal."""
+"""Health and readiness, OpenAPI, settings, migrations, CLI help, no-users refusal."""
 
 from __future__ import annotations
 
@@ -17,27 +17,33 @@ from twinstore.settings import Settings, load_settings
 from twinstore.store.schema import MIGRATIONS, migrate
 
 
-async def test_health_reports_database_and_nats(client: httpx.AsyncClient) -> None:
-    r = await client.get("/health", auth=None)
+async def test_ready_reports_database_and_nats(client: httpx.AsyncClient) -> None:
+    r = await client.get("/ready", auth=None)
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "UP"
     assert body["children"]["database"]["status"] == "UP"
     assert body["children"]["nats"]["status"] == "UP"
+    live = await client.get("/health", auth=None)
+    assert (live.status_code, live.json()) == (200, {"status": "UP"})
 
 
-async def test_health_is_503_when_database_is_down(settings: Settings, runtime: Runtime) -> None:
+async def test_ready_is_503_when_database_is_down(settings: Settings, runtime: Runtime) -> None:
     broken = Runtime(settings)
     broken.pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
     broken.nc = runtime.nc
     await broken.pool.close()
-    ok, body = await broken.health()
+    ok, body = await broken.ready()
     assert not ok
     assert body["children"]["database"]["status"] == "DOWN"
     app = create_app(settings, broken)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-        r = await c.get("/health")
+        r = await c.get("/ready")
+        live = await c.get("/health")
     assert r.status_code == 503
+    assert r.json()["children"]["database"]["status"] == "DOWN"
+    assert r.json()["children"]["nats"]["status"] == "UP"
+    assert live.status_code == 200
 
 
 async def test_openapi_document_is_served(client: httpx.AsyncClient) -> None:

@@ -22,6 +22,8 @@ from twinstore.enforcement import PolicyCache
 from twinstore.fanout import FanOut
 from twinstore.ingest import IngestWorker, ensure_ingest_streams
 from twinstore.messages import MessageService
+from twinstore.metrics import Metrics
+from twinstore.operations import OperationsListener
 from twinstore.policy_service import PolicyService
 from twinstore.search import SearchService
 from twinstore.service import ThingService
@@ -80,6 +82,9 @@ class Runtime:
         self._stop_listener = asyncio.Event()
         self.auth = Authenticator.from_settings(settings)
         self._owned: list[str] = []
+        self.metrics = Metrics(self)
+        # /metrics, /health, /ready of a worker process (serve has them on its API port)
+        self.listener: OperationsListener | None = None
 
     async def open(
         self,
@@ -93,10 +98,15 @@ class Runtime:
         """Open everything; ``ingest`` (default: the ``ingest_enabled`` setting) runs an ingest
         worker; ``clients=False`` (``twinstore ingest``) leaves out what serves WebSocket/SSE
         clients and live messages (the event fan-out and message delivery); ``anomaly``
-        (default: the ``anomaly_enabled`` setting) runs an anomaly scoring worker."""
+        (default: the ``anomaly_enabled`` setting) runs an anomaly scoring worker. Without
+        ``clients`` and with ``metrics_port`` set, /metrics, /health and /ready are served on that
+        port from the start (/ready says 503 until everything is open)."""
         s = self.settings
         if s.database_url is None or s.nats_url is None:
             raise RuntimeError("database_url and nats_url must be set (or embedded servers started)")
+        if not clients and s.metrics_port is not None and self.listener is None:
+            self.listener = OperationsListener(self, "0.0.0.0", s.metrics_port)
+            await self.listener.start()
         if pool is None:
             pool = await create_pool(s.database_url, s.pool_size)
             self._owned.append("pool")
@@ -211,14 +221,17 @@ class Runtime:
                 await self.nc.drain()
         if self.pool is not None and "pool" in self._owned:
             await self.pool.close()
+        if self.listener is not None:
+            await self.listener.stop()
 
     async def _flush_relay(self) -> None:
         assert self.relay is not None
         while await self.relay.publish_pending():
             pass
 
-    async def health(self) -> tuple[bool, dict[str, Any]]:
-        """Database and NATS status as Ditto's health shape (``UP`` / ``DOWN``)."""
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness (``/ready``): the database answers with the current schema and NATS is
+        connected; Ditto's health shape (``UP`` / ``DOWN``)."""
         db: dict[str, Any] = {"status": "DOWN"}
         if self.pool is not None:
             try:

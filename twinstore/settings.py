@@ -137,6 +137,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     anomaly_enabled: bool = True
     anomaly_checkpoint_every: int = 1000
     anomaly_checkpoint_seconds: float = 1.0
+    # Worker processes (`twinstore ingest`, `twinstore anomaly`) serve GET /metrics, /health and
+    # /ready on 0.0.0.0:<metrics_port> when set (0: any free port); `serve` has them on its own port.
+    metrics_port: int | None = None
     # Days of thing history kept by `twinstore audit cleanup` (none: keep everything).
     history_retention_days: float | None = None
 
@@ -152,6 +155,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     f"search_indexes: {path!r} must be a path below attributes/ or features/ "
                     "without '*' or array indexes, e.g. 'attributes/floor'"
                 )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be a TCP port 0..65535 (or unset)")
         if self.history_retention_days is not None and not self.history_retention_days > 0:
             raise ValueError("history_retention_days must be a positive number of days (or unset)")
         if not 1 <= self.ingest_partitions <= 1024 or not 1 <= self.ingest_batch <= 10_000:

@@ -573,7 +573,7 @@ class Api:
         said = False
         while True:
             try:
-                status, _ = await self.acall("GET", "/health")
+                status, _ = await self.acall("GET", "/ready")
                 if status == 200:
                     return
             except (OSError, urllib.error.URLError):

@@ -1,4 +1,4 @@
-"""The litestar application: routes, the one error handler, health, OpenAPI.
+"""The litestar application: routes, the one error handler, operations endpoints, OpenAPI.
 
 ``create_app(settings, runtime=None)``: the lifespan opens a :class:`Runtime` unless one is
 passed in (tests pass their own).
@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
@@ -21,6 +21,7 @@ import twinstore
 from twinstore.api.anomaly import anomaly_handlers
 from twinstore.api.headers import correlation_id
 from twinstore.api.messages import message_handlers
+from twinstore.api.operations import HttpMetrics, operations_handlers
 from twinstore.api.policies import policy_handlers
 from twinstore.api.search import search_handlers
 from twinstore.api.things import json_response, thing_handlers
@@ -80,13 +81,6 @@ def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Resp
     )
 
 
-@get("/health", operation_id="getHealth", tags=["Operations"], summary="Database and NATS status (200 / 503)")
-async def health(request: Request[Any, Any, Any]) -> Response[bytes]:
-    runtime: Runtime = request.app.state.runtime
-    ok, body = await runtime.health()
-    return json_response(200 if ok else 503, body)
-
-
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
     """The ASGI app; opens (and closes) a runtime unless one is given."""
 
@@ -99,6 +93,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
         own = Runtime(settings)
         await own.open()
         app.state.runtime = own
+        http_metrics.bind(own)
         try:
             yield
         finally:
@@ -106,7 +101,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
 
     app = Litestar(
         route_handlers=[
-            health,
+            *operations_handlers(),
             *thing_handlers(),
             *message_handlers(),
             *anomaly_handlers(),
@@ -129,8 +124,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
         logging_config=None,
     )
     app.state.default_namespace = "org.eclipse.ditto"
+    # Around routing and the error handler: every request is counted (404s as route "other").
+    app.asgi_handler = http_metrics = HttpMetrics(app.asgi_handler)
     if runtime is not None:
         app.state.runtime = runtime
+        http_metrics.bind(runtime)
     return app
 
 
