@@ -12,17 +12,16 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import json
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import yaml
 
 from adapters.base import ConfigError, load_config
+from twinstore import logs
 
 __all__ = ["main"]
 
@@ -49,34 +48,10 @@ Common configuration keys (adapter-specific ones: see the README):
 Logs are JSON lines on stderr (--log-format text for plain lines). SIGTERM stops gracefully.
 """
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
 
 def configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("asyncua", "nats"):
-        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+    """twinstore's logging set-up (one place), with the adapters' chatty libraries quieter."""
+    logs.configure_logging(level, fmt, quiet=("asyncua", "nats"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -426,7 +426,8 @@ class _PartitionRun:
             }
             report_id = f"{w.subjects.stream}:{seq}:{'' if report.row is None else report.row}"
             w.stats.refused += 1
-            log.info("ingest: refused", extra={k: body[k] for k in ("reason", "sequence", "source", "row")})
+            fields = {k: body[k] for k in ("reason", "sequence", "source", "row")}
+            log.info("ingest: refused", extra={"thing_id": report.thing_id, **fields})
             for attempt in range(5):
                 try:
                     await w.js.publish(

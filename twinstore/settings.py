@@ -115,6 +115,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     relay_poll_interval: float = 1.0
     log_level: str = "info"
     log_format: str = "json"
+    # One info line per HTTP request / WebSocket session on the twinstore.access logger.
+    access_log: bool = True
     dev_mode: bool = False
     jwt_issuers: list[JwtIssuer] = msgspec.field(default_factory=list)
     preauth_enabled: bool = False

@@ -18,6 +18,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 
 import twinstore
+from twinstore.api.access import RequestContext
 from twinstore.api.anomaly import anomaly_handlers
 from twinstore.api.headers import correlation_id
 from twinstore.api.messages import message_handlers
@@ -27,6 +28,7 @@ from twinstore.api.search import search_handlers
 from twinstore.api.things import json_response, thing_handlers
 from twinstore.api.whoami import whoami_handlers
 from twinstore.api.ws import ws_handlers
+from twinstore.logs import context_field
 from twinstore.model.errors import DittoError, PreconditionFailedError, PreconditionNotModifiedError
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings
@@ -45,8 +47,8 @@ _HTTP_ERRORS = {
 
 def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Map every exception to Ditto's error body; unknown ones are logged and become 500."""
-    try:
-        correlation = correlation_id(request)
+    try:  # none given: the one its log lines carry
+        correlation = correlation_id(request) or context_field("correlation_id")
     except DittoError:  # not echoed when it is not a valid header value
         correlation = None
     headers = {"correlation-id": correlation} if correlation else {}
@@ -124,6 +126,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
         logging_config=None,
     )
     app.state.default_namespace = "org.eclipse.ditto"
+    # Around routing and the error handler: every request (404s included) gets its log context.
+    app.asgi_handler = RequestContext(app.asgi_handler, access_log=settings.access_log)
     # Around routing and the error handler: every request is counted (404s as route "other").
     app.asgi_handler = http_metrics = HttpMetrics(app.asgi_handler)
     if runtime is not None:

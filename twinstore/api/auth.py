@@ -8,6 +8,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 
 from twinstore.auth import AuthContext
+from twinstore.logs import set_field
 
 __all__ = ["authenticate"]
 
@@ -27,4 +28,5 @@ async def authenticate(
     context: AuthContext = await connection.app.state.runtime.auth.authenticate(
         headers, client.host if client is not None else None
     )
+    set_field("subject", context.subject)  # on the request's log lines from now on
     return context

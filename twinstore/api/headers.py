@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 from litestar import Request
 
+from twinstore.logs import context_field
 from twinstore.model.errors import HeaderInvalidError, InvalidInputError
 from twinstore.model.etag import parse_etags
 from twinstore.model.fields import parse_fields
@@ -107,7 +108,8 @@ def parse_headers(request: AnyRequest) -> DittoHeaders:
     return DittoHeaders(
         at_historical_revision=at_revision,
         at_historical_timestamp=at_timestamp,
-        correlation_id=correlation_id(request) or str(uuid.uuid4()),
+        # A request without one gets the id its log lines carry (twinstore.api.access).
+        correlation_id=correlation_id(request) or context_field("correlation_id") or str(uuid.uuid4()),
         response_required=_bool("response-required", header(request, "response-required"), True),
         if_match=parse_etags(header(request, "if-match")),
         if_none_match=parse_etags(header(request, "if-none-match")),

@@ -46,12 +46,14 @@ from litestar import WebSocket, websocket
 from litestar.handlers import WebsocketRouteHandler
 
 from twinstore import protocol
+from twinstore.api.access import MAX_ID
 from twinstore.api.auth import authenticate
 from twinstore.api.history import WS_NAMES, History, parse_range
 from twinstore.api.live import LiveQuery, from_now, parse_query
 from twinstore.auth import AuthContext
 from twinstore.bus.envelope import event_envelope
 from twinstore.fanout import SlowConsumerError, Subscription
+from twinstore.logs import bind
 from twinstore.messages import MessageSubscription
 from twinstore.model import rql
 from twinstore.model.errors import DittoError, InvalidInputError, JsonInvalidError, TooLargeError
@@ -512,6 +514,9 @@ class Session:
                 del self.streams[stream.id]
 
     async def _process(self, data: str | bytes, envelope: Any) -> None:
+        correlation = _header(envelope, "correlation-id") if isinstance(envelope, dict) else None
+        if isinstance(correlation, str) and correlation:
+            bind(correlation_id=correlation[:MAX_ID])  # this command's task only
         queued = False
         try:
             if envelope is _UNDECODED:  # answered with the protocol's json.invalid error

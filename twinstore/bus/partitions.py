@@ -30,6 +30,8 @@ import asyncpg
 import nats.errors
 from nats.aio.msg import Msg
 
+from twinstore.logs import bind
+
 __all__ = ["PartitionGroup", "fetch_available", "lock_key"]
 
 log = logging.getLogger("twinstore.partitions")
@@ -151,6 +153,7 @@ class PartitionGroup:
     async def _keep(self, partition: int, stop: asyncio.Event) -> None:
         """Run one claimed partition until it returns or is stopped; after a failure (NATS or
         database trouble) start it again a second later."""
+        bind(partition=partition)  # on every log line of this partition's task
         while not stop.is_set():
             try:
                 await self.run(partition, stop)
