@@ -126,10 +126,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
         logging_config=None,
     )
     app.state.default_namespace = "org.eclipse.ditto"
-    # Around routing and the error handler: every request (404s included) gets its log context.
-    app.asgi_handler = RequestContext(app.asgi_handler, access_log=settings.access_log)
     # Around routing and the error handler: every request is counted (404s as route "other").
     app.asgi_handler = http_metrics = HttpMetrics(app.asgi_handler)
+    # Around routing and the error handler: every request (404s included) gets its log context.
+    app.asgi_handler = RequestContext(app.asgi_handler, access_log=settings.access_log)
     if runtime is not None:
         app.state.runtime = runtime
         http_metrics.bind(runtime)
