@@ -9,6 +9,10 @@ The API gets the users file, JWT issuers and the audit key; the workers serve /m
 {{- $root := .root }}
 {{- $role := .role }}
 {{- $ctx := dict "root" $root "component" .component }}
+{{- $grace := default 25 $root.Values.settings.shutdown_grace_seconds }}
+{{- if le (float64 $role.terminationGracePeriodSeconds) (float64 $grace) }}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%v) must be above settings.shutdown_grace_seconds (%v): Kubernetes kills the process when it runs out" .component $role.terminationGracePeriodSeconds $grace) }}
+{{- end }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
