@@ -413,12 +413,14 @@ class MessageService:
         content_type: str = "application/json",
         originator: str = "twinstore:service",
         correlation_id: str | None = None,
+        policy_id: str | None = None,
     ) -> Message:
         """The service's own outbox message of a feature (e.g. an anomaly), fire and forget.
 
         No sender permission is checked (the service itself speaks for the thing); receivers
         still need READ on ``message:/features/<feature>/outbox/messages/<subject>``. 404 when
-        the thing does not exist.
+        the thing does not exist. ``policy_id``: the thing's, when the caller has just read it
+        (the thing is not loaded again).
         """
         message = Message(
             thing_id=thing_id,
@@ -432,7 +434,8 @@ class MessageService:
             timeout=0.0,
             response_required=False,
         )
-        _, policy_id = await self._thing(thing_id)
+        if policy_id is None:
+            _, policy_id = await self._thing(thing_id)
         await self._publish(message, policy_id, None)
         return message
 

@@ -180,9 +180,9 @@ class Runtime:
         assert database_url is not None
         messages = self.messages
 
-        async def send(thing_id: str, feature_id: str, value: dict[str, Any]) -> None:
+        async def send(thing_id: str, feature_id: str, value: dict[str, Any], policy_id: str | None) -> None:
             assert messages is not None
-            await messages.send_from_feature(thing_id, feature_id, "anomaly", value)
+            await messages.send_from_feature(thing_id, feature_id, "anomaly", value, policy_id=policy_id)
 
         return AnomalyWorker(
             self.nc,

@@ -52,11 +52,10 @@ SELECT_DETECTOR = """
 SELECT config, created, modified FROM anomaly_detectors WHERE thing_id = $1 AND feature_id = $2
 """
 DELETE_DETECTOR = "DELETE FROM anomaly_detectors WHERE thing_id = $1 AND feature_id = $2"
-SELECT_DETECTORS_OF = """
-SELECT thing_id, feature_id, config, modified FROM anomaly_detectors WHERE thing_id = any($1::text[])
-"""
+SELECT_DETECTORS = "SELECT thing_id, feature_id, config, modified FROM anomaly_detectors"
+# Changes with every PUT (a newer ``modified``) and DELETE (fewer rows) of a detector.
+SELECT_DETECTORS_FINGERPRINT = "SELECT count(*), max(modified) FROM anomaly_detectors"
 SELECT_EARLIEST_DETECTOR = "SELECT min(modified) FROM anomaly_detectors"
-SELECT_WATCHED_THINGS = "SELECT DISTINCT thing_id FROM anomaly_detectors"
 SELECT_LATEST = """
 SELECT s.revision, s.score, s.threshold, s.anomalous, s.scored_at, d.config
 FROM anomaly_state s JOIN anomaly_detectors d USING (thing_id, feature_id)

@@ -67,8 +67,10 @@ FETCH_TIMEOUT = 1.0
 THINGS_CACHED = 10_000
 WATCHED_SECONDS = 0.25  # how stale the set of things with a detector may be
 
-# (thing id, feature id, value) -> the live message is on its way
-Send = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
+# (thing id, feature id, value, policy id) -> the live message is on its way
+Send = Callable[[str, str, dict[str, Any], str | None], Awaitable[Any]]
+# thing id -> feature id -> (config, modified)
+Detectors = dict[str, dict[str, tuple[dict[str, Any], datetime]]]
 
 
 @dataclass
@@ -126,9 +128,11 @@ class AnomalyWorker:
         self.batch = batch
         self.trace = trace
         self.stats = AnomalyStats()
-        self._watched_things: frozenset[str] = frozenset()
-        self._watched_at = float("-inf")
-        self._watched_lock = asyncio.Lock()
+        self._detectors: Detectors = {}
+        self._fingerprint: tuple[Any, ...] | None = None
+        self._detectors_at = float("-inf")
+        self._detectors_lock = asyncio.Lock()
+        self.generation = 0  # counts the times the detectors were re-read
         self.group = PartitionGroup(
             f"twinstore-anomaly:{subjects.events_stream}",
             subjects.partitions,
@@ -149,22 +153,32 @@ class AnomalyWorker:
         return self.group.partitions
 
     def invalidate(self) -> None:
-        """A detector was attached or removed in this process: re-read the watched things."""
-        self._watched_at = float("-inf")
+        """A detector was attached or removed in this process: re-read the detectors."""
+        self._detectors_at = float("-inf")
 
-    async def watched_things(self) -> frozenset[str]:
-        """Things with a detector, re-read at most every WATCHED_SECONDS (and after
-        :meth:`invalidate`): events of other things are not even decoded. A detector attached
-        through another process scores from at most WATCHED_SECONDS after it was attached."""
-        if time.monotonic() - self._watched_at < WATCHED_SECONDS:
-            return self._watched_things
-        async with self._watched_lock:
-            if time.monotonic() - self._watched_at >= WATCHED_SECONDS:
+    async def detectors(self) -> Detectors:
+        """The detectors by thing and feature, checked at most every WATCHED_SECONDS (and after
+        :meth:`invalidate`) by a cheap fingerprint and re-read only when it changed: events of
+        things without one are not even decoded. A detector attached through another process
+        scores from at most WATCHED_SECONDS after it was attached."""
+        if time.monotonic() - self._detectors_at < WATCHED_SECONDS:
+            return self._detectors
+        async with self._detectors_lock:
+            if time.monotonic() - self._detectors_at >= WATCHED_SECONDS:
                 async with self.pool.acquire() as con:
-                    rows = await con.fetch(store.SELECT_WATCHED_THINGS)
-                self._watched_things = frozenset(r["thing_id"] for r in rows)
-                self._watched_at = time.monotonic()
-        return self._watched_things
+                    row = await con.fetchrow(store.SELECT_DETECTORS_FINGERPRINT)
+                    fingerprint = (row[0], row[1]) if row is not None else None
+                    if fingerprint != self._fingerprint:
+                        detectors: Detectors = {}
+                        for r in await con.fetch(store.SELECT_DETECTORS):
+                            detectors.setdefault(r["thing_id"], {})[r["feature_id"]] = (
+                                r["config"],
+                                r["modified"],
+                            )
+                        self._detectors, self._fingerprint = detectors, fingerprint
+                        self.generation += 1
+                self._detectors_at = time.monotonic()
+        return self._detectors
 
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
         """Score one partition until stopped (the group restarts it after a failure)."""
@@ -192,6 +206,7 @@ class _Scorer:
         self.watched: dict[tuple[str, str], _Watched] = {}
         self.unacked: list[Msg] = []
         self.found: list[tuple[Any, ...]] = []  # anomalies rows not yet written
+        self.generation = -1  # of the worker's detectors when ``watched`` was last pruned
         self.updates = 0
         self.last_flush = time.monotonic()
 
@@ -224,7 +239,7 @@ class _Scorer:
         consumer is removed and made again, from the earliest detector's time, when one comes)."""
         dropped = False
         while not self.stop.is_set():
-            if not await self.w.watched_things():
+            if not await self.w.detectors():
                 if not dropped:
                     await self._drop_consumer()
                     dropped = True
@@ -243,7 +258,7 @@ class _Scorer:
                     due = time.monotonic() - self.last_flush >= self.w.checkpoint_seconds
                     if self.unacked and (self.updates >= self.w.checkpoint_every or due):
                         await self.flush()
-                    if not self.unacked and not await self.w.watched_things():
+                    if not self.unacked and not await self.w.detectors():
                         break  # the last detector is gone
                 await self.flush()
             finally:
@@ -257,27 +272,18 @@ class _Scorer:
     # ---- scoring ------------------------------------------------------------------------
 
     async def score(self, msgs: list[Msg]) -> None:
-        watched = await self.w.watched_things()
-        for key in [k for k in self.watched if k[0] not in watched]:
-            del self.watched[key]  # its detector was removed
-        if not watched:
+        configs = await self.w.detectors()
+        if self.generation != self.w.generation:  # detectors came or went: forget removed ones
+            self.generation = self.w.generation
+            for key in [k for k in self.watched if k[1] not in configs.get(k[0], {})]:
+                del self.watched[key]
+        if not configs:
             return
         # the relay names the thing in a header: events of unwatched things are not decoded
-        msgs = [m for m in msgs if (m.headers or {}).get("Ditto-Thing-Id", "") in watched]
-        events = [e for e in (decode_event(m.data, m.headers) for m in msgs) if e is not None]
-        thing_ids = list(dict.fromkeys(e.thing_id for e in events))
-        if not thing_ids:
-            return
-        async with self.w.pool.acquire() as con:
-            rows = await con.fetch(store.SELECT_DETECTORS_OF, thing_ids)
-        configs: dict[str, dict[str, tuple[dict[str, Any], datetime]]] = {}
-        for r in rows:
-            configs.setdefault(r["thing_id"], {})[r["feature_id"]] = (r["config"], r["modified"])
-        batch_things = set(thing_ids)
-        for key in [k for k in self.watched if k[0] in batch_things]:
-            if key[1] not in configs.get(key[0], {}):
-                del self.watched[key]  # detector removed
-        for event in events:
+        msgs = [m for m in msgs if (m.headers or {}).get("Ditto-Thing-Id", "") in configs]
+        for event in (decode_event(m.data, m.headers) for m in msgs):
+            if event is None:
+                continue
             features = configs.get(event.thing_id)
             if features:
                 await self._event(event, features)
@@ -324,7 +330,10 @@ class _Scorer:
             if event.revision <= watched.revision:
                 self.w.stats.skipped += 1
                 continue
-            await self._score(event, feature_id, watched, x)
+            policy_id = state.doc.get("policyId")
+            await self._score(
+                event, feature_id, watched, x, policy_id if isinstance(policy_id, str) else None
+            )
 
     async def _detector(
         self, thing_id: str, feature_id: str, config: dict[str, Any], modified: datetime
@@ -346,7 +355,9 @@ class _Scorer:
         self.watched[key] = watched
         return watched
 
-    async def _score(self, event: Event, feature_id: str, watched: _Watched, x: dict[str, float]) -> None:
+    async def _score(
+        self, event: Event, feature_id: str, watched: _Watched, x: dict[str, float], policy_id: str | None
+    ) -> None:
         d = watched.detector
         score = d.score_one(x)
         anomalous = d.classify(score)
@@ -387,7 +398,7 @@ class _Scorer:
                 subject, orjson.dumps({**value, "timestamp": event.timestamp.isoformat()})
             )
             if self.w.send is not None:
-                await self.w.send(event.thing_id, feature_id, value)
+                await self.w.send(event.thing_id, feature_id, value, policy_id)
         except Exception as exc:  # telling is best effort; the anomaly is stored with the checkpoint
             log.warning("anomaly: could not be sent", extra={"thing_id": event.thing_id, "error": repr(exc)})
 
