@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -42,19 +39,14 @@ from nats.aio.client import Client as NATS
 
 from adapters.base import Forwarder
 from tests.adapters.conftest import PrivateNats
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
+from tests.processes import IngestProcess, Publisher, eventually
 from twinstore.audit import verify_database
 from twinstore.bus.ingest import (
     COMMAND_TYPE,
-    SEQ_HEADER,
-    SOURCE_HEADER,
     TELEMETRY_TYPE,
     IngestSubjects,
-    OutgoingMessage,
     Update,
-    command_message,
-    initial_seq,
-    telemetry_messages,
 )
 from twinstore.bus.subjects import Subjects
 from twinstore.ingest import _key
@@ -82,90 +74,13 @@ GROUP BY pid ORDER BY 1
 # ---- helpers -------------------------------------------------------------------------------
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not in {timeout:.0f} s: {what}")
-        await asyncio.sleep(0.1)
-
-
-class IngestProcess:
-    """A real ``twinstore ingest`` process (JSON logs in a file of its own)."""
-
-    def __init__(self, database_url: str, nats_url: str, prefix: str, log_dir: Path) -> None:
-        self.env = {
-            **os.environ,
-            "TWINSTORE_DATABASE_URL": database_url,
-            "TWINSTORE_NATS_URL": nats_url,
-            "TWINSTORE_NATS_PREFIX": prefix,
-            "TWINSTORE_INGEST_SOURCES": json.dumps(SOURCES),
-            "TWINSTORE_INGEST_DEFAULT_SUBJECTS": "[]",
-            "TWINSTORE_INGEST_PARTITIONS": str(PARTITIONS),
-            "TWINSTORE_INGEST_BATCH": "100",  # many batches: a kill lands between or inside one
-            "TWINSTORE_POOL_SIZE": "4",
-            "TWINSTORE_RELAY_POLL_INTERVAL": "0.2",
-        }
-        self.log_dir = log_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path: Path | None = None
-
-    def start(self) -> IngestProcess:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.log_dir / f"ingest-{secrets.token_hex(3)}.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "twinstore.cli", "ingest"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-            )
-        return self
-
-    async def ready(self, timeout: float = 30.0) -> IngestProcess:
-        async def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"twinstore ingest exited:\n{self.logs()[-3000:]}")
-            return '"msg":"ingesting"' in self.logs()
-
-        await eventually(up, timeout, f"twinstore ingest ready\n{self.logs()[-3000:]}")
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no batch finished, nothing given back (its PostgreSQL sessions just end)."""
-        if self.alive:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.alive:
-            assert self.proc is not None
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path is not None else ""
-
-
 @pytest.fixture
 def ingest_processes(tmp_path: Path) -> Iterator[Callable[[str, str, str], IngestProcess]]:
     """Factory of ingest processes, all stopped at the end of the test."""
     started: list[IngestProcess] = []
 
     def make(database_url: str, nats_url: str, prefix: str) -> IngestProcess:
-        proc = IngestProcess(database_url, nats_url, prefix, tmp_path / "logs").start()
+        proc = IngestProcess(database_url, nats_url, prefix, tmp_path / "logs", SOURCES, PARTITIONS).start()
         started.append(proc)
         return proc
 
@@ -195,42 +110,6 @@ async def delete_streams(nc: NATS, prefix: str) -> None:
     for stream in (ingest.stream, ingest.errors_stream, Subjects(prefix).events_stream):
         with contextlib.suppress(Exception):
             await nc.jetstream().delete_stream(stream)
-
-
-class Publisher:
-    """Publishes straight to JetStream as an adapter does: one source, growing sequence numbers."""
-
-    def __init__(self, nc: NATS, subjects: IngestSubjects, source: str) -> None:
-        self.js = nc.jetstream()
-        self.subjects = subjects
-        self.source = source
-        self.seq = initial_seq()
-
-    async def send(self, message: OutgoingMessage) -> int:
-        """Publish (awaiting JetStream's ack); the message's stream sequence."""
-        ack = await self.js.publish(message.subject, message.payload, headers=message.headers, timeout=5)
-        return int(ack.seq)
-
-    async def values(self, updates: list[Update]) -> list[int]:
-        messages = telemetry_messages(self.subjects, self.source, self.seq, updates)
-        self.seq += len(messages)
-        return [await self.send(m) for m in messages]
-
-    async def command(self, envelope: dict[str, Any]) -> int:
-        message = command_message(self.subjects, self.source, self.seq, envelope)
-        self.seq += 1
-        return await self.send(message)
-
-    async def raw(self, subject: str, payload: bytes, content_type: str) -> int:
-        """A message with this source's headers and any payload (poison)."""
-        headers = {
-            "Nats-Msg-Id": f"{self.source}:{self.seq}",
-            SOURCE_HEADER: self.source,
-            SEQ_HEADER: str(self.seq),
-            "Content-Type": content_type,
-        }
-        self.seq += 1
-        return await self.send(OutgoingMessage(subject, headers, payload))
 
 
 def new_things(count: int) -> list[str]:

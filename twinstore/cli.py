@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from twinstore.logs import configure_logging
 from twinstore.settings import Settings, load_settings
+from twinstore.shutdown import Shutdown
 
 if TYPE_CHECKING:  # rich is imported by the commands that draw a progress bar
     from rich.progress import Progress
@@ -494,19 +495,16 @@ def _start_embedded(settings: Settings) -> tuple[Settings, object]:
     return msgspec.structs.replace(settings, **changes), servers
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def serve(settings: Settings) -> None:
     import uvicorn
+
+    from twinstore.api.server import CLOSE_RESERVE, GracefulServer
 
     servers = None
     if settings.embedded:
         settings, servers = _start_embedded(settings)
-        # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler
-        # the process would die before the embedded servers are stopped below.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # HTTP in flight may take the grace period but for what closing the runtime needs.
+    http_grace = max(1, int(settings.shutdown_grace_seconds - CLOSE_RESERVE))
     if settings.users_file is None:
         log.warning("no users file configured: every API request will be refused with 401")
     try:
@@ -530,19 +528,22 @@ def serve(settings: Settings) -> None:
                 workers=settings.workers,
                 log_config=None,
                 access_log=False,
-                timeout_graceful_shutdown=20,
+                timeout_graceful_shutdown=http_grace,
             )
         else:
             from twinstore.api.app import create_app
 
-            uvicorn.run(
+            started = GracefulServer.serve_app(
                 create_app(settings),
+                Shutdown(settings.shutdown_grace_seconds),
                 host=settings.host,
                 port=settings.port,
                 log_config=None,
                 access_log=False,
-                timeout_graceful_shutdown=20,
+                timeout_graceful_shutdown=http_grace,
             )
+            if not started:
+                sys.exit(3)  # as uvicorn: the application did not start
     finally:
         if servers is not None:
             servers.stop()  # type: ignore[attr-defined]
@@ -559,9 +560,16 @@ def worker(settings: Settings, role: str) -> int:
     async def run() -> None:
         runtime = Runtime(settings)
         stop = asyncio.Event()
+        shutdown = Shutdown(settings.shutdown_grace_seconds)
+
+        def on_signal(signum: int) -> None:
+            shutdown.signal(signum)  # a second one exits at once
+            runtime.draining = True  # /ready on metrics_port answers 503
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal, signum)
         await runtime.open(ingest=role == "ingest", anomaly=role == "anomaly", clients=False)
         if role == "ingest":
             log.info("ingesting", extra={"stream": runtime.ingest_subjects.stream})
@@ -572,6 +580,7 @@ def worker(settings: Settings, role: str) -> int:
         finally:
             log.info("stopping: finishing the work in flight", extra={"role": role})
             await runtime.close()
+            shutdown.finished()
 
     try:
         asyncio.run(run())

@@ -273,9 +273,13 @@ class FanOut:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        self.drop_all("server shutting down")
+
+    def drop_all(self, reason: str) -> None:
+        """End every subscription (their readers see :class:`SlowConsumerError` with ``reason``)."""
         indexed = [*self._by_thing.values(), *self._by_namespace.values()]
         for sub in {*self._all, *(s for group in indexed for s in group)}:
-            sub.drop("server shutting down")
+            sub.drop(reason)
 
     # ---- subscribers ----------------------------------------------------------------------
 

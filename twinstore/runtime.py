@@ -28,6 +28,7 @@ from twinstore.policy_service import PolicyService
 from twinstore.search import SearchService
 from twinstore.service import ThingService
 from twinstore.settings import Settings
+from twinstore.shutdown import phase
 from twinstore.store.codec import dumps
 from twinstore.store.journal import Journal
 from twinstore.store.policies import PolicyStore
@@ -83,6 +84,12 @@ class Runtime:
         self.auth = Authenticator.from_settings(settings)
         self._owned: list[str] = []
         self.metrics = Metrics(self)
+        # Shutdown (twinstore.api.server): ``draining`` goes up first, so /ready answers 503 and
+        # new WebSocket/SSE sessions are turned away; ``stopping`` asks the open sessions
+        # (``sessions``, the WebSocket sessions) to finish their commands and close.
+        self.draining = False
+        self.stopping = asyncio.Event()
+        self.sessions: set[object] = set()
         # /metrics, /health, /ready of a worker process (serve has them on its API port)
         self.listener: OperationsListener | None = None
 
@@ -196,12 +203,32 @@ class Runtime:
             **options,
         )
 
+    def begin_shutdown(self) -> None:
+        """Stop taking new work: readiness down, WebSocket sessions asked to close, SSE
+        streams ended (their subscriptions dropped)."""
+        self.draining = True
+        self.stopping.set()
+        if self.fanout is not None:
+            self.fanout.drop_all("server shutting down")
+
+    async def close_sessions(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` seconds, until the WebSocket sessions have closed."""
+        self.begin_shutdown()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.sessions:
+                    await asyncio.sleep(0.02)
+
     async def close(self) -> None:
-        """Finish in-flight writes, publish what was committed, then disconnect."""
+        """Finish in-flight writes, publish what was committed, then disconnect (one log line
+        per step, with its duration)."""
+        self.draining = True
         if self.ingest is not None:
-            await self.ingest.stop()  # its batches in flight are committed and acknowledged
+            with phase("ingest batches in flight committed and acknowledged"):
+                await self.ingest.stop()
         if self.anomaly is not None:
-            await self.anomaly.stop()  # checkpoints what it scored, then acknowledges it
+            with phase("anomaly state checkpointed and acknowledged"):
+                await self.anomaly.stop()
         if self.fanout is not None:
             await self.fanout.stop()
         if self.messages is not None:
@@ -210,17 +237,20 @@ class Runtime:
             self._stop_listener.set()
             await self._listener
         if self.journal is not None:
-            await self.journal.stop()
+            with phase("journal writes in flight committed"):
+                await self.journal.stop()
         if self.relay is not None:
-            if self.relay.is_leader:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._flush_relay(), 5)
-            await self.relay.stop()
+            with phase("relay published what was committed", leader=self.relay.is_leader):
+                if self.relay.is_leader:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._flush_relay(), 5)
+                await self.relay.stop()
         if self.nc is not None and "nats" in self._owned:
-            with contextlib.suppress(Exception):
+            with phase("nats drained"), contextlib.suppress(Exception):
                 await self.nc.drain()
         if self.pool is not None and "pool" in self._owned:
-            await self.pool.close()
+            with phase("database pool closed"):
+                await self.pool.close()
         if self.listener is not None:
             await self.listener.stop()
 

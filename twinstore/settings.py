@@ -117,6 +117,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_format: str = "json"
     # One info line per HTTP request / WebSocket session on the twinstore.access logger.
     access_log: bool = True
+    # SIGTERM to exit: readiness down, WebSocket/SSE sessions closed, requests and batches in
+    # flight finished, NATS drained; a process not done by then exits anyway (status 1).
+    shutdown_grace_seconds: float = 25.0
     dev_mode: bool = False
     jwt_issuers: list[JwtIssuer] = msgspec.field(default_factory=list)
     preauth_enabled: bool = False
@@ -167,6 +170,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(
                 "anomaly_checkpoint_every must be 1..100000 and anomaly_checkpoint_seconds in (0, 60]"
             )
+        if not 1 <= self.shutdown_grace_seconds <= 3600:
+            raise ValueError("shutdown_grace_seconds must be 1..3600 (Kubernetes' default grace is 30 s)")
         for source, subjects in self.ingest_sources.items():
             if not source or not subjects:
                 raise ValueError(f"ingest_sources: {source!r} needs at least one subject")

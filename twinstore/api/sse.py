@@ -76,14 +76,15 @@ async def _events(
     assert runtime.journal is not None
     load = runtime.journal.load
     try:
-        while True:
+        while not runtime.draining:  # server shutdown: the stream ends (clients reconnect)
             try:
                 delivery = await asyncio.wait_for(sub.get(), keepalive)
             except TimeoutError:
                 yield b":\n\n"
                 continue
             except SlowConsumerError as exc:
-                log.warning("sse subscriber dropped: %s", exc)
+                if not runtime.draining:
+                    log.warning("sse subscriber dropped: %s", exc)
                 return
             if delivery.event.action == "deleted":
                 continue

@@ -68,6 +68,8 @@ MAX_IN_FLIGHT = 64
 SEND_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 10.0
 POLICY_VIOLATION = 1008
+GOING_AWAY = 1001  # server shutdown: Ditto's clients reconnect (to another replica)
+FLUSH_TIMEOUT = 2.0  # at shutdown, at most this long for the last answers to go out
 JWT_PREFIX = "JWT-TOKEN?jwtToken="
 # Ditto's streaming control messages (START-SEND-EVENTS?filter=..., STOP-SEND-MESSAGES, ...).
 _CONTROL = re.compile(r"^(START|STOP)-SEND-[A-Z-]+(\?.*)?$", re.DOTALL)
@@ -208,20 +210,41 @@ class Session:
         receiver = asyncio.create_task(self._receive_loop())
         sender = asyncio.create_task(self._send_loop())
         closed = asyncio.create_task(self.closed.wait())
+        stopping = asyncio.create_task(self.runtime.stopping.wait())
+        self.runtime.sessions.add(self)
         try:
-            await asyncio.wait({receiver, sender, closed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({receiver, sender, closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done() and not (receiver.done() or sender.done() or closed.done()):
+                await self._going_away(receiver, sender)
         finally:
             await self._stop_events()
             await self._stop_messages()
             await self._stop_streams()
-            for task in (receiver, sender, closed):
+            for task in (receiver, sender, closed, stopping):
                 task.cancel()
-            await asyncio.gather(receiver, sender, closed, return_exceptions=True)
+            await asyncio.gather(receiver, sender, closed, stopping, return_exceptions=True)
+            self.runtime.sessions.discard(self)
             # Commands already running finish (their writes are not cut short); answers are dropped.
             if self.tasks:
                 await asyncio.wait(set(self.tasks), timeout=DRAIN_TIMEOUT)
             for task in self.tasks:
                 task.cancel()
+
+    async def _going_away(self, receiver: asyncio.Task[None], sender: asyncio.Task[None]) -> None:
+        """Server shutdown: read no more commands, let those running finish and their answers
+        go out, then close with 1001 (the client reconnects, to another replica)."""
+        receiver.cancel()
+        await self._stop_events()
+        await self._stop_messages()
+        await self._stop_streams()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=DRAIN_TIMEOUT)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                while not self.outbox.empty() and not sender.done():
+                    await asyncio.sleep(0.01)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.socket.close(GOING_AWAY, "server shutting down"), 5)
 
     async def _receive_loop(self) -> None:
         while True:
@@ -339,6 +362,8 @@ class Session:
                 await self.window.acquire()
                 self.outbox.put_nowait((orjson.dumps(envelope).decode(), "event"))
         except SlowConsumerError as exc:
+            if self.runtime.draining:
+                return  # server shutdown: the session closes with 1001
             log.warning("websocket event subscriber dropped: %s", exc)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.socket.close(POLICY_VIOLATION, _reason(str(exc))), 5)
@@ -370,6 +395,8 @@ class Session:
                 await self.window.acquire()
                 self.outbox.put_nowait((orjson.dumps(envelope).decode(), "event"))
         except SlowConsumerError as exc:
+            if self.runtime.draining:
+                return  # server shutdown: the session closes with 1001
             log.warning("websocket message receiver dropped: %s", exc)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.socket.close(POLICY_VIOLATION, _reason(str(exc))), 5)
@@ -595,7 +622,11 @@ async def ws2(socket: WebSocket[Any, Any, Any]) -> None:
         await _refuse(socket, exc)
         return
     await socket.accept()
-    await Session(socket, auth, socket.app.state.runtime).run()
+    runtime: Runtime = socket.app.state.runtime
+    if runtime.draining:  # shutting down: connect to another replica
+        await socket.close(GOING_AWAY, "server shutting down")
+        return
+    await Session(socket, auth, runtime).run()
 
 
 def ws_handlers() -> list[WebsocketRouteHandler]:
