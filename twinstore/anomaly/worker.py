@@ -411,18 +411,23 @@ class _Scorer:
             async with self.w.pool.acquire() as con, con.transaction():
                 if self.found:
                     await con.executemany(store.INSERT_ANOMALY, self.found)
-                for (thing_id, feature_id), w in dirty:
-                    await con.execute(
+                if dirty:
+                    await con.executemany(
                         store.SAVE_STATE,
-                        thing_id,
-                        feature_id,
-                        w.revision,
-                        checkpoint(w.detector),
-                        w.score,
-                        w.threshold,
-                        w.anomalous,
-                        w.scored_at,
-                        w.modified,
+                        [
+                            (
+                                thing_id,
+                                feature_id,
+                                w.revision,
+                                checkpoint(w.detector),
+                                w.score,
+                                w.threshold,
+                                w.anomalous,
+                                w.scored_at,
+                                w.modified,
+                            )
+                            for (thing_id, feature_id), w in dirty
+                        ],
                     )
             for _, w in dirty:
                 w.dirty = False
