@@ -306,8 +306,9 @@ def test_production(render: RenderFn) -> None:
 
     ingress = r.get("Ingress", FULLNAME)
     assert ingress["spec"]["tls"] == [{"hosts": ["twins.example.com"], "secretName": "twins-example-com-tls"}]
-    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend == {"name": FULLNAME, "port": {"name": "http"}}
+    paths = ingress["spec"]["rules"][0]["http"]["paths"]
+    assert [p["path"] for p in paths] == ["/api", "/ws"]
+    assert all(p["backend"]["service"] == {"name": FULLNAME, "port": {"name": "http"}} for p in paths)
 
     monitor = r.get("ServiceMonitor", FULLNAME)
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -320,6 +321,16 @@ def test_production(render: RenderFn) -> None:
     job = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert job["args"] == ["audit", "checkpoint", "--json"]
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+def test_ingress_keeps_operations_endpoints_inside(render: RenderFn) -> None:
+    """/health, /ready and /metrics answer without authentication: the default Ingress routes
+    only the API and the WebSocket."""
+    ingress = render({"ingress": {"enabled": True}}).get("Ingress", FULLNAME)
+    prefixes = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert prefixes == ["/api", "/ws"]
+    for path in ("/metrics", "/health", "/ready"):
+        assert not any(path.startswith(prefix) for prefix in prefixes)
 
 
 def test_network_policies(render: RenderFn) -> None:

@@ -99,7 +99,12 @@ PRODUCTION: dict[str, Any] = {
         "enabled": True,
         "className": "nginx",
         "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "3600"},
-        "hosts": [{"host": "twins.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+        "hosts": [
+            {
+                "host": "twins.example.com",
+                "paths": [{"path": "/api", "pathType": "Prefix"}, {"path": "/ws", "pathType": "Prefix"}],
+            }
+        ],
         "tls": [{"hosts": ["twins.example.com"], "secretName": "twins-example-com-tls"}],
     },
     "networkPolicy": {
