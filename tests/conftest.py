@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import bcrypt
 import httpx
+import msgspec
 import nats
 import pytest
 import pytest_asyncio
@@ -284,6 +285,25 @@ def server_process(settings: Settings, runtime: Runtime) -> Iterator[Any]:
     yield make
     for proc in started:
         proc.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_settings(servers: tuple[str, str], settings: Settings) -> AsyncIterator[Settings]:
+    """A database and NATS prefix used only by this test's server processes (its streams and
+    database are removed afterwards)."""
+    database_url = await asyncio.to_thread(fresh_database, servers[0])
+    own = msgspec.structs.replace(settings, database_url=database_url, nats_prefix=f"c{secrets.token_hex(4)}")
+    yield own
+    nc = await nats.connect(own.nats_url)
+    with contextlib.suppress(Exception):
+        await delete_streams(nc.jetstream(), own.nats_prefix)
+    await nc.close()
+    con = await asyncpg.connect(servers[0])
+    try:
+        name = database_url.rsplit("/", 1)[1].split("?")[0]
+        await con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await con.close()
 
 
 @pytest.fixture

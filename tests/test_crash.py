@@ -15,22 +15,17 @@ import asyncio
 import contextlib
 import itertools
 import random
-import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
-import msgspec
 import nats
 import nats.js.api
 import orjson
 import pytest
-import pytest_asyncio
 
-from tests.conftest import AUTH, SELECT_JOURNAL, ServerProcess, fresh_database, new_thing_id, verify_chain
-from twinstore.bus.streams import delete_streams
+from tests.conftest import AUTH, SELECT_JOURNAL, ServerProcess, new_thing_id, verify_chain
 from twinstore.bus.subjects import Subjects
 from twinstore.settings import Settings
 
@@ -85,24 +80,6 @@ class FreezableProxy:
         for w in self.writers:
             with contextlib.suppress(Exception):
                 w.close()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def own_settings(servers: tuple[str, str], settings: Settings) -> AsyncIterator[Settings]:
-    """A database and NATS prefix used only by this test's server processes."""
-    database_url = await asyncio.to_thread(fresh_database, servers[0])
-    own = msgspec.structs.replace(settings, database_url=database_url, nats_prefix=f"c{secrets.token_hex(4)}")
-    yield own
-    nc = await nats.connect(own.nats_url)
-    with contextlib.suppress(Exception):
-        await delete_streams(nc.jetstream(), own.nats_prefix)
-    await nc.close()
-    con = await asyncpg.connect(servers[0])
-    try:
-        name = database_url.rsplit("/", 1)[1].split("?")[0]
-        await con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await con.close()
 
 
 async def read_stream(js: Any, stream: str, wildcard: str) -> list[tuple[str, dict[str, Any]]]:

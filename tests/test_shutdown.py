@@ -98,8 +98,9 @@ async def test_second_signal_exits_at_once(server: ServerProcess) -> None:
     server.proc.send_signal(signal.SIGTERM)
     server.proc.send_signal(signal.SIGINT)
     code = await wait_exit(server.proc, 10)
-    assert code == 128 + signal.SIGINT, server.logs()[-3000:]
-    assert "shutdown: second SIGINT, exiting now" in server.logs()
+    # Python runs pending handlers by signal number: either may come first.
+    assert code in (128 + signal.SIGINT, 128 + signal.SIGTERM), server.logs()[-3000:]
+    assert '"shutdown: second SIG' in server.logs()
 
 
 async def test_ingest_worker_exits_0_on_sigterm(settings: Settings, runtime: Runtime, tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ __all__ = [
     "unbind",
 ]
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_RECORD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+_STANDARD = _RECORD | {"message", "asctime", "color_message"}  # uvicorn's: msg with terminal escapes
 
 # The fields of the current request / command / partition; a new dict per bind, so a field set
 # with set_field (the subject, once authenticated) stays within the request that set it.

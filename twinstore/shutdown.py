@@ -11,6 +11,7 @@ Each phase logs one line when it ends: ``{"msg": "shutdown: <phase>", "phase", "
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import signal
@@ -46,6 +47,10 @@ class Shutdown:
 
     def signal(self, signum: int) -> None:
         """A SIGTERM / SIGINT arrived: start the clock, or (the second one) exit now."""
+        # A handler runs in whatever context the main thread was in (a request's): not its ids.
+        contextvars.Context().run(self._signal, signum)
+
+    def _signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.started is not None:
             log.error("shutdown: second %s, exiting now", name, extra={"signal": name})
