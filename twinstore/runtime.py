@@ -260,8 +260,8 @@ class Runtime:
             pass
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness (``/ready``): the database answers with the current schema and NATS is
-        connected; Ditto's health shape (``UP`` / ``DOWN``)."""
+        """Readiness (``/ready``): the database answers with the current schema, NATS is
+        connected and the process is not shutting down; Ditto's health shape (``UP`` / ``DOWN``)."""
         db: dict[str, Any] = {"status": "DOWN"}
         if self.pool is not None:
             try:
@@ -278,5 +278,8 @@ class Runtime:
         bus: dict[str, Any] = {"status": "DOWN"}
         if self.nc is not None and self.nc.is_connected:
             bus = {"status": "UP", "relayLeader": bool(self.relay and self.relay.is_leader)}
-        ok = db["status"] == "UP" and bus["status"] == "UP"
-        return ok, {"status": "UP" if ok else "DOWN", "children": {"database": db, "nats": bus}}
+        children: dict[str, Any] = {"database": db, "nats": bus}
+        if self.draining:  # shutting down: no new work, whatever the servers say
+            children["process"] = {"status": "DOWN", "reason": "shutting down"}
+        ok = all(c["status"] == "UP" for c in children.values())
+        return ok, {"status": "UP" if ok else "DOWN", "children": children}
