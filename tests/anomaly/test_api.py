@@ -32,10 +32,11 @@ async def test_detector_put_get_delete(client: httpx.AsyncClient, thing_id: str)
     )
     r = await client.put(detector_url(thing_id), json=DETECTOR)
     assert r.status_code == 201, r.text
-    assert r.json() == DETECTOR and r.headers["location"].endswith(detector_url(thing_id))
+    shown = {**DETECTOR, "feedback": True}  # false-alarm labels teach the detector unless false
+    assert r.json() == shown and r.headers["location"].endswith(detector_url(thing_id))
     r = await client.get(detector_url(thing_id))
-    assert r.status_code == 200 and r.json() == DETECTOR
-    replaced = {"algorithm": "half-space-trees", "parameters": {"seed": 3}}
+    assert r.status_code == 200 and r.json() == shown
+    replaced = {"algorithm": "half-space-trees", "parameters": {"seed": 3}, "feedback": False}
     r = await client.put(detector_url(thing_id), json=replaced)
     assert r.status_code == 204, r.text
     assert (await client.get(detector_url(thing_id))).json() == replaced
@@ -55,6 +56,7 @@ async def test_detector_validation(client: httpx.AsyncClient, thing_id: str) -> 
         {"algorithm": "mahalanobis", "parameters": {"q": "high"}},
         {"algorithm": "mahalanobis", "properties": []},
         {"algorithm": "mahalanobis", "extra": 1},
+        {"algorithm": "mahalanobis", "feedback": "yes"},
         ["mahalanobis"],
     ):
         body = assert_error(await client.put(detector_url(thing_id), json=bad), 400)
@@ -106,7 +108,7 @@ async def test_permissions(client: httpx.AsyncClient, settings: Any, runtime: An
         transport=httpx.ASGITransport(app=app), base_url="http://twinstore", auth=("other", "secret")
     ) as other:
         r = await other.get(detector_url(shared))
-        assert r.status_code == 200 and r.json() == DETECTOR
+        assert r.status_code == 200 and r.json() == {**DETECTOR, "feedback": True}
         assert_error(
             await other.put(detector_url(shared), json=DETECTOR), 403, "things:feature.notmodifiable"
         )

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import httpx
 import nats
 import pytest_asyncio
@@ -17,6 +18,7 @@ from tests.api.helpers import full_access
 from tests.api.test_messages import next_message, receive_messages, text, ws
 from tests.api.test_ws import OTHER, serving
 from tests.conftest import new_thing_id
+from twinstore.audit import Scope, verify_database
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings
 
@@ -173,3 +175,62 @@ async def test_restart_scores_every_revision_once(client: httpx.AsyncClient, run
             await worker.stop()
         runtime.anomaly = runtime.anomaly_worker()
         runtime.anomaly.start()
+
+
+async def test_false_alarm_label_is_a_journal_event_and_teaches_the_detector(
+    client: httpx.AsyncClient, runtime: Runtime, settings: Settings
+) -> None:
+    thing_id = new_thing_id()
+    body = {"features": {"f": {"properties": {"t": 20.0}}}}
+    assert (await client.put(f"/api/2/things/{thing_id}", json=body)).status_code == 201
+    r = await client.put(f"/api/2/things/{thing_id}/features/f/anomaly/detector", json=DETECTOR)
+    assert r.status_code == 201
+    url = f"/api/2/things/{thing_id}/features/f/anomaly"
+    for i in range(30):
+        await write(client, thing_id, normal(i))
+    await write(client, thing_id, 60.0)
+    first = await revision_of(client, thing_id)
+
+    async def listed() -> Any:
+        items = (await client.get(url + "/anomalies")).json()["items"]
+        return [a for a in items if a["revision"] == first]
+
+    before = (await until(listed))[0]["score"]
+    assert runtime.anomaly is not None
+    taught = runtime.anomaly.stats.taught
+    r = await client.put(
+        f"{url}/anomalies/{first}/label", json="false-alarm", headers={"correlation-id": "lbl-1"}
+    )
+    assert r.status_code == 204, r.text
+    # The label is a hash-chained journal event of the entity "anomaly".
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        row = await con.fetchrow(
+            "SELECT revision, action, path, value::text AS value, originator, correlation_id FROM journal "
+            "WHERE entity = 'anomaly' AND id = $1",
+            f"{thing_id}/f",
+        )
+    finally:
+        await con.close()
+    assert row is not None and (row["revision"], row["action"]) == (1, "labelled")
+    assert row["path"] == f"/anomalies/{first}/label" and json.loads(row["value"]) == {
+        "label": "false-alarm",
+        "revision": first,
+    }
+    assert (row["originator"], row["correlation_id"]) == ("nginx:ditto", "lbl-1")
+    report = await verify_database(settings.database_url, Scope(entity="anomaly"), checkpoints="none")
+    assert report.ok and report.events >= 1
+    # The worker learns the false alarm at its next checkpoint; the same value scores lower.
+
+    async def learnt() -> bool:
+        return runtime.anomaly is not None and runtime.anomaly.stats.taught > taught
+
+    await until(learnt)
+    await write(client, thing_id, 60.0)
+    again = await revision_of(client, thing_id)
+
+    async def latest() -> Any:
+        got = (await client.get(url)).json()
+        return got if got.get("revision") == again else None
+
+    assert (await until(latest))["score"] < before / 2

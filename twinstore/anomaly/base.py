@@ -31,6 +31,7 @@ __all__ = [
     "Features",
     "Filter",
     "Rebasable",
+    "Teachable",
     "Verdict",
     "checkpoint",
     "numeric",
@@ -80,6 +81,14 @@ class Rebasable(Protocol):
 
     def rebase(self, x: Features) -> None:
         """Treat ``x`` as the new normal operating point (the spread learnt so far is kept)."""
+
+
+@runtime_checkable
+class Teachable(Protocol):
+    """A filter that can learn an update as normal past its protection (operator feedback)."""
+
+    def teach(self, x: Features) -> None:
+        """Learn ``x`` as normal even where it scores anomalous (a false-alarm label)."""
 
 
 @dataclass(frozen=True, slots=True)

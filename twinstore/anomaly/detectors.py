@@ -87,6 +87,8 @@ class MahalanobisDetector:
         self._mean: list[float] = []
         self._comoment: list[list[float]] = []
         self._inv_var: list[float] | None = None
+        self._var: list[float] = []  # the sample variances (diagonal), before the floor
+        self._cov: np.ndarray[Any, np.dtype[np.float64]] | None = None  # full covariance only
         self._precision: np.ndarray[Any, np.dtype[np.float64]] | None = None
 
     @property
@@ -124,17 +126,55 @@ class MahalanobisDetector:
             self._fit()
 
     def _fit(self) -> None:
-        n, width = max(self._n, 1), len(self._mean)
-        cov = np.array(self._comoment, dtype=np.float64) / n
+        n = max(self._n, 1)
+        self._set_spread(np.array(self._comoment, dtype=np.float64) / n)
+        self._comoment = []
+
+    def _set_spread(self, cov: np.ndarray[Any, np.dtype[np.float64]]) -> None:
+        width = len(self._mean)
         floor = [max(_MIN_STD, _MIN_STD_RELATIVE * abs(m)) ** 2 for m in self._mean]
         var = np.maximum(np.diag(cov), floor)
         if self.shrinkage >= 1:
             self._inv_var = [float(1.0 / s) for s in var]
+            self._var = [float(s) for s in np.diag(cov)]
         else:
+            self._cov = cov
             shrunk = (1 - self.shrinkage) * cov
             shrunk[np.diag_indices(width)] = var
             self._precision = np.asarray(np.linalg.pinv(shrunk), dtype=np.float64)
-        self._comoment = []
+
+    def teach(self, x: Features) -> None:
+        """Learn ``x`` as normal, spread included (an operator's false-alarm label): after the
+        warm-up it counts as one more warm-up update, so the centre and the spread take it in.
+
+        >>> d = MahalanobisDetector(warmup=4, forget=0.0)
+        >>> for t in (1.0, 2.0, 1.0, 2.0):
+        ...     d.learn_one({"t": t})
+        >>> before = d.score_one({"t": 9.0})
+        >>> d.teach({"t": 9.0})
+        >>> round(before, 1), round(d.score_one({"t": 9.0}), 1)
+        (225.0, 3.9)
+        """
+        if not self.ready or self._keys is None:
+            self.learn_one(x)
+            return
+        v = self._vector(x)
+        n = self._n + 1
+        before = np.array([vi - m for vi, m in zip(v, self._mean, strict=True)])
+        mean = [float(m + d / n) for m, d in zip(self._mean, before, strict=True)]
+        after = np.array([vi - m for vi, m in zip(v, mean, strict=True)])
+        if self.shrinkage >= 1:
+            # checkpoints written before teach() existed have no _var: the floored spread then
+            var = getattr(self, "_var", None) or [1.0 / w for w in self._inv_var or ()]
+            cov = np.diag(np.array(var) * (n - 1) / n + before * after / n)
+        else:
+            known = getattr(self, "_cov", None)
+            if known is None:
+                assert self._precision is not None
+                known = np.asarray(np.linalg.pinv(self._precision), dtype=np.float64)
+            cov = known * (n - 1) / n + np.outer(before, after) / n
+        self._n, self._mean = n, mean
+        self._set_spread(cov)
 
     def _deviation(self, x: Features) -> list[float]:
         return [vi - m for vi, m in zip(self._vector(x), self._mean, strict=True)]

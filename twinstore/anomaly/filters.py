@@ -22,7 +22,7 @@ import math
 from array import array
 from typing import Any
 
-from twinstore.anomaly.base import Detector, Explainer, Features, Filter, Rebasable, numeric
+from twinstore.anomaly.base import Detector, Explainer, Features, Filter, Rebasable, Teachable, numeric
 
 __all__ = ["Persistence", "QuantileThreshold", "Smooth", "ThresholdFilter", "quantile"]
 
@@ -54,6 +54,16 @@ class _Wrapper:
         if isinstance(self._inner, Rebasable):
             self._inner.rebase(x)
             self._forget()
+
+    def teach(self, x: Features) -> None:
+        """Learn ``x`` as normal even where it scores anomalous (an operator's false-alarm
+        label): the innermost model learns it, past every protecting filter."""
+        inner = self._inner
+        if isinstance(inner, Teachable):
+            inner.teach(x)
+        else:
+            inner.learn_one(x)
+        self._forget()
 
     def _forget(self) -> None:
         """Drop cached scores (the model has moved)."""

@@ -15,13 +15,15 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from twinstore.anomaly.detectors import REGISTRY, UnknownDetectorError, create
 from twinstore.model.errors import InvalidInputError
+from twinstore.store.codec import GENESIS, canonical, chain_hash, storable
+from twinstore.store.schema import WRITE_LOCK
 
 __all__ = [
     "LABELS",
@@ -73,9 +75,15 @@ ON CONFLICT (thing_id, feature_id) DO UPDATE SET
     threshold = excluded.threshold, anomalous = excluded.anomalous, scored_at = excluded.scored_at
 """
 INSERT_ANOMALY = """
-INSERT INTO anomalies (thing_id, feature_id, revision, ts, score, threshold, contributions)
-VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING
+INSERT INTO anomalies (thing_id, feature_id, revision, ts, score, threshold, contributions, x)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING
 """
+# False alarms no detector has learnt yet (served by the partial index anomalies_feedback).
+SELECT_FEEDBACK = """
+SELECT thing_id, feature_id, revision, x FROM anomalies WHERE label = 'false-alarm' AND NOT fed
+ORDER BY thing_id, feature_id, revision
+"""
+MARK_FED = "UPDATE anomalies SET fed = true WHERE thing_id = $1 AND feature_id = $2 AND revision = $3"
 SELECT_ANOMALIES = """
 SELECT revision, ts, score, threshold, contributions, label, labelled_by, labelled_at FROM anomalies
 WHERE thing_id = $1 AND feature_id = $2 AND revision < $3
@@ -83,8 +91,18 @@ WHERE thing_id = $1 AND feature_id = $2 AND revision < $3
 ORDER BY revision DESC LIMIT $6
 """
 LABEL_ANOMALY = """
-UPDATE anomalies SET label = $4, labelled_by = $5, labelled_at = now()
+UPDATE anomalies SET label = $4, labelled_by = $5, labelled_at = $6
 WHERE thing_id = $1 AND feature_id = $2 AND revision = $3
+"""
+# Labels are journal events of their own entity, ``anomaly`` with id ``<thingId>/<featureId>``,
+# hash-chained like every other entity (audit verify and checkpoints cover them).
+LABEL_ENTITY = "anomaly"
+SELECT_LABEL_HEAD = """
+SELECT revision, hash FROM journal WHERE entity = 'anomaly' AND id = $1 ORDER BY revision DESC LIMIT 1
+"""
+APPEND_LABEL = """
+INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
+VALUES ('anomaly', $1, $2, $3, 'labelled', $4, $5::text::json, $6, $7, $8)
 """
 
 
@@ -97,7 +115,7 @@ def validate_config(body: Any) -> dict[str, Any]:
     """A detector config from a request body (400 :class:`DetectorConfigError` when wrong).
 
     >>> validate_config({"algorithm": "mahalanobis", "parameters": {"warmup": 20}})
-    {'algorithm': 'mahalanobis', 'parameters': {'warmup': 20}, 'properties': None}
+    {'algorithm': 'mahalanobis', 'parameters': {'warmup': 20}, 'properties': None, 'feedback': True}
     >>> validate_config({"algorithm": "magic"})
     Traceback (most recent call last):
     ...
@@ -105,7 +123,7 @@ def validate_config(body: Any) -> dict[str, Any]:
     """
     if not isinstance(body, dict):
         raise DetectorConfigError("The detector must be a JSON object with 'algorithm'.")
-    unknown = sorted(set(body) - {"algorithm", "parameters", "properties"})
+    unknown = sorted(set(body) - {"algorithm", "parameters", "properties", "feedback"})
     if unknown:
         raise DetectorConfigError(f"The detector has no field {unknown[0]!r}.")
     algorithm = body.get("algorithm", "mahalanobis")
@@ -127,7 +145,10 @@ def validate_config(body: Any) -> dict[str, Any]:
         raise DetectorConfigError(str(exc)) from None
     if properties is not None:
         properties = [p.strip("/") for p in properties]
-    return {"algorithm": algorithm, "parameters": parameters, "properties": properties}
+    feedback = body.get("feedback", True)
+    if not isinstance(feedback, bool):
+        raise DetectorConfigError("'feedback' must be true or false.")
+    return {"algorithm": algorithm, "parameters": parameters, "properties": properties, "feedback": feedback}
 
 
 def leaves(properties: Any, selected: list[str] | None = None) -> dict[str, float]:
@@ -213,8 +234,33 @@ async def list_anomalies(
 
 
 async def label_anomaly(
-    pool: asyncpg.Pool, thing_id: str, feature_id: str, revision: int, label: str, who: str
+    pool: asyncpg.Pool,
+    thing_id: str,
+    feature_id: str,
+    revision: int,
+    label: str,
+    who: str,
+    correlation_id: str | None = None,
 ) -> bool:
-    async with pool.acquire() as con:
-        status = await con.execute(LABEL_ANOMALY, thing_id, feature_id, revision, label, who)
-    return bool(status != "UPDATE 0")
+    """Label the anomaly at ``revision`` and append the label as a journal event (entity
+    ``anomaly``, id ``<thingId>/<featureId>``, action ``labelled``, path
+    ``/anomalies/<revision>/label``, value ``{"revision", "label"}``), in one transaction under
+    the journal's write lock; False (nothing written) when there is no such anomaly."""
+    entity_id = f"{thing_id}/{feature_id}"
+    path = f"/anomalies/{revision}/label"
+    value = storable(canonical({"revision": revision, "label": label}))
+    async with pool.acquire() as con, con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+        now = datetime.now(UTC)
+        status = await con.execute(LABEL_ANOMALY, thing_id, feature_id, revision, label, who, now)
+        if status == "UPDATE 0":
+            return False
+        head = await con.fetchrow(SELECT_LABEL_HEAD, entity_id)
+        previous, number = (bytes(head["hash"]), head["revision"] + 1) if head else (GENESIS, 1)
+        chained = chain_hash(
+            previous, LABEL_ENTITY, entity_id, number, now, "labelled", path, value, who, correlation_id
+        )
+        await con.execute(
+            APPEND_LABEL, entity_id, number, now, path, value.decode(), who, correlation_id, chained
+        )
+    return True

@@ -47,10 +47,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from twinstore.anomaly import store
-from twinstore.anomaly.base import Explainer, Filter, checkpoint, restore
+from twinstore.anomaly.base import Explainer, Filter, Teachable, checkpoint, restore
 from twinstore.anomaly.detectors import create
 from twinstore.bus.partitions import PartitionGroup, fetch_available
-from twinstore.bus.subjects import Subjects
+from twinstore.bus.subjects import Subjects, partition_of
 from twinstore.fanout import decode_event
 from twinstore.histogram import SCORE_BUCKETS, Histogram
 from twinstore.model.errors import DittoError
@@ -80,6 +80,7 @@ class AnomalyStats:
     scored: int = 0
     anomalies: int = 0
     skipped: int = 0  # revisions already scored (redeliveries after a restart)
+    taught: int = 0  # false alarms (operator labels) learnt as normal
     checkpoints: int = 0
     scores: Histogram = field(default_factory=lambda: Histogram(SCORE_BUCKETS))  # /metrics
     scored_revisions: list[tuple[str, str, int]] = field(default_factory=list)  # kept when tracing
@@ -256,7 +257,8 @@ class _Scorer:
                         await self.score(msgs)
                         self.unacked.extend(msgs)
                     due = time.monotonic() - self.last_flush >= self.w.checkpoint_seconds
-                    if self.unacked and (self.updates >= self.w.checkpoint_every or due):
+                    # also with nothing scored: labelled false alarms wait to be learnt
+                    if due or (self.unacked and self.updates >= self.w.checkpoint_every):
                         await self.flush()
                     if not self.unacked and not await self.w.detectors():
                         break  # the last detector is gone
@@ -378,7 +380,16 @@ class _Scorer:
         stats.anomalies += 1
         threshold = store.finite(d.threshold)
         self.found.append(
-            (event.thing_id, feature_id, event.revision, event.timestamp, score, d.threshold, contributions)
+            (
+                event.thing_id,
+                feature_id,
+                event.revision,
+                event.timestamp,
+                score,
+                d.threshold,
+                contributions,
+                x,
+            )
         )
         value = {
             "thingId": event.thing_id,
@@ -404,13 +415,40 @@ class _Scorer:
 
     # ---- checkpoints --------------------------------------------------------------------
 
+    async def _feedback(self) -> list[tuple[str, str, int]]:
+        """Teach this partition's detectors the anomalies labelled false alarms since (unless
+        their config says ``"feedback": false``); the labels they learnt, to mark in the same
+        transaction as their checkpoints."""
+        async with self.w.pool.acquire() as con:
+            rows = await con.fetch(store.SELECT_FEEDBACK)
+        partitions = self.w.subjects.partitions
+        configs = await self.w.detectors()
+        fed = []
+        for r in rows:
+            thing_id, feature_id = r["thing_id"], r["feature_id"]
+            if partition_of(thing_id, partitions) != self.partition:
+                continue
+            fed.append((thing_id, feature_id, r["revision"]))
+            config, modified = configs.get(thing_id, {}).get(feature_id, (None, None))
+            if config is None or modified is None or config.get("feedback") is False or r["x"] is None:
+                continue  # no detector (any more) or none that wants it: marked all the same
+            watched = await self._detector(thing_id, feature_id, config, modified)
+            if isinstance(watched.detector, Teachable):
+                watched.detector.teach(r["x"])
+                watched.dirty = True
+                self.w.stats.taught += 1
+        return fed
+
     async def flush(self) -> None:
         """Write the checkpoints and anomalies, then acknowledge the messages they contain."""
+        fed = await self._feedback()
         dirty = [(key, w) for key, w in self.watched.items() if w.dirty]
-        if dirty or self.found:
+        if dirty or self.found or fed:
             async with self.w.pool.acquire() as con, con.transaction():
                 if self.found:
                     await con.executemany(store.INSERT_ANOMALY, self.found)
+                if fed:
+                    await con.executemany(store.MARK_FED, fed)
                 if dirty:
                     await con.executemany(
                         store.SAVE_STATE,

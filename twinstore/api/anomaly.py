@@ -24,6 +24,7 @@ from litestar.handlers import HTTPRouteHandler
 from policies import READ, WRITE
 from twinstore.anomaly import store
 from twinstore.api.auth import authenticate
+from twinstore.api.headers import correlation_id
 from twinstore.api.things import JSON, json_response, read_json
 from twinstore.auth import AuthContext
 from twinstore.model.errors import InvalidInputError, NotFoundError, not_found, not_modifiable
@@ -191,7 +192,10 @@ async def label_anomaly(request: Request[Any, Any, Any]) -> Response[bytes]:
             f"The label must be one of {', '.join(repr(x) for x in store.LABELS)}, not {label!r}.",
             error="things:anomaly.label.invalid",
         )
-    if not await store.label_anomaly(_pool(runtime), thing_id, feature_id, revision, label, auth.subject):
+    labelled = await store.label_anomaly(
+        _pool(runtime), thing_id, feature_id, revision, label, auth.subject, correlation_id(request)
+    )
+    if not labelled:
         raise NotFoundError(
             f"The Feature '{feature_id}' of the Thing with ID '{thing_id}' has no anomaly "
             f"at revision {revision}.",

@@ -246,6 +246,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX anomalies_ts ON anomalies (thing_id, feature_id, ts DESC, revision DESC);
     """,
+    # 11: anomaly labels feed the detectors: the scored values of each anomaly are kept, and a
+    # false-alarm label waits (partial index, empty when nothing waits) until its detector learnt it.
+    """
+    ALTER TABLE anomalies ADD COLUMN x jsonb, ADD COLUMN fed boolean NOT NULL DEFAULT false;
+    CREATE INDEX anomalies_feedback ON anomalies (thing_id) WHERE label = 'false-alarm' AND NOT fed;
+    """,
 ]
 
 CREATE_MIGRATIONS = """
