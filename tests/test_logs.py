@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import orjson
 import pytest
+import pytest_asyncio
 from websockets.asyncio.client import connect
 
 from tests.api.test_ws import BASIC, ask, command, serving
-from tests.conftest import new_thing_id
+from tests.conftest import AUTH, new_thing_id
+from twinstore.api.app import create_app
 from twinstore.logs import ContextFilter, JsonFormatter, bound, configure_logging
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings
@@ -31,6 +34,20 @@ def log_lines() -> Iterator[io.StringIO]:
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
+
+
+@pytest.fixture
+def logged(settings: Settings) -> Settings:
+    """The test settings with the access log on."""
+    return msgspec.structs.replace(settings, access_log=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(logged: Settings, runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of an app with the access log on."""
+    transport = httpx.ASGITransport(app=create_app(logged, runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://twinstore", auth=AUTH) as c:
+        yield c
 
 
 def parsed(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -86,12 +103,12 @@ async def test_request_without_one_logs_the_id_it_answers_with(
 
 
 async def test_websocket_command_lines_carry_the_command_correlation_id(
-    settings: Settings, runtime: Runtime, log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch
+    logged: Settings, runtime: Runtime, log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert runtime.service is not None
     log_inside(runtime.service, "write", monkeypatch)
     thing_id = new_thing_id()
-    async with serving(settings, runtime) as url, connect(url + "/ws/2", additional_headers=BASIC) as ws:
+    async with serving(logged, runtime) as url, connect(url + "/ws/2", additional_headers=BASIC) as ws:
         created = await ask(ws, command(thing_id, "create", value={}, cid="ws-cmd-1"))
         assert created["status"] == 201
         modified = await ask(ws, command(thing_id, "modify", "/attributes/a", 1, cid="ws-cmd-2"))
@@ -102,6 +119,16 @@ async def test_websocket_command_lines_carry_the_command_correlation_id(
     (session,) = [x for x in lines if x["logger"] == "twinstore.access"]
     assert (session["method"], session["path"], session["status"]) == ("WS", "/ws/2", 101)
     assert session["subject"] == "nginx:ditto"
+
+
+async def test_access_log_off_logs_only_errors_and_slow_requests(
+    settings: Settings, runtime: Runtime, log_lines: io.StringIO
+) -> None:
+    assert not settings.access_log  # the default
+    transport = httpx.ASGITransport(app=create_app(settings, runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://twinstore", auth=AUTH) as c:
+        assert (await c.put(f"/api/2/things/{new_thing_id()}", json={})).status_code == 201
+    assert not [x for x in parsed(log_lines) if x["logger"] == "twinstore.access"]
 
 
 def test_json_lines_are_valid_with_context_extra_and_exceptions() -> None:

@@ -115,8 +115,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     relay_poll_interval: float = 1.0
     log_level: str = "info"
     log_format: str = "json"
-    # One info line per HTTP request / WebSocket session on the twinstore.access logger.
-    access_log: bool = True
+    # One info line per HTTP request / WebSocket session on the twinstore.access logger (off:
+    # only 5xx and requests slower than a second, at warning level; a line costs ~15 us).
+    access_log: bool = False
     # SIGTERM to exit: readiness down, WebSocket/SSE sessions closed, requests and batches in
     # flight finished, NATS drained; a process not done by then exits anyway (status 1).
     shutdown_grace_seconds: float = 25.0
