@@ -198,6 +198,7 @@ class Runtime:
             pool=self.pool,
             connect=lambda: asyncpg.connect(database_url),
             send=send,
+            cache=self.service.cache if self.service is not None else None,
             checkpoint_every=s.anomaly_checkpoint_every,
             checkpoint_seconds=s.anomaly_checkpoint_seconds,
             **options,

@@ -45,7 +45,8 @@ LABELS = ("confirmed", "false-alarm")
 
 UPSERT_DETECTOR = """
 INSERT INTO anomaly_detectors (thing_id, feature_id, config) VALUES ($1, $2, $3)
-ON CONFLICT (thing_id, feature_id) DO UPDATE SET config = excluded.config, modified = clock_timestamp()
+ON CONFLICT (thing_id, feature_id) DO UPDATE SET config = excluded.config, modified = clock_timestamp(),
+    rule = NULL  -- the feature's own detector now, not a definition rule's
 RETURNING (xmax = 0) AS created
 """
 # A new config starts a new detector: the old one's state is dropped with it (same transaction).
@@ -55,8 +56,11 @@ SELECT config, created, modified FROM anomaly_detectors WHERE thing_id = $1 AND 
 """
 DELETE_DETECTOR = "DELETE FROM anomaly_detectors WHERE thing_id = $1 AND feature_id = $2"
 SELECT_DETECTORS = "SELECT thing_id, feature_id, config, modified FROM anomaly_detectors"
-# Changes with every PUT (a newer ``modified``) and DELETE (fewer rows) of a detector.
-SELECT_DETECTORS_FINGERPRINT = "SELECT count(*), max(modified) FROM anomaly_detectors"
+# Changes with every PUT (a newer ``modified``) and DELETE (fewer rows) of a detector or rule.
+SELECT_DETECTORS_FINGERPRINT = """
+SELECT (SELECT count(*) FROM anomaly_detectors), (SELECT max(modified) FROM anomaly_detectors),
+       (SELECT count(*) FROM anomaly_rules), (SELECT max(modified) FROM anomaly_rules)
+"""
 SELECT_EARLIEST_DETECTOR = "SELECT min(modified) FROM anomaly_detectors"
 SELECT_LATEST = """
 SELECT s.revision, s.score, s.threshold, s.anomalous, s.scored_at, d.config

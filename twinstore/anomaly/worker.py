@@ -46,11 +46,13 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from twinstore.anomaly import rules as rules_module
 from twinstore.anomaly import store
 from twinstore.anomaly.base import Explainer, Filter, Teachable, checkpoint, restore
 from twinstore.anomaly.detectors import create
 from twinstore.bus.partitions import PartitionGroup, fetch_available
 from twinstore.bus.subjects import Subjects, partition_of
+from twinstore.enforcement import PolicyCache
 from twinstore.fanout import decode_event
 from twinstore.histogram import SCORE_BUCKETS, Histogram
 from twinstore.model.errors import DittoError
@@ -113,6 +115,7 @@ class AnomalyWorker:
         pool: asyncpg.Pool,
         connect: Callable[[], Awaitable[asyncpg.Connection]],
         send: Send | None = None,
+        cache: PolicyCache | None = None,
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 1.0,
         batch: int = 500,
@@ -134,6 +137,9 @@ class AnomalyWorker:
         self._detectors_at = float("-inf")
         self._detectors_lock = asyncio.Lock()
         self.generation = 0  # counts the times the detectors were re-read
+        # definition -> (config, subjects): attached to features as they get the definition
+        self.rules: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {}
+        self.cache = cache
         self.group = PartitionGroup(
             f"twinstore-anomaly:{subjects.events_stream}",
             subjects.partitions,
@@ -168,7 +174,7 @@ class AnomalyWorker:
             if time.monotonic() - self._detectors_at >= WATCHED_SECONDS:
                 async with self.pool.acquire() as con:
                     row = await con.fetchrow(store.SELECT_DETECTORS_FINGERPRINT)
-                    fingerprint = (row[0], row[1]) if row is not None else None
+                    fingerprint = tuple(row.values()) if row is not None else None
                     if fingerprint != self._fingerprint:
                         detectors: Detectors = {}
                         for r in await con.fetch(store.SELECT_DETECTORS):
@@ -176,6 +182,10 @@ class AnomalyWorker:
                                 r["config"],
                                 r["modified"],
                             )
+                        self.rules = {
+                            r["definition"]: (r["config"], tuple(r["subjects"]))
+                            for r in await con.fetch(rules_module.SELECT_RULES)
+                        }
                         self._detectors, self._fingerprint = detectors, fingerprint
                         self.generation += 1
                 self._detectors_at = time.monotonic()
@@ -184,6 +194,18 @@ class AnomalyWorker:
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
         """Score one partition until stopped (the group restarts it after a failure)."""
         await _Scorer(self, partition, stop).run()
+
+
+def _brings_definition(event: Event) -> bool:
+    """Whether ``event`` can give a feature a definition (a rule may then apply)."""
+    if event.action == "deleted":
+        return False
+    parts = parse_pointer(event.path)
+    if not parts:
+        return True
+    if parts[0] != "features":
+        return False
+    return len(parts) <= 2 or (len(parts) == 3 and parts[2] == "definition")
 
 
 def _touches(parts: list[str], feature_id: str) -> bool:
@@ -240,7 +262,7 @@ class _Scorer:
         consumer is removed and made again, from the earliest detector's time, when one comes)."""
         dropped = False
         while not self.stop.is_set():
-            if not await self.w.detectors():
+            if not await self.w.detectors() and not self.w.rules:
                 if not dropped:
                     await self._drop_consumer()
                     dropped = True
@@ -260,7 +282,7 @@ class _Scorer:
                     # also with nothing scored: labelled false alarms wait to be learnt
                     if due or (self.unacked and self.updates >= self.w.checkpoint_every):
                         await self.flush()
-                    if not self.unacked and not await self.w.detectors():
+                    if not self.unacked and not await self.w.detectors() and not self.w.rules:
                         break  # the last detector is gone
                 await self.flush()
             finally:
@@ -279,18 +301,41 @@ class _Scorer:
             self.generation = self.w.generation
             for key in [k for k in self.watched if k[1] not in configs.get(k[0], {})]:
                 del self.watched[key]
-        if not configs:
+        rules = self.w.rules if self.w.cache is not None else {}
+        if not configs and not rules:
             return
-        # the relay names the thing in a header: events of unwatched things are not decoded
-        msgs = [m for m in msgs if (m.headers or {}).get("Ditto-Thing-Id", "") in configs]
+        if not rules:
+            # the relay names the thing in a header: events of unwatched things are not decoded
+            msgs = [m for m in msgs if (m.headers or {}).get("Ditto-Thing-Id", "") in configs]
         for event in (decode_event(m.data, m.headers) for m in msgs):
             if event is None:
                 continue
+            state = None
+            if rules and _brings_definition(event):
+                state = await self._state(event)
+                if state is not None and state.doc is not None:
+                    configs = await self._attach(state, configs)
             features = configs.get(event.thing_id)
             if features:
-                await self._event(event, features)
+                await self._event(event, features, state)
             else:
                 self.things.pop(event.thing_id, None)
+
+    async def _attach(self, state: ThingState, configs: Detectors) -> Detectors:
+        """Attach the definition rules' detectors to the thing's features that match one."""
+        assert self.w.cache is not None and state.doc is not None
+        attached = await rules_module.attach(
+            self.w.pool,
+            self.w.cache,
+            self.w.rules,
+            [(state.thing_id, state.doc)],
+            has=lambda thing_id, feature_id: feature_id in configs.get(thing_id, {}),
+        )
+        if not attached:
+            return configs
+        log.info("anomaly: detectors attached by definition", extra={"thing_id": state.thing_id})
+        self.w.invalidate()
+        return await self.w.detectors()
 
     async def _state(self, event: Event) -> ThingState | None:
         """The thing after ``event`` (None: this run applied it already, or history is gone)."""
@@ -314,8 +359,14 @@ class _Scorer:
             self.things.popitem(last=False)
         return state
 
-    async def _event(self, event: Event, features: dict[str, tuple[dict[str, Any], datetime]]) -> None:
-        state = await self._state(event)
+    async def _event(
+        self,
+        event: Event,
+        features: dict[str, tuple[dict[str, Any], datetime]],
+        state: ThingState | None = None,
+    ) -> None:
+        if state is None:
+            state = await self._state(event)
         if state is None or state.doc is None:
             return
         parts = parse_pointer(event.path)

@@ -11,6 +11,12 @@
 
 As everywhere in Ditto, a feature the caller may not read looks absent (404); readable but
 not writable is 403.
+
+``/api/2/anomaly/definitions/{definition}``: a detector for every feature with that definition
+that the caller may WRITE (:mod:`twinstore.anomaly.rules`): ``PUT`` (201 with the rule / 204;
+header ``twinstore-attached``: detectors attached now), ``GET``, ``DELETE`` (204, removes the
+detectors it attached); ``GET /api/2/anomaly/definitions`` lists the caller's rules. A rule is
+visible to, and changed by, callers who share a subject with the one who put it.
 """
 
 from __future__ import annotations
@@ -22,18 +28,24 @@ from litestar import Request, Response, delete, get, put
 from litestar.handlers import HTTPRouteHandler
 
 from policies import READ, WRITE
-from twinstore.anomaly import store
+from twinstore.anomaly import rules, store
 from twinstore.api.auth import authenticate
 from twinstore.api.headers import correlation_id
 from twinstore.api.things import JSON, json_response, read_json
 from twinstore.auth import AuthContext
-from twinstore.model.errors import InvalidInputError, NotFoundError, not_found, not_modifiable
+from twinstore.model.errors import (
+    InvalidInputError,
+    NotFoundError,
+    not_found,
+    not_modifiable,
+)
 from twinstore.model.ids import validate_thing_id
 from twinstore.runtime import Runtime
 
 __all__ = ["anomaly_handlers"]
 
 F = "/api/2/things/{thingId:str}/features/{featureId:str}/anomaly"
+D = "/api/2/anomaly/definitions"
 TAGS = ["Anomaly detection (twinstore)"]
 MAX_SIZE = 200
 DEFAULT_SIZE = 25
@@ -205,6 +217,79 @@ async def label_anomaly(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response(204)
 
 
+def _rule_not_found(definition: str) -> NotFoundError:
+    return NotFoundError(
+        f"There is no anomaly detector for the feature definition '{definition}'.",
+        error="things:anomaly.rule.notfound",
+        description="Put one with PUT /api/2/anomaly/definitions/{definition}.",
+    )
+
+
+def _rule_body(row: Any, attached: int | None = None) -> dict[str, Any]:
+    body = {
+        "definition": row["definition"],
+        "detector": _shown(row["config"]),
+        "created": _iso(row["created"]),
+        "modified": _iso(row["modified"]),
+    }
+    if attached is not None:
+        body["attached"] = attached
+    return body
+
+
+async def _rule(request: Request[Any, Any, Any]) -> tuple[Runtime, AuthContext, str, Any]:
+    """The runtime, caller, definition and its rule (None), or 404 for another caller's rule."""
+    auth = await authenticate(request)
+    runtime: Runtime = request.app.state.runtime
+    definition = str(request.path_params["definition"])
+    if not definition or len(definition) > 512:
+        raise InvalidInputError("The feature definition must have 1 to 512 characters.")
+    row = await rules.get_rule(_pool(runtime), definition)
+    if row is not None and not set(row["subjects"]) & set(auth.subjects):
+        raise _rule_not_found(definition)  # someone else's: not shown, not changed
+    return runtime, auth, definition, row
+
+
+async def put_rule(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime, auth, definition, _ = await _rule(request)
+    config = store.validate_config(await read_json(request, (JSON,)))
+    assert runtime.service is not None
+    created, attached = await rules.put_rule(
+        _pool(runtime), runtime.service.cache, definition, config, tuple(auth.subjects)
+    )
+    if runtime.anomaly is not None:
+        runtime.anomaly.invalidate()
+    headers = {"twinstore-attached": str(attached)}
+    if not created:
+        return json_response(204, headers=headers)
+    row = await rules.get_rule(_pool(runtime), definition)
+    return json_response(201, _rule_body(row), headers=headers)
+
+
+async def get_rule(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime, _, definition, row = await _rule(request)
+    if row is None:
+        raise _rule_not_found(definition)
+    return json_response(200, _rule_body(row, await rules.attached(_pool(runtime), definition)))
+
+
+async def delete_rule(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime, _, definition, row = await _rule(request)
+    if row is None or not await rules.delete_rule(_pool(runtime), definition):
+        raise _rule_not_found(definition)
+    if runtime.anomaly is not None:
+        runtime.anomaly.invalidate()
+    return json_response(204)
+
+
+async def list_rules(request: Request[Any, Any, Any]) -> Response[bytes]:
+    auth = await authenticate(request)
+    runtime: Runtime = request.app.state.runtime
+    mine = set(auth.subjects)
+    rows = [r for r in await rules.list_rules(_pool(runtime)) if set(r["subjects"]) & mine]
+    return json_response(200, {"items": [_rule_body(r) for r in rows]})
+
+
 def anomaly_handlers() -> list[HTTPRouteHandler]:
     """The anomaly routes under a feature."""
     common: dict[str, Any] = {"tags": TAGS, "status_code": 200}
@@ -221,4 +306,13 @@ def anomaly_handlers() -> list[HTTPRouteHandler]:
             summary="List the feature's anomalies, newest first", **common)(list_anomalies),
         put(F + "/anomalies/{revision:int}/label", operation_id="putFeatureAnomalyLabel",
             summary="Label an anomaly: confirmed or false-alarm", **common)(label_anomaly),
+        put(D + "/{definition:str}", operation_id="putDefinitionAnomalyDetector",
+            summary="A detector for every feature with a definition (that the caller may write)",
+            **common)(put_rule),
+        get(D + "/{definition:str}", operation_id="getDefinitionAnomalyDetector",
+            summary="Retrieve the detector rule of a feature definition", **common)(get_rule),
+        delete(D + "/{definition:str}", operation_id="deleteDefinitionAnomalyDetector",
+               summary="Remove the rule and the detectors it attached", **common)(delete_rule),
+        get(D, operation_id="getDefinitionAnomalyDetectors",
+            summary="List the caller's detector rules by feature definition", **common)(list_rules),
     ]  # fmt: skip

@@ -252,6 +252,18 @@ MIGRATIONS: list[str] = [
     ALTER TABLE anomalies ADD COLUMN x jsonb, ADD COLUMN fed boolean NOT NULL DEFAULT false;
     CREATE INDEX anomalies_feedback ON anomalies (thing_id) WHERE label = 'false-alarm' AND NOT fed;
     """,
+    # 12: detectors for every feature with a definition (twinstore.anomaly.rules)
+    """
+    CREATE TABLE anomaly_rules (
+        definition  text        PRIMARY KEY,
+        config      jsonb       NOT NULL,
+        subjects    text[]      NOT NULL,  -- who put it: it attaches where they may WRITE
+        created     timestamptz NOT NULL DEFAULT now(),
+        modified    timestamptz NOT NULL DEFAULT now()
+    );
+    ALTER TABLE anomaly_detectors ADD COLUMN rule text;
+    CREATE INDEX anomaly_detectors_rule ON anomaly_detectors (rule) WHERE rule IS NOT NULL;
+    """,
 ]
 
 CREATE_MIGRATIONS = """
