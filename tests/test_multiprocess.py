@@ -55,6 +55,8 @@ ACKS_BEFORE_KILL = 150
 ACKS_AFTER_KILL = 150
 LOAD_AFTER_KILL = 4.0  # seconds of load after the kill at least (ingest partitions move over)
 GRACE = 25.0  # shutdown_grace_seconds (the default)
+# 5 processes with their pools, relay and lock connections: ~40 PostgreSQL connections, not ~70
+SMALL_POOL = {"TWINSTORE_POOL_SIZE": "4"}
 SOURCES = {**INGEST_SOURCES, "ditto-cmd": ["nginx:ditto"]}  # a second source for commands
 
 
@@ -239,7 +241,7 @@ async def cluster(
     own = msgspec.structs.replace(own_settings, ingest_sources=SOURCES)
     assert own.database_url is not None and own.nats_url is not None
     servers = [
-        ServerProcess(own, TWINSTORE_INGEST_ENABLED="false", TWINSTORE_ANOMALY_ENABLED="false")
+        ServerProcess(own, TWINSTORE_INGEST_ENABLED="false", TWINSTORE_ANOMALY_ENABLED="false", **SMALL_POOL)
         for _ in range(3)
     ]
     workers = [
