@@ -25,6 +25,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -108,13 +109,15 @@ class Metrics:
             self.detectors = int(await con.fetchval(COUNT_DETECTORS))
 
 
-async def _pending(js: object, stream: str, durable: str, partitions: Iterable[int]) -> dict[int, int]:
+async def _pending(
+    js: JetStreamContext, stream: str, durable: str, partitions: Iterable[int]
+) -> dict[int, int]:
     """Messages not yet acknowledged (pending + delivered unacknowledged) per owned partition;
     a partition whose consumer does not exist (just claimed, no detector) is left out."""
 
     async def one(p: int) -> tuple[int, int] | None:
         try:
-            info = await js.consumer_info(stream, durable.format(p))  # type: ignore[attr-defined]
+            info = await js.consumer_info(stream, durable.format(p))
         except Exception:
             return None
         return p, int(info.num_pending or 0) + int(info.num_ack_pending or 0)
