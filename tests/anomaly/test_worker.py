@@ -234,3 +234,72 @@ async def test_false_alarm_label_is_a_journal_event_and_teaches_the_detector(
         return got if got.get("revision") == again else None
 
     assert (await until(latest))["score"] < before / 2
+
+
+async def sse_events(response: httpx.Response, out: asyncio.Queue[tuple[str, dict[str, Any]]]) -> None:
+    """Parse a text/event-stream response into (event name, data) pairs."""
+    name, data = "", ""
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+        elif line == "" and data:
+            await out.put((name, json.loads(data)))
+            name, data = "", ""
+
+
+async def test_anomaly_messages_over_sse(base: str, client: httpx.AsyncClient) -> None:
+    policy_id = new_thing_id("org.policy")
+    policy = full_access("nginx:ditto")
+    policy["entries"]["other"] = {  # may read the thing and its messages, but not feature f's
+        "subjects": {"nginx:other": {"type": "test"}},
+        "resources": {
+            "thing:/": {"grant": ["READ"], "revoke": []},
+            "message:/": {"grant": ["READ"], "revoke": []},
+            "message:/features/f": {"grant": [], "revoke": ["READ"]},
+        },
+    }
+    assert (await client.put(f"/api/2/policies/{policy_id}", json=policy)).status_code == 201
+    thing_id = new_thing_id()
+    body = {"policyId": policy_id, "features": {"f": {"properties": {"t": 20.0}}, "g": {}}}
+    assert (await client.put(f"/api/2/things/{thing_id}", json=body)).status_code == 201
+    r = await client.put(f"/api/2/things/{thing_id}/features/f/anomaly/detector", json=DETECTOR)
+    assert r.status_code == 201
+    boxes = f"/api/2/things/{thing_id}/features"
+    sse = {"Accept": "text/event-stream"}
+    queues: list[asyncio.Queue[tuple[str, dict[str, Any]]]] = [asyncio.Queue() for _ in range(3)]
+    mine, theirs_f, theirs_g = queues
+    async with (
+        httpx.AsyncClient(base_url=base, auth=("ditto", "ditto"), timeout=30) as owner,
+        httpx.AsyncClient(base_url=base, auth=("other", "secret"), timeout=30) as other,
+    ):
+        assert (await owner.get(f"{boxes}/f/outbox/messages/anomaly")).status_code == 406  # only streamed
+        async with (
+            owner.stream("GET", f"{boxes}/f/outbox/messages/anomaly", headers=sse) as r1,
+            other.stream("GET", f"{boxes}/f/outbox/messages", headers=sse) as r2,
+            other.stream("GET", f"{boxes}/g/outbox/messages", headers=sse) as r3,
+        ):
+            assert [r.status_code for r in (r1, r2, r3)] == [200, 200, 200]
+            assert r1.headers["content-type"].startswith("text/event-stream")
+            readers = [
+                asyncio.create_task(sse_events(r, q)) for r, q in zip((r1, r2, r3), queues, strict=True)
+            ]
+            try:
+                for i in range(30):
+                    await write(client, thing_id, normal(i))
+                await write(client, thing_id, 1000.0)
+                outlier = await revision_of(client, thing_id)
+                name, envelope = await asyncio.wait_for(mine.get(), 15)
+                assert name == "anomaly" and envelope["path"] == "/features/f/outbox/messages/anomaly"
+                assert envelope["value"]["revision"] == outlier and envelope["value"]["thingId"] == thing_id
+                # nginx:other may read feature g's messages but not f's: a canary sent after the
+                # anomaly reaches its g stream, while its f stream got nothing
+                r = await client.post(f"{boxes}/g/outbox/messages/canary", params={"timeout": "0"})
+                assert r.status_code == 202
+                assert (await asyncio.wait_for(theirs_g.get(), 10))[0] == "canary"
+                await asyncio.sleep(0.2)
+                assert theirs_f.empty()
+            finally:
+                for task in readers:
+                    task.cancel()

@@ -7,18 +7,40 @@ or header; default 10, at most 60) for the first response of a receiver, whose `
 ``content-type`` and value become the HTTP response (a 204 has no body); ``timeout=0`` or
 ``response-required=false`` answers 202 at once; no response in time is 408
 ``messages:message.timeout``. See :mod:`twinstore.messages` for permissions.
+
+``GET`` of the same resources, and of ``.../<box>/messages`` for every subject, with ``Accept:
+text/event-stream`` streams the live messages the caller may READ as Server-Sent Events: one
+event per message, ``event: <subject>``, ``id: <correlation-id>``, ``data:`` its Ditto Protocol
+envelope (as on the WebSocket); the anomaly stream, for one, is
+``/api/2/things/{thingId}/features/{featureId}/outbox/messages/anomaly``. A comment every
+``KEEPALIVE`` seconds; a client that does not keep up has its stream ended.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Request, Response, post
+import orjson
+from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
+from litestar.response import Stream
 
 from twinstore.api.auth import authenticate
 from twinstore.api.headers import header, parse_headers
-from twinstore.messages import Message, decode_payload, encode_payload, parse_timeout, validate_subject
+from twinstore.api.sse import EVENT_STREAM, KEEPALIVE, wants_sse
+from twinstore.mailbox import SlowConsumerError
+from twinstore.messages import (
+    Message,
+    MessageSubscription,
+    decode_payload,
+    encode_payload,
+    parse_timeout,
+    validate_subject,
+)
+from twinstore.model import rql
+from twinstore.model.errors import DittoError
 from twinstore.model.ids import validate_thing_id
 from twinstore.runtime import Runtime
 
@@ -83,11 +105,78 @@ def _handler(route: str, direction: str, feature: bool) -> HTTPRouteHandler:
     )(send)
 
 
+class NotAcceptableError(DittoError):
+    status = 406
+    error = "messages:accept.invalid"
+    description = "Messages are read as Server-Sent Events: send 'Accept: text/event-stream'."
+
+
+async def _sse(
+    runtime: Runtime, sub: MessageSubscription, prefix: str, subject: str | None
+) -> AsyncIterator[bytes]:
+    try:
+        while not runtime.draining:  # server shutdown: the stream ends (clients reconnect)
+            try:
+                envelope = await asyncio.wait_for(sub.get(), KEEPALIVE)
+            except TimeoutError:
+                yield b":\n\n"
+                continue
+            except SlowConsumerError:
+                return
+            path = str(envelope.get("path", ""))
+            if not path.startswith(prefix) or (subject is not None and path != prefix + subject):
+                continue
+            name = path[len(prefix) :].replace("\n", " ")
+            correlation = str((envelope.get("headers") or {}).get("correlation-id", "")).replace("\n", " ")
+            yield (
+                b"event: " + name.encode() + b"\nid: " + correlation.encode()
+                + b"\ndata: " + orjson.dumps(envelope) + b"\n\n"
+            )  # fmt: skip
+    finally:
+        sub.close()
+
+
+async def _stream(request: Request[Any, Any, Any], direction: str) -> Stream:
+    """The live messages of one thing's (or feature's) box as Server-Sent Events."""
+    if not wants_sse(request):
+        raise NotAcceptableError("This resource only streams messages (Accept: text/event-stream).")
+    auth = await authenticate(request)
+    h = parse_headers(request)
+    runtime: Runtime = request.app.state.runtime
+    assert runtime.messages is not None
+    thing_id = validate_thing_id(request.path_params["thingId"])
+    feature_id = request.path_params.get("featureId")
+    raw = request.path_params.get("messageSubject")
+    subject = None if raw is None or not str(raw).strip("/") else validate_subject(str(raw).lstrip("/"))
+    prefix = (f"/features/{feature_id}" if feature_id is not None else "") + f"/{direction}/messages/"
+    sub = runtime.messages.subscribe(auth.subjects, filter=rql.parse_filter(f'eq(thingId,"{thing_id}")'))
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "correlation-id": h.correlation_id}
+    return Stream(_sse(runtime, sub, prefix, subject), media_type=EVENT_STREAM, headers=headers)
+
+
+def _reader(route: str, direction: str, feature: bool) -> HTTPRouteHandler:
+    async def stream(request: Request[Any, Any, Any]) -> Stream:
+        return await _stream(request, direction)
+
+    words = ("Feature" if feature else "Thing", "to" if direction == "inbox" else "from")
+    subject = route.endswith("}")
+    return get(
+        route,
+        operation_id=f"get{words[0]}{direction.capitalize()}Messages{'OfSubject' if subject else ''}",
+        summary=f"Receive the live messages {words[1]} a {words[0].lower()} (text/event-stream)",
+        tags=["Messages"],
+        name=f"GET {route}",
+        status_code=200,
+    )(stream)
+
+
 def message_handlers() -> list[HTTPRouteHandler]:
-    """The four message routes (thing or feature, inbox or outbox)."""
+    """The message routes (thing or feature, inbox or outbox): send, and stream as SSE."""
     handlers = []
     for base, feature in ((T, False), (F, True)):
         for direction in ("inbox", "outbox"):
             route = f"{base}/{direction}/messages/{{messageSubject:path}}"
             handlers.append(_handler(route, direction, feature))
+            handlers.append(_reader(route, direction, feature))
+            handlers.append(_reader(f"{base}/{direction}/messages", direction, feature))
     return handlers
