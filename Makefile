@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/adapter_mqtt.py
 	$(BIN)/python bench/adapter_opcua.py
+	$(BIN)/python bench/anomaly_live.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(JS_CLIENT)/node_modules
