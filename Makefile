@@ -43,6 +43,7 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/journal.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/metrics.py
 	$(BIN)/python bench/policy_cost.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/fanout.py
