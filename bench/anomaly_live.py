@@ -237,7 +237,7 @@ async def skab_phase(
     # the signals named: their order is SKAB's, as offline (a jsonb document sorts its keys)
     detector = {"algorithm": "mahalanobis", "properties": list(files[0].rows[0])}
     await create_things(server.url, list(ids.values()), detector)
-    await asyncio.sleep(0.5)  # the scorer sees the new detectors (it re-reads them every 0.25 s)
+    await asyncio.sleep(1.5)  # the scorer sees the new detectors (it re-reads them every 0.25 s)
     rows: list[Update] = []
     for index in range(max(len(f.rows) for f in files)):
         for f in files:  # the pumps side by side, each in its own order
@@ -323,7 +323,7 @@ async def rate_phase(
 ) -> tuple[dict[str, Any], Pumps]:
     ids = [f"bench.anomaly:pump-{i:05d}" for i in range(args.things)]
     await create_things(server.url, ids, {"algorithm": "mahalanobis"})
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.5)
     pumps = Pumps(ids)
     rows = pumps.rows(args.updates)
     proc = psutil.Process(scorer.pid)
@@ -434,7 +434,7 @@ async def memory_phase(
     started = time.monotonic()
     await create_things(server.url, ids, {"algorithm": "mahalanobis"}, concurrency=32)
     created = time.monotonic() - started
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.5)
     pumps = Pumps(ids, seed=9)
     for _ in range(args.memory_updates):
         await pub.send_all(pumps.rows(1))
@@ -496,6 +496,8 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
                     )
                 )
         scorer = workers[1]
+        assert server.proc is not None
+        print(f"pids: serve {server.proc.pid} ingest {workers[0].pid} anomaly {scorer.pid}", flush=True)
         await asyncio.sleep(4)  # the workers claim their partitions
         await rx.start(server, nc)
         pub = Publisher(nc, server.prefix)

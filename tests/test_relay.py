@@ -144,7 +144,11 @@ async def test_a_lost_ack_republishes_from_the_last_acknowledged_batch_and_loses
         ]
         assert stored == positions
 
+        # the cursor is saved off the publishing path, within CURSOR_SAVE_SECONDS
+        deadline = time.monotonic() + 2
         async with pool.acquire() as con:
+            while await con.fetchval(SELECT_CURSOR, CURSOR) != positions[-1] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             assert await con.fetchval(SELECT_CURSOR, CURSOR) == positions[-1]
     finally:
         await journal.stop()

@@ -259,6 +259,7 @@ class Runtime:
         assert self.relay is not None
         while await self.relay.publish_pending():
             pass
+        await self.relay.save_cursor()
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         """Readiness (``/ready``): the database answers with the current schema, NATS is

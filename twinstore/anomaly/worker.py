@@ -167,9 +167,11 @@ class AnomalyWorker:
         """The detectors by thing and feature, checked at most every WATCHED_SECONDS (and after
         :meth:`invalidate`) by a cheap fingerprint and re-read only when it changed: events of
         things without one are not even decoded. A detector attached through another process
-        scores from at most WATCHED_SECONDS after it was attached."""
+        scores the updates committed from about 2 x WATCHED_SECONDS after it was attached."""
         if time.monotonic() - self._detectors_at < WATCHED_SECONDS:
             return self._detectors
+        if self._detectors_lock.locked() and time.monotonic() - self._detectors_at < 2 * WATCHED_SECONDS:
+            return self._detectors  # being re-read: the others go on with what they have
         async with self._detectors_lock:
             if time.monotonic() - self._detectors_at >= WATCHED_SECONDS:
                 async with self.pool.acquire() as con:
@@ -230,6 +232,8 @@ class _Scorer:
         self.unacked: list[Msg] = []
         self.found: list[tuple[Any, ...]] = []  # anomalies rows not yet written
         self.generation = -1  # of the worker's detectors when ``watched`` was last pruned
+        self.writer: asyncio.Task[None] | None = None  # the checkpoint being written
+        self.feedback: list[asyncpg.Record] = []  # false alarms to learn at the next flush
         self.updates = 0
         self.last_flush = time.monotonic()
 
@@ -285,7 +289,10 @@ class _Scorer:
                     if not self.unacked and not await self.w.detectors() and not self.w.rules:
                         break  # the last detector is gone
                 await self.flush()
+                await self.written()
             finally:
+                if self.writer is not None:  # failed or stopped mid-write: let it end
+                    await asyncio.gather(self.writer, return_exceptions=True)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
@@ -466,19 +473,21 @@ class _Scorer:
 
     # ---- checkpoints --------------------------------------------------------------------
 
-    async def _feedback(self) -> list[tuple[str, str, int]]:
-        """Teach this partition's detectors the anomalies labelled false alarms since (unless
-        their config says ``"feedback": false``); the labels they learnt, to mark in the same
-        transaction as their checkpoints."""
+    async def _pending_feedback(self) -> list[asyncpg.Record]:
+        """The false alarms of this partition's things that no detector has learnt yet."""
         async with self.w.pool.acquire() as con:
             rows = await con.fetch(store.SELECT_FEEDBACK)
         partitions = self.w.subjects.partitions
+        return [r for r in rows if partition_of(r["thing_id"], partitions) == self.partition]
+
+    async def _feedback(self, rows: list[asyncpg.Record]) -> list[tuple[str, str, int]]:
+        """Teach the detectors the false alarms ``rows`` (unless their config says
+        ``"feedback": false``); the labels learnt, to mark in the same transaction as the
+        checkpoints that hold them."""
         configs = await self.w.detectors()
         fed = []
         for r in rows:
             thing_id, feature_id = r["thing_id"], r["feature_id"]
-            if partition_of(thing_id, partitions) != self.partition:
-                continue
             fed.append((thing_id, feature_id, r["revision"]))
             config, modified = configs.get(thing_id, {}).get(feature_id, (None, None))
             if config is None or modified is None or config.get("feedback") is False or r["x"] is None:
@@ -491,40 +500,60 @@ class _Scorer:
         return fed
 
     async def flush(self) -> None:
-        """Write the checkpoints and anomalies, then acknowledge the messages they contain."""
-        fed = await self._feedback()
+        """Checkpoint what was scored: the dirty detectors are serialised now, and written with
+        the anomalies found in one transaction by a writer task while scoring goes on (a commit
+        in the scoring loop would delay every update behind it); the messages they contain are
+        acknowledged after that commit. One write at a time: this waits for the previous one,
+        whose failure ends this claim of the partition (its messages come again)."""
+        await self.written()
+        fed = await self._feedback(self.feedback)
+        self.feedback = []
         dirty = [(key, w) for key, w in self.watched.items() if w.dirty]
-        if dirty or self.found or fed:
-            async with self.w.pool.acquire() as con, con.transaction():
-                if self.found:
-                    await con.executemany(store.INSERT_ANOMALY, self.found)
-                if fed:
-                    await con.executemany(store.MARK_FED, fed)
-                if dirty:
-                    await con.executemany(
-                        store.SAVE_STATE,
-                        [
-                            (
-                                thing_id,
-                                feature_id,
-                                w.revision,
-                                checkpoint(w.detector),
-                                w.score,
-                                w.threshold,
-                                w.anomalous,
-                                w.scored_at,
-                                w.modified,
-                            )
-                            for (thing_id, feature_id), w in dirty
-                        ],
-                    )
-            for _, w in dirty:
-                w.dirty = False
-            self.found = []
-            self.w.stats.checkpoints += 1
-        for msg in self.unacked:
-            with contextlib.suppress(Exception):  # a lost ack is a redelivery the revision skips
-                await msg.ack()
-        self.unacked = []
+        states = [
+            (
+                thing_id,
+                feature_id,
+                w.revision,
+                checkpoint(w.detector),
+                w.score,
+                w.threshold,
+                w.anomalous,
+                w.scored_at,
+                w.modified,
+            )
+            for (thing_id, feature_id), w in dirty
+        ]
+        for _, w in dirty:
+            w.dirty = False
+        found, self.found = self.found, []
+        msgs, self.unacked = self.unacked, []
         self.updates = 0
         self.last_flush = time.monotonic()
+        self.writer = asyncio.create_task(self._write(states, found, fed, msgs))
+
+    async def written(self) -> None:
+        """Wait for the writer task (raises what it raised)."""
+        if self.writer is not None:
+            task, self.writer = self.writer, None
+            await task
+
+    async def _write(
+        self,
+        states: list[tuple[Any, ...]],
+        found: list[tuple[Any, ...]],
+        fed: list[tuple[str, str, int]],
+        msgs: list[Msg],
+    ) -> None:
+        if states or found or fed:
+            async with self.w.pool.acquire() as con, con.transaction():
+                if found:
+                    await con.executemany(store.INSERT_ANOMALY, found)
+                if fed:
+                    await con.executemany(store.MARK_FED, fed)
+                if states:
+                    await con.executemany(store.SAVE_STATE, states)
+            self.w.stats.checkpoints += 1
+        for msg in msgs:
+            with contextlib.suppress(Exception):  # a lost ack is a redelivery the revision skips
+                await msg.ack()
+        self.feedback = await self._pending_feedback()  # learnt at the next flush

@@ -5,9 +5,10 @@ session-level PostgreSQL advisory lock (``RELAY_LOCK``) publishes; the others wa
 over. The leader tails the journal by ``position`` (commit order, see the journal module) from
 a cursor kept in ``relay_cursor`` and publishes each event as a Ditto Protocol envelope with
 ``Nats-Msg-Id: thing:<id>:<revision>``, so a republish after a crash is dropped by JetStream.
-The cursor is saved only after a whole batch was acknowledged by JetStream, so a crash can
-only cause a republish of at most one batch, which the duplicate window drops (consumers also
-see the revision in every envelope and ignore revisions they already have).
+The cursor moves only after a whole batch was acknowledged by JetStream and is saved every
+``CURSOR_SAVE_SECONDS`` off the publishing path, so a crash can only cause a republish of what
+was published since, which the duplicate window drops (consumers also see the revision in every
+envelope and ignore revisions they already have).
 
 Waking: every journal commit runs ``pg_notify('twinstore_journal')``, which the leader listens
 to on its lock connection, so events committed by any process are published at once; the
@@ -43,6 +44,7 @@ RELAY_LOCK = 7_242_003
 CURSOR = "events"
 POSITION_HEADER = "Twinstore-Position"
 JOURNAL_CHANNEL = "twinstore_journal"  # NOTIFY'd by every journal commit (see journal.APPEND)
+CURSOR_SAVE_SECONDS = 0.1
 
 SELECT_AFTER = """
 SELECT position, id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
@@ -99,6 +101,7 @@ class Relay:
         self.is_leader = False
         self.published = 0
         self.position = 0
+        self._saved = 0  # the position last stored in relay_cursor
 
     def start(self) -> None:
         if self._task is None:
@@ -161,13 +164,36 @@ class Relay:
                 await lock_con.fetchval("SELECT 1", timeout=5)
 
     async def _lead(self) -> None:
-        self.position = await self._start_position()
+        self.position = self._saved = await self._start_position()
+        saver = asyncio.create_task(self._save_cursor_loop(), name="twinstore-relay-cursor")
+        try:
+            while True:
+                self._wake.clear()  # before reading: a commit after this point wakes the next round
+                published = await self.publish_pending()
+                if published < self.batch:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+        finally:
+            saver.cancel()
+            await asyncio.gather(saver, return_exceptions=True)
+            with contextlib.suppress(Exception):  # e.g. a lost ack: restart after what was acked
+                await self.save_cursor()
+
+    async def _save_cursor_loop(self) -> None:
+        """Save the cursor every CURSOR_SAVE_SECONDS when it moved, off the publishing path (a
+        commit per round would delay every event behind it); a new leader republishes at most
+        that much, which JetStream's duplicate window drops."""
         while True:
-            self._wake.clear()  # before reading: a commit after this point wakes the next round
-            published = await self.publish_pending()
-            if published < self.batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            await asyncio.sleep(CURSOR_SAVE_SECONDS)
+            await self.save_cursor()
+
+    async def save_cursor(self) -> None:
+        """Store the position published so far (if it moved since the last save)."""
+        position = self.position
+        if position != self._saved:
+            async with self.pool.acquire() as con:
+                await con.execute(SAVE_CURSOR, CURSOR, position)
+            self._saved = position
 
     async def _start_position(self) -> int:
         async with self.pool.acquire() as con:
@@ -200,6 +226,4 @@ class Relay:
             self.publisher.forget(futures)
         self.position = rows[-1]["position"]
         self.published += len(rows)
-        async with self.pool.acquire() as con:
-            await con.execute(SAVE_CURSOR, CURSOR, self.position)
         return len(rows)
