@@ -19,6 +19,8 @@ from tests.api.test_messages import next_message, receive_messages, text, ws
 from tests.api.test_ws import OTHER, serving
 from tests.conftest import new_thing_id
 from twinstore.audit import Scope, verify_database
+from twinstore.export import export_database, import_database
+from twinstore.replay import replay_database
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings
 
@@ -178,7 +180,7 @@ async def test_restart_scores_every_revision_once(client: httpx.AsyncClient, run
 
 
 async def test_false_alarm_label_is_a_journal_event_and_teaches_the_detector(
-    client: httpx.AsyncClient, runtime: Runtime, settings: Settings
+    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, scratch_database: str, tmp_path: Any
 ) -> None:
     thing_id = new_thing_id()
     body = {"features": {"f": {"properties": {"t": 20.0}}}}
@@ -220,6 +222,26 @@ async def test_false_alarm_label_is_a_journal_event_and_teaches_the_detector(
     assert (row["originator"], row["correlation_id"]) == ("nginx:ditto", "lbl-1")
     report = await verify_database(settings.database_url, Scope(entity="anomaly"), checkpoints="none")
     assert report.ok and report.events >= 1
+    # replay has nothing to fold for it (no projection) and an export -> import keeps it
+    replayed = await replay_database(settings.database_url)
+    assert replayed.ok, replayed.differences
+    out = tmp_path / "export.ndjson"
+    with out.open("wb") as fh:
+        await export_database(settings.database_url, fh)
+    lines = out.read_bytes().splitlines()
+    imported = await import_database(scratch_database, lines)
+    assert imported.audit is not None and imported.audit.ok and imported.replay is not None
+    assert imported.replay.ok
+    con = await asyncpg.connect(scratch_database)
+    try:
+        assert (
+            await con.fetchval(
+                "SELECT count(*) FROM journal WHERE entity = 'anomaly' AND id = $1", f"{thing_id}/f"
+            )
+            == 1
+        )
+    finally:
+        await con.close()
     # The worker learns the false alarm at its next checkpoint; the same value scores lower.
 
     async def learnt() -> bool:
