@@ -128,7 +128,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Paths whose range filters (gt/ge/lt/le) search answers from B-tree indexes, e.g.
     # ["attributes/floor", "features/env/properties/temperature"]; equality needs none.
     search_indexes: list[str] = msgspec.field(default_factory=list)
-    # PEM Ed25519 private key signing `twinstore audit checkpoint` (its public key verifies them).
+    # Path of a PEM file with the Ed25519 private key signing `twinstore audit checkpoint`.
     audit_signing_key: str | None = None
     # NATS ingestion (twinstore.ingest): `serve` runs the ingest workers unless disabled.
     ingest_enabled: bool = True
