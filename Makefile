@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/adapter_mqtt.py
 	$(BIN)/python bench/adapter_opcua.py
 	$(BIN)/python bench/anomaly_live.py
+	$(BIN)/python bench/footprint.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(JS_CLIENT)/node_modules
