@@ -135,6 +135,7 @@ class AnomalyWorker:
         self._detectors: Detectors = {}
         self._fingerprint: tuple[Any, ...] | None = None
         self._detectors_at = float("-inf")
+        self._invalidations = self._seen_invalidations = 0
         self._detectors_lock = asyncio.Lock()
         self.generation = 0  # counts the times the detectors were re-read
         # definition -> (config, subjects): attached to features as they get the definition
@@ -161,19 +162,23 @@ class AnomalyWorker:
 
     def invalidate(self) -> None:
         """A detector was attached or removed in this process: re-read the detectors."""
-        self._detectors_at = float("-inf")
+        self._invalidations += 1
 
-    async def detectors(self) -> Detectors:
+    async def detectors(self, fresh: bool = False) -> Detectors:
         """The detectors by thing and feature, checked at most every WATCHED_SECONDS (and after
         :meth:`invalidate`) by a cheap fingerprint and re-read only when it changed: events of
         things without one are not even decoded. A detector attached through another process
-        scores the updates committed from about 2 x WATCHED_SECONDS after it was attached."""
-        if time.monotonic() - self._detectors_at < WATCHED_SECONDS:
+        scores the updates committed from about 2 x WATCHED_SECONDS after it was attached.
+        ``fresh``: check now (after this process attached one itself)."""
+        fresh = fresh or self._invalidations != self._seen_invalidations
+        age = time.monotonic() - self._detectors_at
+        if not fresh and age < WATCHED_SECONDS:
             return self._detectors
-        if self._detectors_lock.locked() and time.monotonic() - self._detectors_at < 2 * WATCHED_SECONDS:
+        if not fresh and self._detectors_lock.locked() and age < 2 * WATCHED_SECONDS:
             return self._detectors  # being re-read: the others go on with what they have
         async with self._detectors_lock:
-            if time.monotonic() - self._detectors_at >= WATCHED_SECONDS:
+            if fresh or time.monotonic() - self._detectors_at >= WATCHED_SECONDS:
+                invalidations = self._invalidations  # those after this point read again
                 async with self.pool.acquire() as con:
                     row = await con.fetchrow(store.SELECT_DETECTORS_FINGERPRINT)
                     fingerprint = tuple(row.values()) if row is not None else None
@@ -191,6 +196,7 @@ class AnomalyWorker:
                         self._detectors, self._fingerprint = detectors, fingerprint
                         self.generation += 1
                 self._detectors_at = time.monotonic()
+                self._seen_invalidations = invalidations
         return self._detectors
 
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
@@ -341,8 +347,7 @@ class _Scorer:
         if not attached:
             return configs
         log.info("anomaly: detectors attached by definition", extra={"thing_id": state.thing_id})
-        self.w.invalidate()
-        return await self.w.detectors()
+        return await self.w.detectors(fresh=True)
 
     async def _state(self, event: Event) -> ThingState | None:
         """The thing after ``event`` (None: this run applied it already, or history is gone)."""
