@@ -48,7 +48,17 @@ import nats
 import orjson
 import psutil
 from api import Server
-from benchlib import ROOT, add_run_arguments, markdown_table, percentile, run_on_fresh_database, wait_quiet
+from benchlib import (
+    ROOT,
+    add_run_arguments,
+    markdown_table,
+    percentile,
+    run_on_fresh_database,
+    wait_quiet,
+)
+from benchlib import (
+    latency_cells as stats,
+)
 
 from twinstore.anomaly import create, step
 from twinstore.anomaly.skab import Confusion, SkabFile, load_skab, run_file
@@ -453,17 +463,6 @@ async def memory_phase(
 
 def confusion_row(label: str, c: Confusion) -> list[str]:
     return [label, f"{c.f1:.3f}", f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.far:.2f}", f"{c.mar:.2f}"]
-
-
-def stats(values: list[float]) -> list[str]:
-    if not values:
-        return ["-"] * 4
-    return [
-        f"{percentile(values, 0.5):.1f}",
-        f"{percentile(values, 0.99):.1f}",
-        f"{max(values):.1f}",
-        f"{len(values):,}",
-    ]
 
 
 async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:

@@ -35,6 +35,7 @@ __all__ = [
     "default_database_url",
     "default_nats_url",
     "drop_database",
+    "latency_cells",
     "machine_notes",
     "markdown_table",
     "percentile",
@@ -87,6 +88,18 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         return float("nan")
     index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values) + 0.5) - 1))
     return sorted_values[index]
+
+
+def latency_cells(values: list[float]) -> list[str]:
+    """p50, p99, max (ms, one decimal) and the count of ``values`` (sorted) as table cells."""
+    if not values:
+        return ["-", "-", "-", "-"]
+    return [
+        f"{percentile(values, 0.5):.1f}",
+        f"{percentile(values, 0.99):.1f}",
+        f"{max(values):.1f}",
+        f"{len(values):,}",
+    ]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -51,6 +51,9 @@ from benchlib import (
     run_on_fresh_database,
     wait_quiet,
 )
+from benchlib import (
+    latency_cells as stats,
+)
 
 from twinstore.audit import Scope, verify_database
 from twinstore.auth import AuthContext, write_users_file
@@ -312,17 +315,6 @@ async def latency(
     decided = sorted((r["ts"].timestamp() - sent[r["v"]]) * 1000 for r in rows if r["v"] in sent)
     delivered = sorted((arrived[v] - sent[v]) * 1000 for v in arrived if v in sent)
     return {"updates": total, "rate": elapsed_rate, "decided": decided, "delivered": delivered}
-
-
-def stats(values: list[float]) -> list[str]:
-    if not values:
-        return ["-", "-", "-", "-"]
-    return [
-        f"{percentile(values, 0.5):.1f}",
-        f"{percentile(values, 0.99):.1f}",
-        f"{max(values):.1f}",
-        f"{len(values):,}",
-    ]
 
 
 async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
