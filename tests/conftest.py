@@ -74,7 +74,7 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("users") / "users.htpasswd"
     lines = [
         f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)).decode()}"
-        for user, pw in {"ditto": "ditto", "other": "secret"}.items()
+        for user, pw in {"ditto": "ditto", "other": "secret", "eve": "eve-secret"}.items()
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -108,6 +108,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     event_partitions: int = 16
     events_max_age_seconds: float = 7 * 24 * 3600.0
     snapshot_every: int = 100
+    # ---- Limits: every resource one request can consume (README "Limits" lists each with the
+    # error it answers). Add new ones here, with a safe default.
     max_body_bytes: int = 1_048_576
     max_thing_bytes: int = 102_400
     max_batch: int = 512

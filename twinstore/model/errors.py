@@ -24,6 +24,8 @@
     ├── ConditionFailedError        412  things:condition.failed (the ``condition`` header)
     ├── PreconditionNotModifiedError 304 things:precondition.notmodified
     ├── TooLargeError               413  things:thing.tooLarge
+    ├── HeadersTooLargeError        431  headers.too.large
+    ├── TooManyRequestsError        429  too.many.requests (failed logins, Ditto's throttling)
     ├── UnsupportedMediaTypeError   415  mediatype.unsupported
     ├── ConflictError               409  things:thing.conflict (internal retries exhausted)
     │   └── PolicyConflictError     409  policies:policy.conflict
@@ -62,7 +64,9 @@ __all__ = [
     "ThingIdNotSettableError",
     "ThingInvalidError",
     "ThingNotCreatableError",
+    "HeadersTooLargeError",
     "TooLargeError",
+    "TooManyRequestsError",
     "UnavailableError",
     "UnsupportedMediaTypeError",
     "history_not_found",
@@ -236,6 +240,24 @@ class TooLargeError(DittoError):
     status = 413
     error = "things:thing.tooLarge"
     description = "Reduce the size of the request body or of the Thing."
+
+
+class HeadersTooLargeError(DittoError):
+    status = 431
+    error = "headers.too.large"
+    description = "Send fewer or smaller headers (see the max_header_bytes setting)."
+
+
+class TooManyRequestsError(DittoError):
+    """Too many requests (or failed authentications) from one client or for one user."""
+
+    status = 429
+    error = "too.many.requests"
+    description = "You made too many requests. Wait and try again later."
+
+    def __init__(self, message: str, *, retry_after: float | None = None, description: str | None = None) -> None:
+        super().__init__(message, description=description)
+        self.retry_after = retry_after  # seconds, sent back as Retry-After
 
 
 class UnsupportedMediaTypeError(DittoError):
