@@ -9,11 +9,16 @@ JS_STAMP  = $(JS_CLIENT)/node_modules/.installed
 
 .PHONY: run test lint typecheck check bench clean
 
+# pip's own lines show what it fetches and builds; the first install takes about 3 minutes.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "Installing twinstore into $(VENV) (first time: about 3 minutes; later only what changed)..."
+	@start=$$(date +%s); \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || exit 1; \
+	$(BIN)/python -m pip install --quiet --upgrade pip || exit 1; \
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev]' \
+		|| { echo "installing twinstore failed (see pip's message above)" >&2; exit 1; }; \
+	echo "Installed twinstore into $(VENV) in $$(( $$(date +%s) - start )) s."
+	@touch $(STAMP)
 
 # Without npm the JS client tests skip themselves, except in CI (CI set), where both fail.
 $(JS_STAMP): $(JS_CLIENT)/package.json $(JS_CLIENT)/package-lock.json

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -62,11 +63,25 @@ def servers() -> Iterator[tuple[str, str]]:
 
     tmp = Path(tempfile.mkdtemp(prefix="twinstore-test-"))
     embedded = EmbeddedServers(tmp)
-    embedded_db, embedded_bus = embedded.start()
     try:
+        embedded_db, embedded_bus = embedded.start()
         yield db or embedded_db, bus or embedded_bus
     finally:
         embedded.stop()
+        # 46-107 MB of PostgreSQL cluster and JetStream store: not left in the temp folder.
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server_logs() -> Iterator[Path]:
+    """The directory of the ServerProcess log files, removed at the end of the session."""
+    path = Path(tempfile.mkdtemp(prefix="twinstore-server-logs-"))
+    ServerProcess.log_dir = path
+    try:
+        yield path
+    finally:
+        ServerProcess.log_dir = None
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -215,6 +230,9 @@ def free_port() -> int:
 class ServerProcess:
     """A real ``twinstore serve`` process on the test database and NATS."""
 
+    # Where the log files go (the session's server_logs fixture); the system temp folder if unset.
+    log_dir: Path | None = None
+
     def __init__(self, settings: Settings, port: int | None = None, **env: str) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -233,7 +251,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
-        fd, self.log_path = tempfile.mkstemp(prefix="twinstore-server-", suffix=".log")
+        fd, self.log_path = tempfile.mkstemp(prefix="twinstore-server-", suffix=".log", dir=self.log_dir)
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "twinstore.cli", "serve", "--port", str(self.port)],
