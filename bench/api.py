@@ -237,7 +237,17 @@ def _errors(out: dict[str, Any]) -> int:
 class Server:
     """A ``twinstore serve`` process on its own database and NATS prefix."""
 
-    def __init__(self, database_url: str, nats_url: str, users_file: Path, workers: int, log: Path) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        nats_url: str,
+        users_file: Path,
+        workers: int,
+        log: Path,
+        root: Path = ROOT,
+    ) -> None:
+        """``root``: the source tree to run (another checkout runs a baseline version)."""
+        self.root = root
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
@@ -261,7 +271,10 @@ class Server:
         cmd = [sys.executable, "-m", "twinstore.cli", "serve", "--port", str(self.port)]
         cmd += ["--workers", str(self.workers)]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = subprocess.Popen(
+                cmd, env={**self.env, "PYTHONPATH": str(self.root)}, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.root,
+            )
         deadline = time.monotonic() + timeout
         healthy = 0
         while time.monotonic() < deadline:
