@@ -89,8 +89,16 @@ def _round(server: Server, test: str, args: argparse.Namespace, tmp: Path, into:
             ["-t", str(args.clients), "-c", str(args.clients), "-d", f"{args.duration + grace:.0f}s"],
             script,
             server.url,
-            ["PUT", NAMESPACE_PREFIX, str(args.things), PROPERTY, "%d", str(args.duration), AUTHORIZATION,
-             "application/json"],
+            [
+                "PUT",
+                NAMESPACE_PREFIX,
+                str(args.things),
+                PROPERTY,
+                "%d",
+                str(args.duration),
+                AUTHORIZATION,
+                "application/json",
+            ],
             busy=args.duration,
             meter=meter,
         )
@@ -100,8 +108,11 @@ def _round(server: Server, test: str, args: argparse.Namespace, tmp: Path, into:
     into.rate.append(rate)
     into.cpu_us.append(cpu.server / rate * 1e6)
     into.p99_ms.append(out["p99_us"] / 1e3)
-    print(f"  {test:3} {server.root.name:>10}: {rate:8.0f}/s  {cpu.server / rate * 1e6:7.0f} us CPU/request"
-          f"  p99 {out['p99_us'] / 1e3:.1f} ms", flush=True)
+    print(
+        f"  {test:3} {server.root.name:>10}: {rate:8.0f}/s  {cpu.server / rate * 1e6:7.0f} us CPU/request"
+        f"  p99 {out['p99_us'] / 1e3:.1f} ms",
+        flush=True,
+    )
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -113,8 +124,12 @@ async def run(args: argparse.Namespace) -> int:
     (tmp / "get.lua").write_text(GET_LUA)
     (tmp / "write.lua").write_text(WRITE_LUA)
     baseline_tree = tmp / "baseline"
-    subprocess.run(["git", "worktree", "add", "--detach", str(baseline_tree), args.baseline_ref],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(baseline_tree), args.baseline_ref],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     users = tmp / "users"
     write_users_file(users, {"bench": "bench-password"})
     servers: dict[str, Server] = {}
@@ -142,8 +157,9 @@ async def run(args: argparse.Namespace) -> int:
             await server.delete_stream()
         for db_name in databases:
             await drop_database(args.database_url, db_name)
-        subprocess.run(["git", "worktree", "remove", "--force", str(baseline_tree)], cwd=ROOT,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(baseline_tree)], cwd=ROOT, capture_output=True
+        )
         shutil.rmtree(tmp, ignore_errors=True)
 
     rows = []
@@ -154,34 +170,55 @@ async def run(args: argparse.Namespace) -> int:
         b_rate, c_rate = statistics.median(base.rate), statistics.median(cur.rate)
         overhead = c_cpu / b_cpu - 1
         ok = ok and overhead < TARGET
-        rows.append([
-            f"{test} {'thing' if test == 'GET' else 'property'}",
-            f"{b_rate:,.0f}", f"{c_rate:,.0f}", f"{c_rate / b_rate:.2f}x",
-            f"{b_cpu:,.0f}", f"{c_cpu:,.0f}", f"{overhead:+.1%}",
-            f"{statistics.median(base.p99_ms):.1f} / {statistics.median(cur.p99_ms):.1f}",
-            f"{base.errors} / {cur.errors}",
-            "met" if overhead < TARGET else "MISSED",
-        ])
+        rows.append(
+            [
+                f"{test} {'thing' if test == 'GET' else 'property'}",
+                f"{b_rate:,.0f}",
+                f"{c_rate:,.0f}",
+                f"{c_rate / b_rate:.2f}x",
+                f"{b_cpu:,.0f}",
+                f"{c_cpu:,.0f}",
+                f"{overhead:+.1%}",
+                f"{statistics.median(base.p99_ms):.1f} / {statistics.median(cur.p99_ms):.1f}",
+                f"{base.errors} / {cur.errors}",
+                "met" if overhead < TARGET else "MISSED",
+            ]
+        )
     table = markdown_table(
-        ["request", "baseline /s", "this tree /s", "ratio", "baseline CPU us/req", "this tree CPU us/req",
-         "CPU change", "p99 ms baseline / this", "errors", "target < +3 % CPU"],
+        [
+            "request",
+            "baseline /s",
+            "this tree /s",
+            "ratio",
+            "baseline CPU us/req",
+            "this tree CPU us/req",
+            "CPU change",
+            "p99 ms baseline / this",
+            "errors",
+            "target < +3 % CPU",
+        ],
         rows,
     )
-    print(f"\nbaseline {args.baseline_ref}, {args.rounds} alternating rounds of {args.duration:.0f} s, "
-          f"{args.clients} connections, medians\n")
+    print(
+        f"\nbaseline {args.baseline_ref}, {args.rounds} alternating rounds of {args.duration:.0f} s, "
+        f"{args.clients} connections, medians\n"
+    )
     print(table)
-    text = "\n".join([
-        "## Cost of the security checks (bench/security_cost.py)",
-        "",
-        "Command: `" + command_line() + "`",
-        "",
-        *[f"- {n}" for n in notes],
-        f"- baseline: `{args.baseline_ref}` in a git worktree; {args.rounds} alternating rounds of "
-        f"{args.duration:.0f} s per request kind, {args.clients} connections, {args.things:,} things, medians; "
-        "CPU is the server process's own (PostgreSQL not counted)",
-        "",
-        table,
-    ])
+    text = "\n".join(
+        [
+            "## Cost of the security checks (bench/security_cost.py)",
+            "",
+            "Command: `" + command_line() + "`",
+            "",
+            *[f"- {n}" for n in notes],
+            f"- baseline: `{args.baseline_ref}` in a git worktree; {args.rounds} alternating rounds of "
+            f"{args.duration:.0f} s per request kind, {args.clients} connections, {args.things:,} things, "
+            "medians; "
+            "CPU is the server process's own (PostgreSQL not counted)",
+            "",
+            table,
+        ]
+    )
     if not args.no_output:
         write_section(args.output, "security-cost", text)
     return 0 if ok else 1
@@ -195,7 +232,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured round")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--quiet-wait", type=float, default=10.0, help="max seconds to wait for a quiet machine")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=10.0, help="max seconds to wait for a quiet machine"
+    )
     sys.exit(asyncio.run(run(parser.parse_args())))
 
 
