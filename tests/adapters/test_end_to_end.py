@@ -85,3 +85,45 @@ async def test_device_value_reaches_the_twin_within_a_second_and_desired_values_
                 device.publish, f"{prefix}/{namespace}/{name}/valve/open", json.dumps({"value": True})
             )
             await wait_for(f"/api/2/things/{thing_id}/features/valve/properties/open", True, 5)
+
+
+async def test_a_device_value_for_a_feature_the_twin_lacks_creates_the_feature(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    settings: Settings,
+    mqtt_url: str,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    """Telemetry merges as Ditto's merge does: a thing created with ``{"features": {}}`` gets the
+    feature of the first value an adapter sends for it (no 404 on the errors stream)."""
+    thing_id = new_thing_id("org.mqtt")
+    namespace, name = thing_id.split(":")
+    assert (await client.put(f"/api/2/things/{thing_id}", json={"features": {}})).status_code == 201
+    config = {
+        "nats_url": settings.nats_url,
+        "nats_prefix": settings.nats_prefix,
+        "ingest_partitions": settings.ingest_partitions,
+        "source": "ditto-user",
+        "spool_dir": str(tmp_path / "spool"),
+        "mqtt": {"url": mqtt_url, "client_id": f"adapter-new-{prefix}", "session_expiry": 5},
+        "mappings": [
+            {"topic": f"{prefix}/{{namespace}}/{{thing}}/{{feature}}/{{property}}", "value": "/value"}
+        ],
+    }
+    async with running(config):
+        await wait_for_consumer(runtime.nc, runtime.subjects, "adapter-ditto-user")
+        with MqttPeer(mqtt_url) as device:
+            await asyncio.to_thread(
+                device.publish,
+                f"{prefix}/{namespace}/{name}/connectivity/status",
+                json.dumps({"value": "online"}),
+            )
+            deadline = time.monotonic() + 10
+            while True:
+                r = await client.get(f"/api/2/things/{thing_id}/features/connectivity")
+                if r.status_code == 200:
+                    assert r.json() == {"properties": {"status": "online"}}
+                    break
+                assert time.monotonic() < deadline, r.text
+                await asyncio.sleep(0.05)

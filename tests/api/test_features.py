@@ -305,15 +305,22 @@ async def test_properties_of_missing_feature_are_404(
     for r in [
         await client.get(url(thing_id, base)),
         await client.put(url(thing_id, base), json={}),
-        await client.patch(url(thing_id, base), json={"a": 1}, headers=MERGE),
         await client.delete(url(thing_id, base)),
         await client.get(url(thing_id, base + "/a/b")),
         await client.put(url(thing_id, base + "/a/b"), json=1),
-        await client.patch(url(thing_id, base + "/a/b"), json=1, headers=MERGE),
         await client.delete(url(thing_id, base + "/a/b")),
     ]:
         assert_error(r, 404, "things:feature.notfound")
     assert await revision(client, thing_id) == 1
+
+
+@pytest.mark.parametrize("kind", ["properties", "desiredProperties"])
+async def test_a_merge_creates_a_missing_feature(client: httpx.AsyncClient, thing_id: str, kind: str) -> None:
+    """As Ditto's MergeThing (``{path: value}`` merged into the whole thing), unlike a PUT."""
+    await create(client, thing_id, {"features": {"other": {}}})
+    r = await client.patch(url(thing_id, f"/features/lamp/{kind}/a/b"), json=1, headers=MERGE)
+    assert r.status_code == 204, r.text
+    assert (await client.get(url(thing_id, "/features/lamp"))).json() == {kind: {"a": {"b": 1}}}
 
 
 @pytest.mark.parametrize("kind", ["properties", "desiredProperties"])

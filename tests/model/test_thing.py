@@ -110,6 +110,17 @@ def test_feature_must_exist_for_its_properties() -> None:
     assert err.value.instance_error == "things:feature.notfound"
 
 
+def test_a_merge_creates_a_missing_feature() -> None:
+    """As Ditto's MergeThing: the patch is ``{path: value}`` merged into the whole thing."""
+    state = evolve(ThingState.absent(THING), decide(ThingState.absent(THING), Modify(path="/", value={}), T0))
+    event = decide(state, Merge(path="/features/connectivity/properties/status", value="online"), T0)
+    assert evolve(state, event).doc == {
+        "thingId": THING,
+        "policyId": THING,
+        "features": {"connectivity": {"properties": {"status": "online"}}},
+    }
+
+
 def test_thing_id_in_body_must_match() -> None:
     with pytest.raises(ThingIdNotSettableError):
         decide(ThingState.absent(THING), Modify(path="/", value={"thingId": "org.test:other"}), T0)

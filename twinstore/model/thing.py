@@ -321,10 +321,16 @@ def decide(
     *,
     originator: str = "",
     correlation_id: str | None = None,
+    readable: jp.Readable | None = None,
+    max_patch_ops: int | None = None,
+    max_bytes: int | None = None,
 ) -> Event:
     """Turn one command into exactly one event, or raise a :class:`DittoError`.
 
     ``originator`` (the authenticated subject) and ``correlation_id`` are recorded on the event.
+    A JSON patch reads only where ``readable(path in the thing)`` allows, has at most
+    ``max_patch_ops`` operations and is refused (413) as soon as the thing would exceed
+    ``max_bytes`` (see :func:`twinstore.model.patch.apply_json_patch`).
     """
     parts = parse_pointer(command.path)
     validate_path(parts)
@@ -372,7 +378,12 @@ def decide(
                     created = validate_thing(jp.merge_patch({}, value), state.thing_id)
                     doc = _with_default_policy(created)
                     return _event(common, action="created", path="/", value=doc)
-            current = _require_parent(state, parts)
+            # As Ditto's MergeThing (the patch is the object ``{path: value}`` merged into the whole
+            # thing): missing parents, a feature included, are created, so telemetry may bring a
+            # feature the thing does not have yet.
+            if state.doc is None:
+                raise not_found(state.thing_id, [])
+            current = state.doc
             merged = jp.merge_patch(jp.get_at(current, parts), value)
             if not parts or parts[0] == "policyId":
                 after = jp.remove_at(current, parts) if merged is None else jp.set_at(current, parts, merged)
@@ -385,7 +396,16 @@ def decide(
             target = jp.get_at(current, parts)
             if target is jp.MISSING:
                 raise not_found(state.thing_id, parts)
-            patched = jp.apply_json_patch(target, operations)
+            budget = None
+            if max_bytes is not None:  # what the patched resource may grow to in this thing
+                budget = max_bytes - jp.json_size(current) + jp.json_size(target)
+            patched = jp.apply_json_patch(
+                target,
+                operations,
+                readable=None if readable is None else (lambda tokens: readable([*parts, *tokens])),
+                max_ops=max_patch_ops,
+                max_bytes=budget,
+            )
             if not parts and isinstance(patched, dict) and "thingId" not in patched:
                 raise ThingIdNotDeletableError("The Thing ID of a Thing cannot be removed.")
             after = validate_thing(jp.set_at(current, parts, patched) if parts else patched, state.thing_id)
