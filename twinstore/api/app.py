@@ -20,6 +20,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 import twinstore
 from twinstore.api.access import RequestContext
 from twinstore.api.anomaly import anomaly_handlers
+from twinstore.api.docs import OPENAPI_PATH, LocalScalarPlugin, docs_handlers
 from twinstore.api.headers import correlation_id
 from twinstore.api.messages import message_handlers
 from twinstore.api.operations import HttpMetrics, operations_handlers
@@ -111,6 +112,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             *search_handlers(),
             *whoami_handlers(),
             *ws_handlers(),
+            *docs_handlers(),
         ],
         lifespan=[lifespan],
         exception_handlers={Exception: ditto_error_handler},
@@ -119,8 +121,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             title="twinstore",
             version=twinstore.__version__,
             description="Eclipse Ditto HTTP API v2 compatible digital-twin service.",
-            path="/api/2/openapi",
-            render_plugins=[ScalarRenderPlugin()],
+            path=OPENAPI_PATH,
+            render_plugins=[LocalScalarPlugin()],  # shipped in the package: no CDN
         ),
         debug=False,
         logging_config=None,
