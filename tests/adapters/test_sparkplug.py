@@ -10,16 +10,19 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 from nats.aio.client import Client as NATS
 
 from adapters.sparkplug.codec import DataType, metric, value_of
 from adapters.sparkplug.host import SparkplugHost, payload
 from adapters.sparkplug.sparkplug_b_pb2 import Payload
-from tests.adapters.conftest import MqttPeer
+from tests.adapters.conftest import MqttPeer, mqtt_host_port
 from tests.adapters.test_mqtt import adapter_config, rows_on_stream, running
 from twinstore.bus.ingest import IngestSubjects, Update
 from twinstore.bus.relay import ensure_events_stream
 from twinstore.bus.subjects import Subjects
+from twinstore.runtime import Runtime
+from twinstore.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 STATUS = "/features/connectivity/properties/status"
@@ -232,3 +235,61 @@ async def wait_for_consumer(nc: NATS, events: Subjects, name: str) -> None:
         except Exception:
             assert time.monotonic() < deadline, f"consumer {name} was not created"
             await asyncio.sleep(0.05)
+
+
+async def test_the_sparkplug_device_example_becomes_a_twin(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    settings: Settings,
+    mqtt_url: str,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    """examples/sparkplug_device.py through Mosquitto and the adapter: its node's twin (created
+    without features) gets connectivity and the Pump metrics."""
+    group = prefix
+    thing_id = f"plant:{group}.edge-1"
+    assert (await client.put(f"/api/2/things/{thing_id}", json={"features": {}})).status_code == 201
+    config = {
+        "nats_url": settings.nats_url,
+        "nats_prefix": settings.nats_prefix,
+        "ingest_partitions": settings.ingest_partitions,
+        "source": "ditto-user",  # writes as nginx:ditto (tests/conftest.py INGEST_SOURCES)
+        "spool_dir": str(tmp_path / "spool"),
+        "mqtt": {"url": mqtt_url, "client_id": f"adapter-ex-{prefix}", "session_expiry": 5},
+        "sparkplug": {"namespace": "plant", "groups": [group]},
+    }
+    host, port = mqtt_host_port(mqtt_url)
+    async with running(config):
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                str(ROOT / "examples" / "sparkplug_device.py"),
+                "--mqtt-host",
+                host,
+                "--mqtt-port",
+                str(port),
+                "--group",
+                group,
+                "--node",
+                "edge-1",
+                "--count",
+                "3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        deadline = time.monotonic() + 15
+        while True:
+            r = await client.get(f"/api/2/things/{thing_id}/features")
+            features = r.json() if r.status_code == 200 else {}
+            if "Pump" in features and "connectivity" in features:
+                break
+            assert time.monotonic() < deadline, r.text
+            await asyncio.sleep(0.05)
+    assert features["connectivity"]["properties"]["status"] == "online"
+    assert set(features["Pump"]["properties"]) == {"Flow", "Pressure"}
