@@ -23,6 +23,7 @@ from twinstore.fanout import FanOut
 from twinstore.ingest import IngestWorker, ensure_ingest_streams
 from twinstore.messages import MessageService
 from twinstore.metrics import Metrics
+from twinstore.model import rql
 from twinstore.operations import OperationsListener
 from twinstore.policy_service import PolicyService
 from twinstore.search import SearchService
@@ -66,6 +67,8 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # The RQL and fields parsers run where no settings are at hand (protocol envelopes)
+        rql.configure(settings.query_limits)
         self.subjects = Subjects(settings.nats_prefix, settings.event_partitions)
         self.ingest_subjects = IngestSubjects(settings.nats_prefix, settings.ingest_partitions)
         self.ingest: IngestWorker | None = None

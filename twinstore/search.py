@@ -38,7 +38,7 @@ import orjson
 from policies import READ, SubjectView
 from twinstore.auth import AuthContext
 from twinstore.enforcement import PolicyCache, readable_thing, with_doc
-from twinstore.model.errors import InvalidInputError, UnavailableError
+from twinstore.model.errors import InvalidInputError, RqlInvalidError, UnavailableError
 from twinstore.model.rql import (
     And,
     Comparison,
@@ -75,6 +75,7 @@ PARTIAL_POLICIES = (
 )
 BATCH = 200
 COUNT_BATCH = 1000
+MAX_PARAMETERS = 32_767  # what PostgreSQL's protocol (and asyncpg) take in one statement
 
 
 def relax(node: Node | None, negated: bool = False) -> Node | None:
@@ -233,6 +234,11 @@ class SearchService:
         half of them, or whether the caller reads everything, it can walk the whole table
         (seen: 300 ms instead of 1 ms). Search statements are always planned for their values.
         """
+        if len(params) > MAX_PARAMETERS:  # rql_max_terms keeps ordinary filters far below
+            raise RqlInvalidError(
+                "Invalid RQL: the filter and sort need more than "
+                f"{MAX_PARAMETERS} parameters; use fewer terms or shallower fields."
+            )
         try:
             async with self.pool.acquire() as con, con.transaction(readonly=True):
                 await con.execute("SET LOCAL plan_cache_mode = force_custom_plan")

@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from twinstore.model.rql import QueryLimits
 from twinstore.store.rql_sql import indexable
 
 __all__ = ["JwtIssuer", "Settings", "load_settings"]
@@ -112,6 +113,21 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # error it answers). Add new ones here, with a safe default.
     max_body_bytes: int = 1_048_576
     max_thing_bytes: int = 102_400
+    # RQL (search filter and option, the `condition` header/parameter, WebSocket/SSE event
+    # filters; one parser) and `fields` selectors: beyond any of these the request is answered
+    # 400 rql.expression.invalid (things:condition.invalid for a condition,
+    # json.fieldselector.invalid for fields). Terms are operators plus the values of each `in`:
+    # what the SQL of a search grows with (PostgreSQL takes at most 32767 parameters).
+    rql_max_length: int = 65_536
+    rql_max_depth: int = 32
+    rql_max_terms: int = 2_000
+    rql_max_in_values: int = 1_000
+    rql_max_sort_fields: int = 10
+    fields_max_count: int = 100
+    fields_max_depth: int = 32
+    # Rows of one telemetry message (adapters split their batches at the same number): a message
+    # with more is terminated and reported 413 ingest:message.tooLarge on the errors stream.
+    ingest_max_rows_per_message: int = 10_000
     max_batch: int = 512
     pool_size: int = 10
     relay_poll_interval: float = 1.0
@@ -178,9 +194,28 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for source, subjects in self.ingest_sources.items():
             if not source or not subjects:
                 raise ValueError(f"ingest_sources: {source!r} needs at least one subject")
+        for name in ("rql_max_length", "rql_max_terms", "rql_max_in_values", "ingest_max_rows_per_message"):
+            if not 1 <= getattr(self, name) <= 1_000_000:
+                raise ValueError(f"{name} must be 1..1000000")
+        for name in ("rql_max_depth", "rql_max_sort_fields", "fields_max_count", "fields_max_depth"):
+            if not 1 <= getattr(self, name) <= 256:  # deeper nesting would reach Python's recursion limit
+                raise ValueError(f"{name} must be 1..256")
         issuers = [i.issuer for i in self.jwt_issuers]
         if len(set(issuers)) != len(issuers):
             raise ValueError("jwt_issuers: each 'issuer' may be configured only once")
+
+    @property
+    def query_limits(self) -> QueryLimits:
+        """The ``rql_*`` and ``fields_*`` limits, as the parsers take them."""
+        return QueryLimits(
+            max_length=self.rql_max_length,
+            max_depth=self.rql_max_depth,
+            max_terms=self.rql_max_terms,
+            max_in_values=self.rql_max_in_values,
+            max_sort_fields=self.rql_max_sort_fields,
+            max_fields=self.fields_max_count,
+            max_field_depth=self.fields_max_depth,
+        )
 
     @property
     def search_index_paths(self) -> list[tuple[str, ...]]:

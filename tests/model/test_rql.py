@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -12,17 +15,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from twinstore.model.errors import InvalidInputError, RqlInvalidError
+from twinstore.model.fields import parse_fields
 from twinstore.model.rql import (
     MAX_DEPTH,
     And,
     Comparison,
     Exists,
+    Glob,
     In,
     Not,
     Or,
+    QueryLimits,
     SearchOptions,
+    configure,
     fields_of,
+    limits,
     matches,
+    parse_condition,
     parse_filter,
     parse_options,
     sort_key,
@@ -333,3 +342,114 @@ def test_sort_key_order() -> None:
     keys = [sort_key(("attributes", "x"), {"attributes": {"x": v}}) for v in values]
     assert sort_key(("attributes", "x"), {}) < keys[0]
     assert keys == sorted(keys)
+
+
+# ---- like: a matcher without backtracking blow-up (issue 15, item 8) ------------------------
+
+GLOB_ALPHABET = "ab*?.\\+(ü"
+
+
+def reference_like(pattern: str, text: str) -> bool:
+    """What ``like`` means, by the standard library (no brackets in the alphabet: fnmatch's
+    ``[...]`` is not part of Ditto's like)."""
+    return re.match(fnmatch.translate(pattern), text) is not None
+
+
+@given(st.text(alphabet=GLOB_ALPHABET, max_size=10), st.text(alphabet="ab.\\+(ü*?", max_size=14))
+def test_glob_agrees_with_fnmatch(pattern: str, text: str) -> None:
+    assert Glob(pattern).matches(text) == reference_like(pattern, text)
+    doc = {"attributes": {"s": text}}
+    quoted = pattern.replace("\\", "\\\\").replace('"', '\\"')
+    assert matches(parse_filter(f'like(attributes/s,"{quoted}")'), doc) == reference_like(pattern, text)
+
+
+@given(st.text(alphabet="aAbB*?", max_size=8), st.text(alphabet="aAbBÄä", max_size=12))
+def test_ilike_folds_ascii_only(pattern: str, text: str) -> None:
+    lower = str.maketrans("AB", "ab")
+    expected = reference_like(pattern.translate(lower), text.translate(lower))
+    doc = {"attributes": {"s": text}}
+    assert matches(parse_filter(f'ilike(attributes/s,"{pattern}")'), doc) == expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [
+        ("*a" * 8 + "*b", "a" * 10_000),  # the reported pattern, on 10 KB instead of 50 characters
+        ("*a" * 500 + "*b", "a" * 10_000),  # a 1 KB pattern of stars
+        ("*" + "a?" * 500 + "b*", "a" * 10_000),  # '?' inside a part: no str.find fast path
+        ("*" * 1000 + "b", "a" * 10_000),
+        ("?" * 999 + "*b", "a" * 10_000),
+        ("*" + "a" * 999 + "b*", "a" * 10_000),
+    ],
+)
+def test_like_worst_cases_are_fast(pattern: str, text: str) -> None:
+    node = parse_filter(f'like(attributes/s,"{pattern}")')
+    inode = parse_filter(f'ilike(attributes/s,"{pattern.upper()}")')
+    doc = {"attributes": {"s": text}}
+    start = time.perf_counter()
+    assert not matches(node, doc)
+    assert not matches(inode, doc)
+    assert time.perf_counter() - start < 0.05
+
+
+# ---- limits (issue 15, item 8 / 11): one parser, one set of limits ---------------------------
+
+
+@pytest.fixture
+def small_limits() -> Iterator[QueryLimits]:
+    before = limits()
+    new = QueryLimits(max_length=200, max_depth=3, max_terms=6, max_in_values=3, max_sort_fields=2)
+    configure(new)
+    try:
+        yield new
+    finally:
+        configure(before)
+
+
+def test_default_limits() -> None:
+    sort = "sort(" + ",".join(f"+attributes/a{i}" for i in range(10)) + ")"
+    assert len(parse_options(sort).sort) == 10
+    with pytest.raises(RqlInvalidError, match="more than 10 sort fields"):
+        parse_options(sort[:-1] + ",-thingId)")
+    assert len(parse_filter("in(thingId," + ",".join(f'"a:{i}"' for i in range(1000)) + ")").values) == 1000
+    with pytest.raises(RqlInvalidError, match="more than 1000 values"):
+        parse_filter("in(thingId," + ",".join(f'"a:{i}"' for i in range(1001)) + ")")
+    many = "or(" + ",".join(f"in(attributes/x{i},1,2,3)" for i in range(600)) + ")"
+    with pytest.raises(RqlInvalidError, match="more than 2000 terms") as info:
+        parse_filter(many)
+    assert len(info.value.message) < 400  # the expression is quoted, but not all of it
+    deep = "and(" * 40 + "exists(thingId)" + ")" * 40
+    with pytest.raises(RqlInvalidError, match="nesting deeper than 32"):
+        parse_filter(deep)
+
+
+def test_configured_limits(small_limits: QueryLimits) -> None:
+    assert parse_filter("and(eq(thingId,'a:b'),in(attributes/x,1,2,3))")
+    with pytest.raises(RqlInvalidError, match="more than 3 values"):
+        parse_filter("in(attributes/x,1,2,3,4)")
+    with pytest.raises(RqlInvalidError, match="more than 6 terms"):
+        parse_filter("or(in(attributes/x,1,2,3),in(attributes/y,1,2,3))")
+    with pytest.raises(RqlInvalidError, match="nesting deeper than 3"):
+        parse_filter("not(not(not(exists(thingId))))")
+    with pytest.raises(RqlInvalidError, match="longer than 200"):
+        parse_filter("eq(attributes/x," + "1" * 200 + ")")
+    with pytest.raises(RqlInvalidError, match="more than 2 sort fields"):
+        parse_options("sort(+thingId,-_revision,+attributes/a)")
+    with pytest.raises(InvalidInputError, match="more than 6 terms") as info:
+        parse_condition("or(in(attributes/x,1,2,3),in(attributes/y,1,2,3))")
+    assert info.value.to_dict()["error"] == "things:condition.invalid"
+
+
+def test_field_selector_limits() -> None:
+    assert len(parse_fields(",".join(f"a{i}" for i in range(100)))) == 100
+    for text, message in [
+        (",".join(f"a{i}" for i in range(101)), "more than 100 fields"),
+        ("a(" + ",".join(f"b{i}" for i in range(101)) + ")", "more than 100 fields"),
+        ("a(" * 33 + "b" + ")" * 33, "deeper than 32"),
+        ("(" * 5000 + "b" + ")" * 5000, "deeper than 32"),  # was a RecursionError (500)
+        ("/".join("x" * 33), "more than 32 segments"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message) as info:
+            parse_fields(text)
+        assert info.value.to_dict()["error"] == "json.fieldselector.invalid"
+        assert len(info.value.message) < 400

@@ -40,6 +40,7 @@ semantics, and a property test holds both to it):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -57,13 +58,18 @@ __all__ = [
     "Comparison",
     "Exists",
     "Field",
+    "Glob",
     "In",
     "Node",
     "Not",
     "Or",
+    "QueryLimits",
     "SearchOptions",
     "Value",
+    "configure",
     "fields_of",
+    "glob",
+    "limits",
     "matches",
     "parse_condition",
     "parse_filter",
@@ -113,6 +119,38 @@ class Not(msgspec.Struct, frozen=True, tag=True):
 Node: TypeAlias = Comparison | In | Exists | And | Or | Not
 
 
+class QueryLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """What one RQL expression or ``fields`` selector may cost (the ``rql_*`` / ``fields_*``
+    settings). Search, conditions (HTTP header, WebSocket and NATS envelopes) and event filters
+    (WebSocket, SSE) parse with the same limits, so none of them is a way around another.
+
+    ``max_terms`` counts every operator and every value of an ``in`` (what the SQL grows with).
+    """
+
+    max_length: int = MAX_LENGTH
+    max_depth: int = MAX_DEPTH
+    max_terms: int = 2_000
+    max_in_values: int = 1_000
+    max_sort_fields: int = 10
+    max_fields: int = 100
+    max_field_depth: int = 32
+
+
+_limits = QueryLimits()
+
+
+def configure(new: QueryLimits) -> None:
+    """Set the process's limits (the runtime does, from its settings). One process serves one
+    configuration, and the parsers run in places that see no settings (protocol envelopes)."""
+    global _limits
+    _limits = new
+
+
+def limits() -> QueryLimits:
+    """The limits in force (see :func:`configure`)."""
+    return _limits
+
+
 class SearchOptions(msgspec.Struct, frozen=True):
     sort: list[tuple[Field, bool]] = msgspec.field(default_factory=list)
     size: int = DEFAULT_SIZE
@@ -149,17 +187,26 @@ _FIELD = re.compile(r"[^\s,()]+")
 _WS = re.compile(r"\s*")
 _ESCAPES = {'"': '"', "'": "'", "\\": "\\"}
 _COMPARISONS = ("eq", "ne", "gt", "ge", "lt", "le", "like", "ilike")
+_ECHO = 200  # characters of the expression an error message quotes
 
 
 class _Parser:
-    def __init__(self, text: str, what: str = "RQL") -> None:
+    def __init__(self, text: str, what: str = "RQL", bounds: QueryLimits | None = None) -> None:
         self.text = text
         self.pos = 0
         self.what = what
+        self.limits = bounds or _limits
+        self.terms = 0
 
     def fail(self, message: str, pos: int | None = None) -> RqlInvalidError:
         at = self.pos if pos is None else pos
-        return RqlInvalidError(f"Invalid {self.what} at position {at}: {message} in '{self.text}'.")
+        text = self.text if len(self.text) <= _ECHO else self.text[:_ECHO] + "..."
+        return RqlInvalidError(f"Invalid {self.what} at position {at}: {message} in '{text}'.")
+
+    def term(self, start: int) -> None:
+        self.terms += 1
+        if self.terms > self.limits.max_terms:
+            raise self.fail(f"more than {self.limits.max_terms} terms (operators and in-values)", start)
 
     def ws(self) -> None:
         m = _WS.match(self.text, self.pos)
@@ -193,8 +240,9 @@ class _Parser:
 
     def query(self, depth: int) -> Node:
         name, start = self.name()
-        if depth > MAX_DEPTH:
-            raise self.fail(f"nesting deeper than {MAX_DEPTH}", start)
+        if depth > self.limits.max_depth:
+            raise self.fail(f"nesting deeper than {self.limits.max_depth}", start)
+        self.term(start)
         self.expect("(", f"after '{name}'")
         node: Node
         if name in ("and", "or"):
@@ -209,8 +257,12 @@ class _Parser:
         elif name == "in":
             field = self.field()
             self.expect(",", "after the field")
+            self.term(self.pos)
             values = [self.value(field, "eq")]
             while self.accept(","):
+                if len(values) >= self.limits.max_in_values:
+                    raise self.fail(f"more than {self.limits.max_in_values} values in 'in'")
+                self.term(self.pos)
                 values.append(self.value(field, "eq"))
             node = In(field, tuple(values))
         elif name in _COMPARISONS:
@@ -314,12 +366,13 @@ class _Parser:
 
 
 def _parser(text: str, what: str) -> _Parser:
-    if len(text) > MAX_LENGTH:
-        raise RqlInvalidError(f"Invalid {what}: longer than {MAX_LENGTH} characters.")
+    bounds = _limits
+    if len(text) > bounds.max_length:
+        raise RqlInvalidError(f"Invalid {what}: longer than {bounds.max_length} characters.")
     for pos, ch in enumerate(text):  # PostgreSQL text holds neither NUL nor lone surrogates
         if ch == "\x00" or "\ud800" <= ch <= "\udfff":
             raise RqlInvalidError(f"Invalid {what} at position {pos}: a NUL or lone surrogate character.")
-    return _Parser(text, what)
+    return _Parser(text, what, bounds)
 
 
 def parse_filter(text: str) -> Node:
@@ -372,6 +425,8 @@ def parse_options(text: str | None) -> SearchOptions:
         if name == "sort":
             items = [_sort_item(p)]
             while p.accept(","):
+                if len(items) >= p.limits.max_sort_fields:
+                    raise p.fail(f"more than {p.limits.max_sort_fields} sort fields")
                 items.append(_sort_item(p))
             seen[name] = items
         elif name == "size":
@@ -481,11 +536,78 @@ _ORDER: dict[str, Callable[[Any, Any], bool]] = {
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
-def like_regex(pattern: str, *, fold: bool) -> re.Pattern[str]:
-    if fold:
-        pattern = pattern.translate(_ASCII_LOWER)
-    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile(body, re.DOTALL)
+class Glob:
+    """A ``like`` pattern (``*`` any sequence, ``?`` one character, everything else literal)
+    matched without backtracking blow-up.
+
+    The pattern is cut at its stars: the part before the first star must match at the start,
+    the part after the last one at the end, and every part in between is placed at its leftmost
+    occurrence after the previous one. Leftmost placement is never worse than any other (what
+    follows has at least as much text left), so nothing is ever retried: a match costs one
+    scan per part, O(len(text) * len(pattern)) at worst and usually linear (``str.find``). A
+    regular expression ``.*a.*a.*b`` instead backtracks through every placement of every part.
+
+    >>> g = Glob("*a?c*d")
+    >>> g.matches("xxabcyd"), g.matches("abd"), Glob("").matches(""), Glob("a*").matches("b")
+    (True, False, True, False)
+    """
+
+    __slots__ = ("exact", "head", "middle", "tail")
+
+    def __init__(self, pattern: str) -> None:
+        parts = pattern.split("*")
+        self.exact = len(parts) == 1
+        self.head = _Part(parts[0])
+        self.tail = _Part(parts[-1])
+        self.middle = tuple(_Part(p) for p in parts[1:-1] if p)
+
+    def matches(self, text: str) -> bool:
+        n = len(text)
+        if self.exact:
+            return n == self.head.size and self.head.at(text, 0)
+        head, tail = self.head, self.tail
+        if head.size + tail.size > n or not head.at(text, 0) or not tail.at(text, n - tail.size):
+            return False
+        pos, end = head.size, n - tail.size
+        for part in self.middle:
+            found = part.find(text, pos, end)
+            if found < 0:
+                return False
+            pos = found + part.size
+        return True
+
+
+class _Part:
+    """A star-free piece of a pattern: literal characters and ``?``."""
+
+    __slots__ = ("literal", "regex", "size")
+
+    def __init__(self, piece: str) -> None:
+        self.size = len(piece)
+        self.literal = piece if "?" not in piece else None
+        # Without quantifiers a regular expression cannot backtrack: it compares at most
+        # len(piece) characters at each start position (in C).
+        body = "".join("." if c == "?" else re.escape(c) for c in piece)
+        self.regex = None if self.literal is not None else re.compile(body, re.DOTALL)
+
+    def at(self, text: str, pos: int) -> bool:
+        if self.literal is not None:
+            return text.startswith(self.literal, pos)
+        assert self.regex is not None
+        return self.regex.match(text, pos) is not None
+
+    def find(self, text: str, start: int, end: int) -> int:
+        if self.literal is not None:
+            return text.find(self.literal, start, end)
+        assert self.regex is not None
+        m = self.regex.search(text, start, end)
+        return -1 if m is None else m.start()
+
+
+@functools.lru_cache(maxsize=512)
+def glob(pattern: str, fold: bool = False) -> Glob:
+    """The compiled ``like`` (``fold``: ``ilike``, ASCII letters folded) pattern, cached."""
+    return Glob(pattern.translate(_ASCII_LOWER) if fold else pattern)
 
 
 def _scalar(op: str, value: Any, literal: Value) -> bool:
@@ -493,8 +615,7 @@ def _scalar(op: str, value: Any, literal: Value) -> bool:
         if not isinstance(value, str) or not isinstance(literal, str):
             return False
         fold = op == "ilike"
-        text = value.translate(_ASCII_LOWER) if fold else value
-        return like_regex(literal, fold=fold).fullmatch(text) is not None
+        return glob(literal, fold).matches(value.translate(_ASCII_LOWER) if fold else value)
     if literal is None:
         return value is None
     if isinstance(literal, bool):
