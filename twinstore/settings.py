@@ -113,6 +113,14 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # error it answers). Add new ones here, with a safe default.
     max_body_bytes: int = 1_048_576
     max_thing_bytes: int = 102_400
+    # Ditto headers of one request, WebSocket or NATS command envelope (names and values; over
+    # HTTP every request header, `authorization` on its own budget of the same size): 431
+    # headers.too.large. Also bounds an event's originator, correlation-id and kept headers, so
+    # every event's envelope fits NATS' max_payload (checked at start).
+    max_header_bytes: int = 8192
+    # Nesting of a written JSON value plus the segments of its path: 400 json.invalid (orjson
+    # encodes at most 254 levels; Python recursion fails near 1000).
+    max_json_depth: int = 100
     # RQL (search filter and option, the `condition` header/parameter, WebSocket/SSE event
     # filters; one parser) and `fields` selectors: beyond any of these the request is answered
     # 400 rql.expression.invalid (things:condition.invalid for a condition,
@@ -189,6 +197,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(
                 "anomaly_checkpoint_every must be 1..100000 and anomaly_checkpoint_seconds in (0, 60]"
             )
+        if not 1024 <= self.max_header_bytes <= 1_048_576:
+            raise ValueError("max_header_bytes must be 1024..1048576")
+        if not 8 <= self.max_json_depth <= 200:
+            raise ValueError("max_json_depth must be 8..200 (JSON deeper than 254 levels cannot be encoded)")
         if not 1 <= self.shutdown_grace_seconds <= 3600:
             raise ValueError("shutdown_grace_seconds must be 1..3600 (Kubernetes' default grace is 30 s)")
         for source, subjects in self.ingest_sources.items():
