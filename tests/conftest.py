@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import secrets
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -43,6 +44,101 @@ AUTH = ("ditto", "ditto")
 # Ingest sources of the test settings: "plc" writes as integration:plc, "ditto-user" as the
 # basic user the API tests use (nginx:ditto), so ingested writes need no extra policy.
 INGEST_SOURCES = {"plc": ["integration:plc"], "ditto-user": ["nginx:ditto"]}
+
+
+# ---- environment, waiting, teardown -----------------------------------------------------
+
+
+def require(condition: object, reason: str) -> None:
+    """Skip the calling test (or module) unless ``condition`` holds - except in CI (``CI`` set),
+    where a missing tool, data set, spec or service fails it: a green CI run ran every test.
+    Every skip that depends on the machine goes through here."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: nothing may be skipped for want of it)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+Check = Callable[[], "bool | Awaitable[bool]"]
+
+
+async def eventually(check: Check, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Wait until ``check()`` (sync or async) is true; fail after ``timeout`` s naming ``what``.
+    The tests wait on conditions, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not in {timeout:g} s: {what}")
+        await asyncio.sleep(interval)
+
+
+def eventually_sync(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """:func:`eventually` for tests without an event loop."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not in {timeout:g} s: {what}")
+        time.sleep(interval)
+
+
+def _stacks(tasks: set[asyncio.Task[Any]]) -> str:
+    lines = []
+    for task in tasks:
+        frames = task.get_stack()
+        where = " <- ".join(f"{f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno}" for f in frames[-3:])
+        lines.append(f"{task.get_name()} at {where or '?'}")
+    return "; ".join(lines)
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any], timeout: float = 15.0) -> None:
+    """Cancel ``tasks`` and wait for them at most ``timeout`` s. A task that ignores its
+    cancellation fails the teardown (naming where it hangs) instead of hanging the run; an
+    exception a task ended with is raised, as ``await task`` would."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    if pending:
+        raise AssertionError(f"not ended {timeout:g} s after cancel(): {_stacks(pending)}")
+    for task in tasks:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc
+
+
+async def bounded(aw: Awaitable[Any], timeout: float, what: str) -> Any:
+    """``await aw`` for at most ``timeout`` s (run as a task of its own, so even an awaitable that
+    swallows cancellation cannot hold the test): a teardown step that hangs fails, naming ``what``."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        raise AssertionError(f"{what}: not done in {timeout:g} s ({_stacks({task})})")
+    return task.result()
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 20.0) -> int:
+    """SIGTERM, at most ``timeout`` s for the exit, then SIGKILL (and at most 10 s more)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(10)
+
+
+def kill_process(proc: subprocess.Popen[Any]) -> int:
+    """SIGKILL and reap (bounded: a process stuck in the kernel fails the test instead)."""
+    if proc.poll() is None:
+        proc.kill()
+    return proc.wait(10)
 
 
 def with_database(url: str, database: str) -> str:
@@ -163,11 +259,13 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
     try:
         yield rt
     finally:
-        await rt.close()
-        nc = await nats.connect(settings.nats_url)
-        with contextlib.suppress(Exception):
-            await delete_streams(nc.jetstream(), settings.nats_prefix)
-        await nc.close()
+        try:
+            await bounded(rt.close(), 60, "closing the session's runtime")
+        finally:
+            nc = await nats.connect(settings.nats_url)
+            with contextlib.suppress(Exception):
+                await bounded(delete_streams(nc.jetstream(), settings.nats_prefix), 30, "deleting streams")
+            await bounded(nc.close(), 10, "closing NATS")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -273,18 +371,12 @@ class ServerProcess:
         raise RuntimeError(f"server did not become healthy: {Path(self.log_path).read_text()[-3000:]}")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            kill_process(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def logs(self) -> str:
         return Path(self.log_path).read_text()

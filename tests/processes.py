@@ -12,7 +12,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import asyncpg
 import orjson
 from nats.aio.client import Client as NATS
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, bounded, eventually, kill_process, stop_process
 from twinstore.audit import verify_database
 from twinstore.bus.ingest import (
     SEQ_HEADER,
@@ -52,14 +51,6 @@ SELECT_VALUES = """
 SELECT id, path, value::text AS value FROM journal
 WHERE entity = 'thing' AND id = any($1::text[]) ORDER BY id, revision
 """
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not in {timeout:.0f} s: {what}")
-        await asyncio.sleep(0.1)
 
 
 class IngestProcess:
@@ -122,20 +113,12 @@ class IngestProcess:
 
     def kill(self) -> None:
         """SIGKILL: no batch finished, nothing given back (its PostgreSQL sessions just end)."""
-        if self.alive:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            kill_process(self.proc)
 
     def stop(self) -> None:
-        if self.alive:
-            assert self.proc is not None
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path is not None else ""
@@ -209,7 +192,7 @@ class Feed:
     async def stop(self) -> dict[str, list[int]]:
         self._stop.set()
         assert self._task is not None
-        await self._task
+        await bounded(self._task, 30, "the feed's last publish")
         return self.sent
 
 

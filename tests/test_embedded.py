@@ -128,7 +128,7 @@ def test_start_after_killed_process(tmp_path: pathlib.Path, caplog: pytest.LogCa
         assert line, "child did not start the servers"
     finally:
         child.send_signal(signal.SIGKILL)
-        child.wait()
+        child.wait(10)
     old_nats_pid = int((data / "nats.pid").read_text())
     old_pg_pid = postmaster_pid(data)
 

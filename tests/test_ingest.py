@@ -7,7 +7,6 @@ messages are published as adapters do (``twinstore.bus.ingest``) and checked in 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from tests.api.helpers import create, url
-from tests.conftest import new_thing_id
+from tests.conftest import bounded, cancel_and_wait, new_thing_id
 from twinstore.audit import verify_database
 from twinstore.bus.ingest import (
     COMMAND_TYPE,
@@ -326,7 +325,7 @@ async def test_workers_share_partitions_and_a_stopped_one_loses_nothing(
         for t in things:
             assert await property_values(settings, t, path) == list(range(200))
     finally:
-        await second.stop()
+        await bounded(second.stop(), 30, "stopping the second ingest worker")
 
     async def reclaimed() -> bool:
         return len(runtime.ingest.partitions) == 4  # type: ignore[union-attr]
@@ -362,10 +361,8 @@ async def test_database_connections_killed_while_ingesting(
             await source.values([Update(t, path, i) for t in things])
             await asyncio.sleep(0.005)
     finally:
-        kill.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await kill
-        await admin.close()
+        await cancel_and_wait(kill)
+        await bounded(admin.close(), 10, "closing the admin connection")
 
     async def landed() -> bool:
         try:

@@ -39,7 +39,7 @@ from nats.aio.client import Client as NATS
 
 from adapters.base import Forwarder
 from tests.adapters.conftest import PrivateNats
-from tests.conftest import free_port
+from tests.conftest import bounded, free_port
 from tests.processes import (
     DB_ERRORS,
     PATH,
@@ -255,7 +255,7 @@ async def test_nats_restarted_while_an_adapter_publishes_loses_and_duplicates_no
         await assert_exactly_once_in_order(scratch_database, sent, timeout=30)
         assert process.alive, process.logs()[-3000:]
     finally:
-        await forwarder.stop()
+        await bounded(forwarder.stop(), 20, "stopping the forwarder")
 
 
 # ---- 3. PostgreSQL stopped for 10 s -----------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.conftest import SELECT_JOURNAL, new_thing_id, verify_chain
+from tests.conftest import SELECT_JOURNAL, bounded, new_thing_id, verify_chain
 from twinstore.model.errors import (
     HeaderInvalidError,
     JsonInvalidError,
@@ -137,7 +137,7 @@ async def test_two_journals_on_one_database_lose_no_update(runtime: Runtime) -> 
         await first.write(put(thing_id, "/attributes/n", 2))
         assert first.replans == before + 1
     finally:
-        await second.stop()
+        await bounded(second.stop(), 20, "stopping the second journal")
 
 
 async def test_unreachable_database_is_unavailable_not_internal(settings: object) -> None:
@@ -148,3 +148,97 @@ async def test_unreachable_database_is_unavailable_not_internal(settings: object
     await pool.close()
     with pytest.raises(UnavailableError):
         await Journal(pool).load(new_thing_id())
+
+
+# ---- one member's input never fails its batch (issue 15 item 9) ---------------------------
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+async def test_failures_the_database_decides_fail_only_their_write(
+    settings: object, scratch_database: str
+) -> None:
+    """PostgreSQL refusing a row (a B-tree index row over its maximum with a search index
+    configured; U+0000 in a jsonb column) fails that write alone with a 4xx without driver text;
+    the writes it shared its transaction with commit. Before, the whole batch answered 503."""
+    import secrets
+
+    from twinstore.model.errors import InvalidInputError, TooLargeError
+    from twinstore.runtime import create_pool
+    from twinstore.store.schema import ensure_search_indexes, migrate
+
+    pool = await create_pool(scratch_database, 4)
+    j = Journal(pool)
+    try:
+        async with pool.acquire() as con:
+            await migrate(con)
+            await ensure_search_indexes(con, [("attributes", "big")])
+        j.start()
+        things = [new_thing_id() for _ in range(40)]
+        await asyncio.gather(*(j.write(put(t, "/", {"attributes": {}})) for t in things))
+        huge = secrets.token_hex(20_000)  # 40 KB that does not compress below a B-tree row's 2.7 KB
+        for _ in range(3):  # the two loops split the writes: each round must still isolate
+            batches, isolated = j.batches, j.isolated
+            writes = [j.write(put(t, "/attributes/n", i)) for i, t in enumerate(things)]
+            writes.insert(7, j.write(put(things[7], "/attributes/big", huge)))
+            writes.insert(21, j.write(put(things[20], "/attributes/x", 1, headers={"source": "s\x00"})))
+            results = await asyncio.gather(*writes, return_exceptions=True)
+            assert isinstance(results[7], TooLargeError), results[7]
+            assert results[7].status == 413 and "index" in results[7].message
+            assert isinstance(results[21], InvalidInputError), results[21]
+            assert results[21].status == 400
+            for bad in (results[7], results[21]):
+                assert "asyncpg" not in bad.message and "exceeds maximum" not in bad.message
+            good = [r for i, r in enumerate(results) if i not in (7, 21)]
+            assert all(not isinstance(r, BaseException) for r in good), good
+            assert j.isolated - isolated == 2
+            assert j.batches - batches < len(writes) - 10  # they did share transactions
+        states = await j.load_many(things)
+        assert all(s.doc is not None and s.doc["attributes"].get("n") is not None for s in states.values())
+        assert "big" not in (states[things[7]].doc or {}).get("attributes", {})
+        assert states[things[20]].revision == 4  # created, n three times; never x
+    finally:
+        await asyncio.wait_for(j.stop(), 20)
+        await asyncio.wait_for(pool.close(), 20)
+
+
+async def test_failures_python_raises_while_deciding_fail_only_their_write(runtime: Runtime) -> None:
+    """A value too deeply nested to encode (orjson: 254 levels) reached the journal's plan and
+    failed the whole batch; it is now that write's 400 (the service refuses it earlier still)."""
+    j = journal(runtime)
+    a, b = new_thing_id(), new_thing_id()
+    await asyncio.gather(j.write(put(a, "/", {})), j.write(put(b, "/", {})))
+    results = await asyncio.gather(
+        j.write(put(a, "/attributes/x", 1)),
+        j.write(put(b, "/attributes/deep", _nested(400))),
+        j.write(put(a, "/attributes/y", 2)),
+        j.write(put(b, "/attributes/z", 3)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], JsonInvalidError), results[1]
+    assert [r for i, r in enumerate(results) if i != 1 and isinstance(r, BaseException)] == []
+    assert (await j.load(a)).doc == {"thingId": a, "policyId": a, "attributes": {"x": 1, "y": 2}}
+    assert (await j.load(b)).doc == {"thingId": b, "policyId": b, "attributes": {"z": 3}}
+
+
+async def test_an_event_is_bounded_so_that_its_envelope_fits_the_bus(runtime: Runtime) -> None:
+    """A change's value and path are bounded by max_thing_bytes even when the thing stays small
+    (a merge of many nulls), its correlation-id and originator by max_header_bytes."""
+    from twinstore.model.errors import HeadersTooLargeError, TooLargeError
+
+    j = journal(runtime)
+    t = new_thing_id()
+    await j.write(put(t, "/", {"attributes": {}}))
+    nulls = {f"k{i:06}": None for i in range(j.max_thing_bytes // 10)}
+    with pytest.raises(TooLargeError):
+        await j.write(
+            WriteRequest(thing_id=t, command=Merge(path="/attributes", value=nulls), originator="nginx:test")
+        )
+    with pytest.raises(HeadersTooLargeError):
+        await j.write(put(t, "/attributes/a", 1, correlation_id="c" * (j.max_header_bytes + 1)))
+    assert (await j.load(t)).revision == 1

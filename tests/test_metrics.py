@@ -25,7 +25,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.api.test_ws import serving
-from tests.conftest import ROOT, new_thing_id
+from tests.conftest import ROOT, bounded, new_thing_id
 from tests.test_ingest import Source
 from twinstore.api.app import create_app
 from twinstore.bus.ingest import Update
@@ -226,7 +226,7 @@ async def test_worker_listener_serves_metrics_health_ready(settings: Settings, r
             assert r.status_code == 503 and r.json()["children"]["process"]["status"] == "DOWN"
             assert r.json()["children"]["database"]["status"] == "UP"
     finally:
-        await worker.close()
+        await bounded(worker.close(), 30, "closing the worker")
     with pytest.raises(httpx.ConnectError):
         httpx.get(base + "/health", timeout=2)
 

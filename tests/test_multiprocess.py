@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import secrets
 import signal
@@ -39,7 +38,15 @@ import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import AUTH, INGEST_SOURCES, SELECT_JOURNAL, ServerProcess, verify_chain
+from tests.conftest import (
+    AUTH,
+    INGEST_SOURCES,
+    SELECT_JOURNAL,
+    ServerProcess,
+    bounded,
+    cancel_and_wait,
+    verify_chain,
+)
 from tests.processes import PATH, Feed, IngestProcess, Publisher, assert_exactly_once_in_order
 from twinstore.bus.ingest import IngestSubjects, Update
 from twinstore.settings import Settings
@@ -109,7 +116,7 @@ class Writers:
 
     async def stop(self) -> None:
         self._stop.set()
-        await asyncio.gather(*self._tasks)
+        await bounded(asyncio.gather(*self._tasks), 30, "the writers' last requests")
 
 
 class Watcher:
@@ -205,9 +212,7 @@ class Watcher:
 
     async def stop(self) -> None:
         self._stop.set()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
 
 
 def _thing(topic: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import nats
 
-from tests.conftest import new_thing_id
+from tests.conftest import bounded, new_thing_id
 from twinstore.bus.relay import CURSOR, SELECT_CURSOR, Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.model.thing import Modify
@@ -54,11 +54,11 @@ async def test_commit_of_another_journal_is_published_without_waiting_for_a_poll
         msg = await js.get_msg(subjects.events_stream, seq=1)
         assert msg.headers is not None and msg.headers["Nats-Msg-Id"] == f"thing:{thing_id}:1"
     finally:
-        await other_process.stop()
-        await relay.stop()
+        await bounded(other_process.stop(), 20, "stopping the journal")
+        await bounded(relay.stop(), 20, "stopping the relay")
         await js.delete_stream(subjects.events_stream)
         await nc.close()
-        await pool.close()
+        await bounded(pool.close(), 20, "closing the pool")
 
 
 async def test_a_lost_ack_republishes_from_the_last_acknowledged_batch_and_loses_nothing(
@@ -151,8 +151,74 @@ async def test_a_lost_ack_republishes_from_the_last_acknowledged_batch_and_loses
                 await asyncio.sleep(0.02)
             assert await con.fetchval(SELECT_CURSOR, CURSOR) == positions[-1]
     finally:
-        await journal.stop()
-        await relay.stop()
+        await bounded(journal.stop(), 20, "stopping the journal")
+        await bounded(relay.stop(), 20, "stopping the relay")
         await js.delete_stream(subjects.events_stream)
         await nc.close()
-        await pool.close()
+        await bounded(pool.close(), 20, "closing the pool")
+
+
+async def test_an_event_that_cannot_be_published_is_passed_over_and_the_next_one_delivered(
+    settings: Settings, scratch_database: str
+) -> None:
+    """Old data (or a limit raised and lowered): an event larger than the NATS server's
+    max_payload, committed directly through a journal with lax limits, is logged, counted and
+    passed over; the events after it are delivered (before, the relay retried it every second
+    for ever and no live event reached anyone)."""
+    pool = await create_pool(scratch_database, 4)
+    nc = await nats.connect(settings.nats_url)
+    subjects = Subjects(f"r{secrets.token_hex(4)}", 4)
+    js = nc.jetstream()
+    relay = Relay(pool, nc, subjects, poll_interval=0.2, connect=lambda: asyncpg.connect(scratch_database))
+    lax = Journal(pool, max_thing_bytes=8_000_000, max_header_bytes=8_000_000)  # no bound: old data
+    try:
+        async with pool.acquire() as con:
+            await migrate(con)
+        await ensure_events_stream(js, subjects, 600)
+        lax.start()
+        thing_id = new_thing_id()
+
+        async def write(path: str, value: Any, correlation_id: str | None = None) -> None:
+            await lax.write(
+                WriteRequest(
+                    thing_id=thing_id,
+                    command=Modify(path=path, value=value),
+                    originator="nginx:t",
+                    correlation_id=correlation_id,
+                )
+            )
+
+        await write("/", {"attributes": {}})
+        await write("/attributes/a", 1, correlation_id="c" * (4 << 20))  # the issue's 4 MB header
+        await write("/attributes/b", "x" * (2 << 20))  # a 2 MB value
+        await write("/attributes/c", 3)
+        assert nc.max_payload < 2 << 20
+        relay.start()
+        await asyncio.wait_for(_until(lambda: relay.published == 2), 20)
+        assert relay.skipped == 2
+        info = await js.stream_info(subjects.events_stream)
+        assert info.state.messages == 2
+        last = await js.get_msg(subjects.events_stream, seq=2)
+        assert last.headers is not None and last.headers["Nats-Msg-Id"] == f"thing:{thing_id}:4"
+        # the cursor passed them: a new leader does not try them again
+        async with pool.acquire() as con:
+            await asyncio.wait_for(_until_cursor(con, 4), 10)
+        await write("/attributes/d", 4)  # and live events go on
+        await asyncio.wait_for(_until(lambda: relay.published == 3), 10)
+        assert relay.skipped == 2
+    finally:
+        await asyncio.wait_for(lax.stop(), 20)
+        await asyncio.wait_for(relay.stop(), 20)
+        await js.delete_stream(subjects.events_stream)
+        await nc.close()
+        await asyncio.wait_for(pool.close(), 20)
+
+
+async def _until(check: Any) -> None:
+    while not check():
+        await asyncio.sleep(0.02)
+
+
+async def _until_cursor(con: Any, position: int) -> None:
+    while (await con.fetchval(SELECT_CURSOR, CURSOR) or 0) < position:
+        await asyncio.sleep(0.02)

@@ -196,7 +196,7 @@ class Plant:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                self.proc.wait(10)
                 raise AssertionError(f"simulate did not stop on SIGTERM:\n{self.output()[-3000:]}") from None
         return self.proc.returncode
 
@@ -387,7 +387,7 @@ def test_without_an_mqtt_broker_only_the_opcua_path_runs_and_a_killed_simulator_
     pid = int((plant.tmp_path / "data" / "simulate" / plant.namespace / "opcua-adapter.pid").read_text())
     assert plant.proc is not None
     plant.proc.kill()
-    plant.proc.wait()
+    plant.proc.wait(10)
     deadline = time.monotonic() + 20
     while Path(f"/proc/{pid}").exists() and b"zombie" not in _status(pid):
         assert time.monotonic() < deadline, "the OPC UA adapter outlived the killed simulator"

@@ -149,6 +149,7 @@ class _RuntimeCollector(Collector):
         yield info
         yield from self._http(m)
         yield from self._journal(rt)
+        yield from self._relay(rt)
         yield from self._pool(rt)
         yield from self._live(m, rt)
         yield from self._ingest(m, rt)
@@ -204,6 +205,17 @@ class _RuntimeCollector(Collector):
             ),
             [],
             journal.commit_seconds,
+        )
+
+    def _relay(self, rt: Runtime) -> Iterator[Metric]:
+        relay = rt.relay
+        if relay is None:
+            return
+        yield CounterMetricFamily(
+            "twinstore_relay_events_skipped",
+            "Committed events the relay could never publish (over NATS' max_payload, not encodable, "
+            "refused by JetStream): logged and passed over, kept in the journal",
+            value=relay.skipped,
         )
 
     def _pool(self, rt: Runtime) -> Iterator[Metric]:

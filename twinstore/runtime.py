@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from twinstore.anomaly.worker import AnomalyWorker
 from twinstore.auth import Authenticator
 from twinstore.bus.ingest import IngestSubjects
-from twinstore.bus.relay import Relay, ensure_events_stream
+from twinstore.bus.relay import Relay, check_event_bound, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache
 from twinstore.fanout import FanOut
@@ -24,6 +24,7 @@ from twinstore.ingest import IngestWorker, ensure_ingest_streams
 from twinstore.messages import MessageService
 from twinstore.metrics import Metrics
 from twinstore.model import rql
+from twinstore.model.limits import configure as configure_limits
 from twinstore.operations import OperationsListener
 from twinstore.policy_service import PolicyService
 from twinstore.search import SearchService
@@ -67,6 +68,8 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Envelopes are decoded where no settings are at hand (WebSocket, NATS ingestion)
+        configure_limits(settings.max_header_bytes, settings.max_json_depth)
         # The RQL and fields parsers run where no settings are at hand (protocol envelopes)
         rql.configure(settings.query_limits)
         self.subjects = Subjects(settings.nats_prefix, settings.event_partitions)
@@ -130,6 +133,7 @@ class Runtime:
             )
             self._owned.append("nats")
         self.nc = nc
+        check_event_bound(nc.max_payload, s.max_thing_bytes, s.max_header_bytes)
         await ensure_events_stream(nc.jetstream(), self.subjects, s.events_max_age_seconds)
         database_url = s.database_url
         self.relay = Relay(
@@ -145,6 +149,7 @@ class Runtime:
             snapshot_every=s.snapshot_every,
             max_batch=s.max_batch,
             max_thing_bytes=s.max_thing_bytes,
+            max_header_bytes=s.max_header_bytes,
             on_commit=lambda events: relay.notify(),
         )
         self.journal.start()

@@ -40,6 +40,7 @@ from twinstore.model.errors import (
 )
 from twinstore.model.fields import select
 from twinstore.model.ids import parse_pointer, validate_policy_id, validate_thing_id
+from twinstore.model.limits import check_depth
 from twinstore.model.policy import PolicyModify, default_policy
 from twinstore.model.thing import Command, Create, Event, Merge, Modify, ThingState, decide, validate_path
 from twinstore.policy_service import PolicyService, PolicyWrite
@@ -240,6 +241,8 @@ class ThingService:
         ``condition`` (Ditto's RQL header) must hold on the thing the write is decided on.
         """
         validate_thing_id(request.thing_id)
+        # before any policy check walks the value: a deep one must not exhaust recursion there
+        check_depth(getattr(request.command, "value", None), request.command.path)
         for _attempt in range(5):
             state = await self.journal.peek(request.thing_id)
             if state.exists:
@@ -280,6 +283,7 @@ class ThingService:
         plain: dict[tuple[str, tuple[str, ...]], Any] = {}
         for index, (auth, request, condition) in enumerate(items):
             try:
+                check_depth(getattr(request.command, "value", None), request.command.path)
                 state = states[request.thing_id]  # ids were validated by the caller (decoding)
                 path = request.command.path
                 if state.exists and condition is None and path.startswith(("/features/", "/attributes/")):

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NATS
 
-from tests.conftest import free_port
+from tests.conftest import bounded, free_port, require, stop_process
 from twinstore.bus.ingest import IngestSubjects
 from twinstore.embedded import _nats_binary
 
@@ -38,10 +38,10 @@ def mqtt_url() -> str:
     """``TWINSTORE_TEST_MQTT_URL`` (CI sets it), else a broker on 127.0.0.1:1883, else skip."""
     url = os.environ.get("TWINSTORE_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
     parts = urlsplit(url)
-    if not _reachable(parts.hostname or "127.0.0.1", parts.port or 1883):
-        if os.environ.get("TWINSTORE_TEST_MQTT_URL") or os.environ.get("CI"):
-            pytest.fail(f"MQTT broker {url} is not reachable")
-        pytest.skip(f"no MQTT broker at {url}")
+    reachable = _reachable(parts.hostname or "127.0.0.1", parts.port or 1883)
+    if not reachable and os.environ.get("TWINSTORE_TEST_MQTT_URL"):
+        pytest.fail(f"MQTT broker {url} is not reachable")
+    require(reachable, f"no MQTT broker at {url}")
     return url
 
 
@@ -74,8 +74,8 @@ async def ingest(nats_url: str, prefix: str) -> AsyncIterator[tuple[NATS, Ingest
         yield nc, subjects
     finally:
         with contextlib.suppress(Exception):
-            await js.delete_stream(subjects.stream)
-        await nc.close()
+            await bounded(js.delete_stream(subjects.stream), 10, "deleting the ingest stream")
+        await bounded(nc.close(), 10, "closing NATS")
 
 
 async def read_stream(nc: NATS, stream: str, expect: int, timeout: float = 10.0) -> list[nats.aio.msg.Msg]:
@@ -110,13 +110,8 @@ class PrivateNats:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
         self.proc = None
 
 

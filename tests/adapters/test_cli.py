@@ -42,7 +42,12 @@ async def test_the_mqtt_adapter_process_forwards_and_stops_on_sigterm(
         assert isinstance(rows[0], Update)
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=20)
+        try:
+            _, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=10)
+            raise
     assert proc.returncode == 0, stderr.decode()
     logs = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
     assert any(entry["msg"] == "forwarder stopped" for entry in logs)

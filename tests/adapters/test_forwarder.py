@@ -15,6 +15,7 @@ import pytest
 from adapters.base import Forwarder, desired_values, load_config
 from adapters.spool import SpoolFullError
 from tests.adapters.conftest import PrivateNats, read_stream
+from tests.conftest import bounded
 from twinstore.bus.ingest import SEQ_HEADER, IngestSubjects, Update, decode_telemetry
 
 SUBJECTS = IngestSubjects("fwd", 4)
@@ -81,7 +82,7 @@ async def test_nats_stopped_and_restarted_while_publishing_loses_and_duplicates_
             await asyncio.sleep(0.01)
         values, ids, seqs = await wait_for_values(private_nats.url, sent)
     finally:
-        await forwarder.stop()
+        await bounded(forwarder.stop(), 20, "stopping the forwarder")
     assert len(ids) == len(set(ids)), "a message was stored twice"
     assert sorted(values) == list(range(sent)), "an update was lost or duplicated"
     assert seqs == sorted(seqs), "published out of order"
@@ -116,7 +117,7 @@ async def test_an_adapter_restarted_while_nats_is_down_resumes_its_spool(
         private_nats.start()
         values, ids, seqs = await wait_for_values(private_nats.url, 40)
     finally:
-        await second.stop()
+        await bounded(second.stop(), 20, "stopping the forwarder")
     assert sorted(values) == list(range(40))
     assert len(ids) == len(set(ids)) and seqs == sorted(seqs)
 
@@ -138,7 +139,7 @@ async def test_a_full_spool_holds_the_sender_until_nats_takes_messages(
             sent += 5
         assert forwarder.spool.pending_bytes <= 4_000
         held = asyncio.create_task(forwarder.send_updates(rows(sent, 5)))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # an assertion of absence: the send stays held while NATS is down
         assert not held.done()
         private_nats.start()
         await asyncio.wait_for(held, 20)
@@ -148,7 +149,7 @@ async def test_a_full_spool_holds_the_sender_until_nats_takes_messages(
         with pytest.raises(SpoolFullError):  # a batch larger than the whole spool never fits
             await forwarder.send_updates(rows(0, 1000))
     finally:
-        await forwarder.stop()
+        await bounded(forwarder.stop(), 20, "stopping the forwarder")
 
 
 def test_load_config_reads_yaml_and_toml(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from adapters.base import ConfigError, forwarder_from_config
 from adapters.mqtt import MqttAdapter
 from tests.adapters.conftest import MqttPeer, read_stream
+from tests.conftest import bounded, cancel_and_wait
 from twinstore.bus.ingest import SEQ_HEADER, SOURCE_HEADER, IngestSubjects, Update, decode_telemetry
 from twinstore.bus.relay import ensure_events_stream
 from twinstore.bus.subjects import Subjects
@@ -45,10 +46,10 @@ async def running(config: dict[str, Any]) -> AsyncIterator[MqttAdapter]:
         await asyncio.wait_for(adapter.subscribed.wait(), 10)
         yield adapter
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await forwarder.stop()
+        try:
+            await cancel_and_wait(task, timeout=15)
+        finally:
+            await bounded(forwarder.stop(), 15, "stopping the forwarder")
 
 
 async def rows_on_stream(

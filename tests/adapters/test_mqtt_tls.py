@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.adapters.conftest import _reachable
 from tests.adapters.test_mqtt import adapter_config, rows_on_stream, running
-from tests.conftest import free_port
+from tests.conftest import free_port, require, stop_process
 from twinstore.bus.ingest import IngestSubjects, Update
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -70,8 +69,10 @@ def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey |
 async def test_tls_with_client_certificate_and_password(
     ingest: tuple[NATS, IngestSubjects], prefix: str, nats_url: str, tmp_path: Path
 ) -> None:
-    if not Path(MOSQUITTO).exists() or not shutil.which("mosquitto_passwd"):
-        pytest.skip("mosquitto (with mosquitto_passwd) is not installed")
+    require(
+        Path(MOSQUITTO).exists() and shutil.which("mosquitto_passwd"),
+        "mosquitto (with mosquitto_passwd) is not installed",
+    )
     nc, subjects = ingest
     ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     ca = _cert("test-ca", ca_key, None, ca_key, ca=True)
@@ -79,7 +80,9 @@ async def test_tls_with_client_certificate_and_password(
     _write(tmp_path / "server", _cert("127.0.0.1", server_key, ca, ca_key, ip="127.0.0.1"), server_key)
     _write(tmp_path / "client", _cert("adapter", client_key, ca, ca_key), client_key)
     passwords = tmp_path / "passwords"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "adapter", "s3cret"], check=True)
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwords), "adapter", "s3cret"], check=True, timeout=30
+    )
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(
@@ -125,5 +128,4 @@ async def test_tls_with_client_certificate_and_password(
                 device.loop_stop()
         assert rows == [Update("org.acme:m1", "/features/f/properties/v", 42)]
     finally:
-        broker.terminate()
-        broker.wait(10)
+        stop_process(broker, 10)

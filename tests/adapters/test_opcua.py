@@ -38,7 +38,7 @@ from nats.aio.client import Client as NATS
 
 from adapters import opcua
 from adapters.base import ConfigError
-from tests.conftest import free_port
+from tests.conftest import bounded, cancel_and_wait, free_port
 from twinstore.bus.ingest import IngestSubjects, Update, decode_telemetry
 from twinstore.bus.relay import ensure_events_stream
 from twinstore.bus.subjects import Subjects
@@ -109,7 +109,7 @@ class Plc:
     async def stop(self) -> None:
         if self.server is not None:
             server, self.server = self.server, None
-            await server.stop()
+            await bounded(server.stop(), 15, "stopping the test PLC")
 
     async def set(
         self, name: str, value: Any, *, status: int = ua.StatusCodes.Good, at: datetime | None = None
@@ -213,10 +213,8 @@ async def adapter(
         return task
 
     yield start
-    for task in tasks:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # bounded: a run once hung here for over 10 minutes after the Sign test
+    await cancel_and_wait(*tasks, timeout=15)
 
 
 def flow_node(plc: Plc, **extra: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import pytest_asyncio
 
 import policies
 from tests.api.helpers import assert_error, create, full_access, make_policy, url
+from tests.conftest import bounded
 from twinstore.api.app import create_app
 from twinstore.enforcement import readable_thing
 from twinstore.model import rql
@@ -730,7 +731,7 @@ async def test_cursor_stable_under_concurrent_writes(client: httpx.AsyncClient) 
                     break
         finally:
             stop.set()
-            await task
+            await bounded(task, 30, "the churn's last write")
         assert len(churned) > 20, "the churn ran alongside the walk"
         assert len(seen) == len(set(seen)), "nothing twice"
         assert [t for t in seen if t in set(stable)] == order, "every stable thing once, in order"

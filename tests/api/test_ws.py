@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.api.helpers import full_access
 from tests.api.test_whoami import ISSUER, token
-from tests.conftest import free_port, new_thing_id
+from tests.conftest import bounded, free_port, new_thing_id
 from twinstore.api.app import create_app
 from twinstore.api.ws import Session
 from twinstore.auth import AuthContext, Authenticator
@@ -51,7 +51,11 @@ async def serving(settings: Settings, runtime: Runtime) -> AsyncIterator[str]:
         yield f"ws://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        await task
+        # uvicorn waits for open connections without a bound unless forced
+        done, _ = await asyncio.wait({task}, timeout=10)
+        if not done:
+            server.force_exit = True
+        await bounded(task, 15, "uvicorn's shutdown")
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 from typing import Any
 
+import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -28,7 +29,16 @@ __all__ = ["JetStreamPublisher", "PublishError"]
 
 
 class PublishError(Exception):
-    """JetStream did not store the message (its error, or no stream for the subject)."""
+    """JetStream did not store the message (its error, or no stream for the subject).
+
+    ``code`` is the status JetStream gave (e.g. 400 for a message over the stream's size
+    limit, 503 for no responders), ``None`` when there was none: a 4xx is permanent for that
+    message, anything else may pass later.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class JetStreamPublisher:
@@ -83,8 +93,19 @@ class JetStreamPublisher:
         data = msg.data
         if not data:  # a status message: 503 "no responders" (no stream for the subject)
             status = (msg.headers or {}).get("Status", "")
-            future.set_exception(PublishError(f"no stream stored the message (status {status or '?'})"))
+            code = int(status) if status.isdigit() else None
+            future.set_exception(PublishError(f"no stream stored the message (status {status or '?'})", code))
         elif data.startswith(b'{"error"') or b'"error":' in data[:64]:
-            future.set_exception(PublishError(data.decode(errors="replace")))
+            future.set_exception(PublishError(data.decode(errors="replace"), _error_code(data)))
         else:
             future.set_result(data)
+
+
+def _error_code(data: bytes) -> int | None:
+    """The ``code`` of a JetStream error reply ``{"error": {"code": 400, ...}}``."""
+    try:
+        error = orjson.loads(data).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, int) else None

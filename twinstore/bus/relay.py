@@ -10,6 +10,12 @@ The cursor moves only after a whole batch was acknowledged by JetStream and is s
 was published since, which the duplicate window drops (consumers also see the revision in every
 envelope and ignore revisions they already have).
 
+Never stalled by one event: an event that cannot be published at all (its message is over the
+server's ``max_payload``, it cannot be encoded, or JetStream refuses it with a 4xx such as the
+stream's message size limit) is logged, counted (``skipped``, ``twinstore_relay_events_skipped``
+in /metrics) and passed over; the journal keeps it. Errors that may pass (NATS unreachable, no
+ack, no responders) make the batch be published again, as before.
+
 Waking: every journal commit runs ``pg_notify('twinstore_journal')``, which the leader listens
 to on its lock connection, so events committed by any process are published at once; the
 local journal also calls :meth:`Relay.notify`; ``poll_interval`` is only the fallback.
@@ -31,12 +37,19 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from twinstore.bus.envelope import event_envelope
-from twinstore.bus.publisher import JetStreamPublisher
+from twinstore.bus.publisher import JetStreamPublisher, PublishError
 from twinstore.bus.streams import ensure_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.store.journal import event_from_row
 
-__all__ = ["POSITION_HEADER", "Relay", "ensure_events_stream", "journal_head"]
+__all__ = [
+    "ENVELOPE_OVERHEAD",
+    "POSITION_HEADER",
+    "Relay",
+    "check_event_bound",
+    "ensure_events_stream",
+    "journal_head",
+]
 
 log = logging.getLogger("twinstore.relay")
 
@@ -45,6 +58,11 @@ CURSOR = "events"
 POSITION_HEADER = "Twinstore-Position"
 JOURNAL_CHANNEL = "twinstore_journal"  # NOTIFY'd by every journal commit (see journal.APPEND)
 CURSOR_SAVE_SECONDS = 0.1
+
+# An event's message beyond its value+path (<= max_thing_bytes) and originator+correlation-id+
+# kept headers (<= max_header_bytes, see Journal._check_event): the topic and the NATS headers
+# each carry the thing id (<= 256 characters, <= 1 KiB of UTF-8), plus the envelope's fixed keys.
+ENVELOPE_OVERHEAD = 4096
 
 SELECT_AFTER = """
 SELECT position, id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
@@ -65,6 +83,19 @@ async def ensure_events_stream(
 ) -> None:
     """Create or update the events stream (file storage, dedup window 2 minutes)."""
     await ensure_stream(js, subjects.events_stream, [subjects.events_wildcard], max_age_seconds)
+
+
+def check_event_bound(max_payload: int, max_thing_bytes: int, max_header_bytes: int) -> None:
+    """Refuse to start when an event the journal accepts might not fit the NATS server's
+    ``max_payload`` (the relay would have to pass it over)."""
+    need = max_thing_bytes + max_header_bytes + ENVELOPE_OVERHEAD
+    if need > max_payload:
+        raise RuntimeError(
+            f"max_thing_bytes ({max_thing_bytes}) + max_header_bytes ({max_header_bytes}) + "
+            f"{ENVELOPE_OVERHEAD} bytes of envelope = {need} bytes, more than the NATS server's "
+            f"max_payload ({max_payload}): lower max_thing_bytes to at most "
+            f"{max_payload - max_header_bytes - ENVELOPE_OVERHEAD} or raise the server's max_payload"
+        )
 
 
 async def journal_head(pool: asyncpg.Pool) -> int:
@@ -100,6 +131,7 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self.is_leader = False
         self.published = 0
+        self.skipped = 0  # events that could never be published (see the module)
         self.position = 0
         self._saved = 0  # the position last stored in relay_cursor
 
@@ -206,24 +238,57 @@ class Relay:
         if not rows:
             return 0
         futures: list[asyncio.Future[Any]] = []
+        sent: list[asyncpg.Record] = []
+        skipped: list[tuple[asyncpg.Record, str]] = []
         publish = self.publisher.publish
+        max_payload = self.nc.max_payload
         for row in rows:
-            event = event_from_row(row)
-            headers = {
-                "Nats-Msg-Id": f"thing:{event.thing_id}:{event.revision}",
-                POSITION_HEADER: str(row["position"]),
-                "Ditto-Thing-Id": event.thing_id,
-            }
-            futures.append(
-                await publish(
-                    self.subjects.event_subject(event.thing_id), orjson.dumps(event_envelope(event)), headers
-                )
-            )
-        # All or nothing for the cursor: on any failure the batch is republished (dedup ids).
+            try:
+                event = event_from_row(row)
+                payload = orjson.dumps(event_envelope(event))
+                headers = {
+                    "Nats-Msg-Id": f"thing:{event.thing_id}:{event.revision}",
+                    POSITION_HEADER: str(row["position"]),
+                    "Ditto-Thing-Id": event.thing_id,
+                }
+            except Exception as exc:  # e.g. a value too deeply nested to encode (old data)
+                skipped.append((row, f"cannot be encoded ({type(exc).__name__})"))
+                continue
+            # The server counts the header block too, and closes the connection of a client
+            # that sends more than max_payload: such an event could never be published.
+            size = len(payload) + _header_bytes(headers)
+            if size > max_payload:
+                skipped.append((row, f"{size} bytes exceed the NATS server's max_payload of {max_payload}"))
+                continue
+            futures.append(await publish(self.subjects.event_subject(event.thing_id), payload, headers))
+            sent.append(row)
+        # All or nothing for the cursor: on a failure that may pass the batch is republished
+        # (dedup ids); a message JetStream refuses for itself (4xx) is passed over.
         try:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+            results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=30)
         finally:
             self.publisher.forget(futures)
+        for row, result in zip(sent, results, strict=True):
+            if isinstance(result, PublishError) and result.code is not None and 400 <= result.code < 500:
+                skipped.append((row, f"refused by JetStream ({result})"))
+            elif isinstance(result, BaseException):
+                raise result
+        for row, reason in skipped:
+            log.error(
+                "relay: event cannot be published, passed over (it stays in the journal)",
+                extra={
+                    "thing_id": row["id"],
+                    "revision": row["revision"],
+                    "position": row["position"],
+                    "reason": reason,
+                },
+            )
+        self.skipped += len(skipped)
         self.position = rows[-1]["position"]
-        self.published += len(rows)
+        self.published += len(rows) - len(skipped)
         return len(rows)
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    """Bytes of a NATS header block (``NATS/1.0\\r\\n``, ``name: value\\r\\n`` each, ``\\r\\n``)."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())

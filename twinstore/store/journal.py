@@ -42,13 +42,16 @@ from twinstore.model.errors import (
     ConflictError,
     DittoError,
     HeaderInvalidError,
+    HeadersTooLargeError,
+    InvalidInputError,
+    JsonInvalidError,
     TooLargeError,
     UnavailableError,
     history_not_found,
 )
 from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Command, Event, ThingState, decide, evolve, replay
-from twinstore.store import Connection
+from twinstore.store import Connection, is_unavailable
 from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, loads, storable
 from twinstore.store.schema import WRITE_LOCK
 
@@ -241,6 +244,13 @@ class _Pending:
     future: asyncio.Future[list[Outcome]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # Requests left out of the transaction, by index, with their outcome: refused because the
+    # database refused their rows (see Journal._isolate), or, in a trial, not part of it.
+    refused: dict[int, DittoError] = field(default_factory=dict)
+
+
+class _Rollback(Exception):
+    """Ends a trial transaction (Journal._trial) after its statements ran: nothing is kept."""
 
 
 class _Drop(Exception):
@@ -285,6 +295,24 @@ def _state(thing_id: str, row: asyncpg.Record | None) -> ThingState:
     )
 
 
+def refusal(exc: BaseException) -> DittoError:
+    """The 4xx of a write whose own input failed its transaction (no driver text in it)."""
+    if isinstance(exc, DittoError):
+        return exc
+    if isinstance(exc, asyncpg.ProgramLimitExceededError):  # e.g. "index row size exceeds maximum"
+        return TooLargeError(
+            "A value of this write is too large for the database to store or index (e.g. a long "
+            "string at a path in search_indexes).",
+            description="Write smaller values.",
+        )
+    if isinstance(exc, (asyncpg.DataError, RecursionError, TypeError, ValueError)):
+        return JsonInvalidError(
+            "A value of this write cannot be stored (e.g. nested too deeply, a number out of range "
+            "or a character the database refuses)."
+        )
+    return InvalidInputError("This write cannot be stored; the database refused it.")
+
+
 class Journal:
     """Event store for things: group-committed writes and immediately consistent reads."""
 
@@ -295,6 +323,7 @@ class Journal:
         snapshot_every: int = 100,
         max_batch: int = 512,
         max_thing_bytes: int = 102_400,
+        max_header_bytes: int = 8192,
         on_commit: Callable[[list[Event]], None] | None = None,
         writers: int = 2,
         cache_size: int = 10_000,
@@ -303,6 +332,11 @@ class Journal:
         self.snapshot_every = snapshot_every
         self.max_batch = max_batch
         self.max_thing_bytes = max_thing_bytes
+        # An event's value and path together take at most max_thing_bytes, its originator,
+        # correlation-id and kept headers at most max_header_bytes (JSON): so its envelope fits
+        # NATS' max_payload (Runtime checks the sum at start) and the relay can publish it.
+        self.max_header_bytes = max_header_bytes
+        self.isolated = 0  # writes refused because the database refused their rows (isolated)
         self.on_commit = on_commit
         # Two commit loops overlap: while one batch waits for its COMMIT (the fsync), the next
         # is already queued on WRITE_LOCK in its own transaction and reads the state the
@@ -381,11 +415,14 @@ class Journal:
             try:
                 await self._commit(batch)
             except Exception as exc:  # never let the loop die: fail this batch only
-                log.exception("group commit failed")
+                if is_unavailable(exc):
+                    log.warning("group commit failed: database unavailable", extra={"error": repr(exc)})
+                else:
+                    log.exception("group commit failed")
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(
-                            UnavailableError(f"The write could not be committed: {exc}")
+                            UnavailableError("The write could not be committed: the database is unreachable.")
                         )
             finally:
                 self._in_flight -= 1
@@ -410,6 +447,11 @@ class Journal:
                     for pending in batch:
                         pending.future.set_exception(ConflictError("Concurrent writes kept conflicting."))
                     return
+            except Exception as exc:
+                # One member's input (a row PostgreSQL refuses, e.g. an index row too large) must
+                # not fail the others: find it, refuse it alone, commit the rest.
+                if is_unavailable(exc) or not await self._isolate(batch):
+                    raise
         self.batches += 1
         self.events_appended += len(events)
         self.commit_seconds.observe(time.perf_counter() - started)
@@ -420,6 +462,65 @@ class Journal:
         if events and self.on_commit is not None:
             self.on_commit(events)
 
+    async def _isolate(self, batch: list[_Pending]) -> bool:
+        """Find the first request of ``batch`` whose rows make its transaction fail and mark it
+        refused (a 4xx for that request alone); False when the failure does not recur.
+
+        Trials run the same transaction on a prefix of the batch's requests and roll it back:
+        a binary search over the prefix length, ~log2(n) trials, so requests keep the order
+        their plans depend on (a later write of a thing builds on the earlier ones).
+        """
+        flat = [(p, i) for p in batch for i in range(len(p.requests)) if i not in p.refused]
+        if not flat:
+            return False
+        low, high = 1, len(flat)  # the shortest failing prefix is in low..high
+        error: BaseException | None = None
+        while low < high:
+            middle = (low + high) // 2
+            found = await self._trial(batch, flat[:middle])
+            if found is None:
+                low = middle + 1
+            else:
+                high, error = middle, found
+        if error is None:  # every shorter prefix passed: does the whole batch still fail?
+            error = await self._trial(batch, flat)
+            if error is None:
+                return False
+        pending, index = flat[high - 1]
+        pending.refused[index] = refusal(error)
+        self.isolated += 1
+        log.warning(
+            "write refused by the database, committing its batch without it",
+            extra={"thing_id": pending.requests[index].thing_id, "error": type(error).__name__},
+        )
+        return True
+
+    async def _trial(
+        self, batch: list[_Pending], included: list[tuple[_Pending, int]]
+    ) -> BaseException | None:
+        """Run ``batch``'s transaction with only ``included`` requests (no marks), rolled back:
+        the error it fails with, or None. An unavailable database ends the isolation."""
+        keep: dict[int, set[int]] = {}
+        for pending, index in included:
+            keep.setdefault(id(pending), set()).add(index)
+        out: DittoError = ConflictError("not in this trial")
+        trial = [
+            _Pending(
+                p.requests,
+                refused={i: out for i in range(len(p.requests)) if i not in keep.get(id(p), ())},
+            )
+            for p in batch
+        ]
+        try:
+            await self._transaction(trial, rollback=True)
+        except (_Rollback, _Drop):
+            return None
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            return exc
+        return None
+
     def _plan(self, state: ThingState, head: bytes, items: list[tuple[int, WriteRequest]]) -> _Plan:
         """Decide one thing's writes of a batch in order, from ``state`` (pure, no I/O)."""
         plan = _Plan(start=state, start_head=head, outcomes=[], rows=[], final=state, head=head)
@@ -428,8 +529,13 @@ class Journal:
             try:
                 event, after = self._decide(before, req)
                 value = None if event.action == "deleted" else storable(canonical(event.value))
+                self._check_event(event, value)
             except DittoError as exc:
                 plan.outcomes.append((index, exc))
+                continue
+            except Exception as exc:  # e.g. a recursion limit: this write's input, not the batch's
+                log.warning("write refused while deciding it", extra={"error": repr(exc)[:200]})
+                plan.outcomes.append((index, refusal(exc)))
                 continue
             plan.head = chain_hash(
                 plan.head,
@@ -449,7 +555,28 @@ class Journal:
             plan.outcomes.append((index, Committed(event=event, before=before, after=after)))
         return plan
 
-    async def _transaction(self, batch: list[_Pending]) -> tuple[list[list[Outcome]], list[Event]]:
+    def _check_event(self, event: Event, value: bytes | None) -> None:
+        """Refuse an event whose envelope could exceed what the bus carries (see __init__)."""
+        size = len(value or b"") + len(canonical(event.path))
+        if size > self.max_thing_bytes:
+            raise TooLargeError(
+                f"The change (its value and path) has {size} bytes; at most {self.max_thing_bytes} "
+                "bytes are allowed."
+            )
+        raw = len(event.correlation_id or "") + len(event.originator)
+        if event.headers:
+            raw += sum(len(k) + len(v) for k, v in event.headers.items())
+        if 6 * raw + 64 > self.max_header_bytes:  # JSON escapes take at most 6 bytes a character
+            meta = len(canonical([event.originator, event.correlation_id, event.headers]))
+            if meta > self.max_header_bytes:
+                raise HeadersTooLargeError(
+                    f"The write's originator, correlation-id and headers have {meta} bytes; at most "
+                    f"{self.max_header_bytes} bytes are allowed."
+                )
+
+    async def _transaction(
+        self, batch: list[_Pending], *, rollback: bool = False
+    ) -> tuple[list[list[Outcome]], list[Event]]:
         """Plan from the cache before taking the lock; re-plan the things whose head moved.
 
         The decisions are made outside the critical section when the cache is right (the
@@ -461,10 +588,14 @@ class Journal:
         """
         groups: dict[str, list[tuple[int, WriteRequest]]] = {}
         owner: list[int] = []  # flat request index -> its unit in the batch
+        slots: list[int] = []  # flat request index -> its index in its unit
         for unit, pending in enumerate(batch):
-            for request in pending.requests:
+            for slot, request in enumerate(pending.requests):
+                if slot in pending.refused:
+                    continue
                 groups.setdefault(request.thing_id, []).append((len(owner), request))
                 owner.append(unit)
+                slots.append(slot)
         marks = [(p, p.mark) for p in batch if p.mark is not None]
         # A batch that writes things of the previous one is planned after it: it builds on that
         # batch's plans (in the cache), made before its lock or, if they were wrong, under it.
@@ -476,7 +607,7 @@ class Journal:
         try:
             if not previous_ids.isdisjoint(groups):
                 await previous.wait()
-            return await self._planned_transaction(batch, groups, owner, marks, planned)
+            return await self._planned_transaction(batch, groups, owner, slots, marks, planned, rollback)
         finally:
             planned.set()
 
@@ -485,8 +616,10 @@ class Journal:
         batch: list[_Pending],
         groups: dict[str, list[tuple[int, WriteRequest]]],
         owner: list[int],
+        slots: list[int],
         marks: list[tuple[_Pending, Mark]],
         planned: asyncio.Event,
+        rollback: bool = False,
     ) -> tuple[list[list[Outcome]], list[Event]]:
         plans: dict[str, _Plan] = {}
         entered: dict[str, tuple[ThingState, bytes]] = {}  # what this batch put in the cache
@@ -527,6 +660,8 @@ class Journal:
                 if appended:
                     finals = {i: plans[i].final for i in ids if plans[i].rows}
                     await self._append(con, appended, finals, {i: plans[i].head for i in finals})
+                if rollback:
+                    raise _Rollback()
         except BaseException:
             for thing_id in ids:
                 self._cache.pop(thing_id, None)
@@ -546,9 +681,11 @@ class Journal:
         for plan in plans.values():
             for index, outcome in plan.outcomes:
                 flat[index] = outcome
-        outcomes: list[list[Outcome]] = [[] for _ in batch]
+        outcomes: list[list[Outcome]] = [
+            [p.refused.get(i, ConflictError("not decided")) for i in range(len(p.requests))] for p in batch
+        ]
         for index, unit in enumerate(owner):
-            outcomes[unit].append(flat[index])
+            outcomes[unit][slots[index]] = flat[index]
         return outcomes, [r.event for r in appended]
 
     async def _mark(self, con: Connection, marks: list[tuple[_Pending, Mark]]) -> None:
@@ -664,8 +801,10 @@ class Journal:
         try:
             async with self._readers, self.pool.acquire() as con:
                 yield con
-        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
-            raise UnavailableError(f"The database is not reachable: {exc}") from exc
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            raise UnavailableError("The database is not reachable; retry later.") from exc
 
     async def peek(self, thing_id: str) -> ThingState:
         """The state this process last wrote (it may be a batch still committing), else :meth:`load`.
