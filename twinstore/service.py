@@ -32,6 +32,7 @@ from twinstore.model.errors import (
     ConflictError,
     DittoError,
     InvalidInputError,
+    NotFoundError,
     PolicyConflictError,
     ThingNotCreatableError,
     history_not_found,
@@ -46,7 +47,7 @@ from twinstore.model.thing import Command, Create, Event, Merge, Modify, ThingSt
 from twinstore.policy_service import PolicyService, PolicyWrite
 from twinstore.store.journal import Committed, Journal, Mark, Outcome, WriteRequest
 
-__all__ = ["Retrieved", "ThingService", "view_of"]
+__all__ = ["HistoryAccess", "Retrieved", "ThingService", "view_of"]
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -95,6 +96,93 @@ class Retrieved(msgspec.Struct, kw_only=True):
     event: Event | None = None
 
 
+class HistoryAccess:
+    """What one caller may read of each *life* of a thing, for every history read.
+
+    A life is the revisions from a creation up to the deletion that ends it (or up to the head).
+    A deleted id may be created again, by anyone and under another policy, so a life is judged
+    by the policy it had last, never by a later (or earlier) life's:
+
+    * the current life (the thing exists): the thing's current policy, as a current read is;
+    * an ended life: the policy the thing had just before the deletion that ended it, and only
+      while that policy is still the one it was then: one deleted and created again after the
+      deletion (by anyone) never governed that life, and nobody reads the life through it.
+
+    Within one life the last policy judges every revision (a thing moved to another policy is
+    read as that policy allows, its earlier revisions too), as Ditto judges history by the
+    thing's current policy. A caller reads a revision only through its life's view; a caller
+    who may read no life at all gets 404 as for a thing that never existed. Views are looked up
+    once per life, when first needed.
+    """
+
+    def __init__(
+        self,
+        service: ThingService,
+        subjects: tuple[str, ...],
+        current: ThingState,
+        deletions: list[tuple[int, int]],
+    ) -> None:
+        self._service = service
+        self._subjects = subjects
+        self._current = current
+        # (first revision, last revision, journal position of the deletion ending it; None: current)
+        self._lives: list[tuple[int, int, int | None]] = []
+        first = 1
+        for revision, position in deletions:
+            self._lives.append((first, revision, position))
+            first = revision + 1
+        if current.doc is not None and first <= current.revision:
+            self._lives.append((first, current.revision, None))
+        self._views: dict[int, SubjectView | None] = {}
+
+    def _life(self, revision: int) -> int | None:
+        for index, (first, last, _) in enumerate(self._lives):
+            if first <= revision <= last:
+                return index
+        return None
+
+    async def view_at(self, revision: int) -> SubjectView | None:
+        """The caller's view of the life ``revision`` belongs to; None: the caller may not read it."""
+        index = self._life(revision)
+        return None if index is None else await self._view(index)
+
+    async def readable(self) -> bool:
+        """May the caller read any life of the thing (newest first: usually the first one asked)?"""
+        for index in reversed(range(len(self._lives))):
+            if await self._view(index) is not None:
+                return True
+        return False
+
+    async def _view(self, index: int) -> SubjectView | None:
+        if index not in self._views:
+            self._views[index] = await self._judge(*self._lives[index])
+        return self._views[index]
+
+    async def _judge(self, first: int, last: int, ended_at: int | None) -> SubjectView | None:
+        service, thing_id = self._service, self._current.thing_id
+        if ended_at is None:
+            policy_id = (self._current.doc or {}).get("policyId")
+            view = await service.cache.view(policy_id, self._subjects) if isinstance(policy_id, str) else None
+            return view if view is not None and view.has_partial("thing", [], READ) else None
+        if last - 1 < first:
+            return None
+        try:
+            state = await service.journal.load_at(thing_id, last - 1)
+        except NotFoundError:  # that life lies before the retained history
+            return None
+        policy_id = (state.doc or {}).get("policyId")
+        if not isinstance(policy_id, str):
+            return None
+        policy, origin = await service.policies.store.load_with_origin(policy_id)
+        # The journal position orders commits of every entity (one write lock): a creation after
+        # the deletion is a later life of the policy, which never governed this life of the thing.
+        if policy.doc is None or origin > ended_at:
+            return None
+        enforcer = service.cache.compile(policy_id, policy.doc)
+        view = None if enforcer is None else enforcer.view(self._subjects)
+        return view if view is not None and view.has_partial("thing", [], READ) else None
+
+
 class ThingService:
     """Reads and writes of things, each enforced by the thing's policy."""
 
@@ -125,7 +213,7 @@ class ThingService:
         """The readable part of the resource at ``path``; 404 in Ditto's words when absent or unreadable.
 
         With ``at_revision`` or ``at_timestamp`` (the last revision at or before it) the resource
-        as it was then, filtered by the thing's *current* policy (of a deleted thing: its last).
+        as it was then, filtered by the policy of that revision's life (:class:`HistoryAccess`).
         """
         validate_thing_id(thing_id)
         parts = parse_pointer(path)
@@ -165,29 +253,35 @@ class ThingService:
             shown = select(shown, fields)
         return Retrieved(value=shown, etag=tag, state=state, event=event)
 
+    async def history_access(self, subjects: tuple[str, ...], current: ThingState) -> HistoryAccess:
+        """The caller's access to each life of the thing (``current``: its state now); the one
+        judge of every history read (``at-historical-*``, SSE and WebSocket history streams)."""
+        return HistoryAccess(self, subjects, current, await self.journal.deletions(current.thing_id))
+
     async def _historical(
         self, auth: AuthContext, current: ThingState, at_revision: int | None, at_timestamp: datetime | None
     ) -> tuple[ThingState, Event, SubjectView]:
-        """The state at a revision or time, its event and the caller's view of the current policy.
+        """The state at a revision or time, its event and the caller's view of that revision's life.
 
-        The caller must be able to read the thing now (else 404 as for a current read) before
-        anything about its history is told.
+        A caller who may read no life of the thing gets 404 as for a thing that does not exist
+        (before anything about its history is told); a revision in a life the caller may not
+        read is outside the history for them (404 ``things:thing.history.notfound``).
         """
         thing_id = current.thing_id
-        policy_state = current
-        if current.doc is None and current.revision > 0:  # deleted: the policy it had last
-            policy_state = await self.journal.load_at(thing_id, current.revision - 1)
-        view = await self._view(policy_state, auth)
-        if view is None or readable_thing(view, policy_state) is None:
+        if current.revision <= 0:
             raise not_found(thing_id, [])
+        access = await self.history_access(auth.subjects, current)
         if at_timestamp is not None:
             revision = await self.journal.revision_at(thing_id, at_timestamp)
-            if revision <= 0:
-                raise history_not_found(thing_id, timestamp=_iso(at_timestamp))
         else:
             assert at_revision is not None
             revision = at_revision
-        if revision <= 0 or revision > current.revision:
+        view = await access.view_at(revision) if 0 < revision <= current.revision else None
+        if view is None:
+            if not await access.readable():
+                raise not_found(thing_id, [])
+            if at_timestamp is not None:
+                raise history_not_found(thing_id, timestamp=_iso(at_timestamp))
             raise history_not_found(thing_id, revision=revision)
         state, event = await self.journal.load_historical(thing_id, revision)
         if event is None or state.doc is None:

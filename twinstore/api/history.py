@@ -5,10 +5,12 @@ Shared by Ditto's two ways of streaming history: SSE (``GET /api/2/things/{id}``
 subscriptions (``.../streaming/subscribeForPersistedEvents`` on ``/ws/2``, :mod:`twinstore.api.ws`).
 
 * :func:`parse_range` reads the range (revisions or timestamps) from either's names;
-* :meth:`History.resolve` takes the caller's view of the thing's **current** policy (of a
-  deleted thing: the one it had last) and turns the range into revisions: 404
-  ``things:thing.notfound`` when the caller cannot read the thing, 404
-  ``things:thing.history.notfound`` when the range lies outside its history;
+* :meth:`History.resolve` takes the caller's access to each life of the thing
+  (:class:`~twinstore.service.HistoryAccess`: a life, from a creation to the deletion ending
+  it, is judged by the policy it had last) and turns the range into revisions: 404
+  ``things:thing.notfound`` when the caller may read no life of the thing, 404
+  ``things:thing.history.notfound`` when the range lies outside its history; events of a life
+  the caller may not read are left out, as if they were not there;
 * :meth:`History.events` reads the journal one page at a time (none held beyond a page) and
   yields each event as far as the caller may read it (Ditto 3.9's partial events), skipping
   deletions, events with nothing readable, events that do not touch the streamed resource,
@@ -29,13 +31,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+from policies import SubjectView
 from twinstore.api.live import event_matches, event_thing
-from twinstore.enforcement import readable_event, readable_thing
+from twinstore.enforcement import readable_event
 from twinstore.model import patch as jp
 from twinstore.model import rql
 from twinstore.model.errors import InvalidInputError, history_not_found, not_found
 from twinstore.model.thing import Event
 from twinstore.runtime import Runtime
+from twinstore.service import HistoryAccess
 
 __all__ = ["HISTORY_PAGE", "SSE_NAMES", "WS_NAMES", "History", "HistoryRange", "RangeNames", "parse_range"]
 
@@ -163,11 +167,11 @@ class History:
         self.parts = parts or []
         self.first = 1
         self.last = 0
-        self.view: Any = None
+        self.access: HistoryAccess | None = None
 
     async def resolve(self) -> None:
-        """The caller's view of the thing's current policy (of a deleted thing: its last) and the
-        revisions of the range; 404 (thing) when unreadable, 404 (history) outside the history.
+        """The caller's access to the thing's lives and the revisions of the range; 404 (thing)
+        when the caller may read no life of it, 404 (history) outside the history.
 
         Without an upper bound the range ends at the revision current now (no live continuation).
         """
@@ -177,12 +181,8 @@ class History:
         current = await journal.load(thing_id)
         if current.revision <= 0:
             raise not_found(thing_id, [])
-        policy_state = current
-        if current.doc is None:
-            policy_state = await journal.load_at(thing_id, current.revision - 1)
-        policy_id = (policy_state.doc or {}).get("policyId")
-        view = await service.cache.view(policy_id, self.subjects) if isinstance(policy_id, str) else None
-        if view is None or readable_thing(view, policy_state) is None:
+        access = await service.history_access(self.subjects, current)
+        if not await access.readable():
             raise not_found(thing_id, [])
         head = current.revision
         if rng.by_time:
@@ -214,13 +214,13 @@ class History:
                     raise history_not_found(thing_id, timestamp=_iso(rng.from_timestamp))
                 raise history_not_found(thing_id, revision=first)
             first = retained
-        self.first, self.last, self.view = first, last, view
+        self.first, self.last, self.access = first, last, access
 
-    def shown(self, event: Event) -> Event | None:
-        """``event`` as the caller may see it, if it is to be sent at all."""
-        if event.action == "deleted":
+    def shown(self, event: Event, view: SubjectView | None) -> Event | None:
+        """``event`` as the caller may see it through its life's ``view``, if it is to be sent at all."""
+        if event.action == "deleted" or view is None:
             return None
-        shown = readable_event(self.view, event)
+        shown = readable_event(view, event)
         if shown is None or not event_matches(self.filter, shown):
             return None
         if self.parts and jp.get_at(event_thing(shown), self.parts) is jp.MISSING:
@@ -229,10 +229,10 @@ class History:
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """The events to send, in revision order, read from the journal a page at a time."""
-        assert self.runtime.journal is not None
+        assert self.runtime.journal is not None and self.access is not None
         pages = self.runtime.journal.event_pages(self.thing_id, self.first - 1, self.last, page=HISTORY_PAGE)
         async for page in pages:
             for event in page:
-                shown = self.shown(event)
+                shown = self.shown(event, await self.access.view_at(event.revision))
                 if shown is not None:
                     yield shown

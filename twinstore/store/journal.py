@@ -169,6 +169,13 @@ SELECT_FIRST_REVISION = "SELECT min(revision) FROM journal WHERE entity = 'thing
 SELECT_NEXT_REVISION = """
 SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2
 """
+# The deletions of the whole thing (path "/", or "//": empty segments are ignored), which end its
+# lives: partial index journal_thing_deletions (migration 13), however long the history.
+SELECT_DELETIONS = """
+SELECT revision, position FROM journal
+WHERE entity = 'thing' AND id = $1 AND action = 'deleted' AND path ~ '^/*$'
+ORDER BY revision
+"""
 
 
 class WriteRequest(msgspec.Struct, kw_only=True):
@@ -893,6 +900,13 @@ class Journal:
         async with self._reader() as con:
             first = await con.fetchval(SELECT_FIRST_REVISION, thing_id)
         return 0 if first is None else int(first)
+
+    async def deletions(self, thing_id: str) -> list[tuple[int, int]]:
+        """(revision, journal position) of each deletion of the whole thing, oldest first: the ends
+        of its lives (a deleted id may be created again, by anyone)."""
+        async with self._reader() as con:
+            rows = await con.fetch(SELECT_DELETIONS, thing_id)
+        return [(int(r["revision"]), int(r["position"])) for r in rows]
 
     async def revision_at(self, thing_id: str, ts: datetime) -> int:
         """The last revision of ``thing_id`` written at or before ``ts`` (0: none)."""

@@ -33,6 +33,16 @@ POLICY_CHANNEL = "twinstore_policies"
 SELECT_POLICY = "SELECT revision, created, modified, doc FROM policies WHERE id = $1"
 SELECT_POLICIES = "SELECT id, revision, created, modified, doc FROM policies WHERE id = any($1::text[])"
 SELECT_FOR_WRITE = "SELECT revision, created, modified, doc, hash FROM policies WHERE id = $1"
+# The policy and the journal position of the creation that began its current life (one
+# statement: one snapshot, so the two agree even while the policy is deleted and created again).
+SELECT_POLICY_ORIGIN = """
+SELECT p.revision, p.created, p.modified, p.doc,
+       (SELECT j.position FROM journal j
+        WHERE j.entity = 'policy' AND j.id = p.id AND j.action = 'created' AND j.path ~ '^/*$'
+          AND j.revision <= p.revision
+        ORDER BY j.revision DESC LIMIT 1) AS origin
+FROM policies p WHERE p.id = $1
+"""
 
 APPEND = """
 WITH appended AS (
@@ -70,6 +80,17 @@ class PolicyStore:
                 return _state(policy_id, await con.fetchrow(SELECT_POLICY, policy_id))
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
             raise UnavailableError(f"The database is not reachable: {exc}") from exc
+
+    async def load_with_origin(self, policy_id: str) -> tuple[PolicyState, int]:
+        """The policy and the journal position of the creation its current life began with (0: that
+        creation lies before the retained history, or there is no policy)."""
+        try:
+            async with self.pool.acquire() as con:
+                row = await con.fetchrow(SELECT_POLICY_ORIGIN, policy_id)
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+            raise UnavailableError(f"The database is not reachable: {exc}") from exc
+        origin = 0 if row is None or row["origin"] is None else int(row["origin"])
+        return _state(policy_id, row), origin
 
     async def load_many(self, policy_ids: list[str]) -> dict[str, PolicyState]:
         try:

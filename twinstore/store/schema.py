@@ -264,6 +264,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE anomaly_detectors ADD COLUMN rule text;
     CREATE INDEX anomaly_detectors_rule ON anomaly_detectors (rule) WHERE rule IS NOT NULL;
     """,
+    # 13: the deletions of whole things end their lives (a deleted id may be created again by
+    # anyone): history reads find them per thing without walking its whole history
+    # (twinstore.service.ThingService.history_access). Few rows: one per deletion.
+    """
+    CREATE INDEX journal_thing_deletions ON journal (id, revision)
+        WHERE entity = 'thing' AND action = 'deleted' AND path ~ '^/*$';
+    """,
 ]
 
 CREATE_MIGRATIONS = """
