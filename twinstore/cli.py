@@ -498,6 +498,7 @@ def _start_embedded(settings: Settings) -> tuple[Settings, object]:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from twinstore.api.guard import uvicorn_options
     from twinstore.api.server import CLOSE_RESERVE, GracefulServer
 
     servers = None
@@ -529,6 +530,7 @@ def serve(settings: Settings) -> None:
                 log_config=None,
                 access_log=False,
                 timeout_graceful_shutdown=http_grace,
+                **uvicorn_options(settings),
             )
         else:
             from twinstore.api.app import create_app
@@ -541,6 +543,7 @@ def serve(settings: Settings) -> None:
                 log_config=None,
                 access_log=False,
                 timeout_graceful_shutdown=http_grace,
+                **uvicorn_options(settings),
             )
             if not started:
                 sys.exit(3)  # as uvicorn: the application did not start

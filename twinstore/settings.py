@@ -113,6 +113,30 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # error it answers). Add new ones here, with a safe default.
     max_body_bytes: int = 1_048_576
     max_thing_bytes: int = 102_400
+    # Open connections (HTTP and WebSocket) per process; one more is answered 503 and closed at
+    # once. Lowered at start to stay below the process's open-file limit (RLIMIT_NOFILE).
+    max_connections: int = 4096
+    # A request head (request line and headers) not complete this long after the connection
+    # opened or the previous response ended is answered 408 and closed (slowloris).
+    header_read_timeout_seconds: float = 10.0
+    # Failed password checks (HTTP basic) per client address and per user name within
+    # auth_failure_window_seconds; more are answered 429 too.many.requests with Retry-After,
+    # without a bcrypt check. Credentials that verified before are not counted or refused.
+    auth_failures_per_client: int = 30
+    auth_failures_per_user: int = 10
+    auth_failure_window_seconds: float = 60.0
+    # bcrypt checks running at once (threads, off the event loop); when 16 x this many wait,
+    # one more is answered 429 at once.
+    auth_bcrypt_concurrency: int = 2
+    # A successful password check is remembered this long (HMAC of the credentials, at most
+    # auth_cache_size entries), so a client sending its password on every request pays bcrypt once.
+    auth_cache_seconds: float = 60.0
+    auth_cache_size: int = 10_000
+    # How long fetching a JWT issuer's key set (jwks_url) may take before requests answer 503.
+    jwks_fetch_timeout_seconds: float = 5.0
+    # WebSocket and SSE sessions re-check their credentials (users file changed, JWT expired)
+    # this often; a JWT's expiry also ends its session at that time.
+    credentials_recheck_seconds: float = 5.0
     # Ditto headers of one request, WebSocket or NATS command envelope (names and values; over
     # HTTP every request header, `authorization` on its own budget of the same size): 431
     # headers.too.large. Also bounds an event's originator, correlation-id and kept headers, so
@@ -152,6 +176,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     jwt_issuers: list[JwtIssuer] = msgspec.field(default_factory=list)
     preauth_enabled: bool = False
     preauth_trusted: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    # Reverse proxies (CIDR) whose X-Forwarded-For names the client (for per-client limits and
+    # logs); from anyone else the header is ignored. Pre-authentication is judged on the direct
+    # peer (the proxy), never on a forwarded address.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
     # Paths whose range filters (gt/ge/lt/le) search answers from B-tree indexes, e.g.
     # ["attributes/floor", "features/env/properties/temperature"]; equality needs none.
     search_indexes: list[str] = msgspec.field(default_factory=list)
@@ -177,11 +205,28 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     history_retention_days: float | None = None
 
     def __post_init__(self) -> None:
-        for cidr in self.preauth_trusted:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"preauth_trusted: {cidr!r} is not an IP network (CIDR)") from None
+        for name in ("preauth_trusted", "trusted_proxies"):
+            for cidr in getattr(self, name):
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    raise ValueError(f"{name}: {cidr!r} is not an IP network (CIDR)") from None
+        if not 1 <= self.max_connections <= 1_000_000:
+            raise ValueError("max_connections must be 1..1000000")
+        for name in (
+            "header_read_timeout_seconds",
+            "auth_failure_window_seconds",
+            "auth_cache_seconds",
+            "jwks_fetch_timeout_seconds",
+            "credentials_recheck_seconds",
+        ):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValueError(f"{name} must be a number of seconds in (0, 3600]")
+        for name in ("auth_failures_per_client", "auth_failures_per_user", "auth_bcrypt_concurrency"):
+            if not 1 <= getattr(self, name) <= 1_000_000:
+                raise ValueError(f"{name} must be 1..1000000")
+        if not 1 <= self.auth_cache_size <= 10_000_000:
+            raise ValueError("auth_cache_size must be 1..10000000")
         for path in self.search_indexes:
             if not indexable(tuple(path.strip("/").split("/"))):
                 raise ValueError(

@@ -59,6 +59,9 @@ def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Resp
         body = exc.to_dict()
         if exc.status == 401:
             headers["www-authenticate"] = 'Basic realm="twinstore"'
+        retry_after = getattr(exc, "retry_after", None)  # TooManyRequestsError: whole seconds, rounded up
+        if retry_after is not None:
+            headers["retry-after"] = str(max(1, -int(-retry_after // 1)))
         if isinstance(exc, PreconditionFailedError) and exc.etag is not None:
             headers["etag"] = exc.etag  # as Ditto: a 412 names the current entity tag
         return Response(

@@ -18,7 +18,6 @@ envelope (as on the WebSocket); the anomaly stream, for one, is
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,9 +26,10 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 from litestar.response import Stream
 
-from twinstore.api.auth import authenticate
+from twinstore.api.auth import CredentialWatch, authenticate
 from twinstore.api.headers import header, parse_headers
 from twinstore.api.sse import EVENT_STREAM, KEEPALIVE, wants_sse
+from twinstore.auth import AuthContext
 from twinstore.mailbox import SlowConsumerError
 from twinstore.messages import (
     Message,
@@ -112,17 +112,20 @@ class NotAcceptableError(DittoError):
 
 
 async def _sse(
-    runtime: Runtime, sub: MessageSubscription, prefix: str, subject: str | None
+    runtime: Runtime, sub: MessageSubscription, prefix: str, subject: str | None, auth: AuthContext
 ) -> AsyncIterator[bytes]:
+    watch = CredentialWatch(runtime, lambda: auth)  # the stream ends with its credentials
     try:
         while not runtime.draining:  # server shutdown: the stream ends (clients reconnect)
             try:
-                envelope = await asyncio.wait_for(sub.get(), KEEPALIVE)
-            except TimeoutError:
-                yield b":\n\n"
-                continue
+                envelope = await watch.next(sub.get, KEEPALIVE)
             except SlowConsumerError:
                 return
+            if envelope is None:
+                if watch.reason is not None:
+                    return
+                yield b":\n\n"
+                continue
             path = str(envelope.get("path", ""))
             if not path.startswith(prefix) or (subject is not None and path != prefix + subject):
                 continue
@@ -133,6 +136,7 @@ async def _sse(
                 + b"\ndata: " + orjson.dumps(envelope) + b"\n\n"
             )  # fmt: skip
     finally:
+        watch.close()
         sub.close()
 
 
@@ -145,13 +149,15 @@ async def _stream(request: Request[Any, Any, Any], direction: str) -> Stream:
     runtime: Runtime = request.app.state.runtime
     assert runtime.messages is not None
     thing_id = validate_thing_id(request.path_params["thingId"])
+    # Refused before the stream starts: headers and then silence would tell nothing apart.
+    await runtime.messages.check_visible(auth, thing_id)
     feature_id = request.path_params.get("featureId")
     raw = request.path_params.get("messageSubject")
     subject = None if raw is None or not str(raw).strip("/") else validate_subject(str(raw).lstrip("/"))
     prefix = (f"/features/{feature_id}" if feature_id is not None else "") + f"/{direction}/messages/"
     sub = runtime.messages.subscribe(auth.subjects, filter=rql.parse_filter(f'eq(thingId,"{thing_id}")'))
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "correlation-id": h.correlation_id}
-    return Stream(_sse(runtime, sub, prefix, subject), media_type=EVENT_STREAM, headers=headers)
+    return Stream(_sse(runtime, sub, prefix, subject, auth), media_type=EVENT_STREAM, headers=headers)
 
 
 def _reader(route: str, direction: str, feature: bool) -> HTTPRouteHandler:

@@ -13,12 +13,12 @@ sent. Deletions are not sent (a deleted resource has no JSON). Only changes comm
 stream's response starts are sent (the journal's head is read before the status line goes out,
 :func:`~twinstore.api.live.from_now`). A comment line every
 ``KEEPALIVE`` seconds keeps proxies from closing an idle stream; a client that does not keep up
-(its queue of :data:`~twinstore.fanout.QUEUE_SIZE` events fills) has its stream ended.
+(its queue of :data:`~twinstore.fanout.QUEUE_SIZE` events fills) has its stream ended, and so
+does a stream whose credentials end (:class:`~twinstore.api.auth.CredentialWatch`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
@@ -29,6 +29,7 @@ from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
+from twinstore.api.auth import CredentialWatch
 from twinstore.api.headers import DittoHeaders
 from twinstore.api.history import SSE_NAMES, History, parse_range
 from twinstore.api.live import LiveQuery, Matched, event_thing, from_now, parse_query
@@ -71,21 +72,29 @@ def _meta(m: Matched) -> dict[str, Any]:
 
 
 async def _events(
-    runtime: Runtime, sub: Subscription, live: LiveQuery, render: Render, keepalive: float
+    runtime: Runtime,
+    sub: Subscription,
+    live: LiveQuery,
+    render: Render,
+    keepalive: float,
+    auth: AuthContext,
 ) -> AsyncIterator[bytes]:
     assert runtime.journal is not None
     load = runtime.journal.load
+    watch = CredentialWatch(runtime, lambda: auth)  # the stream ends with its credentials
     try:
         while not runtime.draining:  # server shutdown: the stream ends (clients reconnect)
             try:
-                delivery = await asyncio.wait_for(sub.get(), keepalive)
-            except TimeoutError:
-                yield b":\n\n"
-                continue
+                delivery = await watch.next(sub.get, keepalive)
             except SlowConsumerError as exc:
                 if not runtime.draining:
                     log.warning("sse subscriber dropped: %s", exc)
                 return
+            if delivery is None:
+                if watch.reason is not None:
+                    return
+                yield b":\n\n"
+                continue
             if delivery.event.action == "deleted":
                 continue
             try:
@@ -97,6 +106,7 @@ async def _events(
                 event_id, data = rendered
                 yield b"id: " + event_id.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
     finally:
+        watch.close()
         sub.close()
 
 
@@ -167,7 +177,7 @@ def things_stream(request: Request[Any, Any, Any], auth: AuthContext, h: DittoHe
         namespaces=None if thing_ids else live.namespaces,
         filter=live.filter,
     )
-    return _response(runtime, sub, _events(runtime, sub, live, render, KEEPALIVE), h)
+    return _response(runtime, sub, _events(runtime, sub, live, render, KEEPALIVE, auth), h)
 
 
 def _thing_render(parts: list[str], fields: list[list[str]] | None) -> Render:
@@ -203,7 +213,7 @@ def thing_stream(
     live = parse_query({k: v for k, v in request.query_params.items() if k == "extraFields"})
     render = _thing_render(parse_pointer(pointer), h.fields)
     sub = runtime.fanout.subscribe(auth.subjects, thing_ids=frozenset([thing_id]))
-    return _response(runtime, sub, _events(runtime, sub, live, render, KEEPALIVE), h)
+    return _response(runtime, sub, _events(runtime, sub, live, render, KEEPALIVE, auth), h)
 
 
 # -- history: persisted events of a range (shared with the WebSocket, twinstore.api.history) -----

@@ -11,7 +11,10 @@ Authentication is the HTTP API's, on the upgrade request (basic, bearer, pre-aut
 browsers may pass a JWT as ``?access_token=<jwt>``. An unauthenticated upgrade is answered
 with a 401 and Ditto's error body (where the server cannot send an HTTP answer to an upgrade,
 it is closed with 1008). The text message ``JWT-TOKEN?jwtToken=<jwt>`` replaces the session's
-token; a token that does not authenticate closes the connection (1008, with the reason).
+token; a token that does not authenticate closes the connection (1008, with the reason). A
+session ends (1008, "credentials ended: ...") when its credentials end: its JWT expires (and was
+not replaced in time by ``JWT-TOKEN``), or its basic user is removed from the users file or gets
+a new password (:class:`~twinstore.api.auth.CredentialWatch`).
 
 ``START-SEND-MESSAGES[?namespaces=..&filter=..]`` streams the live messages the session may
 READ (:mod:`twinstore.messages`), its own excepted; it sends messages (and responses to those
@@ -47,7 +50,7 @@ from litestar.handlers import WebsocketRouteHandler
 
 from twinstore import protocol
 from twinstore.api.access import MAX_ID
-from twinstore.api.auth import authenticate
+from twinstore.api.auth import CredentialWatch, authenticate
 from twinstore.api.history import WS_NAMES, History, parse_range
 from twinstore.api.live import LiveQuery, from_now, parse_query
 from twinstore.auth import AuthContext
@@ -211,12 +214,21 @@ class Session:
         sender = asyncio.create_task(self._send_loop())
         closed = asyncio.create_task(self.closed.wait())
         stopping = asyncio.create_task(self.runtime.stopping.wait())
+        watch = CredentialWatch(self.runtime, lambda: self.auth)  # the session's current credentials
         self.runtime.sessions.add(self)
         try:
-            await asyncio.wait({receiver, sender, closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {receiver, sender, closed, stopping, watch.ended}, return_when=asyncio.FIRST_COMPLETED
+            )
             if stopping.done() and not (receiver.done() or sender.done() or closed.done()):
                 await self._going_away(receiver, sender)
+            elif watch.reason is not None and not (receiver.done() or sender.done() or closed.done()):
+                receiver.cancel()
+                with contextlib.suppress(Exception):
+                    reason = _reason(f"credentials ended: {watch.reason}")
+                    await asyncio.wait_for(self.socket.close(POLICY_VIOLATION, reason), 5)
         finally:
+            watch.close()
             await self._stop_events()
             await self._stop_messages()
             await self._stop_streams()

@@ -3,7 +3,19 @@
 bcrypt is slow on purpose (~50-250 ms); paying it on every request would cap the API at a
 few requests per second. A successful check is remembered as an HMAC of the credentials
 under a random per-process key, so the cache holds no password and no reusable hash, and it
-is dropped when the users file changes (mtime/size) or after ``ttl`` seconds.
+is dropped when the users file changes (mtime/size/inode) or after ``ttl`` seconds.
+
+What an attacker guessing passwords meets:
+
+* every check runs in a thread (bcrypt releases the GIL), at most ``concurrency`` at once; when
+  16 x that many wait, one more is refused with 429 at once, so a flood cannot queue without end;
+* an unknown user is checked against a dummy hash of the same cost as the file's, so a known
+  and an unknown user take the same time to refuse (no user enumeration by timing);
+* failed checks are counted per client address and per user name (token buckets refilled over
+  ``window`` seconds); past the limit the answer is 429 ``too.many.requests`` with Retry-After,
+  before any bcrypt. Credentials in the success cache are never refused by the limits, so a
+  flood of wrong passwords does not lock out a client that already logged in;
+* a password over 72 bytes (bcrypt's limit, on which bcrypt 5 raises) is a failed check.
 
 >>> import asyncio, bcrypt, tempfile
 >>> f = tempfile.NamedTemporaryFile("w", suffix=".htpasswd", delete=False)
@@ -20,15 +32,17 @@ import binascii
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import bcrypt
 
-from twinstore.model.errors import AuthenticationError
+from twinstore.model.errors import AuthenticationError, TooManyRequestsError
 
-__all__ = ["BasicAuth", "default_dev_users", "write_users_file"]
+__all__ = ["BasicAuth", "FailureLimit", "default_dev_users", "write_users_file"]
 
 log = logging.getLogger("twinstore.auth")
 
@@ -42,17 +56,78 @@ def write_users_file(path: Path, users: dict[str, str]) -> None:
     path.chmod(0o600)
 
 
+MAX_PASSWORD_BYTES = 72  # bcrypt uses no more; bcrypt 5 raises on longer ones
+_COST = re.compile(rb"^\$2[abxy]?\$(\d\d)\$")
+_WRONG = "The username or password is not correct."
+
+
+class FailureLimit:
+    """Token buckets by key: ``limit`` failures, refilled evenly over ``window`` seconds; at
+    most ``max_keys`` buckets (the least recently used go first; a dropped bucket was full or
+    belonged to an idle key).
+
+    >>> limit = FailureLimit(2, 60.0)
+    >>> limit.take("k", 0.0), limit.take("k", 0.0), limit.take("k", 0.0)
+    (None, None, 30.0)
+    >>> limit.take("k", 30.0) is None
+    True
+    """
+
+    def __init__(self, limit: int, window: float, *, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.rate = limit / window  # tokens per second
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, at = self._buckets.get(key, (float(self.limit), now))
+        return min(float(self.limit), tokens + (now - at) * self.rate)
+
+    def take(self, key: str, now: float) -> float | None:
+        """Take a token: None, or the seconds until one is there (nothing taken)."""
+        tokens = self._tokens(key, now)
+        if tokens < 1.0:
+            return (1.0 - tokens) / self.rate
+        self._buckets[key] = (tokens - 1.0, now)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return None
+
+    def give(self, key: str, now: float) -> None:
+        """Give a token back (the check it was taken for did not fail)."""
+        if key in self._buckets:
+            self._buckets[key] = (min(float(self.limit), self._tokens(key, now) + 1.0), now)
+
+
 class BasicAuth:
     """Verifies ``Authorization: Basic`` headers; ``users_file`` None refuses everyone."""
 
-    def __init__(self, users_file: str | Path | None, *, ttl: float = 300.0, max_cache: int = 10_000) -> None:
+    def __init__(
+        self,
+        users_file: str | Path | None,
+        *,
+        ttl: float = 60.0,
+        max_cache: int = 10_000,
+        failures_per_client: int = 30,
+        failures_per_user: int = 10,
+        window: float = 60.0,
+        concurrency: int = 2,
+    ) -> None:
         self.users_file = Path(users_file) if users_file else None
         self.ttl = ttl
         self.max_cache = max_cache
         self._key = secrets.token_bytes(32)
         self._users: dict[str, bytes] = {}
-        self._stamp: tuple[float, int] | None = None
-        self._verified: dict[bytes, tuple[str, float]] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._verified: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._cost = 10
+        self._dummy: dict[int, bytes] = {}
+        self.per_client = FailureLimit(failures_per_client, window)
+        self.per_user = FailureLimit(failures_per_user, window)
+        self._checks = asyncio.Semaphore(concurrency)
+        self._max_waiting = 16 * concurrency
+        self._waiting = 0
 
     def _reload(self) -> None:
         assert self.users_file is not None
@@ -62,7 +137,7 @@ class BasicAuth:
             self._users, self._stamp = {}, None
             self._verified.clear()
             return
-        stamp = (stat.st_mtime, stat.st_size)
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if stamp == self._stamp:
             return
         users: dict[str, bytes] = {}
@@ -74,12 +149,45 @@ class BasicAuth:
             if hashed.startswith("$2y$"):  # Apache's name for the same algorithm
                 hashed = "$2b$" + hashed[4:]
             users[user] = hashed.encode()
+        costs = [int(m.group(1)) for h in users.values() if (m := _COST.match(h))]
+        self._cost = min(max(costs, default=10), 31)
         self._users, self._stamp = users, stamp
         self._verified.clear()
         log.info("loaded users file", extra={"users": len(users), "path": str(self.users_file)})
 
-    async def authenticate(self, authorization: str | None) -> str:
-        """The subject of valid credentials, else :class:`AuthenticationError` (401)."""
+    def fingerprint(self, user: str) -> bytes | None:
+        """What identifies ``user``'s current password entry (None: no such user now); the users
+        file is re-read when it changed. Sessions compare it with the one they started with."""
+        if self.users_file is None:
+            return None
+        self._reload()
+        hashed = self._users.get(user)
+        return None if hashed is None else hashlib.sha256(hashed).digest()[:16]
+
+    def _check(self, password: bytes, hashed: bytes | None) -> bool:
+        """bcrypt (in a worker thread); an unknown user costs the same as a known one."""
+        if hashed is None:
+            cost = self._cost
+            dummy = self._dummy.get(cost)
+            if dummy is None:
+                dummy = self._dummy[cost] = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
+            bcrypt.checkpw(password, dummy)
+            return False
+        try:
+            return bcrypt.checkpw(password, hashed)
+        except ValueError:  # not a bcrypt hash in the users file
+            log.error("users file entry is not a bcrypt hash", extra={"path": str(self.users_file)})
+            return False
+
+    async def authenticate(self, authorization: str | None, client: str | None = None) -> str:
+        """The subject of valid credentials, else :class:`AuthenticationError` (401), or
+        :class:`TooManyRequestsError` (429) past the failure limits."""
+        return (await self.authenticate_user(authorization, client))[0]
+
+    async def authenticate_user(
+        self, authorization: str | None, client: str | None = None
+    ) -> tuple[str, str]:
+        """(subject, user name) of valid credentials (see :meth:`authenticate`)."""
         if self.users_file is None:
             raise AuthenticationError(
                 "No users are configured on this server, so no request can be authenticated.",
@@ -95,23 +203,61 @@ class BasicAuth:
         now = time.monotonic()
         cached = self._verified.get(digest)
         if cached is not None and cached[1] > now:
-            return cached[0]
+            return cached[0], cached[0].removeprefix("nginx:")
         try:
             user, sep, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise AuthenticationError("The Basic credentials are not valid base64 'user:password'.") from None
-        hashed = self._users.get(user)
-        if (
-            not sep
-            or hashed is None
-            or not await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
-        ):
-            raise AuthenticationError("The username or password is not correct.")
+        if not sep:
+            raise AuthenticationError(_WRONG)
+        client_key = client or "-"
+        self._limit(client_key, user, now)
+        secret = password.encode()
+        if len(secret) > MAX_PASSWORD_BYTES:
+            raise AuthenticationError(_WRONG)
+        if self._waiting >= self._max_waiting:
+            self._give(client_key, user)
+            raise TooManyRequestsError(
+                "Too many password checks are waiting; retry in a second.", retry_after=1.0
+            )
+        self._waiting += 1
+        try:
+            await self._checks.acquire()
+        finally:
+            self._waiting -= 1
+        # The slot is held until the thread ends, even when the request is cancelled meanwhile.
+        check = asyncio.ensure_future(asyncio.to_thread(self._check, secret, self._users.get(user)))
+        check.add_done_callback(lambda _: self._checks.release())
+        ok = await asyncio.shield(check)
+        if not ok:
+            raise AuthenticationError(_WRONG)
+        self._give(client_key, user)
         subject = f"nginx:{user}"
-        if len(self._verified) >= self.max_cache:
-            self._verified.clear()
+        now = time.monotonic()
         self._verified[digest] = (subject, now + self.ttl)
-        return subject
+        while len(self._verified) > self.max_cache:
+            self._verified.popitem(last=False)  # the oldest entry: all share one ttl
+        return subject, user
+
+    def _limit(self, client: str, user: str, now: float) -> None:
+        """Take a failure token for the client and for the user, or 429."""
+        wait = self.per_client.take(client, now)
+        if wait is None:
+            wait = self.per_user.take("u:" + user, now)
+            if wait is not None:
+                self.per_client.give(client, now)
+        if wait is not None:
+            log.warning("too many failed logins", extra={"client": client})
+            raise TooManyRequestsError(
+                "Too many failed authentication attempts; retry later.",
+                retry_after=max(1.0, wait),
+                description="Wait for the number of seconds in the Retry-After header.",
+            )
+
+    def _give(self, client: str, user: str) -> None:
+        now = time.monotonic()
+        self.per_client.give(client, now)
+        self.per_user.give("u:" + user, now)
 
 
 def default_dev_users(data_dir: Path) -> Path:

@@ -36,6 +36,10 @@ from twinstore.settings import JwtIssuer
 __all__ = ["IssuerVerifier", "JwtAuth", "subjects_of"]
 
 MAX_TOKEN_BYTES = 16_384
+# NumericDate claims beyond the year 9999 (or not finite) are refused: PyJWT's int() of an
+# infinite float, and our float() of a huge int, raise OverflowError, which is no 401.
+MAX_NUMERIC_DATE = 253_402_300_799
+NUMERIC_DATES = ("exp", "nbf", "iat")
 _PLACEHOLDER = re.compile(r"\{\{\s*jwt:([^\s}|]+)\s*\}\}")
 
 
@@ -77,7 +81,9 @@ def _when(timestamp: Any) -> str:
 class IssuerVerifier:
     """Verifies tokens of one issuer and turns their claims into subjects."""
 
-    def __init__(self, config: JwtIssuer, keys: KeySource | None = None) -> None:
+    def __init__(
+        self, config: JwtIssuer, keys: KeySource | None = None, *, fetch_timeout: float = 5.0
+    ) -> None:
         self.config = config
         self.algorithms = config.allowed_algorithms
         self.keys = keys or key_source(
@@ -86,6 +92,7 @@ class IssuerVerifier:
             jwks_file=config.jwks_file,
             jwks_url=config.jwks_url,
             cache_seconds=config.jwks_cache_seconds,
+            timeout=fetch_timeout,
         )
 
     async def verify(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +118,8 @@ class IssuerVerifier:
             )
         except jwt_errors.InvalidTokenError as exc:
             raise AuthenticationError(self._explain(exc, token)) from None
+        except (OverflowError, ValueError, TypeError):  # a claim PyJWT cannot compare
+            raise AuthenticationError("The JWT has a claim that is not valid.") from None
         return claims
 
     def _explain(self, exc: jwt_errors.InvalidTokenError, token: str) -> str:
@@ -153,15 +162,24 @@ class JwtAuth:
     """``Authorization: Bearer <jwt>`` against the configured issuers."""
 
     def __init__(
-        self, issuers: Sequence[JwtIssuer], *, cache_seconds: float = 60.0, max_cache: int = 10_000
+        self,
+        issuers: Sequence[JwtIssuer],
+        *,
+        cache_seconds: float = 60.0,
+        max_cache: int = 10_000,
+        fetch_timeout: float = 5.0,
     ) -> None:
-        self.issuers = {i.issuer: IssuerVerifier(i) for i in issuers}
+        self.issuers = {i.issuer: IssuerVerifier(i, fetch_timeout=fetch_timeout) for i in issuers}
         self.cache_seconds = cache_seconds
         self.max_cache = max_cache
-        self._verified: dict[bytes, tuple[tuple[str, ...], float]] = {}
+        self._verified: dict[bytes, tuple[tuple[str, ...], float, float]] = {}
 
     async def authenticate(self, token: str) -> tuple[str, ...]:
         """The subjects of a valid token, else :class:`AuthenticationError` (401)."""
+        return (await self.authenticate_token(token))[0]
+
+    async def authenticate_token(self, token: str) -> tuple[tuple[str, ...], float]:
+        """(subjects, exp) of a valid token, else :class:`AuthenticationError` (401)."""
         if not token:
             raise AuthenticationError("The Bearer authorization has no token.")
         if len(token) > MAX_TOKEN_BYTES:
@@ -169,16 +187,16 @@ class JwtAuth:
         digest = hashlib.sha256(token.encode()).digest()
         now = time.time()
         cached = self._verified.get(digest)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        if cached is not None and cached[2] > now:
+            return cached[0], cached[1]
         verifier, header = self._select(token)
         subjects, exp = await verifier.authenticate(token, header)
         if len(self._verified) >= self.max_cache:
-            self._verified = {k: v for k, v in self._verified.items() if v[1] > now}
+            self._verified = {k: v for k, v in self._verified.items() if v[2] > now}
             if len(self._verified) >= self.max_cache:
                 self._verified.clear()
-        self._verified[digest] = (subjects, min(exp, now + self.cache_seconds))
-        return subjects
+        self._verified[digest] = (subjects, exp, min(exp, now + self.cache_seconds))
+        return subjects, exp
 
     def _select(self, token: str) -> tuple[IssuerVerifier, dict[str, Any]]:
         """The issuer named by the unverified ``iss`` claim, and the token's header."""
@@ -189,6 +207,18 @@ class JwtAuth:
             raise AuthenticationError(f"The Bearer token is not a well-formed JWT: {exc}.") from None
         if str(header.get("alg", "")).lower() == "none":
             raise AuthenticationError("The JWT is not signed (alg 'none'); unsigned tokens are refused.")
+        for name in NUMERIC_DATES:
+            value = claims.get(name)
+            if value is None:
+                continue
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not -MAX_NUMERIC_DATE <= value <= MAX_NUMERIC_DATE  # False for NaN and infinities
+            ):
+                raise AuthenticationError(
+                    f"The JWT claim '{name}' is not a NumericDate (seconds since 1970 up to the year 9999)."
+                )
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or not issuer:
             raise AuthenticationError("The JWT has no 'iss' claim, so its issuer cannot be trusted.")

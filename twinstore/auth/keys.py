@@ -6,11 +6,17 @@ once and reloaded when the file changes, or (URL) after ``cache_seconds`` or whe
 names a key id that is not in the set (key rotation). The HTTP fetch runs in a thread so the
 event loop never blocks, one fetch at a time, and an unknown ``kid`` forces at most one
 refetch per ``min_refresh`` seconds, so random key ids cannot make us hammer the provider.
+
+A provider that hangs does not hang requests: every request waiting for a fetch waits on the
+one fetch in flight, for at most ``timeout`` seconds in all (``jwks_fetch_timeout_seconds``),
+then answers 503 (no key set yet) or goes on with the key set it has; a failed or timed-out
+fetch is not retried for ``min_refresh`` seconds, so requests meanwhile answer at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -139,43 +145,67 @@ class UrlKeys:
         self.name = name
         self.cache_seconds = cache_seconds
         self.min_refresh = min_refresh
-        # PyJWKClient does the HTTP (urllib, timeout, size-agnostic JSON); we keep the cache.
+        self.timeout = timeout
+        # PyJWKClient does the HTTP (urllib, timeout per socket operation); we keep the cache
+        # and bound the whole fetch.
         self._client = jwt.PyJWKClient(url, cache_jwk_set=False, cache_keys=False, timeout=timeout)
         self._set: KeySet | None = None
         self._fetched = float("-inf")
-        self._lock = asyncio.Lock()
+        self._fetch: asyncio.Task[KeySet | None] | None = None  # the one fetch in flight
+
+    async def _fetch_set(self) -> KeySet | None:
+        try:
+            document = await asyncio.wait_for(asyncio.to_thread(self._client.fetch_data), self.timeout)
+            self._set = KeySet(document, self.name)
+        except (PyJWKClientError, ValueError, TimeoutError, OSError) as exc:
+            log.error(
+                "cannot fetch jwks", extra={"issuer": self.name, "error": str(exc) or type(exc).__name__}
+            )
+        self._fetched = time.monotonic()  # also after a failure: keep the old set a while
+        return self._set
 
     async def _refresh(self, *, unless_after: float) -> KeySet:
-        async with self._lock:
-            if self._set is not None and self._fetched > unless_after:
-                return self._set  # another request fetched while we waited
-            try:
-                document = await asyncio.to_thread(self._client.fetch_data)
-                self._set = KeySet(document, self.name)
-            except (PyJWKClientError, ValueError) as exc:
-                log.error("cannot fetch jwks", extra={"issuer": self.name, "error": str(exc)})
-                if self._set is None:
-                    raise UnavailableError(
-                        f"The signing keys of {self.name} cannot be fetched.",
-                        error=PROVIDER_UNAVAILABLE,
-                        description="The authentication provider is not available; retry later.",
-                    ) from None
-            self._fetched = time.monotonic()  # also after a failure: keep the old set a while
-            assert self._set is not None
-            return self._set
+        fresh = self._set is not None and self._fetched > unless_after
+        # Without a key set, a failed fetch is not retried for min_refresh s: 503 at once.
+        backing_off = self._set is None and self._fetched > time.monotonic() - self.min_refresh
+        if self._fetch is None and not fresh and not backing_off:
+            self._fetch = asyncio.create_task(self._fetch_set())
+            self._fetch.add_done_callback(self._fetched_one)
+        keys = self._set
+        if self._fetch is not None:
+            # Shielded: a request that gives up (or is cancelled) does not cancel the others' fetch.
+            with contextlib.suppress(TimeoutError):
+                keys = await asyncio.wait_for(asyncio.shield(self._fetch), self.timeout + 0.5)
+        if keys is None:
+            raise UnavailableError(
+                f"The signing keys of {self.name} cannot be fetched.",
+                error=PROVIDER_UNAVAILABLE,
+                description="The authentication provider is not available; retry later.",
+            )
+        return keys
+
+    def _fetched_one(self, task: asyncio.Task[KeySet | None]) -> None:
+        if self._fetch is task:
+            self._fetch = None
 
     async def key(self, kid: str | None, alg: str) -> jwt.PyJWK | str:
         now = time.monotonic()
         keys = self._set
         if keys is None or now - self._fetched > self.cache_seconds:
             keys = await self._refresh(unless_after=now - self.cache_seconds)
-        if keys.find(kid) is None and now - self._fetched > self.min_refresh:
+        if keys.find(kid) is None and time.monotonic() - self._fetched > self.min_refresh:
             keys = await self._refresh(unless_after=now - self.min_refresh)
         return keys.bind(kid, alg)
 
 
 def key_source(
-    *, name: str, secret: str | None, jwks_file: str | None, jwks_url: str | None, cache_seconds: float
+    *,
+    name: str,
+    secret: str | None,
+    jwks_file: str | None,
+    jwks_url: str | None,
+    cache_seconds: float,
+    timeout: float = 5.0,
 ) -> KeySource:
     """The key source an issuer is configured with (exactly one is set; settings check it)."""
     if secret:
@@ -183,4 +213,4 @@ def key_source(
     if jwks_file:
         return FileKeys(jwks_file, name)
     assert jwks_url
-    return UrlKeys(jwks_url, name, cache_seconds=cache_seconds)
+    return UrlKeys(jwks_url, name, cache_seconds=cache_seconds, timeout=timeout)
