@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	echo "Installed twinstore into $(VENV) in $$(( $$(date +%s) - start )) s."
 	@touch $(STAMP)
 
-# Without npm the JS client tests skip themselves, except in CI (CI set), where both fail.
+# Without npm the JS client tests skip themselves, except in CI (CI set), where both fail
+# (tests/conftest.py require(): in CI a missing tool, data set or service fails, never skips).
 $(JS_STAMP): $(JS_CLIENT)/package.json $(JS_CLIENT)/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
 		cd $(JS_CLIENT) && npm ci --no-audit --no-fund && touch node_modules/.installed; \
@@ -36,7 +37,7 @@ run: $(STAMP)
 
 ## test: lint, type-check and run the whole test suite (machine services if TWINSTORE_TEST_* are set, else embedded)
 test: $(STAMP) $(JS_STAMP) lint typecheck
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rsx --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check twinstore policies tests bench adapters

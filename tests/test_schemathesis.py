@@ -30,7 +30,7 @@ from schemathesis.checks import (
 )
 from schemathesis.core.parameters import ParameterLocation
 
-from tests.conftest import AUTH, ServerProcess
+from tests.conftest import AUTH, ServerProcess, require
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings
 
@@ -42,8 +42,7 @@ _CANDIDATES = [
     "/work/shared/reference/ditto/ditto-api-2.yml",
 ]
 SPEC = next((Path(c) for c in _CANDIDATES if c and Path(c).is_file()), Path(_CANDIDATES[1]))
-if not SPEC.exists():
-    pytest.skip(f"Ditto's OpenAPI spec is not available at {SPEC}", allow_module_level=True)
+require(SPEC.exists(), f"Ditto's OpenAPI spec is not available at {SPEC} (set TWINSTORE_DITTO_SPEC)")
 
 # /api/2/things, /api/2/things/{thingId} and its sub-resources; nothing else of Ditto's API
 # (search, policies, messages / inbox / outbox / claim, migrateDefinition, whoami,

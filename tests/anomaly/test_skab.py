@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from twinstore.anomaly import create
 from twinstore.anomaly.skab import TUNING_FILES, WARMUP, Confusion, SkabFile, evaluate, load_skab, run_file
 
@@ -37,8 +38,8 @@ def test_run_file_counts_all_rows_and_the_online_part() -> None:
     assert result.all_rows.tn == result.online.tn + WARMUP
 
 
-@pytest.mark.skipif(not SKAB.is_dir(), reason=f"SKAB not found at {SKAB}")
 def test_default_detector_reaches_the_issue_figure_on_skab() -> None:
+    require(SKAB.is_dir(), f"SKAB not found at {SKAB} (set TWINSTORE_SKAB_DIR)")
     files = load_skab(SKAB)
     assert len(files) == 34 and {f.name for f in files} >= set(TUNING_FILES)
     assert sum(len(f.rows) for f in files) == 37_401 and sum(sum(f.labels) for f in files) == 13_067

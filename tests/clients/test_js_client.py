@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from tests.api.test_whoami import ISSUER, token
-from tests.conftest import AUTH
+from tests.conftest import AUTH, require
 
 JS = Path(__file__).resolve().parent / "js"
 CLIENT = JS / "node_modules" / "@eclipse-ditto" / "ditto-javascript-client-node" / "package.json"
@@ -43,10 +43,7 @@ def node() -> str:
         problem = "node is not installed"
     elif not CLIENT.exists():
         problem = "the Ditto JS client is not installed: run `make test` or `npm ci` in tests/clients/js"
-    if problem is not None:
-        if os.environ.get("CI"):
-            pytest.fail(problem)
-        pytest.skip(problem)
+    require(problem is None, str(problem))
     assert exe is not None
     return exe
 
