@@ -51,6 +51,7 @@ from twinstore.model.errors import (
 )
 from twinstore.model.fields import parse_fields
 from twinstore.model.ids import parse_pointer, validate_thing_id
+from twinstore.model.limits import check_depth, check_headers, limits
 from twinstore.model.policy import PolicyDelete, PolicyModify
 from twinstore.model.rql import parse_condition
 from twinstore.model.thing import Command, Create, Delete, Merge, Modify
@@ -173,6 +174,7 @@ def parse_headers(envelope: dict[str, Any]) -> _Headers:
     raw = envelope.get("headers", {})
     if not isinstance(raw, dict):
         raise JsonInvalidError("The envelope's 'headers' must be a JSON object.")
+    check_headers(raw)  # 431 before any of them is used, kept or echoed
     h = {str(k).lower(): v for k, v in raw.items()}
     correlation = _str("correlation-id", h.get("correlation-id"))
     fields_text = envelope.get("fields", h.get("fields"))
@@ -475,6 +477,13 @@ async def handle(
     Like Ditto, such a command gets no answer at all, not even an error. Live messages are
     sent (``origin``: the sending connection, which does not get its own message back).
     """
+    try:  # before anything walks it (policy checks, encoding): the envelope is one level more
+        check_depth(envelope, "/", limits().max_json_depth + 1)
+    except DittoError as exc:
+        topic = envelope.get("topic") if isinstance(envelope, dict) else None
+        headers = envelope.get("headers") if isinstance(envelope, dict) else None
+        refused = error_envelope(exc, _errors_topic_of(topic), _correlation_id(headers))
+        return refused if _wants_response(envelope) else None
     if isinstance(envelope, dict) and _is_live_message(envelope.get("topic")):
         answer = await _live_message(envelope, auth, runtime, origin)
         return answer if _wants_response(envelope) else None

@@ -30,7 +30,7 @@ from litestar.handlers import HTTPRouteHandler
 from policies import READ, WRITE
 from twinstore.anomaly import rules, store
 from twinstore.api.auth import authenticate
-from twinstore.api.headers import correlation_id
+from twinstore.api.headers import correlation_id, header_value
 from twinstore.api.things import JSON, json_response, read_json
 from twinstore.auth import AuthContext
 from twinstore.model.errors import (
@@ -93,7 +93,7 @@ async def put_detector(request: Request[Any, Any, Any]) -> Response[bytes]:
     if runtime.anomaly is not None:
         runtime.anomaly.invalidate()  # this process's scorers watch the thing from now on
     if created:
-        return json_response(201, _shown(config), {"location": str(request.url).split("?")[0]})
+        return json_response(201, _shown(config), {"location": header_value(str(request.url).split("?")[0])})
     return json_response(204)
 
 

@@ -21,7 +21,7 @@ import twinstore
 from twinstore.api.access import RequestContext
 from twinstore.api.anomaly import anomaly_handlers
 from twinstore.api.docs import OPENAPI_PATH, LocalScalarPlugin, docs_handlers
-from twinstore.api.headers import correlation_id
+from twinstore.api.headers import HeaderLimit, correlation_id
 from twinstore.api.messages import message_handlers
 from twinstore.api.operations import HttpMetrics, operations_handlers
 from twinstore.api.policies import policy_handlers
@@ -30,9 +30,15 @@ from twinstore.api.things import json_response, thing_handlers
 from twinstore.api.whoami import whoami_handlers
 from twinstore.api.ws import ws_handlers
 from twinstore.logs import context_field
-from twinstore.model.errors import DittoError, PreconditionFailedError, PreconditionNotModifiedError
+from twinstore.model.errors import (
+    DittoError,
+    PreconditionFailedError,
+    PreconditionNotModifiedError,
+    UnavailableError,
+)
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings
+from twinstore.store import is_unavailable
 
 __all__ = ["create_app"]
 
@@ -53,6 +59,10 @@ def ditto_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Resp
     except DittoError:  # not echoed when it is not a valid header value
         correlation = None
     headers = {"correlation-id": correlation} if correlation else {}
+    if not isinstance(exc, DittoError) and is_unavailable(exc):
+        # A database restarting or gone: 503 like the rest of the outage (no driver text).
+        log.warning("database unavailable", extra={"error": type(exc).__name__, "path": request.url.path})
+        exc = UnavailableError("The database is not reachable; retry later.")
     if isinstance(exc, PreconditionNotModifiedError):
         return json_response(304, headers={**headers, "etag": exc.etag})
     if isinstance(exc, DittoError):
@@ -131,6 +141,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
         logging_config=None,
     )
     app.state.default_namespace = "org.eclipse.ditto"
+    # Innermost of the wrappers: an oversized request is still counted and logged, then answered 431.
+    app.asgi_handler = HeaderLimit(app.asgi_handler, settings.max_header_bytes)
     # Around routing and the error handler: every request is counted (404s as route "other").
     app.asgi_handler = http_metrics = HttpMetrics(app.asgi_handler)
     # Around routing and the error handler: every request (404s included) gets its log context.

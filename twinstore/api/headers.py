@@ -6,17 +6,20 @@ import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
+import orjson
 from litestar import Request
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from twinstore.logs import context_field
-from twinstore.model.errors import HeaderInvalidError, InvalidInputError
+from twinstore.model.errors import HeaderInvalidError, HeadersTooLargeError, InvalidInputError
 from twinstore.model.etag import parse_etags
 from twinstore.model.fields import parse_fields
 from twinstore.model.rql import parse_condition
 
-__all__ = ["DittoHeaders", "correlation_id", "parse_headers"]
+__all__ = ["DittoHeaders", "HeaderLimit", "correlation_id", "header_value", "parse_headers"]
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -42,16 +45,103 @@ def header(request: AnyRequest, name: str) -> str | None:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Only Latin-1 can go back into a response header (the correlation-id is echoed); a header
+# itself arrives as Latin-1, a query parameter may carry any character.
+_NOT_LATIN1 = re.compile(r"[^\x00-\xff]")
 
 
 def correlation_id(request: AnyRequest) -> str | None:
-    """The request's correlation id (header or query); control characters make it invalid."""
+    """The request's correlation id (header or query); control characters make it invalid, and
+    so do characters outside Latin-1 (it is echoed in a response header)."""
     value = header(request, "correlation-id")
-    if value is not None and _CONTROL.search(value):
+    if value is not None and (_CONTROL.search(value) or _NOT_LATIN1.search(value)):
         raise HeaderInvalidError(
-            f"The value {value!r} of the header 'correlation-id' must not contain control characters."
+            "The value of the header 'correlation-id' must not contain control characters or "
+            "characters outside ISO-8859-1."
         )
     return value or None
+
+
+# Ditto headers a request may also give as query parameters (see :func:`header`): they count
+# towards max_header_bytes like the headers themselves.
+_QUERY_HEADERS = frozenset(
+    {
+        "correlation-id",
+        "response-required",
+        "if-match",
+        "if-none-match",
+        "allow-policy-lockout",
+        "condition",
+        "at-historical-revision",
+        "at-historical-timestamp",
+        "timeout",
+    }
+)
+
+
+def headers_size(scope: Scope) -> tuple[int, int]:
+    """Bytes of a request's headers (names and values) but ``authorization``, with its Ditto
+    headers given as query parameters; and of ``authorization`` (its own budget)."""
+    total = authorization = 0
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization += len(name) + len(value)
+        else:
+            total += len(name) + len(value)
+    query: bytes = scope.get("query_string", b"")
+    if query:
+        for part in query.split(b"&"):
+            name, _, value = part.partition(b"=")
+            if name.decode("latin-1").lower() in _QUERY_HEADERS:
+                total += len(name) + len(value)
+    return total, authorization
+
+
+class HeaderLimit:
+    """ASGI wrapper: a request (or WebSocket upgrade) whose headers exceed ``max_bytes`` is
+    answered 431 ``headers.too.large`` before any handler runs, so nothing of it is committed
+    or echoed. uvicorn's httptools parser (used when installed) sets no limit of its own."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            total, authorization = headers_size(scope)
+            if total > self.max_bytes or authorization > self.max_bytes:
+                size = total if total > self.max_bytes else authorization
+                await self._refuse(scope, receive, send, size)
+                return
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
+        error = HeadersTooLargeError(
+            f"The request's headers have {size} bytes; at most {self.max_bytes} bytes are allowed."
+        )
+        body = orjson.dumps(error.to_dict())
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        kind: str = scope["type"]
+        if kind == "http":
+            await send({"type": "http.response.start", "status": error.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        elif "websocket.http.response" in (scope.get("extensions") or {}):
+            await receive()  # websocket.connect
+            await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+        else:
+            await receive()
+            await send({"type": "websocket.close", "code": 1008, "reason": "headers too large"})
+
+
+def header_value(url: str) -> str:
+    """``url`` for a response header (``Location``): characters outside printable ASCII are
+    percent-encoded as UTF-8 (as Ditto does), so an id or path of any script can be answered.
+
+    >>> header_value("http://h/api/2/things/ns:caf\u00e9 \u20ac")
+    'http://h/api/2/things/ns:caf%C3%A9%20%E2%82%AC'
+    """
+    return quote(url, safe="!#$%&'()*+,/:;=?@[]~")
 
 
 def _bool(name: str, value: str | None, default: bool) -> bool:

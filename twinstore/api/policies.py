@@ -17,7 +17,7 @@ from litestar.handlers import HTTPRouteHandler
 
 from policies import PERMISSIONS, Enforcer, PolicyInvalidError, parse_resource_key
 from twinstore.api.auth import authenticate
-from twinstore.api.headers import parse_headers
+from twinstore.api.headers import header_value, parse_headers
 from twinstore.api.things import JSON, _options, json_response, read_json, resource_handlers
 from twinstore.model import etag
 from twinstore.model.errors import InvalidInputError, JsonInvalidError
@@ -110,7 +110,7 @@ def _make(
         if not h.response_required:
             return json_response(202, headers=headers)
         if done.event.action == "created":
-            headers["location"] = str(request.url).split("?")[0]
+            headers["location"] = header_value(str(request.url).split("?")[0])
             return json_response(201, done.event.value, headers)
         return json_response(204, headers=headers)
 

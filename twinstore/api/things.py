@@ -19,7 +19,7 @@ from litestar.handlers import HTTPRouteHandler
 
 from twinstore.api import sse
 from twinstore.api.auth import authenticate
-from twinstore.api.headers import DittoHeaders, parse_headers
+from twinstore.api.headers import DittoHeaders, header_value, parse_headers
 from twinstore.model import etag
 from twinstore.model.errors import (
     InvalidInputError,
@@ -27,6 +27,7 @@ from twinstore.model.errors import (
     UnsupportedMediaTypeError,
 )
 from twinstore.model.ids import parse_pointer, validate_namespace, validate_thing_id
+from twinstore.model.limits import check_depth
 from twinstore.model.thing import Command, Create, Delete, Event, JsonPatch, Merge, Modify
 from twinstore.service import ThingService
 from twinstore.store.journal import Committed, WriteRequest
@@ -120,6 +121,7 @@ async def read_json(
         raise JsonInvalidError(
             f"Failed to parse JSON string '{body[:200].decode(errors='replace')}': {exc}"
         ) from None
+    check_depth(value)  # before anything walks it; a write checks its path's levels too
     return value
 
 
@@ -172,7 +174,7 @@ def _write_response(
     # PATCH of a whole thing that did not exist creates it (as Ditto's ModifyToCreateThingTransformer).
     creates = request.method in ("PUT", "POST") or (request.method == "PATCH" and event.path == "/")
     if event.action == "created" and creates:
-        headers["location"] = location or str(request.url).split("?")[0]
+        headers["location"] = header_value(location or str(request.url).split("?")[0])
         body = event.value
         return json_response(201, body, headers)
     return json_response(204, headers=headers)
