@@ -61,12 +61,18 @@ from twinstore.bus.ingest import (
     TELEMETRY_TYPE,
     IngestSubjects,
     Update,
-    decode_telemetry,
+    decode_telemetry_rows,
 )
 from twinstore.bus.partitions import PartitionGroup, fetch_available, lock_key
 from twinstore.bus.streams import ensure_stream
 from twinstore.model import rql
-from twinstore.model.errors import ConflictError, DittoError, InvalidInputError, JsonInvalidError
+from twinstore.model.errors import (
+    ConflictError,
+    DittoError,
+    InvalidInputError,
+    JsonInvalidError,
+    TooLargeError,
+)
 from twinstore.model.ids import validate_thing_id
 from twinstore.model.thing import Merge
 from twinstore.protocol import write_command
@@ -149,6 +155,7 @@ class IngestWorker:
         sources: dict[str, list[str]],
         default_subjects: list[str],
         batch: int = 1000,
+        max_rows: int = 10_000,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -159,6 +166,7 @@ class IngestWorker:
         self.auths = {name: AuthContext(subjects=tuple(s)) for name, s in sources.items()}
         self.default_auth = AuthContext(subjects=tuple(default_subjects)) if default_subjects else None
         self.batch = batch
+        self.max_rows = max_rows
         self.stats = Stats()
         self.group = PartitionGroup(
             f"twinstore-ingest:{subjects.stream}",
@@ -355,7 +363,14 @@ class _PartitionRun:
             )
         try:
             if content_type == TELEMETRY_TYPE or (content_type == "" and msg.data[:11] == b'{"updates":'):
-                rows = decode_telemetry(msg.data)
+                rows = decode_telemetry_rows(msg.data)
+                if len(rows) > self.w.max_rows:
+                    raise TooLargeError(
+                        f"The telemetry message has {len(rows)} rows; at most {self.w.max_rows} are "
+                        "ingested from one message.",
+                        error="ingest:message.tooLarge",
+                        description="Send fewer rows per message (setting ingest_max_rows_per_message).",
+                    )
                 kept = {"source": source, "source-seq": headers.get(SEQ_HEADER, "")} if source else {}
                 if len(self.valid_ids) > 100_000:
                     self.valid_ids.clear()
@@ -452,9 +467,13 @@ def _int(text: str | None) -> int | None:
 
 
 def _telemetry_write(
-    update: Update, auth: AuthContext, kept: dict[str, str], valid_ids: set[str]
+    update: Update | msgspec.ValidationError, auth: AuthContext, kept: dict[str, str], valid_ids: set[str]
 ) -> WriteRequest | DittoError:
     """A telemetry row as a merge at its path, its source timestamp and quality kept as headers."""
+    if isinstance(update, msgspec.ValidationError):
+        return JsonInvalidError(
+            f"The row is not [thingId, path, value, sourceTimestampMs, quality]: {update}.",
+        )
     thing_id = update.thing_id
     try:
         if thing_id not in valid_ids:
@@ -468,7 +487,13 @@ def _telemetry_write(
         return exc
     headers = dict(kept)
     if update.ts is not None:
-        when = datetime.fromtimestamp(update.ts / 1000, UTC)
+        try:
+            when = datetime.fromtimestamp(update.ts / 1000, UTC)
+        except (ValueError, OverflowError, OSError):  # before year 1 or after 9999: not a time
+            return InvalidInputError(
+                "The row's sourceTimestampMs is not a time between the years 1 and 9999.",
+                error="json.invalid",
+            )
         headers["source-timestamp"] = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     if update.quality is not None:
         headers["source-quality"] = str(update.quality)

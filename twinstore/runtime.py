@@ -181,6 +181,7 @@ class Runtime:
                 sources=s.ingest_sources,
                 default_subjects=s.ingest_default_subjects,
                 batch=s.ingest_batch,
+                max_rows=s.ingest_max_rows_per_message,
             )
             self.ingest.start()
         if s.anomaly_enabled if anomaly is None else anomaly:

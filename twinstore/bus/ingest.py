@@ -24,6 +24,9 @@ Two message forms, told apart by ``Content-Type`` (or, without it, by their JSON
   as a merge of ``value`` at ``path`` (missing parents are created, as Ditto's merge does) and
   becomes one journal event that keeps the source timestamp and quality as its headers
   ``source-timestamp`` and ``source-quality`` (shown by history reads in ``historical-headers``).
+  A message holds at most :data:`MAX_ROWS_PER_MESSAGE` rows (:func:`telemetry_messages` splits
+  larger batches; the worker refuses a message with more than ``ingest_max_rows_per_message``).
+  A malformed row is refused on its own; the other rows of its message are applied.
 
 Every message carries ``Nats-Msg-Id: <source>:<seq>`` (JetStream drops a republish within its
 duplicate window), ``Twinstore-Source: <source>`` (the configured source: its subjects decide
@@ -54,6 +57,7 @@ from twinstore.bus.subjects import partition_of
 
 __all__ = [
     "COMMAND_TYPE",
+    "MAX_ROWS_PER_MESSAGE",
     "SEQ_HEADER",
     "SOURCE_HEADER",
     "TELEMETRY_TYPE",
@@ -62,6 +66,7 @@ __all__ = [
     "Update",
     "command_message",
     "decode_telemetry",
+    "decode_telemetry_rows",
     "initial_seq",
     "telemetry_messages",
 ]
@@ -70,6 +75,9 @@ COMMAND_TYPE = "application/vnd.eclipse.ditto+json"
 TELEMETRY_TYPE = "application/vnd.twinstore.telemetry+json"
 SOURCE_HEADER = "Twinstore-Source"
 SEQ_HEADER = "Twinstore-Seq"
+#: Rows per telemetry message an adapter sends (the worker's ``ingest_max_rows_per_message``
+#: defaults to the same): one message is one unit of work and memory for the worker.
+MAX_ROWS_PER_MESSAGE = 10_000
 
 
 class Update(msgspec.Struct, array_like=True, frozen=True):
@@ -86,13 +94,40 @@ class _Telemetry(msgspec.Struct):
     updates: list[Update]
 
 
+class _RawTelemetry(msgspec.Struct):
+    updates: list[msgspec.Raw]
+
+
 _encode = msgspec.json.Encoder().encode
 _decode_telemetry = msgspec.json.Decoder(_Telemetry).decode
+_decode_raw_telemetry = msgspec.json.Decoder(_RawTelemetry).decode
+_decode_update = msgspec.json.Decoder(Update).decode
 
 
 def decode_telemetry(payload: bytes) -> list[Update]:
     """The rows of a telemetry batch; ``msgspec.ValidationError`` / ``DecodeError`` if malformed."""
     return _decode_telemetry(payload).updates
+
+
+def decode_telemetry_rows(payload: bytes) -> list[Update | msgspec.ValidationError]:
+    """The rows of a telemetry batch, a malformed row as its error in its place (so that one
+    bad row does not take its neighbours down); ``DecodeError`` when the message itself is not
+    ``{"updates": [...]}``.
+
+    >>> decode_telemetry_rows(b'{"updates": [["a:b", "/x", 1], ["a:b", 7, 2]]}')[1]
+    ValidationError('Expected `str`, got `int` - at `$[1]`')
+    """
+    try:
+        return list(_decode_telemetry(payload).updates)
+    except msgspec.ValidationError:
+        pass  # look at the rows one by one (the rare case: a well-formed batch is decoded once)
+    rows: list[Update | msgspec.ValidationError] = []
+    for raw in _decode_raw_telemetry(payload).updates:
+        try:
+            rows.append(_decode_update(raw))
+        except msgspec.ValidationError as exc:
+            rows.append(exc)
+    return rows
 
 
 class IngestSubjects(msgspec.Struct, frozen=True):
@@ -148,14 +183,20 @@ def _headers(source: str, seq: int, content_type: str) -> dict[str, str]:
 def telemetry_messages(
     subjects: IngestSubjects, source: str, next_seq: int, updates: Iterable[Update]
 ) -> list[OutgoingMessage]:
-    """One telemetry message per partition the rows fall on, numbered from ``next_seq`` up
-    (the caller's next seq is ``next_seq + len(result)``); row order is kept per thing."""
+    """One telemetry message per partition the rows fall on (more when a partition has more
+    than :data:`MAX_ROWS_PER_MESSAGE` rows), numbered from ``next_seq`` up (the caller's next
+    seq is ``next_seq + len(result)``); row order is kept per thing."""
     by_subject: dict[str, list[Update]] = {}
     for update in updates:
         by_subject.setdefault(subjects.subject(update.thing_id), []).append(update)
+    chunks = [
+        (subject, rows[start : start + MAX_ROWS_PER_MESSAGE])
+        for subject, rows in by_subject.items()
+        for start in range(0, len(rows), MAX_ROWS_PER_MESSAGE)
+    ]
     return [
         OutgoingMessage(subject, _headers(source, next_seq + i, TELEMETRY_TYPE), _encode(_Telemetry(rows)))
-        for i, (subject, rows) in enumerate(by_subject.items())
+        for i, (subject, rows) in enumerate(chunks)
     ]
 
 
