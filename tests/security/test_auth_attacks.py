@@ -345,10 +345,10 @@ async def test_a_keep_alive_connection_cannot_trickle_its_next_request(
             next(h for h in first.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
         )
         await reader.readexactly(length)
-        for _ in range(3):  # a byte now and then: uvicorn's keep-alive timer is reset by each
-            writer.write(b"G")
+        for part in (b"GET", b" /he", b"alth"):  # now and then: each resets uvicorn's keep-alive timer
+            writer.write(part)
             await writer.drain()
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)
         rest = await _closed_by_server(reader, 5)
         assert rest.startswith(b"HTTP/1.1 408")
     finally:

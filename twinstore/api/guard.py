@@ -25,7 +25,7 @@ import contextlib
 import functools
 import logging
 import resource
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -95,9 +95,9 @@ class _Guard:
         if len(self.connections) >= self._max_connections:
             # Answered and closed at once: the descriptor goes back before any request is read.
             self._refused = True
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(TOO_MANY_CONNECTIONS)
-            transport.close()
+            writer = cast(asyncio.WriteTransport, transport)  # uvloop's is no subclass of it
+            writer.write(TOO_MANY_CONNECTIONS)
+            writer.close()
             return
         super().connection_made(transport)  # type: ignore[misc]
         self._arm()
