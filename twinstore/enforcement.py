@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -40,6 +39,7 @@ from twinstore.store.policies import PolicyStore
 __all__ = [
     "PolicyCache",
     "PolicyMovedError",
+    "ThingGuard",
     "check_condition",
     "creates_thing",
     "new_policy_id",
@@ -51,9 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("twinstore.enforcement")
-
-Guard = Callable[[ThingState, Command], None]
-
 
 class PolicyMovedError(ConflictError):
     """The thing's policy (or its existence) changed between the check and the write: retry."""
@@ -155,9 +152,8 @@ def touched(command: Command) -> list[list[str]]:
                 if not isinstance(op, dict) or op.get("op") == "test":
                     continue
                 for key in ("path", "from") if op.get("op") == "move" else ("path",):
-                    pointer = op.get(key)
-                    if isinstance(pointer, str):
-                        rel = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
+                    rel = jp.parse_json_pointer(op.get(key))
+                    if rel is not None:  # (not a pointer: the patch fails, writing nothing)
                         paths.append(parts + [p for p in rel if p != "-"])
             return paths or [parts]
         case Modify() | Delete() | Create():
@@ -207,15 +203,9 @@ def check_condition(view: SubjectView | None, state: ThingState, condition: rql.
         raise ConditionFailedError("The specified condition does not match the state of the requested Thing.")
 
 
-def thing_guard(
-    thing_id: str,
-    policy_id: str | None,
-    view: SubjectView | None,
-    *,
-    creating: bool,
-    condition: rql.Node | None = None,
-) -> Guard:
-    """The check the journal runs on the state a write is decided on (raises to refuse).
+class ThingGuard:
+    """The check the journal runs on the state a write is decided on (raises to refuse), and what
+    the writer may read there (a JSON patch's ``from`` and ``test``, the entity tags of If-Match).
 
     ``policy_id``/``view`` are what the caller looked up before writing; if the thing's state
     disagrees (another policy, created or deleted meanwhile), :class:`PolicyMovedError` makes
@@ -223,20 +213,37 @@ def thing_guard(
     does not exist yet has none to check, as in Ditto).
     """
 
-    # The view's answers do not change while the guard lives: asked once per path (a guard
-    # made for many writes of one thing, as ingestion does, asks the policy tree once).
-    readable: list[bool] = []
-    writable: dict[str, bool] = {}
+    __slots__ = ("_readable", "_writable", "condition", "creating", "policy_id", "thing_id", "view")
 
-    def guard(before: ThingState, command: Command) -> None:
+    def __init__(
+        self,
+        thing_id: str,
+        policy_id: str | None,
+        view: SubjectView | None,
+        *,
+        creating: bool,
+        condition: rql.Node | None = None,
+    ) -> None:
+        self.thing_id = thing_id
+        self.policy_id = policy_id
+        self.view = view
+        self.creating = creating
+        self.condition = condition
+        # The view's answers do not change while the guard lives: asked once per path (a guard
+        # made for many writes of one thing, as ingestion does, asks the policy tree once).
+        self._readable: bool | None = None
+        self._writable: dict[str, bool] = {}
+
+    def __call__(self, before: ThingState, command: Command) -> None:
+        thing_id, view = self.thing_id, self.view
         parts = parse_pointer(command.path)
-        if creating:
+        if self.creating:
             if before.exists:
                 raise PolicyMovedError("The Thing was created concurrently.")
             if view is None or not view.has_unrestricted("thing", [], WRITE):
                 raise ForbiddenError(
                     f"The Thing with ID '{thing_id}' could not be created as the requester had "
-                    f"insufficient permissions in its Policy '{policy_id}' ('WRITE' on 'thing:/').",
+                    f"insufficient permissions in its Policy '{self.policy_id}' ('WRITE' on 'thing:/').",
                     error="things:thing.notcreatable",
                 )
             return
@@ -244,25 +251,46 @@ def thing_guard(
             if creates_thing(command):
                 raise PolicyMovedError("The Thing was deleted concurrently.")
             raise not_found(thing_id, [])
-        if before.doc.get("policyId") != policy_id:
+        if before.doc.get("policyId") != self.policy_id:
             raise PolicyMovedError("The Thing's policy changed concurrently.")
         if view is None:
             raise not_found(thing_id, [])
-        if not readable:
-            readable.append(view.has_partial("thing", [], READ))
-        if not readable[0]:
+        if self._readable is None:
+            self._readable = view.has_partial("thing", [], READ)
+        if not self._readable:
             raise not_found(thing_id, [])
-        allowed = writable.get(command.path)
+        allowed = self._writable.get(command.path)
         if allowed is None:
-            allowed = writable[command.path] = view.has_unrestricted("thing", parts, WRITE)
+            allowed = self._writable[command.path] = view.has_unrestricted("thing", parts, WRITE)
         if not allowed:
             for path in touched(command):
                 if not view.has_unrestricted("thing", path, WRITE):
                     raise not_modifiable(thing_id, parts)
-        if condition is not None:
-            check_condition(view, before, condition)
+        if self.condition is not None:
+            check_condition(view, before, self.condition)
 
-    return guard
+    def readable(self, parts: list[str]) -> bool:
+        """May the writer read all of the value at ``parts`` (what a patch's copy, move or test reads)?"""
+        return self.view is not None and self.view.has_unrestricted("thing", parts, READ)
+
+    def visible(self, parts: list[str], value: Any) -> Any:
+        """The part of ``value`` (at ``parts``) the writer may read, :data:`patch.MISSING` if none."""
+        if self.view is None:
+            return jp.MISSING
+        shown = self.view.filter("thing", parts, value)
+        return jp.MISSING if shown is MISSING else shown
+
+
+def thing_guard(
+    thing_id: str,
+    policy_id: str | None,
+    view: SubjectView | None,
+    *,
+    creating: bool,
+    condition: rql.Node | None = None,
+) -> ThingGuard:
+    """The :class:`ThingGuard` of a write by the subjects of ``view``."""
+    return ThingGuard(thing_id, policy_id, view, creating=creating, condition=condition)
 
 
 def readable_event(view: SubjectView | None, event: Event) -> Event | None:

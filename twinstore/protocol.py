@@ -276,7 +276,7 @@ async def _thing(
         allow_lockout=h.allow_lockout,
         condition=h.condition,
     )
-    tag = etag.resource_tag(done.after.doc, done.after.revision, parse_pointer(path))
+    tag = done.tag(parse_pointer(path))
     # As the HTTP API: a create, a modify that created, or a merge that created the whole thing.
     creates = topic.action in ("create", "modify") or (topic.action == "merge" and done.event.path == "/")
     if done.event.action == "created" and creates:

@@ -149,6 +149,7 @@ class Runtime:
             snapshot_every=s.snapshot_every,
             max_batch=s.max_batch,
             max_thing_bytes=s.max_thing_bytes,
+            max_patch_ops=s.max_patch_ops,
             max_header_bytes=s.max_header_bytes,
             on_commit=lambda events: relay.notify(),
         )

@@ -235,7 +235,8 @@ class ThingService:
             shown: Any = readable
         else:
             shown = jp.MISSING if value is jp.MISSING else view.filter("thing", parts, value)
-        tag = None if shown is MISSING or value is jp.MISSING else etag.etag_of(value, state.revision, parts)
+        # The tag of what the caller receives: a digest over hidden values would disclose them.
+        tag = None if shown is MISSING or value is jp.MISSING else etag.etag_of(shown, state.revision, parts)
         if if_match is not None or if_none_match is not None:
             etag.check(
                 if_match,

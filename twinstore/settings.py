@@ -113,6 +113,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # error it answers). Add new ones here, with a safe default.
     max_body_bytes: int = 1_048_576
     max_thing_bytes: int = 102_400
+    # Operations of one RFC 6902 JSON patch: 413 things:thing.tooLarge (the thing's size is
+    # bounded while the patch is applied, op by op, by max_thing_bytes: also 413).
+    max_patch_ops: int = 100
     # Open connections (HTTP and WebSocket) per process; one more is answered 503 and closed at
     # once. Lowered at start to stay below the process's open-file limit (RLIMIT_NOFILE).
     max_connections: int = 4096
@@ -233,6 +236,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     f"search_indexes: {path!r} must be a path below attributes/ or features/ "
                     "without '*' or array indexes, e.g. 'attributes/floor'"
                 )
+        if not 1 <= self.max_patch_ops <= 100_000:
+            raise ValueError("max_patch_ops must be 1..100000")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError("metrics_port must be a TCP port 0..65535 (or unset)")
         if self.history_retention_days is not None and not self.history_retention_days > 0:

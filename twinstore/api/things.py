@@ -20,7 +20,6 @@ from litestar.handlers import HTTPRouteHandler
 from twinstore.api import sse
 from twinstore.api.auth import authenticate
 from twinstore.api.headers import DittoHeaders, header_value, parse_headers
-from twinstore.model import etag
 from twinstore.model.errors import (
     InvalidInputError,
     JsonInvalidError,
@@ -166,7 +165,7 @@ def _write_response(
     # The ETag of the resource the request addressed (a JSON patch's event may lie deeper).
     parts = parse_pointer(pointer)
     headers = _base_headers(h)
-    tag = etag.resource_tag(done.after.doc, done.after.revision, parts)
+    tag = done.tag(parts)
     if tag is not None:
         headers["etag"] = tag
     if not h.response_required:

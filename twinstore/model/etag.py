@@ -1,6 +1,9 @@
 """Entity tags and the If-Match / If-None-Match checks, as Ditto does them.
 
-A thing's tag is ``"rev:<revision>"``; a sub-resource's is ``"hash:<digest of its JSON>"``.
+A thing's tag is ``"rev:<revision>"``; a sub-resource's is ``"hash:<digest of its JSON>"``, the
+JSON the caller receives: of a resource partly hidden from the caller, the readable part (a
+digest of hidden values would let them be guessed offline and confirmed with If-None-Match;
+for a fully readable resource it is Ditto's tag).
 On sub-resources twinstore also accepts the thing's ``"rev:N"`` tag in If-Match (useful for
 "write only if the thing did not change since I read it").
 
@@ -12,6 +15,7 @@ On sub-resources twinstore also accepts the thing's ``"rev:N"`` tag in If-Match 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -34,15 +38,27 @@ def etag_of(value: Any, revision: int, parts: list[str]) -> str:
     return f'"hash:{digest.hexdigest()}"'
 
 
-def resource_tag(doc: dict[str, Any] | None, revision: int, parts: list[str]) -> str | None:
+def resource_tag(
+    doc: dict[str, Any] | None,
+    revision: int,
+    parts: list[str],
+    visible: Callable[[list[str], Any], Any] | None = None,
+) -> str | None:
     """The ETag of the resource at ``parts`` of a thing document; None when it is absent.
+
+    ``visible(parts, value)`` gives the part of the value the caller may read (MISSING: none,
+    the resource is absent to them); without it the whole value counts.
 
     >>> resource_tag({"a": 1}, 4, []), resource_tag({"a": 1}, 4, ["b"])
     ('"rev:4"', None)
+    >>> resource_tag({"a": {"b": 1}}, 4, ["a"], lambda parts, value: {}) == etag_of({}, 4, ["a"])
+    True
     """
     if doc is None:
         return None
     value = get_at(doc, parts)
+    if value is not MISSING and visible is not None and parts:
+        value = visible(parts, value)
     return None if value is MISSING else etag_of(value, revision, parts)
 
 

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 import msgspec
@@ -178,6 +178,19 @@ ORDER BY revision
 """
 
 
+class Guard(Protocol):
+    """A writer's permissions (see :class:`twinstore.enforcement.ThingGuard`)."""
+
+    def __call__(self, before: ThingState, command: Command) -> None:
+        """Refuse (raise a DittoError) the command on ``before``."""
+
+    def readable(self, parts: list[str]) -> bool:
+        """May the writer read all of the value at ``parts``?"""
+
+    def visible(self, parts: list[str], value: Any) -> Any:
+        """The part of ``value`` at ``parts`` the writer may read (``patch.MISSING``: none)."""
+
+
 class WriteRequest(msgspec.Struct, kw_only=True):
     """A command for one thing with its preconditions and who sent it."""
 
@@ -188,8 +201,9 @@ class WriteRequest(msgspec.Struct, kw_only=True):
     if_match: list[str] | None = None
     if_none_match: list[str] | None = None
     # Authorization, run on the exact state the write is decided on (before preconditions, so
-    # a 412 never tells an unauthorised caller anything); raises a DittoError to refuse.
-    guard: Callable[[ThingState, Command], None] | None = None
+    # a 412 never tells an unauthorised caller anything); raises a DittoError to refuse. It also
+    # bounds what the write reads: a JSON patch's from/test and the entity tags compared.
+    guard: Guard | None = None
     # Kept with the event and hashed with it (see Event.headers).
     headers: dict[str, str] | None = None
 
@@ -218,6 +232,13 @@ class Committed(msgspec.Struct, kw_only=True):
     event: Event
     before: ThingState
     after: ThingState
+    guard: Guard | None = None
+
+    def tag(self, parts: list[str]) -> str | None:
+        """The entity tag of the resource at ``parts`` after the write, as the writer may read it."""
+        return etag.resource_tag(
+            self.after.doc, self.after.revision, parts, None if self.guard is None else self.guard.visible
+        )
 
 
 @dataclass
@@ -330,6 +351,7 @@ class Journal:
         snapshot_every: int = 100,
         max_batch: int = 512,
         max_thing_bytes: int = 102_400,
+        max_patch_ops: int = 100,
         max_header_bytes: int = 8192,
         on_commit: Callable[[list[Event]], None] | None = None,
         writers: int = 2,
@@ -339,6 +361,7 @@ class Journal:
         self.snapshot_every = snapshot_every
         self.max_batch = max_batch
         self.max_thing_bytes = max_thing_bytes
+        self.max_patch_ops = max_patch_ops
         # An event's value and path together take at most max_thing_bytes, its originator,
         # correlation-id and kept headers at most max_header_bytes (JSON): so its envelope fits
         # NATS' max_payload (Runtime checks the sum at start) and the relay can publish it.
@@ -559,7 +582,7 @@ class Journal:
             )
             plan.final = after
             plan.rows.append(_Row(event, value, plan.head, after))
-            plan.outcomes.append((index, Committed(event=event, before=before, after=after)))
+            plan.outcomes.append((index, Committed(event=event, before=before, after=after, guard=req.guard)))
         return plan
 
     def _check_event(self, event: Event, value: bytes | None) -> None:
@@ -725,13 +748,17 @@ class Journal:
                     raise _Drop(pending, outcome)
 
     def _decide(self, before: ThingState, req: WriteRequest) -> tuple[Event, ThingState]:
-        if req.guard is not None:
-            req.guard(before, req.command)
+        guard = req.guard
+        if guard is not None:
+            guard(before, req.command)
         if req.if_match is not None or req.if_none_match is not None:
+            # The tag of what the writer may read there: a hidden part must not decide a 412.
+            visible = None if guard is None else guard.visible
+            parts = parse_pointer(req.command.path)
             etag.check(
                 req.if_match,
                 req.if_none_match,
-                current_tag=etag.resource_tag(before.doc, before.revision, parse_pointer(req.command.path)),
+                current_tag=etag.resource_tag(before.doc, before.revision, parts, visible),
                 thing_tag=etag.resource_tag(before.doc, before.revision, []),
                 read=False,
             )
@@ -739,7 +766,16 @@ class Journal:
             # Like a NUL in a value (storable): PostgreSQL text cannot hold it; refused per write.
             raise HeaderInvalidError("The originator and correlation-id must not contain NUL.")
         now = datetime.now(UTC)
-        event = decide(before, req.command, now, originator=req.originator, correlation_id=req.correlation_id)
+        event = decide(
+            before,
+            req.command,
+            now,
+            originator=req.originator,
+            correlation_id=req.correlation_id,
+            readable=None if guard is None else guard.readable,
+            max_patch_ops=self.max_patch_ops,
+            max_bytes=self.max_thing_bytes,
+        )
         if req.headers:
             event = msgspec.structs.replace(event, headers=req.headers)
         after = evolve(before, event)
