@@ -15,7 +15,7 @@ from urllib.parse import unquote
 from litestar import Request, Response, post
 from litestar.handlers import HTTPRouteHandler
 
-from policies import PERMISSIONS, Enforcer, PolicyInvalidError, parse_resource_key
+from policies import PERMISSIONS, RESOURCE_TYPES, Enforcer, PolicyInvalidError, parse_resource_key
 from twinstore.api.auth import authenticate
 from twinstore.api.headers import header_value, parse_headers
 from twinstore.api.things import JSON, _options, json_response, read_json, resource_handlers
@@ -122,7 +122,9 @@ async def check_permissions(request: Request[Any, Any, Any]) -> Response[bytes]:
 
     ``{"k": {"resource": "thing:/features/f", "entityId": "ns:thing", "hasPermissions": ["WRITE"]}}``
     answers ``{"k": true}`` when the entity's policy grants every permission on the resource,
-    unrestricted (nothing below it revoked). Unknown or unreadable entities answer ``false``.
+    unrestricted (nothing below it revoked). An entity that does not exist, and one on which the
+    caller holds no permission at all, answer ``false`` whatever is asked (``"hasPermissions":
+    []`` included): the answer never tells whether an entity the caller cannot see exists.
     """
     auth = await authenticate(request)
     h = parse_headers(request)
@@ -160,7 +162,14 @@ async def _check(
         state = await runtime.journal.load(entity)
         policy_id = (state.doc or {}).get("policyId")
         enforcer = await runtime.policies.cache.enforcer(policy_id) if isinstance(policy_id, str) else None
-    return enforcer is not None and enforcer.view(subjects).check(resource, wanted)
+    if enforcer is None:
+        return False
+    view = enforcer.view(subjects)
+    # Someone with no permission anywhere on the entity must get the answer of a missing one; a
+    # caller holding some permission there learns that it exists from using it anyway.
+    if not any(view.has_partial(kind, [], p) for kind in RESOURCE_TYPES for p in PERMISSIONS):
+        return False
+    return view.check(resource, wanted)
 
 
 def policy_handlers() -> list[HTTPRouteHandler]:
