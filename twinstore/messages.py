@@ -38,7 +38,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from policies import READ, WRITE
+from policies import READ, WRITE, SubjectView
 from twinstore.auth import AuthContext
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache, check_condition, readable_thing
@@ -284,6 +284,12 @@ def message_from_envelope(envelope: dict[str, Any], originator: str) -> Message:
     )
 
 
+def _visible(view: SubjectView) -> bool:
+    """May the view see the thing at all (READ on something of it, or a message permission)?"""
+    thing = view.has_partial("thing", [], READ)
+    return thing or any(view.has_partial("message", [], p) for p in (READ, WRITE))
+
+
 class MessageSubscription(Mailbox[dict[str, Any]]):
     """One receiver (a WebSocket session): what it wants and its bounded queue of envelopes."""
 
@@ -371,6 +377,14 @@ class MessageService:
             raise not_found(thing_id, [])
         return state, policy_id
 
+    async def check_visible(self, auth: AuthContext, thing_id: str) -> None:
+        """404 ``things:thing.notfound`` (as Ditto) for a thing that does not exist or of which
+        ``auth`` may see nothing: a message stream is refused as a send would be."""
+        _, policy_id = await self._thing(thing_id)
+        view = await self.cache.view(policy_id, auth.subjects)
+        if view is None or not _visible(view):
+            raise not_found(thing_id, [])
+
     async def authorize(self, auth: AuthContext, message: Message, condition: rql.Node | None = None) -> str:
         """The thing's policy id if ``auth`` may send ``message``, else 404 / 403 (as Ditto)."""
         state, policy_id = await self._thing(message.thing_id)
@@ -378,10 +392,7 @@ class MessageService:
         if view is None:
             raise not_found(message.thing_id, [])
         if not view.has_unrestricted("message", message.resource, WRITE):
-            visible = view.has_partial("thing", [], READ) or any(
-                view.has_partial("message", [], p) for p in (READ, WRITE)
-            )
-            if not visible:
+            if not _visible(view):
                 raise not_found(message.thing_id, [])
             raise SendNotAllowedError(
                 f"You are not allowed to send messages for the Thing with id '{message.thing_id}'!"
