@@ -155,7 +155,7 @@ class Runtime:
         )
         self.journal.start()
         self.relay.start()
-        store = PolicyStore(pool)
+        store = PolicyStore(pool, refuse_delete_in_use=s.policy_delete_in_use == "refuse")
         cache = PolicyCache(store)
         self.policies = PolicyService(store, cache)
         self.service = ThingService(self.journal, self.policies)

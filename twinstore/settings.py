@@ -113,6 +113,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # error it answers). Add new ones here, with a safe default.
     max_body_bytes: int = 1_048_576
     max_thing_bytes: int = 102_400
+    # Deleting a policy that things still use: "refuse" answers 409 policies:policy.notdeletable
+    # (delete or move the things first); "allow" deletes it as Ditto does, and whoever creates a
+    # policy of that id next governs those things.
+    policy_delete_in_use: str = "refuse"
     # Operations of one RFC 6902 JSON patch: 413 things:thing.tooLarge (the thing's size is
     # bounded while the patch is applied, op by op, by max_thing_bytes: also 413).
     max_patch_ops: int = 100
@@ -238,6 +242,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 )
         if not 1 <= self.max_patch_ops <= 100_000:
             raise ValueError("max_patch_ops must be 1..100000")
+        if self.policy_delete_in_use not in ("refuse", "allow"):
+            raise ValueError("policy_delete_in_use must be 'refuse' or 'allow'")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError("metrics_port must be a TCP port 0..65535 (or unset)")
         if self.history_retention_days is not None and not self.history_retention_days > 0:

@@ -56,6 +56,7 @@ __all__ = [
     "PolicyConflictError",
     "PolicyIdInvalidError",
     "PolicyIdNotDeletableError",
+    "PolicyInUseError",
     "PreconditionFailedError",
     "PreconditionNotModifiedError",
     "RqlInvalidError",
@@ -275,6 +276,11 @@ class ConflictError(DittoError):
 class PolicyConflictError(ConflictError):
     error = "policies:policy.conflict"
     description = "Choose another Policy ID, or modify the existing Policy."
+
+
+class PolicyInUseError(ConflictError):
+    error = "policies:policy.notdeletable"
+    description = "Delete the Things that use the Policy, or give them another one, first."
 
 
 class UnavailableError(DittoError):

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from twinstore.model.errors import UnavailableError
+from twinstore.model.errors import PolicyInUseError, UnavailableError
 from twinstore.model.policy import PolicyEvent, PolicyState, evolve_policy, thing_readers
 from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, storable
 from twinstore.store.schema import WRITE_LOCK
@@ -68,11 +68,21 @@ def _state(policy_id: str, row: asyncpg.Record | None) -> PolicyState:
     )
 
 
-class PolicyStore:
-    """Reads and writes of policies on the shared pool."""
+# Is the policy still used by a thing (index things_policy; deleted things have no policy_id)?
+SELECT_IN_USE = "SELECT EXISTS (SELECT 1 FROM things WHERE policy_id = $1)"
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+
+class PolicyStore:
+    """Reads and writes of policies on the shared pool.
+
+    With ``refuse_delete_in_use`` (setting ``policy_delete_in_use = "refuse"``) deleting a
+    policy that a thing still uses is 409 ``policies:policy.notdeletable``: otherwise whoever
+    creates a policy of that id next would govern those things (Ditto deletes it anyway).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, refuse_delete_in_use: bool = True) -> None:
         self.pool = pool
+        self.refuse_delete_in_use = refuse_delete_in_use
 
     async def load(self, policy_id: str) -> PolicyState:
         try:
@@ -122,6 +132,14 @@ class PolicyStore:
             before = _state(policy_id, row)
             head = bytes(row["hash"]) if row is not None else GENESIS
             event = decide(before, datetime.now(UTC))
+            # Checked under WRITE_LOCK, which every thing write takes too: no thing write commits
+            # between this check and the deletion. One prepared (its policy looked up) before the
+            # deletion and committed after it can still name the deleted policy.
+            deleting = event.action == "deleted" and not event.path.strip("/")
+            if deleting and self.refuse_delete_in_use and await con.fetchval(SELECT_IN_USE, policy_id):
+                raise PolicyInUseError(
+                    f"The Policy with ID '{policy_id}' could not be deleted as Things still use it."
+                )
             after = evolve_policy(before, event)
             value = None if event.action == "deleted" else storable(canonical(event.value))
             chained = chain_hash(
