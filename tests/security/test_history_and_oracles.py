@@ -13,13 +13,10 @@ import asyncio
 import base64
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
 
 import httpx
-import pytest
-import pytest_asyncio
 from websockets.asyncio.client import connect
 
 from tests.api.helpers import assert_error, full_access, url
@@ -44,7 +41,9 @@ def ws_url(live: dict[str, Any]) -> str:
     return str(live["ditto"].base_url).replace("http://", "ws://").rstrip("/") + "/ws/2"
 
 
-async def sse_history(client: httpx.AsyncClient, thing_id: str, params: dict[str, str]) -> list[dict[str, Any]]:
+async def sse_history(
+    client: httpx.AsyncClient, thing_id: str, params: dict[str, str]
+) -> list[dict[str, Any]]:
     """Every event of an SSE history stream (``revision``: its id, ``data``) until the server ends it."""
 
     async def read() -> list[dict[str, Any]]:
@@ -180,3 +179,146 @@ async def test_a_recreated_policy_does_not_open_an_ended_life(live: dict[str, An
     async with connect(ws_url(live), additional_headers=ws_headers("other")) as ws:
         got = await drain(ws, thing_id)
         assert [i["revision"] for i in got] == [4] and SECRET not in json.dumps(got)
+
+
+# ---- oracles (issue 15 item 5) -------------------------------------------------------------
+
+
+async def check(client: httpx.AsyncClient, checks: dict[str, tuple[str, str, list[str]]]) -> dict[str, bool]:
+    body = {k: {"resource": r, "entityId": e, "hasPermissions": p} for k, (r, e, p) in checks.items()}
+    r = await client.post("/api/2/checkPermissions", json=body)
+    assert r.status_code == 200, r.text
+    answer: dict[str, bool] = r.json()
+    return answer
+
+
+async def test_check_permissions_tells_nothing_about_unseen_entities(live: dict[str, Any]) -> None:
+    ditto, eve = live["ditto"], live["eve"]
+    hidden = new_thing_id()
+    assert (await ditto.put(url(hidden), json={"attributes": {"a": 1}})).status_code == 201
+    missing = new_thing_id()
+    checks = {
+        "thing": ("thing:/", hidden, []),
+        "missing-thing": ("thing:/", missing, []),
+        "policy": ("policy:/", hidden, []),  # the thing's implicit policy has the thing's id
+        "missing-policy": ("policy:/", missing, []),
+        "message": ("message:/", hidden, []),
+    }
+    # eve holds no permission on ditto's thing: exactly the answers of missing entities
+    assert await check(eve, checks) == dict.fromkeys(checks, False)
+    answers = await check(ditto, checks)
+    assert answers == {
+        "thing": True,
+        "missing-thing": False,
+        "policy": True,
+        "missing-policy": False,
+        "message": True,
+    }
+    # a caller with some permission on the entity still gets real answers
+    shared = new_thing_id()
+    doc = full_access("nginx:ditto")
+    doc["entries"]["eve"] = {
+        "subjects": {"nginx:eve": {"type": "test"}},
+        "resources": {"thing:/attributes/public": {"grant": ["READ"], "revoke": []}},
+    }
+    assert (
+        await ditto.put(url(shared), json={"_policy": doc, "attributes": {"public": 1}})
+    ).status_code == 201
+    assert await check(
+        eve,
+        {
+            "any": ("thing:/", shared, []),
+            "read-all": ("thing:/", shared, ["READ"]),
+            "read-public": ("thing:/attributes/public", shared, ["READ"]),
+        },
+    ) == {"any": True, "read-all": False, "read-public": True}
+
+
+DETECTOR = {"algorithm": "mahalanobis", "parameters": {"warmup": 20, "k": 1}, "properties": ["t"]}
+
+
+async def test_an_anomaly_rule_does_not_reserve_its_definition(live: dict[str, Any]) -> None:
+    ditto, eve = live["ditto"], live["eve"]
+    definition = f"org.acme:pump-{secrets.token_hex(4)}:1.0.0"
+    rule = f"/api/2/anomaly/definitions/{definition}"
+    thing_id = new_thing_id()
+    body = {"features": {"f": {"definition": [definition], "properties": {"t": 1.0}}}}
+    assert (await ditto.put(url(thing_id), json=body)).status_code == 201
+
+    r = await eve.put(rule, json=DETECTOR)  # eve is first, and may write no feature of it
+    assert r.status_code == 201 and r.headers["twinstore-attached"] == "0", r.text
+    assert_error(await ditto.get(rule), 404, "things:anomaly.rule.notfound")
+    mine = {**DETECTOR, "parameters": {"warmup": 30, "k": 2}}
+    r = await ditto.put(rule, json=mine)
+    assert r.status_code == 201 and r.headers["twinstore-attached"] == "1", r.text
+    assert (await ditto.put(rule, json=mine)).status_code == 204  # the owner's rule, replaced
+    got = (await ditto.get(rule)).json()
+    assert got["detector"]["parameters"]["warmup"] == 30 and got["attached"] == 1
+    got = (await eve.get(rule)).json()
+    assert got["detector"]["parameters"]["warmup"] == 20 and got["attached"] == 0
+    for client in (ditto, eve):
+        items = (await client.get("/api/2/anomaly/definitions")).json()["items"]
+        assert [i["definition"] for i in items].count(definition) == 1
+    assert (await ditto.get(url(thing_id, "/features/f/anomaly/detector"))).json()["parameters"]["k"] == 2
+    # each deletes only its own
+    assert (await eve.delete(rule)).status_code == 204
+    assert_error(await eve.get(rule), 404, "things:anomaly.rule.notfound")
+    assert (await ditto.get(rule)).status_code == 200
+    assert (await ditto.get(url(thing_id, "/features/f/anomaly/detector"))).status_code == 200
+    assert (await ditto.delete(rule)).status_code == 204
+    assert (await ditto.get(url(thing_id, "/features/f/anomaly/detector"))).status_code == 404
+
+
+async def test_a_message_stream_of_an_unseen_thing_is_404_at_once(live: dict[str, Any]) -> None:
+    ditto, eve = live["ditto"], live["eve"]
+    hidden = new_thing_id()
+    assert (await ditto.put(url(hidden), json={"features": {"f": {}}})).status_code == 201
+    missing = new_thing_id()
+    for thing_id in (hidden, missing):
+        for path in ("/inbox/messages", "/outbox/messages/ask", "/features/f/outbox/messages"):
+            r = await asyncio.wait_for(eve.get(url(thing_id, path), headers=SSE), 10)
+            assert_error(r, 404, NOT_FOUND)
+
+    # the owner gets its stream
+    async def opened() -> httpx.Response:
+        async with ditto.stream("GET", url(hidden, "/inbox/messages"), headers=SSE) as r:
+            return r
+
+    r = await asyncio.wait_for(opened(), 10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+
+
+async def test_a_policy_in_use_is_not_deleted_unless_allowed(
+    live: dict[str, Any], settings: Settings, runtime: Runtime
+) -> None:
+    ditto, eve = live["ditto"], live["eve"]
+    # default (policy_delete_in_use = "refuse"): 409 while a thing uses it, 204 once none does
+    policy_id = new_thing_id("org.p")
+    await policy(ditto, policy_id, "nginx:ditto")
+    thing_id = new_thing_id()
+    assert (await ditto.put(url(thing_id), json={"policyId": policy_id})).status_code == 201
+    assert_error(await ditto.delete(f"/api/2/policies/{policy_id}"), 409, "policies:policy.notdeletable")
+    assert (await ditto.get(url(thing_id))).status_code == 200
+    # someone who may not delete it learns nothing about its use
+    assert_error(await eve.delete(f"/api/2/policies/{policy_id}"), 404, "policies:policy.notfound")
+    assert (await ditto.delete(url(thing_id))).status_code == 204
+    assert (await ditto.delete(f"/api/2/policies/{policy_id}")).status_code == 204
+
+    # "allow" (Ditto's behaviour): deleted, and whoever creates the id next gets the thing
+    server = ServerProcess(settings, TWINSTORE_POLICY_DELETE_IN_USE="allow")
+    await asyncio.to_thread(server.start)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=server.url, auth=USERS["ditto"], timeout=30) as owner,
+            httpx.AsyncClient(base_url=server.url, auth=USERS["eve"], timeout=30) as newcomer,
+        ):
+            policy_id = new_thing_id("org.p")
+            await policy(owner, policy_id, "nginx:ditto")
+            thing_id = new_thing_id()
+            assert (await owner.put(url(thing_id), json={"policyId": policy_id})).status_code == 201
+            assert (await owner.delete(f"/api/2/policies/{policy_id}")).status_code == 204
+            assert_error(await owner.get(url(thing_id)), 404, NOT_FOUND)
+            await policy(newcomer, policy_id, "nginx:eve")
+            assert (await newcomer.get(url(thing_id))).status_code == 200
+    finally:
+        await asyncio.to_thread(server.stop)

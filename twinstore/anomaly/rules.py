@@ -12,6 +12,11 @@ to every feature that has the definition **and** that the rule's subjects may WR
 A per-feature ``PUT .../anomaly/detector`` replaces the rule's detector of that feature (the rule
 no longer manages it); deleting the rule removes the detectors it attached. Only a caller who
 shares a subject with the rule's subjects may replace or delete it.
+
+Rules are per owner (the subject that put it first): another caller's rule for the same
+definition is not seen and does not stop anyone from putting their own (one caller cannot
+reserve a definition for everybody). A feature that several owners' rules could take gets the
+detector of the oldest rule (a feature has one detector).
 """
 
 from __future__ import annotations
@@ -36,29 +41,36 @@ __all__ = [
     "put_rule",
 ]
 
-SELECT_RULES = "SELECT definition, config, subjects FROM anomaly_rules"
-SELECT_RULE = (
-    "SELECT definition, config, subjects, created, modified FROM anomaly_rules WHERE definition = $1"
-)
-LIST_RULES = "SELECT definition, config, subjects, created, modified FROM anomaly_rules ORDER BY definition"
-COUNT_ATTACHED = "SELECT count(*) FROM anomaly_detectors WHERE rule = $1"
+SELECT_RULES = "SELECT definition, owner, config, subjects FROM anomaly_rules ORDER BY created, owner"
+# The caller's rule of a definition: its own, else one put by a subject the caller shares.
+SELECT_RULE = """
+SELECT definition, owner, config, subjects, created, modified FROM anomaly_rules
+WHERE definition = $1 AND (owner = $2 OR subjects && $3::text[])
+ORDER BY owner = $2 DESC, created LIMIT 1
+"""
+LIST_RULES = """
+SELECT definition, owner, config, subjects, created, modified FROM anomaly_rules ORDER BY definition, created
+"""
+COUNT_ATTACHED = "SELECT count(*) FROM anomaly_detectors WHERE rule = $1 AND rule_owner = $2"
 UPSERT_RULE = """
-INSERT INTO anomaly_rules (definition, config, subjects) VALUES ($1, $2, $3)
-ON CONFLICT (definition) DO UPDATE SET config = excluded.config, subjects = excluded.subjects,
+INSERT INTO anomaly_rules (definition, owner, config, subjects) VALUES ($1, $2, $3, $4)
+ON CONFLICT (definition, owner) DO UPDATE SET config = excluded.config, subjects = excluded.subjects,
     modified = clock_timestamp()
 RETURNING (xmax = 0) AS created
 """
 # The rule's detectors get the new config: their state goes (a new detector), as on a PUT.
 RECONFIGURE = """
 WITH changed AS (
-    UPDATE anomaly_detectors SET config = $2, modified = clock_timestamp() WHERE rule = $1
+    UPDATE anomaly_detectors SET config = $2, modified = clock_timestamp() WHERE rule = $1 AND rule_owner = $3
     RETURNING thing_id, feature_id
 )
 DELETE FROM anomaly_state s USING changed c WHERE s.thing_id = c.thing_id AND s.feature_id = c.feature_id
 """
-DELETE_RULE = "DELETE FROM anomaly_rules WHERE definition = $1"
+DELETE_RULE = "DELETE FROM anomaly_rules WHERE definition = $1 AND owner = $2"
 DELETE_RULE_DETECTORS = """
-WITH gone AS (DELETE FROM anomaly_detectors WHERE rule = $1 RETURNING thing_id, feature_id)
+WITH gone AS (
+    DELETE FROM anomaly_detectors WHERE rule = $1 AND rule_owner = $2 RETURNING thing_id, feature_id
+)
 DELETE FROM anomaly_state s USING gone g WHERE s.thing_id = g.thing_id AND s.feature_id = g.feature_id
 """
 # Things with a feature of the definition (a scan: rules are put rarely).
@@ -68,11 +80,15 @@ WHERE doc IS NOT NULL
   AND jsonb_path_exists(doc, '$.features.*.definition[*] ? (@ == $d)', jsonb_build_object('d', $1::text))
 """
 ATTACH = """
-INSERT INTO anomaly_detectors (thing_id, feature_id, config, rule)
-SELECT t, f, c::jsonb, d FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS r(t, f, c, d)
+INSERT INTO anomaly_detectors (thing_id, feature_id, config, rule, rule_owner)
+SELECT t, f, c::jsonb, d, o
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS r(t, f, c, d, o)
 ON CONFLICT (thing_id, feature_id) DO NOTHING
 RETURNING 1
 """
+
+# A rule as the scorer keeps it: (config, subjects of who put it, owner).
+Rule = tuple[dict[str, Any], tuple[str, ...], str]
 
 
 def definitions(feature: Any) -> list[str]:
@@ -92,14 +108,14 @@ def definitions(feature: Any) -> list[str]:
 async def attach(
     pool: asyncpg.Pool,
     cache: PolicyCache,
-    rules: dict[str, tuple[dict[str, Any], tuple[str, ...]]],
+    rules: dict[str, list[Rule]],
     things: Iterable[tuple[str, dict[str, Any]]],
     has: Callable[[str, str], bool] | None = None,
 ) -> int:
-    """Attach the rules' detectors (definition -> (config, subjects)) to the features of
+    """Attach the rules' detectors (definition -> its rules, oldest first) to the features of
     ``things`` (id, document) that have a rule's definition, have no detector yet (``has``, if
     given, says which do) and that the rule's subjects may WRITE; how many were attached."""
-    rows: list[tuple[str, str, dict[str, Any], str]] = []
+    rows: list[tuple[str, str, dict[str, Any], str, str]] = []
     for thing_id, doc in things:
         policy_id = doc.get("policyId")
         if not isinstance(policy_id, str):
@@ -107,13 +123,15 @@ async def attach(
         for feature_id, feature in (doc.get("features") or {}).items():
             if has is not None and has(thing_id, feature_id):
                 continue
+            found = None
             for definition in definitions(feature):
-                rule = rules.get(definition)
-                if rule is None:
-                    continue
-                view = await cache.view(policy_id, rule[1])
-                if view is not None and view.has_unrestricted("thing", ["features", feature_id], WRITE):
-                    rows.append((thing_id, feature_id, rule[0], definition))
+                for config, subjects, owner in rules.get(definition, ()):
+                    view = await cache.view(policy_id, subjects)
+                    if view is not None and view.has_unrestricted("thing", ["features", feature_id], WRITE):
+                        found = (thing_id, feature_id, config, definition, owner)
+                        break
+                if found is not None:
+                    rows.append(found)
                     break
     if not rows:
         return 0
@@ -129,25 +147,29 @@ async def put_rule(
     definition: str,
     config: dict[str, Any],
     subjects: tuple[str, ...],
+    owner: str,
 ) -> tuple[bool, int]:
-    """Store the rule and attach it where it applies now: (created, detectors attached)."""
+    """Store ``owner``'s rule and attach it where it applies now: (created, detectors attached)."""
     async with pool.acquire() as con, con.transaction():
-        created = bool(await con.fetchval(UPSERT_RULE, definition, config, list(subjects)))
-        await con.execute(RECONFIGURE, definition, config)
+        created = bool(await con.fetchval(UPSERT_RULE, definition, owner, config, list(subjects)))
+        await con.execute(RECONFIGURE, definition, config, owner)
         candidates = [(r["id"], r["doc"]) for r in await con.fetch(SELECT_CANDIDATES, definition)]
-    attached = await attach(pool, cache, {definition: (config, subjects)}, candidates)
+    attached = await attach(pool, cache, {definition: [(config, subjects, owner)]}, candidates)
     return created, attached
 
 
-async def get_rule(pool: asyncpg.Pool, definition: str) -> asyncpg.Record | None:
+async def get_rule(
+    pool: asyncpg.Pool, definition: str, owner: str, subjects: tuple[str, ...]
+) -> asyncpg.Record | None:
+    """The caller's rule of ``definition`` (its own, else one of a subject it shares), or None."""
     async with pool.acquire() as con:
-        return await con.fetchrow(SELECT_RULE, definition)
+        return await con.fetchrow(SELECT_RULE, definition, owner, list(subjects))
 
 
-async def attached(pool: asyncpg.Pool, definition: str) -> int:
+async def attached(pool: asyncpg.Pool, definition: str, owner: str) -> int:
     """How many features have the rule's detector."""
     async with pool.acquire() as con:
-        return int(await con.fetchval(COUNT_ATTACHED, definition))
+        return int(await con.fetchval(COUNT_ATTACHED, definition, owner))
 
 
 async def list_rules(pool: asyncpg.Pool) -> list[asyncpg.Record]:
@@ -155,9 +177,9 @@ async def list_rules(pool: asyncpg.Pool) -> list[asyncpg.Record]:
         return list(await con.fetch(LIST_RULES))
 
 
-async def delete_rule(pool: asyncpg.Pool, definition: str) -> bool:
-    """Drop the rule and the detectors it attached (their anomalies stay listed)."""
+async def delete_rule(pool: asyncpg.Pool, definition: str, owner: str) -> bool:
+    """Drop ``owner``'s rule and the detectors it attached (their anomalies stay listed)."""
     async with pool.acquire() as con, con.transaction():
-        await con.execute(DELETE_RULE_DETECTORS, definition)
-        status = await con.execute(DELETE_RULE, definition)
+        await con.execute(DELETE_RULE_DETECTORS, definition, owner)
+        status = await con.execute(DELETE_RULE, definition, owner)
     return bool(status != "DELETE 0")

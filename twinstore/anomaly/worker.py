@@ -138,8 +138,9 @@ class AnomalyWorker:
         self._invalidations = self._seen_invalidations = 0
         self._detectors_lock = asyncio.Lock()
         self.generation = 0  # counts the times the detectors were re-read
-        # definition -> (config, subjects): attached to features as they get the definition
-        self.rules: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {}
+        # definition -> its rules (config, subjects, owner), oldest first: attached to features as
+        # they get the definition
+        self.rules: dict[str, list[rules_module.Rule]] = {}
         self.cache = cache
         self.group = PartitionGroup(
             f"twinstore-anomaly:{subjects.events_stream}",
@@ -189,10 +190,12 @@ class AnomalyWorker:
                                 r["config"],
                                 r["modified"],
                             )
-                        self.rules = {
-                            r["definition"]: (r["config"], tuple(r["subjects"]))
-                            for r in await con.fetch(rules_module.SELECT_RULES)
-                        }
+                        rules: dict[str, list[rules_module.Rule]] = {}
+                        for r in await con.fetch(rules_module.SELECT_RULES):
+                            rules.setdefault(r["definition"], []).append(
+                                (r["config"], tuple(r["subjects"]), r["owner"])
+                            )
+                        self.rules = rules
                         self._detectors, self._fingerprint = detectors, fingerprint
                         self.generation += 1
                 self._detectors_at = time.monotonic()

@@ -16,7 +16,8 @@ not writable is 403.
 that the caller may WRITE (:mod:`twinstore.anomaly.rules`): ``PUT`` (201 with the rule / 204;
 header ``twinstore-attached``: detectors attached now), ``GET``, ``DELETE`` (204, removes the
 detectors it attached); ``GET /api/2/anomaly/definitions`` lists the caller's rules. A rule is
-visible to, and changed by, callers who share a subject with the one who put it.
+visible to, and changed by, callers who share a subject with the one who put it; rules are per
+owner, so another caller's rule for a definition neither shows nor stops a caller's own.
 """
 
 from __future__ import annotations
@@ -238,31 +239,31 @@ def _rule_body(row: Any, attached: int | None = None) -> dict[str, Any]:
 
 
 async def _rule(request: Request[Any, Any, Any]) -> tuple[Runtime, AuthContext, str, Any]:
-    """The runtime, caller, definition and its rule (None), or 404 for another caller's rule."""
+    """The runtime, caller, definition and the caller's rule of it (None: none yet)."""
     auth = await authenticate(request)
     runtime: Runtime = request.app.state.runtime
     definition = str(request.path_params["definition"])
     if not definition or len(definition) > 512:
         raise InvalidInputError("The feature definition must have 1 to 512 characters.")
-    row = await rules.get_rule(_pool(runtime), definition)
-    if row is not None and not set(row["subjects"]) & set(auth.subjects):
-        raise _rule_not_found(definition)  # someone else's: not shown, not changed
+    # Others' rules of the definition are neither shown nor changed (rules are per owner).
+    row = await rules.get_rule(_pool(runtime), definition, auth.subject, tuple(auth.subjects))
     return runtime, auth, definition, row
 
 
 async def put_rule(request: Request[Any, Any, Any]) -> Response[bytes]:
-    runtime, auth, definition, _ = await _rule(request)
+    runtime, auth, definition, row = await _rule(request)
     config = store.validate_config(await read_json(request, (JSON,)))
     assert runtime.service is not None
+    owner = auth.subject if row is None else str(row["owner"])
     created, attached = await rules.put_rule(
-        _pool(runtime), runtime.service.cache, definition, config, tuple(auth.subjects)
+        _pool(runtime), runtime.service.cache, definition, config, tuple(auth.subjects), owner
     )
     if runtime.anomaly is not None:
         runtime.anomaly.invalidate()
     headers = {"twinstore-attached": str(attached)}
     if not created:
         return json_response(204, headers=headers)
-    row = await rules.get_rule(_pool(runtime), definition)
+    row = await rules.get_rule(_pool(runtime), definition, owner, ())
     return json_response(201, _rule_body(row), headers=headers)
 
 
@@ -270,12 +271,13 @@ async def get_rule(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime, _, definition, row = await _rule(request)
     if row is None:
         raise _rule_not_found(definition)
-    return json_response(200, _rule_body(row, await rules.attached(_pool(runtime), definition)))
+    attached = await rules.attached(_pool(runtime), definition, str(row["owner"]))
+    return json_response(200, _rule_body(row, attached))
 
 
 async def delete_rule(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime, _, definition, row = await _rule(request)
-    if row is None or not await rules.delete_rule(_pool(runtime), definition):
+    if row is None or not await rules.delete_rule(_pool(runtime), definition, str(row["owner"])):
         raise _rule_not_found(definition)
     if runtime.anomaly is not None:
         runtime.anomaly.invalidate()

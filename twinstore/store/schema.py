@@ -271,6 +271,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX journal_thing_deletions ON journal (id, revision)
         WHERE entity = 'thing' AND action = 'deleted' AND path ~ '^/*$';
     """,
+    # 14: anomaly rules per owner (the subject that put it): one caller's rule for a definition no
+    # longer blocks the definition for everyone else; a rule's detectors name the rule's owner.
+    """
+    ALTER TABLE anomaly_rules ADD COLUMN owner text;
+    UPDATE anomaly_rules SET owner = coalesce(subjects[1], '');
+    ALTER TABLE anomaly_rules ALTER COLUMN owner SET NOT NULL;
+    ALTER TABLE anomaly_rules DROP CONSTRAINT anomaly_rules_pkey;
+    ALTER TABLE anomaly_rules ADD PRIMARY KEY (definition, owner);
+    ALTER TABLE anomaly_detectors ADD COLUMN rule_owner text;
+    UPDATE anomaly_detectors d SET rule_owner = r.owner FROM anomaly_rules r WHERE d.rule = r.definition;
+    DROP INDEX anomaly_detectors_rule;
+    CREATE INDEX anomaly_detectors_rule ON anomaly_detectors (rule, rule_owner) WHERE rule IS NOT NULL;
+    """,
 ]
 
 CREATE_MIGRATIONS = """
