@@ -17,7 +17,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from twinstore.logs import configure_logging
+import twinstore
+from twinstore.embedded import DataDirError, DataDirInUse, EmbeddedError, EmbeddedServers
+from twinstore.logs import LOG_FORMATS, configure_logging, resolve_format
 from twinstore.settings import Settings, load_settings
 from twinstore.shutdown import Shutdown
 
@@ -27,6 +29,22 @@ if TYPE_CHECKING:  # rich is imported by the commands that draw a progress bar
 __all__ = ["main"]
 
 log = logging.getLogger("twinstore")
+
+# Exit statuses of a start that fails (README "Exit status"); 1 and 2 are each command's own.
+EXIT_NOT_STARTED = 3  # the embedded servers, the database or the application did not start
+EXIT_PORT = 4  # cannot listen on --host:--port (in use, no permission, unknown address)
+EXIT_DATA_DIR = 5  # the data dir cannot be created or written (a file, no permission)
+EXIT_IN_USE = 6  # another twinstore serves (or uses) the data dir
+EXIT_INTERRUPTED = 130  # Ctrl-C before the server was up (128 + SIGINT)
+
+
+class StartError(Exception):
+    """A start that cannot go on: one line for the user and the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 # Development mode (embedded servers): the subject of ingest sources not in ingest_sources,
 # unless ingest_default_subjects is set; `twinstore simulate`'s policies grant it.
@@ -56,6 +74,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", metavar="URL", help="PostgreSQL URL (default: embedded)")
     parser.add_argument("--nats-url", metavar="URL", help="NATS URL (default: embedded)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="log lines as text or JSON (default auto: text on a terminal, JSON otherwise; "
+        "setting log_format)",
+    )
 
 
 def _scope(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -73,15 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twinstore", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"twinstore {twinstore.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
         "serve",
         help="run the HTTP API, the journal and the NATS relay",
-        description="Run the Ditto-compatible HTTP API on --host:--port. Applies migrations at start.",
+        description=SERVE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(serve)
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument(
+        "--host",
+        help="address to listen on (default 127.0.0.1; another address exposes the development "
+        "user ditto/ditto to the network unless --users-file is set)",
+    )
+    serve.add_argument(
+        "--port", type=int, help="port to listen on (default 8080; checked before anything starts)"
+    )
     serve.add_argument("--workers", type=int, help="HTTP worker processes (default 1)")
     serve.add_argument("--users-file", metavar="FILE", help="htpasswd file with bcrypt hashes")
     serve.add_argument(
@@ -254,6 +286,28 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="SUBJECT",
         help="another subject the adapters write as (ingest_default_subjects of the server); repeatable",
     )
+
+
+SERVE = """\
+Run the Ditto-compatible HTTP API on --host:--port, with the NATS ingest worker, the anomaly
+scorer and the journal's relay. Applies migrations at start.
+
+Without a database and NATS configured (TWINSTORE_DATABASE_URL, TWINSTORE_NATS_URL) it starts an
+embedded PostgreSQL and NATS under --data-dir and runs in development mode (user ditto/ditto
+unless a users file is configured). Those servers belong to this process: a second `serve` on
+the same data dir is refused, while commands such as `audit verify`, `replay` or `export` with
+the same --data-dir use them. Once up it prints where everything is (the URL, the OpenAPI page,
+the login, the data dir, the NATS and PostgreSQL URLs). The port is checked before anything
+starts: choose another with --port N (`make run ARGS="--port N"`).
+
+Logs: text on a terminal, JSON lines otherwise (--log-format).
+
+Exit status: 0 stopped by SIGTERM / Ctrl-C; 1 the shutdown outran shutdown_grace_seconds;
+2 invalid options or settings; 3 the embedded servers, the database or the application did
+not start; 4 cannot listen on --host:--port (in use, no permission); 5 the data dir cannot be
+created or written (a file, no permission); 6 another twinstore already serves the data dir;
+130 interrupted (Ctrl-C) during start-up.
+"""
 
 
 SIMULATE = """\
@@ -456,6 +510,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         database_url=args.database_url,
         nats_url=args.nats_url,
         log_level=args.log_level,
+        log_format=args.log_format,
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
         workers=getattr(args, "workers", None),
@@ -463,13 +518,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _start_embedded(settings: Settings) -> tuple[Settings, object]:
-    """Start embedded servers for what is not configured; development mode."""
+def _start_embedded(
+    settings: Settings, servers: EmbeddedServers | None = None
+) -> tuple[Settings, EmbeddedServers]:
+    """Start embedded servers for what is not configured, or use the ones another process runs
+    under the same data dir; development mode."""
     from twinstore.auth import default_dev_users
-    from twinstore.embedded import EmbeddedServers
 
     data_dir = Path(settings.data_dir).resolve()
-    servers = EmbeddedServers(data_dir)
+    if servers is None:
+        servers = EmbeddedServers(data_dir)
     database_url, nats_url = servers.start()
     changes: dict[str, object] = {
         "database_url": settings.database_url or database_url,
@@ -478,6 +536,7 @@ def _start_embedded(settings: Settings) -> tuple[Settings, object]:
     }
     if not settings.ingest_default_subjects:
         changes["ingest_default_subjects"] = [DEV_INGEST_SUBJECT]
+    if not settings.ingest_default_subjects and servers.owned:  # said once, by the owner
         log.info(
             "development mode: ingest sources not in ingest_sources write as %s",
             DEV_INGEST_SUBJECT,
@@ -485,14 +544,148 @@ def _start_embedded(settings: Settings) -> tuple[Settings, object]:
         )
     if settings.users_file is None:
         changes["users_file"] = str(default_dev_users(data_dir))
-        log.warning(
-            "development mode: no users file configured, created default user 'ditto' with "
-            "password 'ditto' (do not use in production)",
-            extra={"users_file": changes["users_file"]},
-        )
+        if servers.owned:
+            log.warning(
+                "development mode: no users file configured, created default user 'ditto' with "
+                "password 'ditto' (do not use in production)",
+                extra={"users_file": changes["users_file"]},
+            )
     import msgspec
 
     return msgspec.structs.replace(settings, **changes), servers
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind --host:--port as uvicorn will, before anything starts; StartError if that fails."""
+    import errno
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        raise StartError(
+            f"cannot listen on {host}:{port}: unknown address; choose another with --host", EXIT_PORT
+        ) from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    problem = f"port {port} is already in use on {host}"
+                else:
+                    problem = f"cannot listen on {host}:{port}: {(exc.strerror or 'error').lower()}"
+                raise StartError(
+                    f"{problem}; choose another port: twinstore serve --port N "
+                    f'(make run ARGS="--port N")',
+                    EXIT_PORT,
+                ) from None
+
+
+def _loopback(host: str) -> bool:
+    """Whether every address ``host`` stands for is a loopback address."""
+    import ipaddress
+    import socket
+
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(found) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in found)
+
+
+def _dev_user(settings: Settings) -> bool:
+    """Whether the development user ditto/ditto (created under the data dir) is the login."""
+    default = Path(settings.data_dir).resolve() / "users.htpasswd"
+    return settings.dev_mode and settings.users_file == str(default)
+
+
+def _browser_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _shown_url(url: str | None) -> str:
+    """A database or NATS URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url:
+        return "-"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _announcer(settings: Settings, servers: EmbeddedServers | None) -> Callable[[], None]:
+    """What serve says once it listens: a banner on a terminal (text logs), a JSON line
+    otherwise; and the URL recorded for a second serve's refusal."""
+    url = f"http://{_browser_host(settings.host)}:{settings.port}"
+    exposed = _dev_user(settings) and not _loopback(settings.host)
+
+    def announce() -> None:
+        if servers is not None:
+            servers.serving(url)
+        fields = {
+            "url": url,
+            "openapi": f"{url}/api/2/openapi",
+            "console": f"{url}/",
+            "data_dir": str(Path(settings.data_dir).resolve()) if settings.dev_mode else None,
+            "nats_url": _shown_url(settings.nats_url),
+            "database_url": _shown_url(settings.database_url),
+            "users_file": settings.users_file,
+        }
+        if resolve_format(settings.log_format, sys.stderr) == "json":
+            log.info("ready", extra=fields)
+            return
+        mode = " (development mode: embedded PostgreSQL and NATS)" if settings.dev_mode else ""
+        if _dev_user(settings):
+            login = f"ditto / ditto   (development user in {settings.users_file}; not for production)"
+        elif settings.users_file:
+            login = f"users in {settings.users_file}"
+        else:
+            login = "none configured: every API request is refused with 401"
+        lines = [
+            "",
+            f"twinstore {twinstore.__version__} is ready on {url}{mode}",
+            f"  API reference  {fields['openapi']}",
+            f"  Console        {fields['console']}   (for now it leads to the API reference)",
+            f"  Things         {url}/api/2/things",
+            f"  Login          {login}",
+        ]
+        if settings.dev_mode:
+            lines.append(f"  Data dir       {fields['data_dir']}")
+        lines += [
+            f"  NATS           {fields['nats_url']}   (adapters and `nats pub` publish here)",
+            f"  PostgreSQL     {fields['database_url']}",
+            "  Stop           Ctrl-C",
+        ]
+        if exposed:
+            lines.append(
+                f"  WARNING        listening on {settings.host}: ditto/ditto is open to the network"
+            )
+        print("\n".join([*lines, ""]), file=sys.stderr, flush=True)
+
+    return announce
+
+
+def _warn_exposed(settings: Settings) -> None:
+    if _dev_user(settings) and not _loopback(settings.host):
+        log.warning(
+            "DEVELOPMENT USER ditto/ditto REACHABLE FROM THE NETWORK: listening on %s:%s with the "
+            "development users file; anyone who can reach this port can read and change every "
+            "twin. Configure a users file (--users-file) or listen on 127.0.0.1.",
+            settings.host,
+            settings.port,
+            extra={"host": settings.host, "users_file": settings.users_file},
+        )
 
 
 def serve(settings: Settings) -> None:
@@ -501,15 +694,26 @@ def serve(settings: Settings) -> None:
     from twinstore.api.guard import uvicorn_options
     from twinstore.api.server import CLOSE_RESERVE, GracefulServer
 
-    servers = None
-    if settings.embedded:
-        settings, servers = _start_embedded(settings)
+    # Before anything starts: a data dir another serve owns, or a port in use, is one line.
+    servers = EmbeddedServers(Path(settings.data_dir), share=False) if settings.embedded else None
+    try:
+        if servers is not None:
+            servers.claim()
+        _check_listen(settings.host, settings.port)
+        if servers is not None:
+            settings, servers = _start_embedded(settings, servers)
+    except BaseException:
+        if servers is not None:
+            servers.stop()
+        raise
     # HTTP in flight may take the grace period but for what closing the runtime needs.
     http_grace = max(1, int(settings.shutdown_grace_seconds - CLOSE_RESERVE))
     if settings.users_file is None:
         log.warning("no users file configured: every API request will be refused with 401")
     try:
+        _warn_exposed(settings)
         log.info("serving", extra={"host": settings.host, "port": settings.port})
+        announce = _announcer(settings, servers)
         if settings.workers > 1:
             # Workers re-create the app from the environment (stateless processes).
             for name in ("database_url", "nats_url", "users_file"):
@@ -521,6 +725,7 @@ def serve(settings: Settings) -> None:
 
                 subjects = json.dumps(settings.ingest_default_subjects)
                 os.environ["TWINSTORE_INGEST_DEFAULT_SUBJECTS"] = subjects
+            announce()  # the workers start after this; each logs its own start
             uvicorn.run(
                 "twinstore.api.app:app_from_environment",
                 factory=True,
@@ -538,6 +743,7 @@ def serve(settings: Settings) -> None:
             started = GracefulServer.serve_app(
                 create_app(settings),
                 Shutdown(settings.shutdown_grace_seconds),
+                on_started=announce,
                 host=settings.host,
                 port=settings.port,
                 log_config=None,
@@ -546,10 +752,10 @@ def serve(settings: Settings) -> None:
                 **uvicorn_options(settings),
             )
             if not started:
-                sys.exit(3)  # as uvicorn: the application did not start
+                sys.exit(EXIT_NOT_STARTED)  # as uvicorn: the application did not start
     finally:
         if servers is not None:
-            servers.stop()  # type: ignore[attr-defined]
+            servers.stop()
 
 
 def worker(settings: Settings, role: str) -> int:
@@ -589,7 +795,7 @@ def worker(settings: Settings, role: str) -> int:
         asyncio.run(run())
     finally:
         if servers is not None:
-            servers.stop()  # type: ignore[attr-defined]
+            servers.stop()
     return 0
 
 
@@ -876,6 +1082,28 @@ def import_file(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line; a start that cannot go on is one line on stderr and an exit status
+    (``serve --help`` lists them), never a traceback."""
+    try:
+        _main(argv)
+    except StartError as exc:
+        _fail(str(exc), exc.status)
+    except DataDirInUse as exc:
+        _fail(str(exc), EXIT_IN_USE, prefix="")
+    except DataDirError as exc:
+        _fail(str(exc), EXIT_DATA_DIR)
+    except EmbeddedError as exc:
+        _fail(f"the embedded servers did not start: {exc}", EXIT_NOT_STARTED)
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)
+
+
+def _fail(message: str, status: int, prefix: str = "twinstore: ") -> None:
+    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
@@ -932,7 +1160,7 @@ def _on_database(settings: Settings, run: Callable[[Settings], int]) -> int:
         return 2
     finally:
         if servers is not None:
-            servers.stop()  # type: ignore[attr-defined]
+            servers.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover

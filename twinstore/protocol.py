@@ -48,6 +48,7 @@ from twinstore.model.errors import (
     InvalidInputError,
     JsonInvalidError,
     ThingInvalidError,
+    UnavailableError,
 )
 from twinstore.model.fields import parse_fields
 from twinstore.model.ids import parse_pointer, validate_thing_id
@@ -56,6 +57,7 @@ from twinstore.model.policy import PolicyDelete, PolicyModify
 from twinstore.model.rql import parse_condition
 from twinstore.model.thing import Command, Create, Delete, Merge, Modify
 from twinstore.policy_service import PolicyWrite
+from twinstore.store import is_unavailable
 from twinstore.store.journal import WriteRequest
 
 if TYPE_CHECKING:  # the runtime imports the bus, whose ingestion will import this module
@@ -423,7 +425,10 @@ async def execute(envelope: Any, auth: AuthContext, runtime: Runtime) -> dict[st
         return await _policy(topic, topic_text, envelope, h, auth, runtime)
     except DittoError as exc:
         return error_envelope(exc, _errors_topic_of(topic_text), correlation)
-    except Exception:
+    except Exception as exc:
+        if is_unavailable(exc):  # the database restarting or gone: 503 as over HTTP
+            unavailable = UnavailableError("The database is not reachable; retry later.")
+            return error_envelope(unavailable, _errors_topic_of(topic_text), correlation)
         log.exception("unhandled error in a protocol command", extra={"correlation_id": correlation})
         error = DittoError(
             "An unexpected error occurred; it was logged.",

@@ -25,7 +25,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -46,10 +46,18 @@ SESSIONS_CLOSE = 12.0  # at most this long for WebSocket sessions to finish thei
 class GracefulServer(uvicorn.Server):
     """A uvicorn server of one twinstore app that shuts down in twinstore's order."""
 
+    # Called once the app has started and the sockets listen (serve's start-up banner).
+    on_started: Callable[[], None] | None = None
+
     def __init__(self, config: uvicorn.Config, app: Litestar, stop: Shutdown) -> None:
         super().__init__(config)
         self.app = app
         self.stop = stop
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.stop.signal(sig)  # the second signal exits at once
@@ -99,8 +107,11 @@ class GracefulServer(uvicorn.Server):
         self.stop.finished()
 
     @staticmethod
-    def serve_app(app: Litestar, stop: Shutdown, **config: Any) -> bool:
-        """Run ``app`` until shut down; False when it did not start."""
+    def serve_app(
+        app: Litestar, stop: Shutdown, on_started: Callable[[], None] | None = None, **config: Any
+    ) -> bool:
+        """Run ``app`` until shut down (``on_started`` once it listens); False when it did not start."""
         server = GracefulServer(uvicorn.Config(app, **config), app, stop)
+        server.on_started = on_started
         server.run()
         return server.started
