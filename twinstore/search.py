@@ -244,7 +244,7 @@ class SearchService:
                 await con.execute("SET LOCAL plan_cache_mode = force_custom_plan")
                 return list(await con.fetch(sql, *params))
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
-            raise UnavailableError(f"The database is not reachable: {exc}") from exc
+            raise UnavailableError("The database is not reachable; retry later.") from exc
 
     def _where(
         self,

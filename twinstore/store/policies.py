@@ -89,7 +89,7 @@ class PolicyStore:
             async with self.pool.acquire() as con:
                 return _state(policy_id, await con.fetchrow(SELECT_POLICY, policy_id))
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
-            raise UnavailableError(f"The database is not reachable: {exc}") from exc
+            raise UnavailableError("The database is not reachable; retry later.") from exc
 
     async def load_with_origin(self, policy_id: str) -> tuple[PolicyState, int]:
         """The policy and the journal position of the creation its current life began with (0: that
@@ -98,7 +98,7 @@ class PolicyStore:
             async with self.pool.acquire() as con:
                 row = await con.fetchrow(SELECT_POLICY_ORIGIN, policy_id)
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
-            raise UnavailableError(f"The database is not reachable: {exc}") from exc
+            raise UnavailableError("The database is not reachable; retry later.") from exc
         origin = 0 if row is None or row["origin"] is None else int(row["origin"])
         return _state(policy_id, row), origin
 
@@ -107,7 +107,7 @@ class PolicyStore:
             async with self.pool.acquire() as con:
                 rows = await con.fetch(SELECT_POLICIES, policy_ids)
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
-            raise UnavailableError(f"The database is not reachable: {exc}") from exc
+            raise UnavailableError("The database is not reachable; retry later.") from exc
         return {r["id"]: _state(r["id"], r) for r in rows}
 
     async def write(
@@ -121,7 +121,7 @@ class PolicyStore:
         try:
             return await self._write(policy_id, decide)
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
-            raise UnavailableError(f"The database is not reachable: {exc}") from exc
+            raise UnavailableError("The database is not reachable; retry later.") from exc
 
     async def _write(
         self, policy_id: str, decide: Callable[[PolicyState, datetime], PolicyEvent]
