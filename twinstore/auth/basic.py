@@ -13,8 +13,10 @@ What an attacker guessing passwords meets:
   and an unknown user take the same time to refuse (no user enumeration by timing);
 * failed checks are counted per client address and per user name (token buckets refilled over
   ``window`` seconds); past the limit the answer is 429 ``too.many.requests`` with Retry-After,
-  before any bcrypt. Credentials in the success cache are never refused by the limits, so a
-  flood of wrong passwords does not lock out a client that already logged in;
+  before any bcrypt. Credentials that verified in the last :data:`KNOWN_GOOD_SECONDS` are never
+  refused by the limits (they are checked again with bcrypt once out of the success cache, whose
+  ``ttl`` runs from the last use), so a flood of wrong passwords, even for the same user name or
+  from the same address, does not lock out a client that logged in before;
 * a password over 72 bytes (bcrypt's limit, on which bcrypt 5 raises) is a failed check.
 
 >>> import asyncio, bcrypt, tempfile
@@ -57,6 +59,7 @@ def write_users_file(path: Path, users: dict[str, str]) -> None:
 
 
 MAX_PASSWORD_BYTES = 72  # bcrypt uses no more; bcrypt 5 raises on longer ones
+KNOWN_GOOD_SECONDS = 24 * 3600.0
 _COST = re.compile(rb"^\$2[abxy]?\$(\d\d)\$")
 _WRONG = "The username or password is not correct."
 
@@ -121,6 +124,7 @@ class BasicAuth:
         self._users: dict[str, bytes] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._verified: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._known: OrderedDict[bytes, float] = OrderedDict()  # digest -> verified until
         self._cost = 10
         self._dummy: dict[int, bytes] = {}
         self.per_client = FailureLimit(failures_per_client, window)
@@ -136,6 +140,7 @@ class BasicAuth:
         except OSError:
             self._users, self._stamp = {}, None
             self._verified.clear()
+            self._known.clear()
             return
         stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if stamp == self._stamp:
@@ -153,6 +158,7 @@ class BasicAuth:
         self._cost = min(max(costs, default=10), 31)
         self._users, self._stamp = users, stamp
         self._verified.clear()
+        self._known.clear()
         log.info("loaded users file", extra={"users": len(users), "path": str(self.users_file)})
 
     def fingerprint(self, user: str) -> bytes | None:
@@ -203,6 +209,8 @@ class BasicAuth:
         now = time.monotonic()
         cached = self._verified.get(digest)
         if cached is not None and cached[1] > now:
+            self._verified[digest] = (cached[0], now + self.ttl)  # in use: kept
+            self._verified.move_to_end(digest)
             return cached[0], cached[0].removeprefix("nginx:")
         try:
             user, sep, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
@@ -211,12 +219,15 @@ class BasicAuth:
         if not sep:
             raise AuthenticationError(_WRONG)
         client_key = client or "-"
-        self._limit(client_key, user, now)
+        known = self._known.get(digest, 0.0) > now
+        if not known:
+            self._limit(client_key, user, now)
         secret = password.encode()
         if len(secret) > MAX_PASSWORD_BYTES:
             raise AuthenticationError(_WRONG)
         if self._waiting >= self._max_waiting:
-            self._give(client_key, user)
+            if not known:
+                self._give(client_key, user)
             raise TooManyRequestsError(
                 "Too many password checks are waiting; retry in a second.", retry_after=1.0
             )
@@ -231,12 +242,16 @@ class BasicAuth:
         ok = await asyncio.shield(check)
         if not ok:
             raise AuthenticationError(_WRONG)
-        self._give(client_key, user)
+        if not known:
+            self._give(client_key, user)
         subject = f"nginx:{user}"
         now = time.monotonic()
         self._verified[digest] = (subject, now + self.ttl)
-        while len(self._verified) > self.max_cache:
-            self._verified.popitem(last=False)  # the oldest entry: all share one ttl
+        self._known[digest] = now + KNOWN_GOOD_SECONDS
+        self._known.move_to_end(digest)
+        for cache in (self._verified, self._known):
+            while len(cache) > self.max_cache:
+                cache.popitem(last=False)  # the least recently used
         return subject, user
 
     def _limit(self, client: str, user: str, now: float) -> None:
