@@ -181,6 +181,9 @@ class EmbeddedServers:
         if self._pg is not None:
             _stop_postgres(self._pg)
             self._pg = None
+        elif self.owned and self._root is not None:
+            # A start interrupted (Ctrl-C) after the postmaster started but before we held it.
+            _stop_orphan_postgres(self._root / "postgres")
         self._release()
 
     # -- ownership -----------------------------------------------------------------------------
@@ -347,10 +350,12 @@ def running_owner(data_dir: pathlib.Path) -> dict[str, Any] | None:
 def _prepare(data_dir: pathlib.Path) -> pathlib.Path:
     """The data dir as an absolute path, created; DataDirError when it cannot be used."""
     root = data_dir.expanduser().resolve()
-    if root.exists() and not root.is_dir():
-        raise DataDirError(f"data dir {root} is not a directory; choose another --data-dir")
     try:
+        if root.exists() and not root.is_dir():
+            raise DataDirError(f"data dir {root} is not a directory; choose another --data-dir")
         root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file or a dangling link is in the way
+        raise DataDirError(f"data dir {root} is not a directory; choose another --data-dir") from None
     except OSError as exc:
         raise DataDirError(
             f"cannot create data dir {root}: {_reason(exc)}; choose another --data-dir"
@@ -466,6 +471,25 @@ def _stop_postgres(server: PostgresServer) -> None:
         _log.warning("pg_ctl stop failed (%s); sending SIGQUIT to postmaster %s", exc, pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGQUIT)
+
+
+def _stop_orphan_postgres(pgdata: pathlib.Path) -> None:
+    """Fast-stop (SIGINT) a postmaster running on ``pgdata`` that no handle of ours holds."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return
+    if not _is_postmaster(pid, pgdata):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + PG_STOP_TIMEOUT
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGQUIT)
+    _log.info("stopped embedded PostgreSQL pid %s (start interrupted)", pid)
 
 
 def _discard_stale_postmaster_pid(pgdata: pathlib.Path) -> None:
