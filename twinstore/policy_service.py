@@ -59,6 +59,23 @@ class PolicyWritten(msgspec.Struct, kw_only=True):
     event: PolicyEvent
     before: PolicyState
     after: PolicyState
+    subjects: tuple[str, ...] = ()  # the writer's
+
+    def tag(self, parts: list[str]) -> str | None:
+        """The entity tag of the resource at ``parts`` after the write, as the writer may read it."""
+        enforcer = PolicyCache.compile(self.after.policy_id, self.after.doc)
+        view = None if enforcer is None else enforcer.view(self.subjects)
+        return etag.resource_tag(self.after.doc, self.after.revision, parts, _visible(view))
+
+
+def _visible(view: SubjectView | None) -> Any:
+    """``etag.resource_tag``'s ``visible``: the part of a policy resource ``view`` may read."""
+
+    def visible(parts: list[str], value: Any) -> Any:
+        shown = MISSING if view is None else view.filter("policy", parts, value)
+        return jp.MISSING if shown is MISSING else shown
+
+    return visible
 
 
 class PolicyService:
@@ -86,7 +103,8 @@ class PolicyService:
             raise policy_not_found(policy_id)
         value = jp.get_at(state.doc, parts)
         shown = MISSING if value is jp.MISSING else view.filter("policy", parts, value)
-        tag = None if shown is MISSING else etag.etag_of(value, state.revision, parts)
+        # The tag of what the caller receives: a digest over hidden values would disclose them.
+        tag = None if shown is MISSING else etag.etag_of(shown, state.revision, parts)
         if if_match is not None or if_none_match is not None:
             etag.check(
                 if_match, if_none_match, current_tag=tag, thing_tag=f'"rev:{state.revision}"', read=True
@@ -114,10 +132,11 @@ class PolicyService:
             event, before, after = await self.store.write(request.policy_id, decide)
         finally:
             self.cache.invalidate(request.policy_id)
-        return PolicyWritten(event=event, before=before, after=after)
+        return PolicyWritten(event=event, before=before, after=after, subjects=request.auth.subjects)
 
     def _decide(self, request: PolicyWrite, before: PolicyState, now: datetime) -> PolicyEvent:
         parts = request.command.parts
+        view: SubjectView | None = None
         if before.doc is not None:
             if request.must_not_exist:
                 raise PolicyConflictError(f"The Policy with ID '{request.policy_id}' already exists.")
@@ -142,7 +161,7 @@ class PolicyService:
                 request.if_none_match,
                 current_tag=None
                 if before.doc is None
-                else etag.resource_tag(before.doc, before.revision, parts),
+                else etag.resource_tag(before.doc, before.revision, parts, _visible(view)),
                 thing_tag=None if before.doc is None else f'"rev:{before.revision}"',
                 read=False,
             )

@@ -402,7 +402,7 @@ async def _policy(
             must_not_exist=topic.action == "create",
         )
     )
-    new_tag = etag.resource_tag(done.after.doc, done.after.revision, parts)
+    new_tag = done.tag(parts)
     if done.event.action == "created":
         return _response(topic_text, path, 201, h.correlation_id, done.event.value, new_tag)
     return _response(topic_text, path, 204, h.correlation_id, tag=new_tag)

@@ -125,7 +125,7 @@ async def test_move_from_a_hidden_path_fails_as_from_a_missing_one(live: dict[st
     for source in ("/features/secret/properties/x", "/features/secret/properties/y"):
         op = {"op": "move", "from": source, "path": "/features/public/properties/leak"}
         r = await _patch(eve, thing_id, [op])
-        body = assert_error(r, 403)
+        body = assert_error(r, 403, "things:thing.notmodifiable")
         got.append(body["error"])
     assert got[0] == got[1]
     r = await live["ditto"].get(f"/api/2/things/{thing_id}/features")
@@ -175,7 +175,7 @@ async def test_errors_of_readable_paths_hold_no_values(live: dict[str, Any]) -> 
     _no_values(body, 1717, 1919)
     assert "Operation 1 ('replace')" in body["message"]
     for bad in ([{"op": "add"}], [{"op": "copy", "from": 5, "path": "/a"}], [7], {"op": "add"}):
-        body = assert_error(await _patch(ditto, thing_id, bad), 400)
+        body = assert_error(await _patch(ditto, thing_id, bad), 400, "things:patch.invalid")
         _no_values(body, "<class", "jsonpointer", "KeyError")
 
 
@@ -249,8 +249,14 @@ async def test_tags_are_computed_over_what_the_caller_receives(live: dict[str, A
     r = await ditto.get(f"/api/2/things/{one}/features")
     assert tags["ditto", one] == etag_of(r.json(), 1, ["features"])
     # If-None-Match with the tag of the whole value (or a guess of it) is no 304 for eve ...
-    for guess in (tags["ditto", one], etag_of({"public": {"properties": {"a": 1, "hidden": HIDDEN}},
-                                               "secret": {"properties": {"x": SECRET}}}, 1, ["features"])):
+    for guess in (
+        tags["ditto", one],
+        etag_of(
+            {"public": {"properties": {"a": 1, "hidden": HIDDEN}}, "secret": {"properties": {"x": SECRET}}},
+            1,
+            ["features"],
+        ),
+    ):
         r = await eve.get(f"/api/2/things/{one}/features", headers={"if-none-match": guess})
         assert r.status_code == 200, r.text
         assert r.headers["etag"] == tags["eve", one]
@@ -306,3 +312,51 @@ async def test_historical_reads_tag_the_readable_part(live: dict[str, Any]) -> N
         assert r.status_code == 200, r.text
         tags.append(r.headers["etag"])
     assert tags[0] == tags[1]
+
+
+async def test_policy_tags_are_computed_over_what_the_caller_receives(live: dict[str, Any]) -> None:
+    """The same for policies: eve may read only her own entry of the policy."""
+    tags, write_tags = [], []
+    for secret_subject in ("nginx:hidden-1", "nginx:hidden-2"):
+        policy_id = f"sec.patch:{uuid.uuid4().hex[:12]}"
+        doc = {
+            "entries": {
+                "owner": {
+                    "subjects": {"nginx:ditto": {"type": "test"}},
+                    "resources": {"policy:/": {"grant": ["READ", "WRITE"], "revoke": []}},
+                },
+                "eve": {
+                    "subjects": {"nginx:eve": {"type": "test"}},
+                    "resources": {"policy:/entries/eve": {"grant": ["READ", "WRITE"], "revoke": []}},
+                },
+                "other": {
+                    "subjects": {secret_subject: {"type": "test"}},
+                    "resources": {"thing:/": {"grant": ["READ"], "revoke": []}},
+                },
+            }
+        }
+        r = await live["ditto"].put(f"/api/2/policies/{policy_id}", json=doc)
+        assert r.status_code == 201, r.text
+        r = await live["eve"].get(f"/api/2/policies/{policy_id}/entries")
+        assert r.status_code == 200, r.text
+        assert set(r.json()) == {"eve"}
+        tags.append(r.headers["etag"])
+        r = await live["eve"].get(f"/api/2/policies/{policy_id}/entries", headers={"if-none-match": tags[-1]})
+        assert r.status_code == 304
+        everything = (await live["ditto"].get(f"/api/2/policies/{policy_id}/entries")).json()
+        r = await live["eve"].get(
+            f"/api/2/policies/{policy_id}/entries",
+            headers={"if-none-match": etag_of(everything, 1, ["entries"])},
+        )
+        assert r.status_code == 200
+        # after a write of her own entry, still no trace of the hidden one
+        r = await live["eve"].put(
+            f"/api/2/policies/{policy_id}/entries/eve/subjects/nginx:eve2",
+            json={"type": "test"},
+            headers={"allow-policy-lockout": "true"},  # (eve has no WRITE on policy:/ anyway)
+        )
+        assert r.status_code == 201, r.text
+        r = await live["eve"].get(f"/api/2/policies/{policy_id}/entries")
+        write_tags.append(r.headers["etag"])
+    assert tags[0] == tags[1]
+    assert write_tags[0] == write_tags[1]

@@ -19,7 +19,6 @@ from policies import PERMISSIONS, RESOURCE_TYPES, Enforcer, PolicyInvalidError, 
 from twinstore.api.auth import authenticate
 from twinstore.api.headers import header_value, parse_headers
 from twinstore.api.things import JSON, _options, json_response, read_json, resource_handlers
-from twinstore.model import etag
 from twinstore.model.errors import InvalidInputError, JsonInvalidError
 from twinstore.model.policy import PolicyDelete, PolicyModify
 from twinstore.policy_service import PolicyService, PolicyWrite
@@ -104,7 +103,7 @@ def _make(
                 allow_lockout=h.allow_policy_lockout,
             )
         )
-        new_tag = etag.resource_tag(done.after.doc, done.after.revision, parts)
+        new_tag = done.tag(parts)
         if new_tag is not None:
             headers["etag"] = new_tag
         if not h.response_required:
