@@ -11,6 +11,13 @@ Protocol commands) and hands them to a :class:`Forwarder`:
   When NATS is unreachable it keeps the spool and retries with backoff. A message published
   twice (ack lost, adapter restarted before its commit) carries the same ``Nats-Msg-Id`` and
   seq, so JetStream or the ingest worker drops the copy: nothing lost, nothing applied twice.
+* bounds (:mod:`adapters.limits`): ``send_updates`` drops (logs without the value, counts in
+  ``dropped_rows``) a row that is too large, too deep or not JSON, and splits batches so that
+  every message stays below the NATS server's ``max_payload``. A message NATS refuses for
+  good (larger than ``max_payload`` or the stream's maximum message size: spooled before, or by
+  a server with a smaller limit) is dropped from the spool, logged and counted in
+  ``dropped_messages``, and the messages behind it go on; only errors that may pass (NATS
+  away, timeouts, no stream answering) are retried.
 * ``desired_changes`` is the other direction: a durable JetStream consumer ``adapter-<source>``
   on the events stream yields the events that change ``desiredProperties`` of the adapter's
   things; :func:`desired_values` flattens one into the values to send to the device.
@@ -28,6 +35,7 @@ import contextlib
 import logging
 import re
 import tomllib
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,8 +48,20 @@ import nats.js.errors
 import yaml
 from nats.aio.client import Client as NATS
 
+from adapters import limits
 from adapters.spool import Spool, SpoolFullError
-from twinstore.bus.ingest import IngestSubjects, OutgoingMessage, Update, command_message, initial_seq
+from twinstore.bus.ingest import (
+    SEQ_HEADER,
+    TELEMETRY_FRAME_BYTES,
+    EncodedUpdate,
+    IngestSubjects,
+    OutgoingMessage,
+    Update,
+    command_message,
+    encode_update,
+    header_bytes,
+    initial_seq,
+)
 from twinstore.bus.ingest import telemetry_messages as _telemetry_messages
 from twinstore.bus.subjects import Subjects
 
@@ -57,6 +77,10 @@ __all__ = [
 log = logging.getLogger("adapters.forwarder")
 
 _DURABLE_INVALID = re.compile(r"[^A-Za-z0-9_-]")
+# Room kept for a message's NATS headers (about 130 bytes) when splitting batches by size.
+_HEADER_ROOM = 1024
+# JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): never passes.
+_JS_MESSAGE_TOO_LARGE = 10054
 
 
 class ConfigError(ValueError):
@@ -80,10 +104,43 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: The keys :func:`forwarder_from_config` reads (every adapter shares them).
+COMMON_KEYS = frozenset(
+    {
+        "nats_url",
+        "nats_prefix",
+        "ingest_partitions",
+        "source",
+        "spool_dir",
+        "spool_max_bytes",
+        "nats",
+        "max_row_bytes",
+        "max_json_depth",
+        "max_message_bytes",
+    }
+)
+
+
+def config_int(config: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """``config[key]`` as an int in ``low..high`` (:class:`ConfigError` naming the key if not)."""
+    raw = config.get(key, default)
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise ConfigError(f"{key}: must be an integer {low}..{high}, not {raw!r}")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: must be an integer {low}..{high}, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be {low}..{high}, not {value}")
+    return value
+
+
 def forwarder_from_config(config: dict[str, Any], default_source: str) -> Forwarder:
-    """A :class:`Forwarder` from the keys every adapter shares: ``nats_url``, ``nats_prefix``,
-    ``ingest_partitions``, ``source``, ``spool_dir``, ``spool_max_bytes`` and ``nats`` (extra
-    keyword options of ``nats.connect``, e.g. ``user``, ``password``, ``token``)."""
+    """A :class:`Forwarder` from the keys every adapter shares (:data:`COMMON_KEYS`):
+    ``nats_url``, ``nats_prefix``, ``ingest_partitions``, ``source``, ``spool_dir``,
+    ``spool_max_bytes``, ``nats`` (extra keyword options of ``nats.connect``, e.g. ``user``,
+    ``password``, ``token``) and the bounds ``max_row_bytes``, ``max_json_depth``,
+    ``max_message_bytes`` (:mod:`adapters.limits`)."""
     source = str(config.get("source", default_source))
     if not source or any(c in source for c in " .*>"):
         raise ConfigError(f"source {source!r}: must be non-empty without spaces, '.', '*' or '>'")
@@ -95,6 +152,9 @@ def forwarder_from_config(config: dict[str, Any], default_source: str) -> Forwar
         max_bytes = int(config.get("spool_max_bytes", 1 << 30))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"ingest_partitions / spool_max_bytes: {exc}") from exc
+    message_bytes = config_int(config, "max_message_bytes", limits.MAX_MESSAGE_BYTES, 4096, 64 << 20)
+    room = message_bytes - _HEADER_ROOM - TELEMETRY_FRAME_BYTES  # a row must fit in a message
+    row_bytes = config_int(config, "max_row_bytes", min(limits.MAX_ROW_BYTES, room), 256, room)
     return Forwarder(
         str(config.get("nats_url", "nats://127.0.0.1:4222")),
         IngestSubjects(str(config.get("nats_prefix", "twinstore")), partitions),
@@ -102,6 +162,9 @@ def forwarder_from_config(config: dict[str, Any], default_source: str) -> Forwar
         Path(str(config.get("spool_dir", f"spool-{source}"))),
         max_bytes,
         nats_options=options,
+        max_row_bytes=row_bytes,
+        max_json_depth=config_int(config, "max_json_depth", limits.MAX_JSON_DEPTH, 1, 10_000),
+        max_message_bytes=message_bytes,
     )
 
 
@@ -123,11 +186,14 @@ def _unescape(token: str) -> str:
 
 
 def _leaves(value: Any, pointer: str) -> Iterator[tuple[str, Any]]:
-    if isinstance(value, dict) and value:
-        for key, child in value.items():
-            yield from _leaves(child, f"{pointer}/{_escape(str(key))}")
-    elif pointer and value is not None:  # null in a merge removes: nothing to send
-        yield pointer, value
+    # Iterative: an event's value comes from outside the adapter and may be deeply nested.
+    stack: list[tuple[Any, str]] = [(value, pointer)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict) and item:
+            stack.extend((child, f"{where}/{_escape(str(key))}") for key, child in reversed(item.items()))
+        elif where and item is not None:  # null in a merge removes: nothing to send
+            yield where, item
 
 
 def desired_values(envelope: dict[str, Any]) -> list[DesiredValue]:
@@ -170,6 +236,9 @@ class Forwarder:
         publish_batch: int = 256,
         ack_timeout: float = 5.0,
         max_backoff: float = 5.0,
+        max_row_bytes: int = limits.MAX_ROW_BYTES,
+        max_json_depth: int = limits.MAX_JSON_DEPTH,
+        max_message_bytes: int = limits.MAX_MESSAGE_BYTES,
     ) -> None:
         self.nats_url = nats_url
         self.subjects = subjects
@@ -180,9 +249,15 @@ class Forwarder:
         self.publish_batch = publish_batch
         self.ack_timeout = ack_timeout
         self.max_backoff = max_backoff
+        self.max_row_bytes = max_row_bytes
+        self.max_json_depth = max_json_depth
+        self.max_message_bytes = max_message_bytes
         self.published = 0  # messages acknowledged by JetStream (this process)
         self.spooled = 0  # messages written to the spool (this process)
         self.updates = 0  # rows handed to send_updates
+        self.dropped_rows: Counter[str] = Counter()  # rows not spooled, by reason (adapters.limits)
+        self.dropped_messages = 0  # spooled messages NATS refused for good, dropped
+        self._server_max_payload: int | None = None  # learnt at connect
         self._spool: Spool | None = None
         self._nc: NATS | None = None
         self._connected = asyncio.Event()
@@ -243,7 +318,13 @@ class Forwarder:
         self._connected.clear()
         log.info(
             "forwarder stopped",
-            extra={"source": self.source, "published": self.published, "pending": self.pending},
+            extra={
+                "source": self.source,
+                "published": self.published,
+                "pending": self.pending,
+                "dropped_rows": sum(self.dropped_rows.values()),
+                "dropped_messages": self.dropped_messages,
+            },
         )
         if self._spool is not None:
             self._spool.close()
@@ -251,22 +332,74 @@ class Forwarder:
 
     # -- sending -------------------------------------------------------------------------------
 
+    @property
+    def message_bytes(self) -> int:
+        """Payload bytes a message may have: ``max_message_bytes``, or the server's
+        ``max_payload`` when smaller, less room for the headers."""
+        limit = self.max_message_bytes
+        if self._server_max_payload is not None:
+            limit = min(limit, self._server_max_payload)
+        return limit - _HEADER_ROOM
+
     async def send_updates(self, updates: list[Update]) -> None:
-        """Number ``updates`` (one telemetry message per partition), spool them durably and
-        return; published in the background."""
+        """Number ``updates`` (telemetry messages per partition, each below
+        :attr:`message_bytes`), spool them durably and return; published in the background.
+        A row that cannot be sent (see the module docstring) is dropped and counted."""
         if not updates:
+            return
+        rows = self._checked(updates)
+        self.updates += len(updates)
+        if not rows:
             return
         async with self._seq_lock:
             first = initial_seq(self.spool.last_seq)
-            await self._append(_telemetry_messages(self.subjects, self.source, first, updates))
-        self.updates += len(updates)
+            await self._append(
+                _telemetry_messages(self.subjects, self.source, first, rows, max_bytes=self.message_bytes)
+            )
+
+    def _checked(self, updates: list[Update]) -> list[EncodedUpdate]:
+        """The rows that can be sent, each encoded once; the others logged and counted."""
+        rows: list[EncodedUpdate] = []
+        most = min(self.max_row_bytes, self.message_bytes - TELEMETRY_FRAME_BYTES)
+        for update in updates:
+            problem = limits.value_problem(update.value, self.max_json_depth)
+            if problem is None:
+                try:
+                    encoded = encode_update(update)
+                except (TypeError, ValueError, OverflowError):  # UnicodeEncodeError: a lone surrogate
+                    problem = limits.NOT_JSON
+                else:
+                    if len(encoded.data) <= most:
+                        rows.append(encoded)
+                        continue
+                    problem = limits.TOO_LARGE
+            self.dropped_rows[problem] += 1
+            log.warning(
+                "row dropped: %s",
+                problem,
+                extra={
+                    "source": self.source,
+                    "thing_id": str(update.thing_id)[:300],
+                    "path": str(update.path)[:300],
+                    "max_row_bytes": most,
+                    "max_json_depth": self.max_json_depth,
+                    "dropped_rows": sum(self.dropped_rows.values()),
+                },
+            )
+        return rows
 
     async def send_command(self, envelope: dict[str, Any]) -> None:
         """Spool one Ditto Protocol command envelope durably and return (published in order
-        with the telemetry of this source)."""
+        with the telemetry of this source); ``ValueError`` if it is larger than a message may
+        be (:attr:`message_bytes`)."""
         async with self._seq_lock:
             seq = initial_seq(self.spool.last_seq)
-            await self._append([command_message(self.subjects, self.source, seq, envelope)])
+            message = command_message(self.subjects, self.source, seq, envelope)
+            if len(message.payload) > self.message_bytes:
+                raise ValueError(
+                    f"command envelope of {len(message.payload)} bytes: more than {self.message_bytes}"
+                )
+            await self._append([message])
 
     async def _append(self, messages: list[OutgoingMessage]) -> None:
         warned = False
@@ -334,6 +467,7 @@ class Forwarder:
                     self._connected.clear()
                     self._nc = await self._open()
                     self._connected.set()
+                self._server_max_payload = self._nc.max_payload
                 js = self._nc.jetstream()
                 while True:
                     self._wake.clear()  # before peeking: an append after this wakes us
@@ -356,20 +490,50 @@ class Forwarder:
                 backoff = min(backoff * 2, self.max_backoff)
 
     async def _publish(self, js: nats.js.JetStreamContext, batch: list[OutgoingMessage]) -> None:
-        """Publish in order, each awaited until acknowledged; commit what was acknowledged
-        (also when a later one fails: the next round starts with the failed one)."""
+        """Publish in order, each awaited until acknowledged; commit what was acknowledged or
+        refused for good (also when a later one fails: the next round starts with it)."""
         done = 0
         try:
             for message in batch:
-                await js.publish(
-                    message.subject, message.payload, timeout=self.ack_timeout, headers=message.headers
-                )
+                size = len(message.payload) + header_bytes(message.headers)
+                max_payload = self._server_max_payload
+                if max_payload is not None and size > max_payload:
+                    # Checked here: the server would close the connection (headers count too),
+                    # and the same message would be refused again after every reconnect.
+                    self._dropped(message, f"larger than the NATS server's max_payload ({max_payload})")
+                    done += 1
+                    continue
+                try:
+                    await js.publish(
+                        message.subject, message.payload, timeout=self.ack_timeout, headers=message.headers
+                    )
+                except nats.errors.MaxPayloadError:
+                    self._dropped(message, "larger than the NATS server's max_payload")
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code != _JS_MESSAGE_TOO_LARGE:
+                        raise
+                    self._dropped(message, "larger than the stream's maximum message size")
+                else:
+                    self.published += 1
                 done += 1
         finally:
             if done:
                 await asyncio.to_thread(self.spool.commit, done)
-                self.published += done
                 self._room.set()
+
+    def _dropped(self, message: OutgoingMessage, why: str) -> None:
+        self.dropped_messages += 1
+        log.warning(
+            "message dropped from the spool: %s",
+            why,
+            extra={
+                "source": self.source,
+                "seq": message.headers.get(SEQ_HEADER),
+                "subject": message.subject,
+                "bytes": len(message.payload),
+                "dropped_messages": self.dropped_messages,
+            },
+        )
 
     # -- the other direction -------------------------------------------------------------------
 
@@ -432,7 +596,7 @@ _decode_json = msgspec.json.Decoder(dict[str, Any]).decode
 def _decode_event(data: bytes) -> dict[str, Any] | None:
     try:
         return _decode_json(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # msgspec recurses per nesting level
         log.warning("undecodable event skipped")
         return None
 

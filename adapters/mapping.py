@@ -13,7 +13,9 @@ A mapping (one entry of ``mappings:`` in the adapter configuration)::
     command_topic: plant/{namespace}/{thing}/{feature}/{property}/set
     command_value: /value              # desired value sent as {"value": v}; absent: v as JSON
 
-A payload that is not JSON is taken as a UTF-8 string (no pointer applies to it).
+A payload that is not JSON is taken as a UTF-8 string (no pointer applies to it); one that is
+neither raises ``UnicodeDecodeError`` (the adapter drops and counts it). JSON nested deeper than
+msgspec's recursion allows raises ``RecursionError`` (dropped likewise).
 
 >>> m = TopicMapping.from_config({"topic": "plant/{namespace}/{thing}/{feature}/{property}",
 ...     "value": "/v", "timestamp": "/ts",
@@ -29,6 +31,7 @@ A payload that is not JSON is taken as a UTF-8 string (no pointer applies to it)
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from datetime import datetime
@@ -73,18 +76,31 @@ def pick(document: Any, pointer: str) -> Any:
     return value
 
 
+# Years 1..9999 in ms since the epoch: what the service accepts as a source timestamp.
+_MIN_MS, _MAX_MS = -62_135_596_800_000, 253_402_300_799_999
+
+
 def timestamp_ms(value: Any) -> int | None:
-    """A source timestamp as ms since the epoch: numbers below 1e11 are seconds, strings ISO."""
+    """A source timestamp as ms since the epoch: numbers below 1e11 are seconds, strings ISO;
+    None for anything else, a time outside the years 1..9999 included.
+
+    >>> timestamp_ms(1700000000), timestamp_ms("2024-01-02T03:04:05Z"), timestamp_ms(1e300)
+    (1700000000000, 1704164645000, None)
+    """
     if isinstance(value, bool) or value is None or value is _MISSING:
         return None
     if isinstance(value, int | float):
-        return int(value * 1000) if abs(value) < 1e11 else int(value)
-    if isinstance(value, str):
-        try:
-            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-        except ValueError:
+        if isinstance(value, float) and not math.isfinite(value):
             return None
-    return None
+        ms = int(value * 1000) if abs(value) < 1e11 else int(value)
+    elif isinstance(value, str):
+        try:
+            ms = int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+        except (ValueError, OverflowError, OSError):
+            return None
+    else:
+        return None
+    return ms if _MIN_MS <= ms <= _MAX_MS else None
 
 
 def _fields_of(template: str) -> list[str]:
@@ -173,7 +189,8 @@ class TopicMapping:
         try:
             document: Any = _decode_json(payload)
         except msgspec.DecodeError:
-            document = payload.decode("utf-8", errors="replace")
+            # strict: replacement characters would change the device's value without a trace
+            document = payload.decode("utf-8")
         thing_id = self.thing.format_map(variables)
         feature = self.feature.format_map(variables)
         ts = timestamp_ms(pick(document, self.timestamp)) if self.timestamp else None

@@ -17,17 +17,27 @@ Configuration (YAML or TOML; the keys every adapter shares are in :mod:`adapters
       clean_start: false
     batch_rows: 500                  # rows per send_updates, or
     batch_ms: 20                     # at most this long after the first message
+    max_payload_bytes: 262144        # a larger MQTT payload is dropped undecoded
     mappings: [...]                  # see adapters.mapping
     sparkplug:                       # see adapters.sparkplug.host
       namespace: org.acme
       groups: ["+"]
       default_feature: metrics
+      max_metrics: 10000             # a payload with more metrics is dropped
 
 Delivery: paho runs its network loop in its own thread; :class:`_Inbox` is the one bridge to
 asyncio (a bounded deque: when full, paho's thread waits, so TCP pushes back to the broker).
 Subscriptions are QoS 1 with manual acknowledgement: a message is acknowledged to the broker
 only after its rows are in the spool (fsynced), so neither a crash of the adapter nor an outage
 of NATS loses it (with a persistent session the broker keeps what arrives meanwhile).
+
+Hostile or broken devices: a message larger than ``max_payload_bytes``, one that cannot be
+decoded (JSON nested too deeply for the decoder, bytes that are neither JSON nor UTF-8 text, a
+Sparkplug payload that is no protobuf or has more than ``max_metrics`` metrics) is dropped,
+logged (topic and reason, never the payload) and counted in ``dropped`` (by reason, see
+:mod:`adapters.limits`); the forwarder drops rows it cannot send (``dropped_rows``). A dropped
+message is acknowledged like any other (else the broker would deliver it again for ever) and
+the messages around it go on.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import logging
 import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,7 +57,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from adapters.base import ConfigError, Forwarder, desired_values, forwarder_from_config
+from adapters import limits
+from adapters.base import ConfigError, Forwarder, config_int, desired_values, forwarder_from_config
 from adapters.mapping import TopicMapping
 from adapters.sparkplug.host import NAMESPACE as SPARKPLUG
 from adapters.sparkplug.host import SparkplugHost
@@ -57,8 +68,8 @@ __all__ = ["MqttAdapter", "run"]
 
 log = logging.getLogger("adapters.mqtt")
 
-# (topic, payload, mid, qos, received at ms)
-Received = tuple[str, bytes, int, int, int]
+# (topic, payload (None: larger than max_payload_bytes, not kept), mid, qos, received at ms)
+Received = tuple[str, bytes | None, int, int, int]
 Answer = tuple[str, bytes]  # an MQTT message to publish (topic, payload)
 
 
@@ -173,6 +184,9 @@ class MqttAdapter:
         self.batch_rows = int(config.get("batch_rows", 500))
         self.batch_ms = float(config.get("batch_ms", 20))
         self.queue_size = int(config.get("queue_size", 20_000))
+        self.max_payload_bytes = config_int(
+            config, "max_payload_bytes", limits.MAX_PAYLOAD_BYTES, 1, 256 * 1024 * 1024
+        )
         self.mappings = [TopicMapping.from_config(m) for m in config.get("mappings") or []]
         sparkplug = config.get("sparkplug")
         self.sparkplug: SparkplugHost | None = None
@@ -184,6 +198,7 @@ class MqttAdapter:
                 str(sparkplug["namespace"]),
                 default_feature=str(sparkplug.get("default_feature", "metrics")),
                 request_rebirth=bool(sparkplug.get("rebirth", True)),
+                max_metrics=config_int(sparkplug, "max_metrics", limits.MAX_SPARKPLUG_METRICS, 1, 10_000_000),
             )
             self.sparkplug_groups = [str(g) for g in sparkplug.get("groups", ["+"])]
         if not self.mappings and self.sparkplug is None:
@@ -205,6 +220,7 @@ class MqttAdapter:
         self.received = 0
         self.unmatched = 0
         self.commands = 0
+        self.dropped: Counter[str] = Counter()  # messages dropped undecoded, by reason
         self._client: _Client | None = None
         self._inbox: _Inbox | None = None
         self._connected = asyncio.Event()
@@ -261,7 +277,9 @@ class MqttAdapter:
 
         def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             assert self._inbox is not None
-            self._inbox.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos, int(time.time() * 1000)))
+            # An oversized payload is not kept: the inbox holds thousands of messages.
+            body = bytes(msg.payload) if len(msg.payload) <= self.max_payload_bytes else None
+            self._inbox.put((msg.topic, body, msg.mid, msg.qos, int(time.time() * 1000)))
 
         def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
             if refused := [str(r) for r in reasons if r.is_failure]:
@@ -329,6 +347,31 @@ class MqttAdapter:
         self.unmatched += 1
         return [], []
 
+    def _rows(self, topic: str, payload: bytes | None, received_ms: int) -> tuple[list[Update], list[Answer]]:
+        """:meth:`decode`, or nothing for a message to drop (logged and counted)."""
+        if payload is None or len(payload) > self.max_payload_bytes:
+            return self._drop(topic, limits.TOO_LARGE)
+        try:
+            return self.decode(topic, payload, received_ms)
+        except RecursionError:  # msgspec's JSON decoder recurses per nesting level
+            return self._drop(topic, limits.TOO_DEEP)
+        except Exception as exc:  # whatever a device sends must not end the adapter
+            return self._drop(topic, limits.UNDECODABLE, type(exc).__name__)
+
+    def _drop(self, topic: str, reason: str, error: str | None = None) -> tuple[list[Update], list[Answer]]:
+        self.dropped[reason] += 1
+        log.warning(
+            "MQTT message dropped: %s",
+            reason,
+            extra={
+                "topic": topic[:300],
+                "error": error,
+                "max_payload_bytes": self.max_payload_bytes,
+                "dropped": sum(self.dropped.values()),
+            },
+        )
+        return [], []
+
     async def _ingest(self) -> None:
         assert self._inbox is not None
         while True:
@@ -336,7 +379,7 @@ class MqttAdapter:
             rows: list[Update] = []
             answers: list[tuple[str, bytes]] = []
             for topic, payload, _, _, received_ms in batch:
-                got, publish = self.decode(topic, payload, received_ms)
+                got, publish = self._rows(topic, payload, received_ms)
                 rows.extend(got)
                 answers.extend(publish)
             await self.forwarder.send_updates(rows)  # durable when it returns
@@ -405,6 +448,10 @@ class MqttAdapter:
                     "published": self.forwarder.published,
                     "pending": self.forwarder.pending,
                     "sparkplug_seq_gaps": self.sparkplug.seq_gaps if self.sparkplug else 0,
+                    "sparkplug_dropped": self.sparkplug.dropped if self.sparkplug else 0,
+                    "dropped": dict(self.dropped),
+                    "dropped_rows": dict(self.forwarder.dropped_rows),
+                    "dropped_messages": self.forwarder.dropped_messages,
                 },
             )
 

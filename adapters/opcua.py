@@ -36,7 +36,10 @@ the same keys works too; the keys every adapter shares, ``source``, ``nats_url``
 Every data change of a node becomes one :class:`~twinstore.bus.ingest.Update` per mapping:
 the value as JSON (timestamps ISO-8601, byte strings base64, structures as objects), the
 ``SourceTimestamp`` (else the ``ServerTimestamp``) in ms, and the status code's name as quality
-(``Good``, ``BadSensorFailure``; a bad value without a value sends ``null``). Rows are handed
+(``Good``, ``BadSensorFailure``; a bad value without a value sends ``null``). A value larger than
+``max_row_bytes`` (a ByteString or String of megabytes, a big array) is dropped before it is
+converted, logged and counted in ``dropped``; a NaN or Infinity is dropped by the forwarder
+(JSON cannot carry it, ``null`` would delete the property). Rows are handed
 to :class:`~adapters.base.Forwarder` in batches (``batch_rows`` rows or ``batch_ms`` after
 the first, whichever comes first); the forwarder spools them durably.
 
@@ -60,8 +63,8 @@ import base64
 import contextlib
 import dataclasses
 import logging
-import math
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from enum import Enum
@@ -77,7 +80,8 @@ from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography import x509
 
-from adapters.base import ConfigError, Forwarder, desired_values, forwarder_from_config
+from adapters import limits
+from adapters.base import COMMON_KEYS, ConfigError, Forwarder, desired_values, forwarder_from_config
 from twinstore.bus.ingest import Update
 
 __all__ = ["Connection", "NodeMapping", "OpcUaAdapter", "OpcUaConfig", "Security", "parse_config", "run"]
@@ -138,15 +142,11 @@ class OpcUaConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"opcua.security: policy {security.policy} needs certificate and private_key")
 
 
-# the keys every adapter shares (adapters.base.forwarder_from_config reads them)
-_COMMON = {"nats_url", "nats_prefix", "ingest_partitions", "source", "spool_dir", "spool_max_bytes", "nats"}
-
-
 def parse_config(config: dict[str, Any]) -> OpcUaConfig:
     """The OPC UA part of the configuration; :class:`~adapters.base.ConfigError` naming what is
     wrong (an unknown key too: a typo must not silently fall back to a default)."""
     try:
-        return msgspec.convert({k: v for k, v in config.items() if k not in _COMMON}, OpcUaConfig)
+        return msgspec.convert({k: v for k, v in config.items() if k not in COMMON_KEYS}, OpcUaConfig)
     except (msgspec.ValidationError, ValueError) as exc:
         raise ConfigError(f"OPC UA adapter: {exc}") from exc
 
@@ -157,13 +157,14 @@ _PLAIN = (float, int, str, bool, type(None))
 
 
 def to_json(value: Any) -> Any:
-    """An OPC UA value as JSON (what a telemetry row carries).
+    """An OPC UA value as JSON (what a telemetry row carries); NaN and Infinity stay floats
+    (the forwarder drops such a row).
 
     >>> to_json([1.5, ua.LocalizedText("on"), datetime(2026, 1, 2, tzinfo=UTC), b"\\x01"])
     [1.5, 'on', '2026-01-02T00:00:00Z', 'AQ==']
     """
     if type(value) in _PLAIN:
-        return None if type(value) is float and not math.isfinite(value) else value
+        return value
     if isinstance(value, list | tuple):
         return [to_json(v) for v in value]
     if isinstance(value, datetime):
@@ -187,6 +188,24 @@ def to_json(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
     return str(value)
+
+
+def too_large(value: Any, max_bytes: int) -> bool:
+    """Whether ``value`` is certainly larger than ``max_bytes`` as JSON, told without
+    converting it (a ByteString of megabytes would first become a base64 string of more).
+
+    >>> too_large(b"x" * 300, 200), too_large("x" * 100, 200), too_large(list(range(150)), 200)
+    (True, False, True)
+    """
+    if isinstance(value, ua.Variant):
+        value = value.Value
+    if isinstance(value, bytes | bytearray):
+        return len(value) * 4 // 3 > max_bytes
+    if isinstance(value, str):
+        return len(value) > max_bytes
+    if isinstance(value, list | tuple):
+        return 2 * len(value) > max_bytes  # each element and its comma: two bytes at least
+    return False
 
 
 def _aware(ts: datetime) -> datetime:
@@ -338,6 +357,7 @@ class OpcUaAdapter:
         self.received = 0  # data changes received (all sessions)
         self.sessions = 0  # sessions that got as far as subscribing
         self.written = 0  # desired values written to nodes
+        self.dropped: Counter[str] = Counter()  # data changes dropped unconverted, by reason
         self._writes: dict[tuple[str, str, str], list[int]] = {}
         for index, mapping in enumerate(config.nodes):
             key = _desired_key(mapping)
@@ -535,6 +555,20 @@ class OpcUaAdapter:
                     continue
                 self.received += 1
                 data = item.Value
+                if too_large(event.value, self.forwarder.max_row_bytes):
+                    self.dropped[limits.TOO_LARGE] += 1
+                    log.warning(
+                        "OPC UA value dropped: %s",
+                        limits.TOO_LARGE,
+                        extra={
+                            "node": event.node.nodeid.to_string(),
+                            "thing_id": mappings[indexes[0]].thing_id,
+                            "path": mappings[indexes[0]].path,
+                            "max_row_bytes": self.forwarder.max_row_bytes,
+                            "dropped": sum(self.dropped.values()),
+                        },
+                    )
+                    continue
                 value = to_json(event.value)
                 ts = _millis(data.SourceTimestamp or data.ServerTimestamp)
                 quality = data.StatusCode.name if data.StatusCode is not None else "Good"

@@ -17,7 +17,11 @@ Topics ``spBv1.0/<group>/<type>/<edge node>[/<device>]``. The unified-namespace 
 * ``seq`` (0..255 per node over NBIRTH, NDATA, DBIRTH, DDATA, DDEATH) is checked; a gap is
   logged and counted and asks for a rebirth;
 * source timestamp = the metric's timestamp, else the payload's; quality = the metric's
-  ``Quality`` property.
+  ``Quality`` property;
+* a payload with more than ``max_metrics`` metrics is dropped whole, a metric whose value
+  cannot be converted (a DateTime beyond the year 9999) alone; both logged and counted in
+  ``dropped``. NaN and Infinity floats go on as such: the forwarder drops those rows (JSON
+  cannot carry them; ``null`` would delete the property).
 
 >>> host = SparkplugHost("org.acme")
 >>> speed = metric("Motor/Speed", DataType.Float, 1.5, alias=1)
@@ -39,6 +43,7 @@ from typing import Any
 
 import msgspec
 
+from adapters.limits import MAX_SPARKPLUG_METRICS
 from adapters.mapping import property_path
 from adapters.sparkplug.codec import DataType, metric, quality_of, value_of
 from adapters.sparkplug.sparkplug_b_pb2 import Payload
@@ -112,8 +117,10 @@ class SparkplugHost:
         default_feature: str = "metrics",
         connectivity_feature: str = "connectivity",
         request_rebirth: bool = True,
+        max_metrics: int = MAX_SPARKPLUG_METRICS,
     ) -> None:
         self.namespace = namespace
+        self.max_metrics = max_metrics
         self.default_feature = default_feature
         self.connectivity_feature = connectivity_feature
         self.request_rebirth = request_rebirth
@@ -144,6 +151,14 @@ class SparkplugHost:
         except Exception:  # protobuf's DecodeError; nothing else can come from bytes
             log.warning("undecodable Sparkplug payload", extra={"topic": topic})
             self.dropped += 1
+            return out
+        if len(p.metrics) > self.max_metrics:
+            # Dropped before any metric is looked at: a rebirth would only send it again.
+            self.dropped += 1
+            log.warning(
+                "Sparkplug payload dropped: too many metrics",
+                extra={"topic": topic, "metrics": len(p.metrics), "max_metrics": self.max_metrics},
+            )
             return out
         key = (group, edge)
         ts = p.timestamp if p.HasField("timestamp") else now_ms
@@ -215,7 +230,16 @@ class SparkplugHost:
             if info.name == "bdSeq" or info.name.startswith("Node Control/"):
                 continue
             path = self._path(info.name)
-            value = value_of(m, info.datatype)
+            try:
+                value = value_of(m, info.datatype)
+            except (ValueError, OverflowError, OSError) as exc:  # a time datetime cannot hold
+                self.dropped += 1
+                log.warning(
+                    "Sparkplug metric dropped: %s",
+                    type(exc).__name__,
+                    extra={"thing_id": thing_id, "path": path[:300], "datatype": info.datatype},
+                )
+                continue
             when = m.timestamp if m.HasField("timestamp") else ts
             out.updates.append(Update(thing_id, path, value, when, quality_of(m)))
 

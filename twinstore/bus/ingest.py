@@ -25,7 +25,8 @@ Two message forms, told apart by ``Content-Type`` (or, without it, by their JSON
   becomes one journal event that keeps the source timestamp and quality as its headers
   ``source-timestamp`` and ``source-quality`` (shown by history reads in ``historical-headers``).
   A message holds at most :data:`MAX_ROWS_PER_MESSAGE` rows (:func:`telemetry_messages` splits
-  larger batches; the worker refuses a message with more than ``ingest_max_rows_per_message``).
+  larger batches, and batches larger than the NATS server's ``max_payload`` when given
+  ``max_bytes``; the worker refuses a message with more than ``ingest_max_rows_per_message``).
   A malformed row is refused on its own; the other rows of its message are applied.
 
 Every message carries ``Nats-Msg-Id: <source>:<seq>`` (JetStream drops a republish within its
@@ -49,7 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -60,13 +61,17 @@ __all__ = [
     "MAX_ROWS_PER_MESSAGE",
     "SEQ_HEADER",
     "SOURCE_HEADER",
+    "TELEMETRY_FRAME_BYTES",
     "TELEMETRY_TYPE",
+    "EncodedUpdate",
     "IngestSubjects",
     "OutgoingMessage",
     "Update",
     "command_message",
     "decode_telemetry",
     "decode_telemetry_rows",
+    "encode_update",
+    "header_bytes",
     "initial_seq",
     "telemetry_messages",
 ]
@@ -180,22 +185,63 @@ def _headers(source: str, seq: int, content_type: str) -> dict[str, str]:
     }
 
 
+class EncodedUpdate(NamedTuple):
+    """A row encoded once (its JSON array), with its thing id for the partition: an adapter can
+    check a row's size and then batch it without encoding it again."""
+
+    thing_id: str
+    data: bytes
+
+
+def encode_update(update: Update) -> EncodedUpdate:
+    """``update`` as the JSON of one telemetry row (msgspec's errors if its value is not JSON)."""
+    return EncodedUpdate(update.thing_id, _encode(update))
+
+
+#: The bytes of a telemetry message besides its rows and the commas between them.
+TELEMETRY_FRAME_BYTES = len(b'{"updates":[]}')
+
+
+def header_bytes(headers: dict[str, str]) -> int:
+    """The bytes the NATS headers of a message take on the wire: the server compares headers
+    plus payload with its ``max_payload`` (a client only checks the payload, and the server
+    closes the connection on the violation)."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 def telemetry_messages(
-    subjects: IngestSubjects, source: str, next_seq: int, updates: Iterable[Update]
+    subjects: IngestSubjects,
+    source: str,
+    next_seq: int,
+    updates: Iterable[Update | EncodedUpdate],
+    max_bytes: int | None = None,
 ) -> list[OutgoingMessage]:
     """One telemetry message per partition the rows fall on (more when a partition has more
-    than :data:`MAX_ROWS_PER_MESSAGE` rows), numbered from ``next_seq`` up (the caller's next
-    seq is ``next_seq + len(result)``); row order is kept per thing."""
-    by_subject: dict[str, list[Update]] = {}
+    than :data:`MAX_ROWS_PER_MESSAGE` rows, or rows that together exceed ``max_bytes`` of
+    payload), numbered from ``next_seq`` up (the caller's next seq is ``next_seq +
+    len(result)``); row order is kept per thing. A row larger than ``max_bytes`` on its own
+    travels alone (the caller decides whether to send it at all)."""
+    by_subject: dict[str, list[bytes]] = {}
     for update in updates:
-        by_subject.setdefault(subjects.subject(update.thing_id), []).append(update)
-    chunks = [
-        (subject, rows[start : start + MAX_ROWS_PER_MESSAGE])
-        for subject, rows in by_subject.items()
-        for start in range(0, len(rows), MAX_ROWS_PER_MESSAGE)
-    ]
+        encoded = update if isinstance(update, EncodedUpdate) else encode_update(update)
+        by_subject.setdefault(subjects.subject(encoded.thing_id), []).append(encoded.data)
+    budget = max_bytes if max_bytes is not None else 1 << 62
+    chunks: list[tuple[str, list[bytes]]] = []
+    for subject, rows in by_subject.items():
+        chunk: list[bytes] = []
+        size = TELEMETRY_FRAME_BYTES
+        for row in rows:
+            if chunk and (len(chunk) >= MAX_ROWS_PER_MESSAGE or size + 1 + len(row) > budget):
+                chunks.append((subject, chunk))
+                chunk, size = [], TELEMETRY_FRAME_BYTES
+            size += len(row) + (1 if chunk else 0)
+            chunk.append(row)
+        if chunk:
+            chunks.append((subject, chunk))
     return [
-        OutgoingMessage(subject, _headers(source, next_seq + i, TELEMETRY_TYPE), _encode(_Telemetry(rows)))
+        OutgoingMessage(
+            subject, _headers(source, next_seq + i, TELEMETRY_TYPE), b'{"updates":[' + b",".join(rows) + b"]}"
+        )
         for i, (subject, rows) in enumerate(chunks)
     ]
 
