@@ -26,6 +26,7 @@ skipped because others were added or removed before it.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,6 +57,8 @@ from twinstore.model.thing import ThingState
 from twinstore.store.rql_sql import compile_filter, order_terms
 
 __all__ = ["Page", "SearchService", "relax"]
+
+log = logging.getLogger("twinstore.search")
 
 _DOC = re.compile(r"\bdoc\b")
 # Each thing with its policy's reader columns (aliased: ``id``, ``doc``... stay the thing's).
@@ -244,6 +247,8 @@ class SearchService:
                 await con.execute("SET LOCAL plan_cache_mode = force_custom_plan")
                 return list(await con.fetch(sql, *params))
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+            # The driver's text is for the operator: the client learns only that it may retry.
+            log.warning("search: database not reachable: %s", exc, extra={"error": type(exc).__name__})
             raise UnavailableError("The database is not reachable; retry later.") from exc
 
     def _where(
