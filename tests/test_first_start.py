@@ -31,6 +31,16 @@ pytestmark = pytest.mark.slow
 EXIT_PORT, EXIT_DATA_DIR, EXIT_INTERRUPTED = 4, 5, 130
 
 
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """Not pytest's own: pytest resets its base directory to 0700 whenever a session starts
+    (other sessions running meanwhile included), and the embedded PostgreSQL's user (running as
+    root: embedded_postgres) must keep reaching its data directory for pg_ctl."""
+    path = Path(tempfile.mkdtemp(prefix="twinstore-embedded-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def environment(**extra: str) -> dict[str, str]:
     """The environment of a twinstore process in development mode (embedded servers)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWINSTORE_")}
@@ -192,8 +202,8 @@ class Serving:
 
 
 @pytest.fixture(scope="module")
-def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
-    root = tmp_path_factory.mktemp("first-start")
+def serving() -> Iterator[Serving]:
+    root = Path(tempfile.mkdtemp(prefix="twinstore-first-start-"))  # as tmp_path above
     data, log, port = root / "data", root / "serve.log", free_port()
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -221,6 +231,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
             proc.kill()
             proc.wait(10)
         kill_all(processes_under(data))
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_banner_says_where_everything_is(serving: Serving) -> None:

@@ -468,7 +468,8 @@ def _stop_postgres(server: PostgresServer) -> None:
         )
         _log.info("stopped embedded PostgreSQL pid %s", pid)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        _log.warning("pg_ctl stop failed (%s); sending SIGQUIT to postmaster %s", exc, pid)
+        said = (getattr(exc, "stderr", None) or "").strip()
+        _log.warning("pg_ctl stop failed (%s: %s); sending SIGQUIT to postmaster %s", exc, said, pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGQUIT)
 
