@@ -42,7 +42,7 @@ import orjson
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from policies import MISSING, READ, SubjectView
+from policies import MISSING, READ, WRITE, SubjectView
 from twinstore.auth import AuthContext
 from twinstore.enforcement import PolicyCache, readable_event
 from twinstore.model import etag, rql
@@ -183,7 +183,7 @@ class Bits:
         return items[self.take(8) % len(items)]
 
 
-TAGS: list[str | None] = [None, None, None, "*", "rev", "old-rev", "full", "shown"]
+TAGS: list[str | None] = [*[None] * 9, "*", "rev", "old-rev", "full", "shown", "stale"]
 PERMISSIONS: list[list[str]] = [[], ["READ"], ["WRITE"], ["READ", "WRITE"]]
 EVE_PATHS: list[Path] = [(), ("attributes",), ("features",), ("features", "f")]  # where patches reach far
 
@@ -235,16 +235,22 @@ def condition(bits: Bits) -> Any:
     return (bits.pick(["eq", "like", "exists", "gt", "ne"]), bits.take(8) % len(PATHS), eve_value(bits))
 
 
+# Eve's first resource grants broadly (else she can do nothing worth testing); further ones
+# grant or revoke anywhere (revokes carve out what she may not read).
+BASES: list[Path] = [(), (), ("attributes",), ("features",), ("features", "f"), ()]
+BASE_GRANTS: list[list[str]] = [["READ", "WRITE"], ["READ", "WRITE"], ["READ"], ["WRITE"]]
+
+
 def resource(code: int) -> tuple[int, str, dict[str, list[str]]]:
     bits = Bits(code)
     label = bits.take(2)
     path = bits.take(8) % len(PATHS)
     grant = PERMISSIONS[bits.take(2)]
-    revoke = PERMISSIONS[bits.take(2) & bits.take(2)]  # revokes rarer
+    revoke = PERMISSIONS[bits.take(2)] if bits.take(1) else []
     return label, "thing:" + pointer(PATHS[path]), {"grant": grant, "revoke": revoke}
 
 
-def policy(policy_id: str, codes: list[int]) -> dict[str, Any]:
+def policy(policy_id: str, base: int, codes: list[int]) -> dict[str, Any]:
     """ditto owns everything; eve's entries e0, e1 (e1 names nginx:other too); one for other alone."""
     entries: dict[str, Any] = {
         "owner": {
@@ -256,8 +262,9 @@ def policy(policy_id: str, codes: list[int]) -> dict[str, Any]:
         }
     }
     subjects = [["nginx:eve"], ["nginx:eve", "nginx:other"], ["nginx:other"], ["nginx:eve"]]
-    for code in codes:
-        label, key, permissions = resource(code)
+    bits = Bits(base)
+    first = (0, "thing:" + pointer(bits.pick(BASES)), {"grant": bits.pick(BASE_GRANTS), "revoke": []})
+    for label, key, permissions in [first, *map(resource, codes)]:
         entry = entries.setdefault(
             f"e{label}", {"subjects": {s: {"type": "test"} for s in subjects[label]}, "resources": {}}
         )
@@ -298,15 +305,15 @@ def step(code: int) -> Any:
     path = bits.pick(EVE_PATHS) if bits.take(1) else bits.pick(PATHS)
     value: Any
     if what == "patch":
-        value = [
-            (
-                bits.pick(["add", "copy", "move", "test", "remove", "replace", "test", "copy", "move"]),
-                bits.take(8) % len(POINTERS),  # path
-                bits.take(8) % len(POINTERS),  # from
-                eve_value(bits),
-            )
-            for _ in range(1 + bits.take(2) % 3)
-        ]
+        value = []
+        for _ in range([1, 1, 2, 3][bits.take(2)]):
+            op = bits.pick(["copy", "move", "test", "add", "remove", "replace", "test", "copy", "move"])
+            # where it writes (test: reads), where it reads from; resolved when it runs
+            target = (bits.pick(["writable", "writable", "any", "hidden"]), bits.take(8))
+            if op == "test":
+                target = (bits.pick(["hidden", "hidden", "any", "writable"]), target[1])
+            source = (bits.pick(["hidden", "hidden", "any", "any"]), bits.take(8))
+            value.append((op, target, source, eve_value(bits)))
     else:
         value = eve_value(bits)
     if_match, if_none_match = bits.pick(TAGS), bits.pick(TAGS)
@@ -322,7 +329,8 @@ def decode(blobs: tuple[bytes, bytes, bytes, bytes]) -> Scenario:
     bits = Bits(number(blobs[0]))
     policies = []
     for policy_id in POLICY_IDS:
-        policies.append(policy(policy_id, [bits.take(16) for _ in range(1 + bits.take(3) % 6)]))
+        base = bits.take(16)
+        policies.append(policy(policy_id, base, [bits.take(17) for _ in range(bits.take(3) % 6)]))
     bits = Bits(number(blobs[1]))
     initial = [leaf(bits.take(8)) for _ in range(bits.take(4) % 11)]
     steps = blobs[2]
@@ -335,7 +343,7 @@ def decode(blobs: tuple[bytes, bytes, bytes, bytes]) -> Scenario:
     )
 
 
-STEP = 20  # bytes per step
+STEP = 24  # bytes per step
 scenarios = st.tuples(
     st.binary(max_size=26),
     st.binary(max_size=11),
@@ -510,7 +518,8 @@ class Runner:
         return guessed
 
     def tag(self, spec: str | None, path: Path) -> list[str] | None:
-        """A tag eve sends: '*', a revision tag, or the hash of the whole (hidden included) value."""
+        """A tag eve sends: '*', a revision tag, a stale one, or a digest of the whole (hidden
+        included) or the readable value at ``path`` in world 1."""
         if spec is None:
             return None
         state = self.worlds[0].journal.state
@@ -519,7 +528,9 @@ class Runner:
         if spec == "rev":
             return [etag.etag_of(None, state.revision, [])]
         if spec == "old-rev":
-            return [etag.etag_of(None, max(1, state.revision - 1), [])]
+            return [etag.etag_of(None, state.revision - 1, [])]
+        if spec == "stale":  # a 412 names the current tag
+            return ['"hash:0123456789abcdef"']
         value = jp.get_at(state.doc or {}, list(path))
         if spec == "shown" and value is not jp.MISSING:
             value = self.views[self.worlds[0].policy_id()].filter("thing", list(path), value)
@@ -553,13 +564,36 @@ class Runner:
             return Modify(path=where, value=value) if step.kind == "put" else Merge(path=where, value=value)
         ops = []
         for op, target, source, value_spec in step.value:
-            item: dict[str, Any] = {"op": op, "path": relative(step.path, POINTERS[target])}
+            item: dict[str, Any] = {"op": op, "path": self.locate(step.path, target)}
             if op in ("copy", "move"):
-                item["from"] = relative(step.path, POINTERS[source])
+                item["from"] = self.locate(step.path, source)
             if op in ("add", "replace", "test"):
                 item["value"] = self.eve_value(value_spec)
             ops.append(item)
         return JsonPatch(path=where, value=ops)
+
+    def locate(self, base: Path, spec: tuple[str, int]) -> str:
+        """A JSON patch pointer (relative to ``base``): anywhere, or where world 1 now has a value
+        eve may not read in full ('hidden'), or where she may write ('writable')."""
+        kind, n = spec
+        world = self.worlds[0]
+        doc, view = world.journal.state.doc or {}, self.views[world.policy_id()]
+        below = [p for p in PATHS if len(p) > len(base) and p[: len(base)] == base]
+        if kind == "hidden":
+            found = [
+                p
+                for p in below
+                if jp.get_at(doc, list(p)) is not jp.MISSING and not view.has_unrestricted("thing", p, READ)
+            ]
+        elif kind == "writable":
+            found = [
+                p
+                for p in below
+                if view.has_unrestricted("thing", p, WRITE) and isinstance(jp.get_at(doc, list(p[:-1])), dict)
+            ]
+        else:
+            found = []
+        return relative(base, found[n % len(found)] if found else POINTERS[n % len(POINTERS)])
 
     # -- steps ----------------------------------------------------------------------------
 
