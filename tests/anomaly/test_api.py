@@ -59,7 +59,9 @@ async def test_detector_validation(client: httpx.AsyncClient, thing_id: str) -> 
         {"algorithm": "mahalanobis", "feedback": "yes"},
         ["mahalanobis"],
     ):
-        body = assert_error(await client.put(detector_url(thing_id), json=bad), 400)
+        body = assert_error(
+            await client.put(detector_url(thing_id), json=bad), 400, "things:anomaly.detector.invalid"
+        )
         assert body["error"] == "things:anomaly.detector.invalid", body
     assert_error(
         await client.put(detector_url(thing_id), content=b"{", headers={"content-type": "application/json"}),
@@ -72,13 +74,13 @@ async def test_detector_validation(client: httpx.AsyncClient, thing_id: str) -> 
     )
     assert_error(await client.put(detector_url(new_thing_id()), json=DETECTOR), 404, "things:thing.notfound")
     r = await client.get(f"/api/2/things/{thing_id}/features/f/anomaly/anomalies", params={"size": "0"})
-    assert_error(r, 400)
+    assert_error(r, 400, "things:request.invalid")
     r = await client.get(
         f"/api/2/things/{thing_id}/features/f/anomaly/anomalies", params={"from": "yesterday"}
     )
-    assert_error(r, 400)
+    assert_error(r, 400, "things:request.invalid")
     r = await client.get(f"/api/2/things/{thing_id}/features/f/anomaly/anomalies", params={"cursor": "zz"})
-    assert_error(r, 400)
+    assert_error(r, 400, "things:request.invalid")
     r = await client.put(f"/api/2/things/{thing_id}/features/f/anomaly/anomalies/3/label", json="maybe")
     assert_error(r, 400, "things:anomaly.label.invalid")
     r = await client.put(f"/api/2/things/{thing_id}/features/f/anomaly/anomalies/3/label", json="confirmed")
@@ -114,7 +116,7 @@ async def test_permissions(client: httpx.AsyncClient, settings: Any, runtime: An
         )
         assert_error(await other.delete(detector_url(shared)), 403, "things:feature.notmodifiable")
         r = await other.put(f"/api/2/things/{shared}/features/f/anomaly/anomalies/1/label", json="confirmed")
-        assert_error(r, 403)
+        assert_error(r, 403, "things:feature.notmodifiable")
         assert_error(await other.get(detector_url(shared, "secret")), 404, "things:feature.notfound")
         assert_error(
             await other.get(f"/api/2/things/{shared}/features/secret/anomaly/anomalies"),

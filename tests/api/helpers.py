@@ -21,8 +21,9 @@ def url(thing_id: str, path: str = "") -> str:
     return f"/api/2/things/{thing_id}{path}"
 
 
-def assert_error(r: httpx.Response, status: int, error: str | None = None) -> dict[str, Any]:
-    """``r`` is a Ditto error response with ``status`` (and error code ``error``)."""
+def assert_error(r: httpx.Response, status: int, error: str) -> dict[str, Any]:
+    """``r`` is a Ditto error response with ``status`` and error code ``error`` (required: a
+    status alone does not say which of a dozen refusals it was)."""
     assert r.status_code == status, (r.status_code, r.text)
     assert r.headers["content-type"].startswith("application/json"), r.headers
     body = r.json()
@@ -30,8 +31,7 @@ def assert_error(r: httpx.Response, status: int, error: str | None = None) -> di
     assert isinstance(body["error"], str) and body["error"], body
     assert isinstance(body["message"], str) and body["message"], body
     assert isinstance(body.get("description"), str), body
-    if error is not None:
-        assert body["error"] == error, body
+    assert body["error"] == error, body
     return body  # type: ignore[no-any-return]
 
 

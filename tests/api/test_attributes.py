@@ -42,7 +42,9 @@ async def test_put_policy_id_that_is_not_a_string_is_400(
     client: httpx.AsyncClient, thing_id: str, value: object
 ) -> None:
     await create(client, thing_id)
-    assert_error(await client.put(url(thing_id, "/policyId"), content=body(value), headers=JSON), 400)
+    assert_error(
+        await client.put(url(thing_id, "/policyId"), content=body(value), headers=JSON), 400, "json.invalid"
+    )
     assert (await thing(client, thing_id))["policyId"] == thing_id
 
 
@@ -109,10 +111,22 @@ async def test_patch_definition_with_null_removes_it(client: httpx.AsyncClient, 
     assert_error(await client.get(url(thing_id, "/definition")), 404, "things:definition.notfound")
 
 
-@pytest.mark.parametrize("body", ["not-a-definition", "a:b", "a:b:c:d", "a:b:c d", 3, ["a:b:c"]])
-async def test_put_invalid_definition_is_400(client: httpx.AsyncClient, thing_id: str, body: object) -> None:
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        *(
+            (d, "things:definition.identifier.invalid")
+            for d in ("not-a-definition", "a:b", "a:b:c:d", "a:b:c d")
+        ),
+        (3, "json.invalid"),  # not a string at all
+        (["a:b:c"], "json.invalid"),
+    ],
+)
+async def test_put_invalid_definition_is_400(
+    client: httpx.AsyncClient, thing_id: str, body: object, error: str
+) -> None:
     await create(client, thing_id)
-    assert_error(await client.put(url(thing_id, "/definition"), json=body), 400)
+    assert_error(await client.put(url(thing_id, "/definition"), json=body), 400, error)
     assert await revision(client, thing_id) == 1
 
 
@@ -327,6 +341,8 @@ async def test_attribute_with_url_encoded_key(client: httpx.AsyncClient, thing_i
 
 async def test_attribute_key_with_slash_in_body_is_400(client: httpx.AsyncClient, thing_id: str) -> None:
     await create(client, thing_id)
-    assert_error(await client.put(url(thing_id, "/attributes/a"), json={"b/c": 1}), 400)
-    assert_error(await client.put(url(thing_id, "/attributes/a"), json={"": 1}), 400)
+    assert_error(
+        await client.put(url(thing_id, "/attributes/a"), json={"b/c": 1}), 400, "things:thing.invalid"
+    )
+    assert_error(await client.put(url(thing_id, "/attributes/a"), json={"": 1}), 400, "things:thing.invalid")
     assert await revision(client, thing_id) == 1

@@ -277,17 +277,22 @@ async def test_hidden_and_absent_paths_look_the_same(
 ) -> None:
     grants = {"thing:/attributes/visible": R, "thing:/features/f/properties/a": R}
     thing_id, _ = await thing_with_policy(client, policy(p=(["nginx:other"], grants)))
-    for hidden, absent in [
-        ("/attributes/x", "/attributes/nope"),
-        ("/attributes/a/b", "/attributes/nope/b"),
-        ("/features/f/properties/b", "/features/f/properties/nope"),
-        ("/features/f/properties/b/deep", "/features/f/properties/nope/deep"),
-        ("/features/g", "/features/nope"),
-        ("/features/g/properties/z", "/features/nope/properties/z"),
-        ("/features/g/properties", "/features/nope/properties"),
+    attribute, feature, prop = (
+        "things:attribute.notfound",
+        "things:feature.notfound",
+        "things:feature.property.notfound",
+    )
+    for hidden, absent, error in [
+        ("/attributes/x", "/attributes/nope", attribute),
+        ("/attributes/a/b", "/attributes/nope/b", attribute),
+        ("/features/f/properties/b", "/features/f/properties/nope", prop),
+        ("/features/f/properties/b/deep", "/features/f/properties/nope/deep", prop),
+        ("/features/g", "/features/nope", feature),
+        ("/features/g/properties/z", "/features/nope/properties/z", feature),
+        ("/features/g/properties", "/features/nope/properties", feature),
     ]:
-        seen_hidden = assert_error(await other.get(url(thing_id, hidden)), 404)
-        seen_absent = assert_error(await other.get(url(thing_id, absent)), 404)
+        seen_hidden = assert_error(await other.get(url(thing_id, hidden)), 404, error)
+        seen_absent = assert_error(await other.get(url(thing_id, absent)), 404, error)
         assert seen_hidden["error"] == seen_absent["error"], (hidden, absent)
         if hidden.rsplit("/", 1)[0] == absent.rsplit("/", 1)[0]:
             assert seen_hidden == {
@@ -379,7 +384,7 @@ async def test_readable_but_not_writable_is_403(client: httpx.AsyncClient, other
     assert_error(r, 403, "things:feature.property.notmodifiable")
     assert_error(await other.delete(url(thing_id, "/features/f")), 403, "things:feature.notmodifiable")
     r = await other.patch(url(thing_id), content=body({"attributes": {"x": 2}}), headers=MERGE)
-    assert_error(r, 403)
+    assert_error(r, 403, "things:thing.notmodifiable")
     assert await revision(client, thing_id) == 1
     assert await thing(client, thing_id) == {"thingId": thing_id, "policyId": policy_id, **THING}
 
@@ -443,7 +448,7 @@ async def test_merge_patch_needs_write_on_every_changed_leaf(
         {"attributes": {"a": {"d": 1}}, "features": {"f": {"properties": {"a": 1}}}},
     ):
         r = await other.patch(url(thing_id), content=body(patch_), headers=MERGE)
-        assert_error(r, 403)
+        assert_error(r, 403, "things:thing.notmodifiable")
         assert r.json()["error"].endswith(".notmodifiable"), r.json()
     assert await revision(client, thing_id) == 3
 
@@ -464,7 +469,7 @@ async def test_json_patch_needs_write_on_every_op_path(
         [{"op": "copy", "from": "/attributes/a/e", "path": "/attributes/visible"}],
     ):
         r = await other.patch(url(thing_id), content=body(ops), headers=JSON_PATCH)
-        assert_error(r, 403)
+        assert_error(r, 403, "things:thing.notmodifiable")
     ops = [
         {"op": "test", "path": "/attributes/visible", "value": 1},
         {"op": "add", "path": "/attributes/a/h", "value": 1},
@@ -810,16 +815,23 @@ async def test_check_permissions_follows_the_policy(
 
 
 @pytest.mark.parametrize(
-    "request_body",
+    ("request_body", "error"),
     [
-        [1],
-        "x",
-        {"a": "thing:/"},
-        {"a": {"resource": "thing:/", "hasPermissions": ["READ"]}},
-        {"a": {"resource": "thing:/", "entityId": "org.test:x", "hasPermissions": "READ"}},
-        {"a": {"resource": "thing:/", "entityId": "org.test:x", "hasPermissions": ["FLY"]}},
-        {"a": {"resource": "thing", "entityId": "org.test:x", "hasPermissions": ["READ"]}},
-        {"a": {"resource": "car:/", "entityId": "org.test:x", "hasPermissions": ["READ"]}},
+        ([1], "json.invalid"),
+        ("x", "json.invalid"),
+        ({"a": "thing:/"}, "json.invalid"),
+        ({"a": {"resource": "thing:/", "hasPermissions": ["READ"]}}, "json.invalid"),
+        ({"a": {"resource": "thing:/", "entityId": "org.test:x", "hasPermissions": "READ"}}, "json.invalid"),
+        ({"a": {"resource": "thing:/", "entityId": "org.test:x", "hasPermissions": ["FLY"]}}, "json.invalid"),
+        # a resource a policy entry could not hold either
+        (
+            {"a": {"resource": "thing", "entityId": "org.test:x", "hasPermissions": ["READ"]}},
+            "policies:entry.invalid",
+        ),
+        (
+            {"a": {"resource": "car:/", "entityId": "org.test:x", "hasPermissions": ["READ"]}},
+            "policies:entry.invalid",
+        ),
     ],
     ids=[
         "array",
@@ -832,7 +844,9 @@ async def test_check_permissions_follows_the_policy(
         "unknown-resource-type",
     ],
 )
-async def test_check_permissions_bad_body_is_400(client: httpx.AsyncClient, request_body: Any) -> None:
+async def test_check_permissions_bad_body_is_400(
+    client: httpx.AsyncClient, request_body: Any, error: str
+) -> None:
     assert_error(
         await client.post(
             "/api/2/checkPermissions",
@@ -840,6 +854,7 @@ async def test_check_permissions_bad_body_is_400(client: httpx.AsyncClient, requ
             headers={"content-type": "application/json"},
         ),
         400,
+        error,
     )
 
 

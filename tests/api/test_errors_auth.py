@@ -58,17 +58,17 @@ async def test_deeply_nested_json_is_a_client_error(client: httpx.AsyncClient, t
     await create(client, thing_id)
     body = b'{"a":' * 5000 + b"1" + b"}" * 5000
     r = await client.put(url(thing_id, "/attributes/deep"), content=body, headers=JSON)
-    assert_error(r, 400)
+    assert_error(r, 400, "json.invalid")
 
 
 async def test_nul_characters_are_rejected_not_a_5xx(client: httpx.AsyncClient, thing_id: str) -> None:
     await create(client, thing_id)
     r = await client.put(url(thing_id, "/attributes/a"), content=b'"nul\\u0000here"', headers=JSON)
-    assert_error(r, 400)
+    assert_error(r, 400, "json.invalid")
     r = await client.put(url(thing_id, "/attributes/a"), content=b'{"k\\u0000": 1}', headers=JSON)
-    assert_error(r, 400)
+    assert_error(r, 400, "json.invalid")
     r = await client.patch(url(thing_id), content=b'{"attributes": {"x": "\\u0000"}}', headers=MERGE)
-    assert_error(r, 400)
+    assert_error(r, 400, "json.invalid")
     # The service is still fine and the thing unchanged.
     assert await revision(client, thing_id) == 1
     assert (await client.put(url(thing_id, "/attributes/a"), json="ok")).status_code == 201
@@ -152,9 +152,9 @@ async def test_body_over_the_configured_limit_is_413(
         ("PATCH", "/attributes", MERGE),
     ]:
         r = await client.request(method, url(thing_id, path), content=big, headers=headers)
-        assert_error(r, 413)
+        assert_error(r, 413, "things:thing.tooLarge")
     r = await client.post("/api/2/things", content=big, headers=JSON)
-    assert_error(r, 413)
+    assert_error(r, 413, "things:thing.tooLarge")
     assert await revision(client, thing_id) == 1
 
 
@@ -235,12 +235,12 @@ async def test_thing_id_with_unusual_but_allowed_characters(client: httpx.AsyncC
     ],
 )
 async def test_unknown_route_is_404(client: httpx.AsyncClient, path: str) -> None:
-    assert_error(await client.get(path), 404)
+    assert_error(await client.get(path), 404, "gateway:routing.notfound")
 
 
 async def test_method_not_allowed_is_405_in_ditto_format(client: httpx.AsyncClient, thing_id: str) -> None:
-    assert_error(await client.post(url(thing_id, "/attributes"), json={}), 405)
-    assert_error(await client.patch("/api/2/things", json={}), 405)
+    assert_error(await client.post(url(thing_id, "/attributes"), json={}), 405, "gateway:method.notallowed")
+    assert_error(await client.patch("/api/2/things", json={}), 405, "gateway:method.notallowed")
 
 
 # ---- authentication --------------------------------------------------------------------
@@ -296,7 +296,7 @@ async def test_malformed_authorization_header_is_401(
 async def test_authentication_is_checked_before_validation(client: httpx.AsyncClient) -> None:
     request = client.build_request("PUT", "/api/2/things/not-valid", content=b"{", headers=JSON)
     request.headers.pop("authorization", None)
-    assert_error(await client.send(request, auth=None), 401)
+    assert_error(await client.send(request, auth=None), 401, "gateway:authentication.failed")
 
 
 async def test_other_user_is_authenticated(client: httpx.AsyncClient, thing_id: str) -> None:
@@ -313,25 +313,31 @@ async def test_odd_requests_never_cause_a_5xx(client: httpx.AsyncClient, thing_i
         thing_id,
         {"attributes": {"list": [1, 2], "s": "x"}, "features": {"f": {"properties": {"p": 1}}}},
     )
-    requests: list[tuple[str, str, dict[str, object]]] = [
-        ("GET", url(thing_id, "/attributes//a"), {}),
-        ("PUT", url(thing_id, "/attributes//a"), {"json": 1}),
-        ("GET", url(thing_id, "/attributes/list/0"), {}),
-        ("PUT", url(thing_id, "/attributes/list/0"), {"json": 1}),
-        ("DELETE", url(thing_id, "/attributes/list/0"), {}),
-        ("PATCH", url(thing_id, "/attributes/s/x"), {"json": 1, "headers": MERGE}),
-        ("GET", url(thing_id, "/features/%2F"), {}),
-        ("PUT", url(thing_id, "/features/a%2Fb"), {"json": {}}),
-        ("PUT", url(thing_id, "/features/f/properties/%00"), {"json": 1}),
-        ("PUT", url(thing_id, "/features/f/desiredProperties/%7F"), {"json": 1}),
-        ("GET", url(thing_id), {"params": {"fields": "((("}}),
-        ("GET", url(thing_id), {"params": {"fields": ",,,"}}),
-        ("GET", url(thing_id), {"params": {"fields": "/"}}),
-        ("GET", "/api/2/things", {"params": {"ids": "," * 50}}),
-        ("GET", "/api/2/things", {"params": {"ids": ",".join(new_thing_id() for _ in range(500))}}),
-        ("GET", url(thing_id), {"headers": {"if-match": ""}}),
-        ("GET", url(thing_id), {"headers": {"if-none-match": ","}}),
-        ("PUT", url(thing_id), {"json": {}, "headers": {"if-match": 'W/"rev:1"'}}),
+    # (method, path, request arguments, the status of a success or (status, Ditto error code))
+    requests: list[tuple[str, str, dict[str, object], int | tuple[int, str]]] = [
+        ("GET", url(thing_id, "/attributes//a"), {}, (400, "json.pointer.invalid")),
+        ("PUT", url(thing_id, "/attributes//a"), {"json": 1}, (400, "json.pointer.invalid")),
+        ("GET", url(thing_id, "/attributes/list/0"), {}, (404, "things:attribute.notfound")),
+        ("PUT", url(thing_id, "/attributes/list/0"), {"json": 1}, 201),
+        ("DELETE", url(thing_id, "/attributes/list/0"), {}, 204),
+        ("PATCH", url(thing_id, "/attributes/s/x"), {"json": 1, "headers": MERGE}, 204),
+        ("GET", url(thing_id, "/features/%2F"), {}, 200),
+        ("PUT", url(thing_id, "/features/a%2Fb"), {"json": {}}, (404, "gateway:routing.notfound")),
+        ("PUT", url(thing_id, "/features/f/properties/%00"), {"json": 1}, (400, "json.key.invalid")),
+        ("PUT", url(thing_id, "/features/f/desiredProperties/%7F"), {"json": 1}, (400, "json.key.invalid")),
+        ("GET", url(thing_id), {"params": {"fields": "((("}}, (400, "json.fieldselector.invalid")),
+        ("GET", url(thing_id), {"params": {"fields": ",,,"}}, 200),
+        ("GET", url(thing_id), {"params": {"fields": "/"}}, 200),
+        ("GET", "/api/2/things", {"params": {"ids": "," * 50}}, (400, "things:request.invalid")),
+        ("GET", "/api/2/things", {"params": {"ids": ",".join(new_thing_id() for _ in range(500))}}, 200),
+        ("GET", url(thing_id), {"headers": {"if-match": ""}}, (412, "things:precondition.failed")),
+        ("GET", url(thing_id), {"headers": {"if-none-match": ","}}, 200),
+        (
+            "PUT",
+            url(thing_id),
+            {"json": {}, "headers": {"if-match": 'W/"rev:1"'}},
+            (412, "things:precondition.failed"),
+        ),
         (
             "PATCH",
             url(thing_id),
@@ -339,21 +345,25 @@ async def test_odd_requests_never_cause_a_5xx(client: httpx.AsyncClient, thing_i
                 "json": [{"op": "add", "path": "/features/f/properties/p/-", "value": 1}],
                 "headers": JSON_PATCH,
             },
+            (400, "things:patch.invalid"),
         ),
         (
             "PATCH",
             url(thing_id),
             {"json": [{"op": "add", "path": "/features/f/definition", "value": 1}], "headers": JSON_PATCH},
+            (400, "json.invalid"),
         ),
         (
             "PATCH",
             url(thing_id, "/attributes/list"),
             {"json": [{"op": "add", "path": "/-", "value": 3}], "headers": JSON_PATCH},
+            204,
         ),
         (
             "PATCH",
             url(thing_id, "/attributes/missing"),
             {"json": [{"op": "add", "path": "/x", "value": 3}], "headers": JSON_PATCH},
+            (404, "things:attribute.notfound"),
         ),
         (
             "PATCH",
@@ -362,18 +372,21 @@ async def test_odd_requests_never_cause_a_5xx(client: httpx.AsyncClient, thing_i
                 "json": [{"op": "remove", "path": "/attributes"}, {"op": "remove", "path": "/features"}],
                 "headers": JSON_PATCH,
             },
+            204,
         ),
-        ("PUT", url(thing_id), {"json": {"attributes": {"a" * 1000: 1}}}),
-        ("PUT", url(thing_id), {"content": b'{"a": 1, "a": 2}', "headers": JSON}),
-        ("PUT", url(thing_id, "/policyId"), {"json": ":x"}),
-        ("GET", url(thing_id, "/features/f/properties/p/q/r/s"), {}),
-        ("DELETE", url(thing_id, "/features/f/definition"), {}),
+        ("PUT", url(thing_id), {"json": {"attributes": {"a" * 1000: 1}}}, 204),
+        ("PUT", url(thing_id), {"content": b'{"a": 1, "a": 2}', "headers": JSON}, 204),
+        ("PUT", url(thing_id, "/policyId"), {"json": ":x"}, (404, "policies:policy.notfound")),
+        ("GET", url(thing_id, "/features/f/properties/p/q/r/s"), {}, (404, "things:feature.notfound")),
+        ("DELETE", url(thing_id, "/features/f/definition"), {}, (404, "things:feature.notfound")),
     ]
-    for method, path, kwargs in requests:
+    for method, path, kwargs, expected in requests:
         r = await client.request(method, path, **kwargs)  # type: ignore[arg-type]
         assert r.status_code < 500, (method, path, kwargs, r.status_code, r.text)
-        if r.status_code >= 400:
-            assert_error(r, r.status_code)
+        if isinstance(expected, int):
+            assert r.status_code == expected, (method, path, kwargs, r.status_code, r.text)
+        else:
+            assert_error(r, *expected)
     # The thing is still readable.
     assert (await client.get(url(thing_id))).status_code == 200
 

@@ -93,7 +93,7 @@ async def test_fields_meta_created_and_modified(client: httpx.AsyncClient, thing
     assert created == modified
     assert before - timedelta(seconds=5) <= created <= datetime.now(UTC) + timedelta(seconds=5)
 
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # time itself: _modified must move past _created (ms resolution)
     assert (await client.put(url(thing_id, "/attributes/model"), json="x2")).status_code == 204
     body = (await client.get(url(thing_id), params={"fields": "_revision,_created,_modified"})).json()
     assert body["_revision"] == 2
@@ -126,7 +126,9 @@ async def test_fields_on_sub_resources(client: httpx.AsyncClient, thing_id: str)
 @pytest.mark.parametrize("fields", ["", "attributes(model", "attributes)model(", "a(b))"])
 async def test_invalid_fields_are_400(client: httpx.AsyncClient, thing_id: str, fields: str) -> None:
     await create(client, thing_id, THING)
-    assert_error(await client.get(url(thing_id), params={"fields": fields}), 400)
+    assert_error(
+        await client.get(url(thing_id), params={"fields": fields}), 400, "json.fieldselector.invalid"
+    )
 
 
 # ---- revisions -------------------------------------------------------------------------
@@ -194,30 +196,42 @@ async def test_every_successful_write_raises_the_revision_by_one(
 
 async def test_failed_writes_do_not_raise_the_revision(client: httpx.AsyncClient, thing_id: str) -> None:
     await create(client, thing_id, {"attributes": {"a": 1}, "features": {"f": {"properties": {"p": 1}}}})
+    # (method, path, body, headers, (status, Ditto error code))
     failures = [
-        ("PUT", "", {"thingId": "org.test:other"}, None),
-        ("PUT", "", [1], None),
-        ("PUT", "/attributes", 1, None),
-        ("PUT", "/definition", "nope", None),
-        ("PUT", "/policyId", "nope", None),
-        ("PUT", "/features/missing/properties/x", 1, None),
-        ("DELETE", "/attributes/missing", None, None),
-        ("DELETE", "/features/missing", None, None),
-        ("DELETE", "/features/f/properties/missing", None, None),
-        ("DELETE", "/definition", None, None),
-        ("PATCH", "", [{"op": "test", "path": "/attributes/a", "value": 2}], JSON_PATCH),
-        ("PATCH", "", {"attributes": 5}, MERGE),
-        ("PATCH", "/attributes", {"a": 2}, {"content-type": "application/json"}),
-        ("PUT", "/attributes/a", 2, {"if-match": '"rev:99"'}),
-        ("PUT", "", {}, {"if-none-match": "*"}),
+        ("PUT", "", {"thingId": "org.test:other"}, None, (400, "things:id.notsettable")),
+        ("PUT", "", [1], None, (400, "json.invalid")),
+        ("PUT", "/attributes", 1, None, (400, "json.invalid")),
+        ("PUT", "/definition", "nope", None, (400, "things:definition.identifier.invalid")),
+        ("PUT", "/policyId", "nope", None, (400, "policies:id.invalid")),
+        ("PUT", "/features/missing/properties/x", 1, None, (404, "things:feature.notfound")),
+        ("DELETE", "/attributes/missing", None, None, (404, "things:attribute.notfound")),
+        ("DELETE", "/features/missing", None, None, (404, "things:feature.notfound")),
+        ("DELETE", "/features/f/properties/missing", None, None, (404, "things:feature.property.notfound")),
+        ("DELETE", "/definition", None, None, (404, "things:definition.notfound")),
+        (
+            "PATCH",
+            "",
+            [{"op": "test", "path": "/attributes/a", "value": 2}],
+            JSON_PATCH,
+            (400, "things:patch.invalid"),
+        ),
+        ("PATCH", "", {"attributes": 5}, MERGE, (400, "json.invalid")),
+        (
+            "PATCH",
+            "/attributes",
+            {"a": 2},
+            {"content-type": "application/json"},
+            (415, "mediatype.unsupported"),
+        ),
+        ("PUT", "/attributes/a", 2, {"if-match": '"rev:99"'}, (412, "things:precondition.failed")),
+        ("PUT", "", {}, {"if-none-match": "*"}, (412, "things:precondition.failed")),
     ]
-    for method, path, body, headers in failures:
+    for method, path, body, headers, (status, error) in failures:
         kwargs: dict[str, object] = {"json": body} if body is not None else {}
         if headers is not None:
             kwargs["headers"] = headers
         r = await client.request(method, url(thing_id, path), **kwargs)  # type: ignore[arg-type]
-        assert 400 <= r.status_code < 500, (method, path, r.status_code, r.text)
-        assert_error(r, r.status_code)
+        assert_error(r, status, error)
         assert await revision(client, thing_id) == 1, (method, path)
     assert (await thing(client, thing_id))["attributes"] == {"a": 1}
 

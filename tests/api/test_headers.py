@@ -65,8 +65,12 @@ async def test_response_required_false_still_reports_errors(client: httpx.AsyncC
 
 
 async def test_invalid_response_required_is_400(client: httpx.AsyncClient, thing_id: str) -> None:
-    assert_error(await client.put(url(thing_id), json={}, headers={"response-required": "maybe"}), 400)
-    assert_error(await client.get(url(thing_id)), 404)
+    assert_error(
+        await client.put(url(thing_id), json={}, headers={"response-required": "maybe"}),
+        400,
+        "header.invalid",
+    )
+    assert_error(await client.get(url(thing_id)), 404, "things:thing.notfound")
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE"])

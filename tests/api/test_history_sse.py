@@ -186,7 +186,8 @@ async def test_bad_parameters_are_400_and_unknown_ranges_404(
         },
         {"from-historical-revision": "1", "filter": "eq(attributes/x"},
     ):
-        assert_error(await error(http_url, path, params), 400)
+        code = "rql.expression.invalid" if "filter" in params else "things:request.invalid"
+        assert_error(await error(http_url, path, params), 400, code)
     assert_error(await error(http_url, path, {"from-historical-revision": "3"}), 404, HISTORY_NOT_FOUND)
     future = {"from-historical-timestamp": "2999-01-01T00:00:00Z"}
     assert_error(await error(http_url, path, future), 404, HISTORY_NOT_FOUND)

@@ -213,7 +213,11 @@ async def test_permissions_to_send_and_to_receive(
         r = await other.post(f"/api/2/things/{shared}/inbox/messages/go", params=zero)
         body = assert_error(r, 403, "messages:send.notallowed")
         assert body["message"] == f"You are not allowed to send messages for the Thing with id '{shared}'!"
-        assert_error(await other.post(f"/api/2/things/{private}/inbox/messages/go", params=zero), 404)
+        assert_error(
+            await other.post(f"/api/2/things/{private}/inbox/messages/go", params=zero),
+            404,
+            "things:thing.notfound",
+        )
         r = await http.post(f"/api/2/things/{new_thing_id()}/inbox/messages/go", params=zero)
         assert_error(r, 404, "things:thing.notfound")
         # Messages it may not READ never arrive; the first one it gets is the readable one.
@@ -254,6 +258,8 @@ async def test_websocket_sends_a_message_and_gets_the_answer(base: str, client: 
         )
         # A session that did not receive the message cannot answer it.
         await bystander.send(respond(got, 500, "spoofed"))
+        # an assertion of absence: the spoof has no effect to wait for; it is handled before the
+        # real answer, so a spoof taken would be what the sender sees
         await asyncio.sleep(0.2)
         await receiver.send(respond(got, 200, "heating"))
         answer = json.loads(await text(sender))

@@ -377,7 +377,7 @@ async def test_invalid_entry_edit_is_400_and_changes_nothing(
     r = await client.put(purl(policy_id, "/entries/bad"), json={"subjects": {}})
     assert_error(r, 400, "json.field.missing")
     r = await client.put(purl(policy_id), content=b"{not json", headers={"content-type": "application/json"})
-    assert_error(r, 400)
+    assert_error(r, 400, "json.invalid")
     assert await etag_of(client, policy_id) == '"rev:1"'
 
 
@@ -538,5 +538,5 @@ async def test_bad_lockout_header_is_400(client: httpx.AsyncClient, policy_id: s
     r = await client.put(
         purl(policy_id), json=full_access("nginx:ditto"), headers={"allow-policy-lockout": "maybe"}
     )
-    assert_error(r, 400)
+    assert_error(r, 400, "header.invalid")
     assert_error(await client.get(purl(policy_id)), 404, "policies:policy.notfound")

@@ -160,8 +160,8 @@ async def test_malformed_precondition_header_is_400(
     client: httpx.AsyncClient, thing_id: str, value: str
 ) -> None:
     await create(client, thing_id)
-    assert_error(await client.put(url(thing_id), json={}, headers={"if-match": value}), 400)
-    assert_error(await client.get(url(thing_id), headers={"if-none-match": value}), 400)
+    assert_error(await client.put(url(thing_id), json={}, headers={"if-match": value}), 400, "header.invalid")
+    assert_error(await client.get(url(thing_id), headers={"if-none-match": value}), 400, "header.invalid")
     assert await revision(client, thing_id) == 1
 
 

@@ -90,8 +90,8 @@ async def test_get_things_with_invalid_id_is_400(client: httpx.AsyncClient) -> N
 
 
 async def test_get_things_with_empty_ids_is_400(client: httpx.AsyncClient) -> None:
-    assert_error(await client.get("/api/2/things", params={"ids": ""}), 400)
-    assert_error(await client.get("/api/2/things", params={"ids": " , "}), 400)
+    assert_error(await client.get("/api/2/things", params={"ids": ""}), 400, "things:request.invalid")
+    assert_error(await client.get("/api/2/things", params={"ids": " , "}), 400, "things:request.invalid")
 
 
 async def test_get_things_without_ids_lists_things_sorted_by_id(client: httpx.AsyncClient) -> None:
@@ -177,7 +177,7 @@ async def test_post_with_invalid_namespace_is_400(client: httpx.AsyncClient, nam
 @pytest.mark.parametrize("body", [b"[]", b"1", b'"thing"', b"null"])
 async def test_post_with_non_object_body_is_400(client: httpx.AsyncClient, body: bytes) -> None:
     r = await client.post("/api/2/things", content=body, headers={"content-type": "application/json"})
-    assert_error(r, 400)
+    assert_error(r, 400, "things:thing.invalid")
 
 
 async def test_post_with_invalid_thing_is_400(client: httpx.AsyncClient) -> None:
@@ -257,23 +257,25 @@ async def test_put_with_different_thing_id_in_body_is_400(client: httpx.AsyncCli
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "error"),
     [
-        [1, 2],
-        "thing",
-        {"attributes": "not an object"},
-        {"features": []},
-        {"features": {"f": "not an object"}},
-        {"features": {"f": {"properties": 1}}},
-        {"features": {"f": {"definition": "a:b:c"}}},
-        {"definition": "not a definition"},
-        {"policyId": 7},
-        {"attributes": {"a/b": 1}},
+        ([1, 2], "json.invalid"),
+        ("thing", "json.invalid"),
+        ({"attributes": "not an object"}, "json.invalid"),
+        ({"features": []}, "json.invalid"),
+        ({"features": {"f": "not an object"}}, "json.invalid"),
+        ({"features": {"f": {"properties": 1}}}, "json.invalid"),
+        ({"features": {"f": {"definition": "a:b:c"}}}, "json.invalid"),
+        ({"definition": "not a definition"}, "things:definition.identifier.invalid"),
+        ({"policyId": 7}, "json.invalid"),
+        ({"attributes": {"a/b": 1}}, "things:thing.invalid"),
     ],
 )
-async def test_put_invalid_thing_is_400(client: httpx.AsyncClient, thing_id: str, body: object) -> None:
+async def test_put_invalid_thing_is_400(
+    client: httpx.AsyncClient, thing_id: str, body: object, error: str
+) -> None:
     r = await client.put(url(thing_id), json=body)
-    assert_error(r, 400)
+    assert_error(r, 400, error)
     assert_error(await client.get(url(thing_id)), 404, "things:thing.notfound")
 
 
@@ -402,7 +404,7 @@ async def test_merge_patch_thing_with_non_object_is_400(
 ) -> None:
     await create(client, thing_id)
     r = await client.patch(url(thing_id), content=body, headers=MERGE)
-    assert_error(r, 400)
+    assert_error(r, 400, "things:merge.invalid")
     assert await revision(client, thing_id) == 1
 
 
@@ -466,30 +468,32 @@ async def test_json_patch_failing_test_op_is_400_and_changes_nothing(
         {"op": "test", "path": "/attributes/a", "value": 1},
     ]
     r = await client.patch(url(thing_id), json=ops, headers=JSON_PATCH)
-    assert_error(r, 400)
+    assert_error(r, 400, "things:patch.invalid")
     assert (await thing(client, thing_id))["attributes"] == {"a": 1}
     assert await revision(client, thing_id) == 1
 
 
 @pytest.mark.parametrize(
-    "ops",
+    ("ops", "error"),
     [
-        {"op": "add", "path": "/attributes/a", "value": 1},  # not an array
-        [1, 2],
-        [{"op": "frobnicate", "path": "/attributes/a"}],
-        [{"op": "add", "value": 1}],
-        [{"op": "add", "path": "attributes/a", "value": 1}],
-        [{"op": "remove", "path": "/attributes/missing"}],
-        [{"op": "replace", "path": "/attributes/list/9", "value": 1}],
-        [{"op": "move", "from": "/nowhere", "path": "/attributes/b"}],
-        [{"op": "replace", "path": "", "value": [1]}],
-        [{"op": "add", "path": "/thingId", "value": "org.test:stolen"}],
+        ({"op": "add", "path": "/attributes/a", "value": 1}, "things:patch.invalid"),  # not an array
+        ([1, 2], "things:patch.invalid"),
+        ([{"op": "frobnicate", "path": "/attributes/a"}], "things:patch.invalid"),
+        ([{"op": "add", "value": 1}], "things:patch.invalid"),
+        ([{"op": "add", "path": "attributes/a", "value": 1}], "things:patch.invalid"),
+        ([{"op": "remove", "path": "/attributes/missing"}], "things:patch.invalid"),
+        ([{"op": "replace", "path": "/attributes/list/9", "value": 1}], "things:patch.invalid"),
+        ([{"op": "move", "from": "/nowhere", "path": "/attributes/b"}], "things:patch.invalid"),
+        ([{"op": "replace", "path": "", "value": [1]}], "json.invalid"),
+        ([{"op": "add", "path": "/thingId", "value": "org.test:stolen"}], "things:id.notsettable"),
     ],
 )
-async def test_json_patch_invalid_is_400(client: httpx.AsyncClient, thing_id: str, ops: object) -> None:
+async def test_json_patch_invalid_is_400(
+    client: httpx.AsyncClient, thing_id: str, ops: object, error: str
+) -> None:
     await create(client, thing_id, {"attributes": {"a": 1, "list": [1]}})
     r = await client.patch(url(thing_id), json=ops, headers=JSON_PATCH)
-    assert_error(r, 400)
+    assert_error(r, 400, error)
     assert await revision(client, thing_id) == 1
 
 
@@ -547,10 +551,10 @@ async def test_delete_missing_thing_is_404(client: httpx.AsyncClient, thing_id: 
 
 async def test_unsupported_methods_are_405(client: httpx.AsyncClient, thing_id: str) -> None:
     await create(client, thing_id)
-    assert_error(await client.post(url(thing_id), json={}), 405)
-    assert_error(await client.delete("/api/2/things"), 405)
-    assert_error(await client.put("/api/2/things", json={}), 405)
-    assert_error(await client.delete(url(thing_id, "/policyId")), 405)
+    assert_error(await client.post(url(thing_id), json={}), 405, "gateway:method.notallowed")
+    assert_error(await client.delete("/api/2/things"), 405, "gateway:method.notallowed")
+    assert_error(await client.put("/api/2/things", json={}), 405, "gateway:method.notallowed")
+    assert_error(await client.delete(url(thing_id, "/policyId")), 405, "gateway:method.notallowed")
     assert await revision(client, thing_id) == 1
 
 
