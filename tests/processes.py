@@ -224,7 +224,7 @@ async def assert_exactly_once_in_order(url: str, expected: dict[str, list[Any]],
 
     total = sum(len(v) for v in expected.values())
     await eventually(complete, timeout, f"all {total} values in the journal")
-    await asyncio.sleep(1.0)  # a late duplicate would show up now
+    await asyncio.sleep(1.0)  # an assertion of absence: a late duplicate would show up now
     got = await journal_values(url, things)
     for t in things:
         assert got[t] == expected[t], (

@@ -219,7 +219,7 @@ async def test_poison_messages_are_reported_and_neighbours_land(
         return await property_values(settings, thing_id, path) == [1, 2, 3, 4] and len(errors) >= 6
 
     await eventually(landed)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # an assertion of absence: no refused row lands late
     assert await property_values(settings, thing_id, path) == [1, 2, 3, 4]
     codes = sorted(e["error"]["error"] for e in errors)
     assert codes == sorted(
@@ -258,7 +258,7 @@ async def test_duplicates_are_applied_once(
         return (await property_values(settings, thing_id, path))[-1:] == [2]
 
     await eventually(landed)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # an assertion of absence: no duplicate lands late
     assert await property_values(settings, thing_id, path) == [1, 2]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import nats
 
-from tests.conftest import bounded, new_thing_id
+from tests.conftest import bounded, eventually, new_thing_id
 from twinstore.bus.relay import CURSOR, SELECT_CURSOR, Relay, ensure_events_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.model.thing import Modify
@@ -35,13 +35,20 @@ async def test_commit_of_another_journal_is_published_without_waiting_for_a_poll
         async with pool.acquire() as con:
             await migrate(con)
         await ensure_events_stream(js, subjects, 600)
+        rounds = 0
+        publish_pending = relay.publish_pending
+
+        async def counted() -> int:
+            nonlocal rounds
+            published = await publish_pending()
+            rounds += 1
+            return published
+
+        relay.publish_pending = counted  # type: ignore[method-assign]
         relay.start()
         other_process.start()
-        deadline = time.monotonic() + 10
-        while not relay.is_leader and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert relay.is_leader
-        await asyncio.sleep(0.2)  # the leader has done its first round and now waits (60 s poll)
+        # the leader has done its first round and now waits (60 s poll) for a notification
+        await eventually(lambda: relay.is_leader and rounds >= 1, 10, "the relay's first round as leader")
         thing_id = new_thing_id()
         start = time.monotonic()
         await other_process.write(

@@ -52,9 +52,12 @@ async def test_sigterm_closes_sessions_finishes_requests_and_exits_0(server: Ser
             await ws.send("START-SEND-EVENTS")
             assert await ws.recv() == "START-SEND-EVENTS:ACK"
 
+            opened = asyncio.Event()
+
             async def sse() -> list[str]:
                 headers = {"accept": "text/event-stream"}
                 async with client.stream("GET", f"/api/2/things/{thing_id}", headers=headers) as r:
+                    opened.set()
                     return [line async for line in r.aiter_lines()]
 
             stream = asyncio.create_task(sse())
@@ -68,7 +71,7 @@ async def test_sigterm_closes_sessions_finishes_requests_and_exits_0(server: Ser
                 }
                 for i in range(20)
             ]
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(opened.wait(), 10)  # the SSE stream is open when the signal comes
             for envelope in envelopes:
                 await ws.send(orjson.dumps(envelope).decode())
             start = time.monotonic()

@@ -274,7 +274,9 @@ def _retained(mqtt_url: str, topic: str) -> list[str]:
     client.loop_start()
     try:
         client.subscribe(topic, qos=1)
-        time.sleep(1.0)  # retained messages come right after the SUBACK
+        # The broker sends the retained messages after the SUBACK and handles a connection's
+        # packets in order: once a later publish is acknowledged, every retained one has come.
+        client.publish(f"probe/{secrets.token_hex(4)}", b"", qos=1).wait_for_publish(5)
     finally:
         client.disconnect()
         client.loop_stop()

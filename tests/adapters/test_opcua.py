@@ -38,7 +38,7 @@ from nats.aio.client import Client as NATS
 
 from adapters import opcua
 from adapters.base import ConfigError
-from tests.conftest import bounded, cancel_and_wait, free_port
+from tests.conftest import bounded, cancel_and_wait, eventually, free_port
 from twinstore.bus.ingest import IngestSubjects, Update, decode_telemetry
 from twinstore.bus.relay import ensure_events_stream
 from twinstore.bus.subjects import Subjects
@@ -322,7 +322,9 @@ async def test_reconnects_and_resubscribes_after_the_server_restarts(
     await received.wait_for(lambda r: r.value == 5.0)
 
     await plc.stop()
-    await asyncio.sleep(1.5)  # the adapter notices and keeps trying
+    # the outage itself (not a wait for something): long enough for the adapter to lose the
+    # session and retry against a closed port
+    await asyncio.sleep(1.5)
     await plc.start(flow=6.0)
     restarted = await received.wait_for(
         lambda r: r.value == 6.0, timeout=20
@@ -337,7 +339,7 @@ async def test_reconnects_and_resubscribes_after_the_server_restarts(
 async def test_starts_before_the_server_is_up(adapter: Runner, received: Received) -> None:
     plc = Plc(free_port())
     await adapter(plc, [{"node_id": f"nsu={NS_URI};s=Pump1.Flow", "thing_id": THING, "path": FLOW}])
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the fault itself: the adapter runs (and retries) with no server up
     await plc.start(flow=8.0)
     try:
         await received.wait_for(lambda r: r.value == 8.0, timeout=20)
@@ -438,7 +440,7 @@ async def test_basic256sha256_with_certificates_and_user_password(
         await received.wait_for(lambda r: r.thing_id == THING and r.value == 11.0, timeout=20)
         await plc.set("Flow", 12.0)
         await received.wait_for(lambda r: r.value == 12.0)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # an assertion of absence: no row from the three refused adapters
         await received.read()
         assert {r.thing_id for r in received.rows} == {THING}
     finally:
@@ -557,7 +559,12 @@ async def test_a_desired_change_while_the_plc_is_away_is_written_after_the_recon
     await plc.stop()
     await publish_event(nc, prefix, THING, "modified", "/features/speed/desiredProperties/value", 10)
     await publish_event(nc, prefix, THING, "modified", "/features/speed/desiredProperties/value", 20)
-    await asyncio.sleep(1.0)
+
+    async def delivered() -> bool:  # both changes are in the adapter's hands while the PLC is away
+        info = await js.consumer_info(events.events_stream, "adapter-plc-away")
+        return info.num_pending == 0  # (acknowledged only once written)
+
+    await eventually(delivered, 10, "the desired changes delivered to the adapter")
     await plc.start()
     await received.wait_for(lambda r: r.path == SPEED and r.value == 20, timeout=20)
     assert await plc.value("Speed") == 20

@@ -22,7 +22,7 @@ import pytest_asyncio
 
 import policies
 from tests.api.helpers import assert_error, create, full_access, make_policy, url
-from tests.conftest import bounded
+from tests.conftest import bounded, eventually
 from twinstore.api.app import create_app
 from twinstore.enforcement import readable_thing
 from twinstore.model import rql
@@ -284,7 +284,9 @@ async def test_sizes_and_cursors(client: httpx.AsyncClient) -> None:
         "sort(+a),sort(-b)",
         "bogus(1)",
     ):
-        assert_error(await client.get(SEARCH, params={"namespaces": ns, "option": bad}), 400)
+        assert_error(
+            await client.get(SEARCH, params={"namespaces": ns, "option": bad}), 400, "rql.expression.invalid"
+        )
     cursor = page = (await search(client, namespaces=ns, option="size(3),sort(+thingId)"))["cursor"]
     assert_error(
         await client.get(
@@ -304,6 +306,7 @@ async def test_sizes_and_cursors(client: httpx.AsyncClient) -> None:
                 SEARCH, params={"namespaces": ns, "option": f"sort(+thingId),cursor({garbage})"}
             ),
             400,
+            "things:search.option.invalid",
         )
     r = await client.get(
         SEARCH, params={"namespaces": ns, "option": f"size(3),sort(+thingId),cursor({cursor})"}
@@ -332,8 +335,12 @@ async def test_invalid_rql(client: httpx.AsyncClient, filter_text: str, position
 
 
 async def test_invalid_parameters(client: httpx.AsyncClient) -> None:
-    assert_error(await client.get(SEARCH, params={"namespaces": "not a namespace!"}), 400)
-    assert_error(await client.get(SEARCH, params={"fields": "attributes/(("}), 400)
+    assert_error(
+        await client.get(SEARCH, params={"namespaces": "not a namespace!"}), 400, "things:id.invalid"
+    )
+    assert_error(
+        await client.get(SEARCH, params={"fields": "attributes/(("}), 400, "json.fieldselector.invalid"
+    )
     r = await client.post(SEARCH, json={"filter": "exists(thingId)"})
     assert_error(r, 415, "mediatype.unsupported")
     r = await client.post(COUNT, content=b"filter=exists(thingId)", headers={"content-type": "text/plain"})
@@ -725,7 +732,12 @@ async def test_cursor_stable_under_concurrent_writes(client: httpx.AsyncClient) 
                 option = f"{sort},size(10)" + (f",cursor({cursor})" if cursor else "")
                 page = await search(client, namespaces=ns, option=option)
                 seen += [i["thingId"] for i in page["items"]]
-                await asyncio.sleep(0.05)  # let the churn write between pages
+                written = len(churned)  # the churn writes between pages
+
+                def wrote(churned: list[str] = churned, written: int = written) -> bool:
+                    return len(churned) > written
+
+                await eventually(wrote, 10, "a churn write between two pages")
                 cursor = page.get("cursor")
                 if cursor is None:
                     break

@@ -152,7 +152,7 @@ async def test_response_required_false_gets_no_answer(ws_url: str) -> None:
         await ws.send(
             orjson.dumps(command(thing_id, "retrieve", "/x", **{"response-required": False})).decode()
         )
-        # the next answer is the one to the next command that wants one
+        # an assertion of absence: no answer comes for the two; the next is the one asked for
         await asyncio.sleep(0.2)
         got = await ask(ws, command(thing_id, "retrieve", "/policyId"))
         assert got["value"] == thing_id
