@@ -195,7 +195,7 @@ async def test_ingest_process_killed_mid_stream_loses_and_duplicates_nothing(
     await eventually(flowing(await landed_count(scratch_database, things) + 400), 20, "flowing again")
     assert feed.running
     second.kill()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the fault's duration: load goes on with one member dead
     sent = await feed.stop()
     assert feed.steps > 100
     await assert_exactly_once_in_order(scratch_database, sent, timeout=30)
@@ -242,10 +242,11 @@ async def test_nats_restarted_while_an_adapter_publishes_loses_and_duplicates_no
         feed = Feed(forwarder.send_updates, things).start(pause=0.005)
         await eventually(landed_at_least(scratch_database, things, 100), 20, "values flowing")
         await asyncio.to_thread(private_nats.stop)
-        await asyncio.sleep(3.0)  # the adapter spools; the ingest worker has nothing to read
+        # the outage's duration: the adapter spools; the ingest worker has nothing to read
+        await asyncio.sleep(3.0)
         assert forwarder.pending > 0 and feed.running
         await asyncio.to_thread(private_nats.start)  # same port, same store
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # load goes on across the recovery (the checks below wait)
         sent = await feed.stop()
 
         async def flushed() -> bool:
@@ -345,10 +346,10 @@ async def test_postgres_stopped_for_10_s_ingestion_pauses_and_resumes(
     await eventually(landed_at_least(database_url, things, 100), 20, "values flowing")
     await asyncio.to_thread(private_postgres.stop)
     stopped_at = feed.steps
-    await asyncio.sleep(10.0)
+    await asyncio.sleep(10.0)  # the outage's duration (the ingest worker must outlive it)
     assert process.alive, process.logs()[-3000:]
     await asyncio.to_thread(private_postgres.start)
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # load goes on across the recovery (the checks below wait)
     sent = await feed.stop()
     assert feed.steps > stopped_at + 100  # much was published during the outage
     try:
