@@ -324,3 +324,25 @@ def test_development_user_on_a_network_address_is_warned_about_loudly(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def test_auto_log_format_is_text_on_a_terminal_and_json_elsewhere() -> None:
+    import io
+    import logging
+    import pty
+
+    from twinstore.logs import JsonFormatter, TextFormatter, configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    leader, follower = pty.openpty()
+    try:
+        with open(follower, "w", closefd=False) as terminal:
+            assert isinstance(configure_logging("info", "auto", stream=terminal).formatter, TextFormatter)
+        assert isinstance(configure_logging("info", "auto", stream=io.StringIO()).formatter, JsonFormatter)
+        assert isinstance(configure_logging("info", "text", stream=io.StringIO()).formatter, TextFormatter)
+    finally:
+        os.close(leader)
+        os.close(follower)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
