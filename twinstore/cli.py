@@ -302,11 +302,11 @@ starts: choose another with --port N (`make run ARGS="--port N"`).
 
 Logs: text on a terminal, JSON lines otherwise (--log-format).
 
-Exit status: 0 stopped by SIGTERM / Ctrl-C; 1 the shutdown outran shutdown_grace_seconds;
-2 invalid options or settings; 3 the embedded servers, the database or the application did
-not start; 4 cannot listen on --host:--port (in use, no permission); 5 the data dir cannot be
-created or written (a file, no permission); 6 another twinstore already serves the data dir;
-130 interrupted (Ctrl-C) during start-up.
+Exit status: 0 stopped by SIGTERM / Ctrl-C; 1 an invalid setting, or the shutdown outran
+shutdown_grace_seconds; 2 invalid command-line options; 3 the embedded servers, the database
+or the application did not start; 4 cannot listen on --host:--port (in use, no permission);
+5 the data dir cannot be created or written (a file, no permission); 6 another twinstore
+already serves the data dir; 130 interrupted (Ctrl-C) during start-up.
 """
 
 
