@@ -361,16 +361,17 @@ class Forwarder:
         """The rows that can be sent, each encoded once; the others logged and counted."""
         rows: list[EncodedUpdate] = []
         most = min(self.max_row_bytes, self.message_bytes - TELEMETRY_FRAME_BYTES)
+        depth, problem_of, keep = self.max_json_depth, limits.value_problem, rows.append
         for update in updates:
-            problem = limits.value_problem(update.value, self.max_json_depth)
+            problem = problem_of(update.value, depth)
             if problem is None:
                 try:
                     encoded = encode_update(update)
                 except (TypeError, ValueError, OverflowError):  # UnicodeEncodeError: a lone surrogate
                     problem = limits.NOT_JSON
                 else:
-                    if len(encoded.data) <= most:
-                        rows.append(encoded)
+                    if len(encoded[1]) <= most:
+                        keep(encoded)
                         continue
                     problem = limits.TOO_LARGE
             self.dropped_rows[problem] += 1

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
@@ -185,17 +185,14 @@ def _headers(source: str, seq: int, content_type: str) -> dict[str, str]:
     }
 
 
-class EncodedUpdate(NamedTuple):
-    """A row encoded once (its JSON array), with its thing id for the partition: an adapter can
-    check a row's size and then batch it without encoding it again."""
-
-    thing_id: str
-    data: bytes
+#: A row encoded once, ``(thing_id, JSON of the row)``: an adapter can check a row's size and
+#: then batch it without encoding it again (a plain tuple: this is per row, on the hot path).
+EncodedUpdate = tuple[str, bytes]
 
 
 def encode_update(update: Update) -> EncodedUpdate:
     """``update`` as the JSON of one telemetry row (msgspec's errors if its value is not JSON)."""
-    return EncodedUpdate(update.thing_id, _encode(update))
+    return update.thing_id, _encode(update)
 
 
 #: The bytes of a telemetry message besides its rows and the commas between them.
@@ -222,9 +219,13 @@ def telemetry_messages(
     len(result)``); row order is kept per thing. A row larger than ``max_bytes`` on its own
     travels alone (the caller decides whether to send it at all)."""
     by_subject: dict[str, list[bytes]] = {}
+    subject_of: dict[str, str] = {}  # a batch holds many rows of few things
     for update in updates:
-        encoded = update if isinstance(update, EncodedUpdate) else encode_update(update)
-        by_subject.setdefault(subjects.subject(encoded.thing_id), []).append(encoded.data)
+        thing_id, data = update if isinstance(update, tuple) else encode_update(update)
+        subject = subject_of.get(thing_id)
+        if subject is None:
+            subject = subject_of[thing_id] = subjects.subject(thing_id)
+        by_subject.setdefault(subject, []).append(data)
     budget = max_bytes if max_bytes is not None else 1 << 62
     chunks: list[tuple[str, list[bytes]]] = []
     for subject, rows in by_subject.items():
