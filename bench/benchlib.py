@@ -29,6 +29,7 @@ __all__ = [
     "ROOT",
     "CpuMeter",
     "CpuUse",
+    "Verdict",
     "add_run_arguments",
     "command_line",
     "create_database",
@@ -40,7 +41,10 @@ __all__ = [
     "markdown_table",
     "percentile",
     "process_cpu",
+    "rebuild_index",
+    "run_date",
     "run_on_fresh_database",
+    "summary",
     "wait_quiet",
     "write_section",
 ]
@@ -271,21 +275,127 @@ def command_line() -> str:
     return shlex.join([".venv/bin/python", shown, *sys.argv[1:]])
 
 
+DATE = re.compile(r"\bdate: (\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC)")
+SECTION = re.compile(r"<!-- bench:([\w-]+):start -->\n(.*?)<!-- bench:\1:end -->", re.DOTALL)
+INDEX_START, INDEX_END = "<!-- bench-index:start -->", "<!-- bench-index:end -->"
+SUMMARY_HEADING = "**Summary** (generated from the tables of this run"
+HEADER = (
+    "# Benchmarks\n\nFigures measured by the scripts in `bench/`; each section is rewritten by its script "
+    "(`make bench` runs them all) and says how it was run, on what, and what limits the figures. "
+    "A section's **Summary** and the index below are generated from the same numbers as its tables; "
+    "the parts titled *Analysis* are written by hand and cite figures only from the tables of the run "
+    "they name (`tests/test_benchmarks_doc.py` checks both).\n\n"
+)
+
+
+def run_date(notes: Sequence[str]) -> str:
+    """The run's date as :func:`machine_notes` printed it (``YYYY-MM-DD HH:MM UTC``)."""
+    for note in notes:
+        match = DATE.search(note)
+        if match:
+            return match.group(1)
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target of a benchmark, judged on this run's figures.
+
+    ``measured`` holds the figures exactly as a row of the section's tables prints them, and the
+    same row carries :meth:`cell` in its target column: the summary line and the table are made
+    from one object, so they cannot disagree.
+    """
+
+    label: str
+    measured: str
+    target: str
+    ok: bool
+
+    @property
+    def word(self) -> str:
+        return "met" if self.ok else "MISSED"
+
+    def cell(self) -> str:
+        """The table's target cell, e.g. ``≥ 5,000/s, p99 ≤ 20 ms: MISSED``."""
+        return f"{self.target}: {self.word}"
+
+    def line(self) -> str:
+        return f"- {self.label}: {self.measured} (target {self.target}): {self.word}"
+
+
+def summary(notes: Sequence[str], verdicts: Sequence[Verdict], findings: Sequence[str] = ()) -> str:
+    """The section's generated summary: one line per target, then ``findings`` (figures copied
+    from the tables, no verdict). Every number in it must be one the section's tables show."""
+    lines = [f"{SUMMARY_HEADING}, {run_date(notes)}):", ""]
+    lines += [v.line() for v in verdicts]
+    lines += [f"- {f}" for f in findings]
+    return "\n".join(lines)
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def _index_line(key: str, body: str) -> str:
+    title = next((ln[3:].strip() for ln in body.splitlines() if ln.startswith("## ")), key)
+    date = DATE.search(body)
+    lines = body.splitlines()
+    verdicts: list[str] = []
+    first = ""
+    if any(ln.startswith(SUMMARY_HEADING) for ln in lines):
+        start = next(i for i, ln in enumerate(lines) if ln.startswith(SUMMARY_HEADING))
+        bullets = []
+        for ln in lines[start + 1 :]:
+            if ln.startswith("- "):
+                bullets.append(ln[2:])
+            elif bullets and not ln.strip():
+                break
+        verdicts = [b for b in bullets if re.search(r": (met|MISSED)$", b)]
+        first = bullets[0] if bullets else ""
+    if verdicts:
+        missed = [v.split(":", 1)[0] for v in verdicts if v.endswith(": MISSED")]
+        met = len(verdicts) - len(missed)
+        verdict = f"{met} of {len(verdicts)} targets met" + (f"; MISSED: {', '.join(missed)}" if missed else "")
+    else:
+        verdict = first or "no generated summary"
+    return f"| [{title}](#{_anchor(title)}) | {date.group(1) if date else '-'} | {verdict} |"
+
+
+def rebuild_index(text: str) -> str:
+    """``text`` with its index (one row per benchmark section: run date, verdicts) regenerated."""
+    rows = [
+        _index_line(m.group(1), m.group(2))
+        for m in SECTION.finditer(text)
+        if not m.group(1).endswith("-analysis")
+    ]
+    index = "\n".join(
+        [
+            INDEX_START,
+            "| section | run | targets (from the section's summary) |",
+            "| --- | --- | --- |",
+            *rows,
+            INDEX_END,
+        ]
+    )
+    if INDEX_START in text and INDEX_END in text:
+        before, rest = text.split(INDEX_START, 1)
+        return before + index + rest.split(INDEX_END, 1)[1]
+    first = text.find("<!-- bench:")
+    if first < 0:
+        return text.rstrip("\n") + "\n\n" + index + "\n"
+    return text[:first] + index + "\n\n" + text[first:]
+
+
 def write_section(path: Path, key: str, text: str) -> None:
-    """Replace the section ``key`` of the results file (or append it), keeping the others."""
+    """Replace the section ``key`` of the results file (or append it), keeping the others, and
+    regenerate the index at the top from every section."""
     start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
     block = f"{start}\n{text.rstrip()}\n{end}\n"
-    if path.exists():
-        current = path.read_text()
-    else:
-        current = (
-            "# Benchmarks\n\nFigures measured by the scripts in `bench/`; each section is rewritten "
-            "by its script (`make bench` runs them all) and says how it was run, on what, and what "
-            "limits the figures.\n\n"
-        )
+    current = path.read_text() if path.exists() else HEADER
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     updated = pattern.sub(lambda _: block, current) if pattern.search(current) else current + "\n" + block
-    path.write_text(updated)
+    path.write_text(rebuild_index(updated))
 
 
 # The journal's event insert, for the raw baselines (the same rows and columns as the journal).
