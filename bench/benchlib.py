@@ -356,7 +356,9 @@ def _index_line(key: str, body: str) -> str:
     if verdicts:
         missed = [v.split(":", 1)[0] for v in verdicts if v.endswith(": MISSED")]
         met = len(verdicts) - len(missed)
-        verdict = f"{met} of {len(verdicts)} targets met" + (f"; MISSED: {', '.join(missed)}" if missed else "")
+        verdict = f"{met} of {len(verdicts)} targets met"
+        if missed:
+            verdict += f"; MISSED: {', '.join(missed)}"
     else:
         verdict = first or "no generated summary"
     return f"| [{title}](#{_anchor(title)}) | {date.group(1) if date else '-'} | {verdict} |"
