@@ -135,6 +135,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # bcrypt checks running at once (threads, off the event loop); when 16 x this many wait,
     # one more is answered 429 at once.
     auth_bcrypt_concurrency: int = 2
+    # A failed password check (wrong password, unknown user, 429 of the limits above) is answered
+    # this late: a guesser waiting for its answers makes at most one guess a second per
+    # connection, at no cost to the server (a sleeping request takes no CPU).
+    auth_failure_delay_seconds: float = 1.0
     # A successful password check is remembered this long (HMAC of the credentials, at most
     # auth_cache_size entries), so a client sending its password on every request pays bcrypt once.
     auth_cache_seconds: float = 60.0
@@ -218,6 +222,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     ipaddress.ip_network(cidr, strict=False)
                 except ValueError:
                     raise ValueError(f"{name}: {cidr!r} is not an IP network (CIDR)") from None
+        if not 0 <= self.auth_failure_delay_seconds <= 60:
+            raise ValueError("auth_failure_delay_seconds must be 0..60")
         if not 1 <= self.max_connections <= 1_000_000:
             raise ValueError("max_connections must be 1..1000000")
         for name in (

@@ -75,6 +75,7 @@ class Authenticator:
             failures_per_user=s.auth_failures_per_user,
             window=s.auth_failure_window_seconds,
             concurrency=s.auth_bcrypt_concurrency,
+            failure_delay=s.auth_failure_delay_seconds,
         )
         return auth
 

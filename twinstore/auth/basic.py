@@ -116,6 +116,7 @@ class BasicAuth:
         failures_per_user: int = 10,
         window: float = 60.0,
         concurrency: int = 2,
+        failure_delay: float = 1.0,
     ) -> None:
         self.users_file = Path(users_file) if users_file else None
         self.ttl = ttl
@@ -130,6 +131,7 @@ class BasicAuth:
         self.per_client = FailureLimit(failures_per_client, window)
         self.per_user = FailureLimit(failures_per_user, window)
         self._checks = asyncio.Semaphore(concurrency)
+        self.failure_delay = failure_delay
         self._max_waiting = 16 * concurrency
         self._waiting = 0
 
@@ -193,7 +195,20 @@ class BasicAuth:
     async def authenticate_user(
         self, authorization: str | None, client: str | None = None
     ) -> tuple[str, str]:
-        """(subject, user name) of valid credentials (see :meth:`authenticate`)."""
+        """(subject, user name) of valid credentials (see :meth:`authenticate`).
+
+        Every refusal of presented credentials comes ``failure_delay`` seconds late: a guesser
+        that waits for its answers is slowed to one guess a second per connection while the
+        server only keeps a sleeping task, and a refusal takes as long whatever its reason.
+        """
+        try:
+            return await self._authenticate_user(authorization, client)
+        except (AuthenticationError, TooManyRequestsError):
+            if authorization and self.users_file is not None and self.failure_delay > 0:
+                await asyncio.sleep(self.failure_delay)
+            raise
+
+    async def _authenticate_user(self, authorization: str | None, client: str | None) -> tuple[str, str]:
         if self.users_file is None:
             raise AuthenticationError(
                 "No users are configured on this server, so no request can be authenticated.",
