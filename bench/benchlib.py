@@ -45,6 +45,7 @@ __all__ = [
     "run_date",
     "run_on_fresh_database",
     "summary",
+    "verdicts_of_tables",
     "wait_quiet",
     "write_section",
 ]
@@ -332,6 +333,38 @@ def summary(notes: Sequence[str], verdicts: Sequence[Verdict], findings: Sequenc
     return "\n".join(lines)
 
 
+def verdicts_of_tables(text: str) -> list[Verdict]:
+    """The verdicts of every Markdown table in ``text`` with a column headed ``target...`` whose
+    cells read ``<target>: met`` or ``<target>: MISSED``: the row's first cell is the label, its
+    other filled cells (header and value) the figures."""
+    out: list[Verdict] = []
+    rows = [ln.strip() for ln in text.splitlines()]
+    headers: list[str] = []
+    for i, row in enumerate(rows):
+        if not row.startswith("|"):
+            headers = []
+            continue
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if i + 1 < len(rows) and re.fullmatch(r"\|[\s\-:|]+\|", rows[i + 1]):
+            headers = cells
+            continue
+        if not headers or re.fullmatch(r"\|[\s\-:|]+\|", row):
+            continue
+        column = next((j for j, h in enumerate(headers) if h.lower().startswith("target")), None)
+        if column is None or column >= len(cells):
+            continue
+        match = re.fullmatch(r"(.*): (met|MISSED)", cells[column])
+        if not match:
+            continue
+        figures = ", ".join(
+            f"{h} {c}"
+            for j, (h, c) in enumerate(zip(headers, cells, strict=False))
+            if j not in (0, column) and c not in ("", "-")
+        )
+        out.append(Verdict(cells[0], figures, match.group(1), match.group(2) == "met"))
+    return out
+
+
 def _anchor(title: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
@@ -422,22 +455,25 @@ async def run_on_fresh_database(
     *,
     name: str,
     title: str,
-    run: Callable[[str, Path], Awaitable[tuple[list[str], str]]],
+    run: Callable[[str, Path], Awaitable[tuple[list[str], str] | tuple[list[str], str, list[Verdict]]]],
 ) -> int:
-    """Create a database, ``run(database_url, tmp_dir)`` -> (facts, body), drop the database
-    (unless ``--keep-database``), print the report and write it as the section ``name`` of
-    ``--output`` (unless ``--no-output``)."""
+    """Create a database, ``run(database_url, tmp_dir)`` -> (facts, body[, verdicts]), drop the
+    database (unless ``--keep-database``), print the report and write it as the section ``name`` of
+    ``--output`` (unless ``--no-output``). The section ends with the generated summary of
+    ``verdicts``, or, when ``run`` gives none, of the verdicts in the body's target columns."""
     notes = await machine_notes(args.database_url)
     print("\n".join(notes))
     tmp = Path(tempfile.mkdtemp(prefix=f"twinstore-bench-{name}-"))
     db_name, url = await create_database(args.database_url, f"twinstore_bench_{name}")
     try:
-        facts, body = await run(url, tmp)
+        result = await run(url, tmp)
     finally:
         if args.keep_database:
             print(f"kept database {db_name}")
         else:
             await drop_database(args.database_url, db_name)
+    facts, body = result[0], result[1]
+    verdicts = result[2] if len(result) > 2 else verdicts_of_tables(body)
     text = "\n".join(
         [
             f"## {title}",
@@ -446,7 +482,8 @@ async def run_on_fresh_database(
             "",
             *[f"- {n}" for n in notes + facts],
             "",
-            body,
+            body.rstrip(),
+            *(["", summary(notes, verdicts)] if verdicts else []),
         ]
     )
     print("\n" + text)
