@@ -45,6 +45,7 @@ from benchlib import (
     INSERT_EVENTS,
     ROOT,
     CpuMeter,
+    Verdict,
     add_run_arguments,
     markdown_table,
     percentile,
@@ -317,7 +318,7 @@ async def latency(
     return {"updates": total, "rate": elapsed_rate, "decided": decided, "delivered": delivered}
 
 
-async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
+async def run(database_url: str, tmp: Path) -> tuple[list[str], str, list[Verdict]]:
     args = ARGS
     things = thing_ids(args.things)
     users = tmp / "users"
@@ -385,8 +386,32 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
         f"({'ok' if total_events == expected else 'MISMATCH'}); audit verify of the ingested things: "
         f"{'ok' if report.ok else 'BROKEN'} ({report.events:,} events)",
     ]
+    sustained = Verdict(
+        "sustained ingestion, one event per property update",
+        f"{tp['rate']:,.0f} updates/s",
+        "≥ 20,000 updates/s",
+        tp["rate"] >= 20_000,
+    )
+    delivered = stats(lat["delivered"])
+    p99 = percentile(lat["delivered"], 0.99) if lat["delivered"] else float("inf")
+    relayed = Verdict(
+        "publish -> event on NATS (committed + relayed), paced",
+        f"p99 {delivered[1]} ms",
+        "p99 ≤ 100 ms",
+        p99 <= 100,
+    )
     table1 = markdown_table(
-        ["what", "updates", "events", "seconds", "updates/s", "events/s", "events vs raw INSERT", "CPU"],
+        [
+            "what",
+            "updates",
+            "events",
+            "seconds",
+            "updates/s",
+            "events/s",
+            "events vs raw INSERT",
+            "CPU",
+            "target (issue 6)",
+        ],
         [
             [
                 "ingestion via NATS, 1 property per row (1 event each)",
@@ -397,6 +422,7 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
                 f"{tp['events'] / tp['seconds']:,.0f}",
                 f"{tp['events'] / tp['seconds'] / base['insert']:.2f}x",
                 str(cpu),
+                sustained.cell(),
             ],
             [
                 f"ingestion via NATS, {len(SIGNALS)}-signal samples (1 merge event each)",
@@ -407,8 +433,16 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
                 f"{tp8['events'] / tp8['seconds']:,.0f}",
                 f"{tp8['events'] / tp8['seconds'] / base['insert']:.2f}x",
                 str(cpu8),
+                "",
             ],
-            ["raw asyncpg INSERT unnest, 1,000 rows/txn", *["-"] * 4, f"{base['insert']:,.0f}", "1.00x", "-"],
+            [
+                "raw asyncpg INSERT unnest, 1,000 rows/txn",
+                *["-"] * 4,
+                f"{base['insert']:,.0f}",
+                "1.00x",
+                "-",
+                "",
+            ],
             [
                 "raw asyncpg COPY, 1,000 rows/txn",
                 "-",
@@ -418,38 +452,34 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str]:
                 f"{base['copy']:,.0f}",
                 f"{base['copy'] / base['insert']:.2f}x",
                 "-",
+                "",
             ],
         ],
     )
     table2 = markdown_table(
-        ["latency at " + f"{lat['rate']:,.0f} updates/s", "p50 ms", "p99 ms", "max ms", "samples"],
+        ["latency at " + f"{lat['rate']:,.0f} updates/s", "p50 ms", "p99 ms", "max ms", "samples", "target"],
         [
-            ["publish -> journal event decided (ts)", *stats(lat["decided"])],
-            ["publish -> event on NATS (committed + relayed)", *stats(lat["delivered"])],
+            ["publish -> journal event decided (ts)", *stats(lat["decided"]), ""],
+            ["publish -> event on NATS (committed + relayed)", *delivered, relayed.cell()],
         ],
     )
-    target1 = "met" if tp["rate"] >= 20_000 else "MISSED"
-    p99 = percentile(lat["delivered"], 0.99) if lat["delivered"] else float("inf")
-    target2 = "met" if p99 <= 100 else "MISSED"
     body = "\n".join(
         [
             table1,
             "",
             table2,
             "",
-            f"- sustained ingestion, one event per property update: {tp['rate']:,.0f} updates/s "
-            f"(target >= 20,000/s: {target1}); publishing alone took {tp['publish_seconds']:.1f} s "
-            f"of the {tp['seconds']:.1f} s",
+            f"- publishing alone took {tp['publish_seconds']:.1f} s of the {tp['seconds']:.1f} s of the "
+            "first phase",
             f"- with {len(SIGNALS)}-signal samples (one merge event per pump and time, every value in the "
             f"journal): {tp8['rate']:,.0f} property updates/s "
             f"= {tp8['events'] / tp8['seconds']:,.0f} events/s",
             "- CPU columns: cores busy during the phase: twinstore processes / PostgreSQL / the publisher "
             "(this script) / everything else (NATS server, other work on the shared machine)",
-            f"- p99 publish -> committed and relayed: {p99:.1f} ms (target <= 100 ms: {target2}); CPU during "
-            f"the latency phase: {lat['cpu']}",
+            f"- CPU during the latency phase: {lat['cpu']}",
         ]
     )
-    return facts, body
+    return facts, body, [sustained, relayed]
 
 
 ARGS: argparse.Namespace
