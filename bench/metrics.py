@@ -159,7 +159,9 @@ def commit_observation_cost(n: int = 200_000) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-async def measure(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[list[str], str, list[Verdict]]:
+async def measure(
+    args: argparse.Namespace, database_url: str, tmp: Path
+) -> tuple[list[str], str, list[Verdict]]:
     users = tmp / "users.htpasswd"
     users.write_text("bench:" + bcrypt.hashpw(b"bench", bcrypt.gensalt(4)).decode() + "\n")
     settings = load_settings(
