@@ -42,7 +42,17 @@ import nats.js.api
 import paho.mqtt.client as mqtt
 import psutil
 import yaml
-from benchlib import ROOT, _cpu_model, _git_commit, _memory_gib, command_line, markdown_table, write_section
+from benchlib import (
+    ROOT,
+    Verdict,
+    _cpu_model,
+    _git_commit,
+    _memory_gib,
+    command_line,
+    markdown_table,
+    summary,
+    write_section,
+)
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -343,20 +353,31 @@ async def drive(args: argparse.Namespace) -> None:
                 print(result, flush=True)
                 results.append(result)
     rows = []
+    verdicts = []
+    raw = {r["mode"]: r for r in results if r["subject"] != "adapter"}
     for r in results:
-        verdict = "-"
+        cell = "-"
         if r["subject"] == "adapter":
-            verdict = f"≥ {TARGET:,}/s: " + ("met" if r["rate"] >= TARGET and r["complete"] else "MISSED")
+            verdict = Verdict(
+                f"twinstore-adapter mqtt, {r['mode']}",
+                f"{r['rate']:,.0f}/s",
+                f"≥ {TARGET:,}/s",
+                r["rate"] >= TARGET and r["complete"],
+            )
+            verdicts.append(verdict)
+            cell = verdict.cell()
+        base = raw.get(r["mode"])
         rows.append(
             [
                 "twinstore-adapter mqtt" if r["subject"] == "adapter" else "raw paho -> nats-py loop",
                 r["mode"],
                 f"{r['rows']:,}" + ("" if r["complete"] else " (incomplete)"),
                 f"{r['rate']:,.0f}/s",
+                f"{r['rate'] / base['rate']:.2f}x" if base and base["rate"] else "-",
                 f"{r['publish_rate']:,.0f}/s" if r["mode"] == "live" else "(before)",
                 f"{r['cores']:.2f}",
                 f"{r['load']:.1f}",
-                verdict,
+                cell,
             ]
         )
     table = markdown_table(
@@ -365,6 +386,7 @@ async def drive(args: argparse.Namespace) -> None:
             "scenario",
             "messages into NATS",
             "rate",
+            "rate vs raw loop (same scenario)",
             "publisher",
             "subscriber cores",
             "load",
@@ -404,6 +426,8 @@ async def drive(args: argparse.Namespace) -> None:
             *(f"- {n}" for n in notes),
             "",
             table,
+            "",
+            summary(notes, verdicts),
         ]
     )
     print(text)
