@@ -52,12 +52,14 @@ from asyncua import Server, ua
 from asyncua.client.client import Client
 from benchlib import (
     ROOT,
+    Verdict,
     _cpu_model,
     _git_commit,
     _memory_gib,
     command_line,
     markdown_table,
     process_cpu,
+    summary,
     write_section,
 )
 
@@ -391,11 +393,19 @@ async def drive(args: argparse.Namespace) -> None:
     finally:
         plc.stop()
     rows = []
+    verdicts = []
     for r in results:
         complete = r["received"] == r["changes"]
-        verdict = "-"
+        cell = "-"
         if r["subject"] == "adapter":
-            verdict = f"≥ {TARGET:,}/s: " + ("met" if r["rate"] >= TARGET and complete else "MISSED")
+            verdict = Verdict(
+                f"twinstore-adapter opcua, {r['mode']}",
+                f"{r['rate']:,.0f}/s, {r['received']:,} of {r['changes']:,} changes",
+                f"≥ {TARGET:,}/s, every change",
+                r["rate"] >= TARGET and complete,
+            )
+            verdicts.append(verdict)
+            cell = verdict.cell()
         rows.append(
             [
                 "twinstore-adapter opcua" if r["subject"] == "adapter" else "raw asyncua subscription",
@@ -406,7 +416,7 @@ async def drive(args: argparse.Namespace) -> None:
                 f"{r['rate']:,.0f}/s",
                 f"{r['cpu_us']:.0f} µs",
                 f"{r['load']:.1f}",
-                verdict,
+                cell,
             ]
         )
     table = markdown_table(
@@ -451,6 +461,8 @@ async def drive(args: argparse.Namespace) -> None:
             *[f"- {n}" for n in notes],
             "",
             table,
+            "",
+            summary(notes, verdicts),
         ]
     )
     print(text)
