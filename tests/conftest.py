@@ -245,6 +245,9 @@ def settings(servers: tuple[str, str], users_file: Path) -> Iterator[Settings]:
         snapshot_every=10,
         relay_poll_interval=0.05,
         max_body_bytes=262_144,
+        # wrong-credential tests of the in-process app need no second-long answers (the real
+        # servers of tests/security keep the default delay)
+        auth_failure_delay_seconds=0.01,
         # NATS ingestion (tests/test_ingest.py): a configured source and a default for others
         ingest_sources=INGEST_SOURCES,
         ingest_partitions=4,
