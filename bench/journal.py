@@ -52,6 +52,7 @@ from benchlib import (
     drop_database,
     machine_notes,
     markdown_table,
+    summary,
     wait_quiet,
     write_section,
 )
@@ -449,8 +450,22 @@ def report(args: argparse.Namespace, notes: list[str], measurements: list[Measur
         "",
         markdown_table(HEADERS, rows_for(measurements)),
         "",
+        summary(notes, [], findings(rows_for(measurements))),
+        "",
     ]
     return "\n".join(lines) + "\n"
+
+
+def findings(rows: list[list[object]]) -> list[str]:
+    """Each twinstore contender against eventsourcing's recorder, per batch size, as the table's
+    ratio column shows it (no target: the comparison is the finding)."""
+    out = []
+    for contender in dict.fromkeys(str(r[1]) for r in rows if r[1] != "eventsourcing recorder"):
+        mine = [r for r in rows if r[1] == contender]
+        batches = " / ".join(str(r[0]) for r in mine)
+        ratios = " / ".join(str(r[5]) for r in mine)
+        out.append(f"{contender} vs eventsourcing recorder at {batches} events/txn: {ratios}")
+    return out
 
 
 def _version(package: str) -> str:
