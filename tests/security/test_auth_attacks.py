@@ -137,7 +137,12 @@ async def test_unknown_user_takes_as_long_to_refuse_as_a_known_one(
     start: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     path = users_file(tmp_path / "users", {"alice": "right"}, cost=10)
-    server = start(users_file=str(path), auth_failures_per_client="1000", auth_failures_per_user="1000")
+    server = start(
+        users_file=str(path),
+        auth_failures_per_client="1000",
+        auth_failures_per_user="1000",
+        auth_failure_delay_seconds="0",  # the bcrypt work itself is compared, not the delay
+    )
 
     async def refuse(user: str) -> float:
         began = time.perf_counter()
@@ -200,6 +205,35 @@ async def test_a_flood_of_wrong_passwords_does_not_stop_logged_in_clients(
             await asyncio.gather(*flood, return_exceptions=True)
     assert set(statuses) <= {401, 429}, statuses
     assert max(latencies) < 1.0, latencies  # was 17 s for a real login under 10 wrong passwords/s
+
+
+async def test_a_failed_login_is_answered_late_so_a_guesser_is_slowed(
+    start: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Every refusal of presented credentials waits auth_failure_delay_seconds: 16 connections
+    guessing back to back make about 16 guesses a second, while a right password is answered
+    at once."""
+    path = users_file(tmp_path / "users", {"alice": "right"}, cost=4)
+    server = start(users_file=str(path), auth_failure_delay_seconds="0.5", auth_failures_per_client="1000")
+    async with httpx.AsyncClient(base_url=server.url, timeout=15) as c:
+        began = time.perf_counter()
+        assert_error(await c.get("/api/2/whoami", headers=basic("alice", "wrong")), 401, AUTH_FAILED)
+        assert time.perf_counter() - began >= 0.5
+        began = time.perf_counter()
+        assert (await c.get("/api/2/whoami", headers=basic("alice", "right"))).status_code == 200
+        assert time.perf_counter() - began < 0.5
+        guesses = 0
+
+        async def guesser(n: int) -> None:
+            nonlocal guesses
+            deadline = time.perf_counter() + 2.0
+            while time.perf_counter() < deadline:
+                r = await c.get("/api/2/whoami", headers=basic("alice", f"guess{n}"))
+                assert r.status_code in (401, 429), r.text
+                guesses += 1
+
+        await asyncio.gather(*(guesser(n) for n in range(16)))
+    assert guesses <= 16 * 5, guesses  # at most 2 s / 0.5 s (+1) per connection
 
 
 # -- item 11: JWT numeric claims ----------------------------------------------------------------
