@@ -43,12 +43,14 @@ from api import (
 from benchlib import (
     ROOT,
     CpuMeter,
+    Verdict,
     add_run_arguments,
     command_line,
     create_database,
     drop_database,
     machine_notes,
     markdown_table,
+    summary,
     wait_quiet,
     write_section,
 )
@@ -163,6 +165,7 @@ async def run(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     rows = []
+    verdicts: list[Verdict] = []
     ok = True
     for test in ("GET", "PUT"):
         base, cur = samples[("baseline", test)], samples[("current", test)]
@@ -170,6 +173,13 @@ async def run(args: argparse.Namespace) -> int:
         b_rate, c_rate = statistics.median(base.rate), statistics.median(cur.rate)
         overhead = c_cpu / b_cpu - 1
         ok = ok and overhead < TARGET
+        verdict = Verdict(
+            f"{test} {'thing' if test == 'GET' else 'property'}",
+            f"CPU change {overhead:+.1%}",
+            f"CPU change < +{TARGET:.0%}",
+            overhead < TARGET,
+        )
+        verdicts.append(verdict)
         rows.append(
             [
                 f"{test} {'thing' if test == 'GET' else 'property'}",
@@ -181,7 +191,7 @@ async def run(args: argparse.Namespace) -> int:
                 f"{overhead:+.1%}",
                 f"{statistics.median(base.p99_ms):.1f} / {statistics.median(cur.p99_ms):.1f}",
                 f"{base.errors} / {cur.errors}",
-                "met" if overhead < TARGET else "MISSED",
+                verdict.cell(),
             ]
         )
     table = markdown_table(
@@ -195,7 +205,7 @@ async def run(args: argparse.Namespace) -> int:
             "CPU change",
             "p99 ms baseline / this",
             "errors",
-            "target < +3 % CPU",
+            "target (CPU per request)",
         ],
         rows,
     )
@@ -217,6 +227,8 @@ async def run(args: argparse.Namespace) -> int:
             "CPU is the server process's own (PostgreSQL not counted)",
             "",
             table,
+            "",
+            summary(notes, verdicts),
         ]
     )
     if not args.no_output:
