@@ -7,7 +7,7 @@ and tags, ditto's writes, a deletion and a new life under another policy, reads 
 against a real ``twinstore serve`` (PostgreSQL, NATS) as ditto and eve over HTTP, in two
 worlds (two things, two pairs of policies) that differ only in the hidden values. Everything
 eve gets back is collected: status, body (values, error texts), ``ETag``, historical headers,
-search results, the SSE history stream of the thing and her live SSE subscription. No marker
+search results and the SSE history stream of the thing (live fan-out: the fast layer). No marker
 may appear in any of it, and both worlds must look the same to her.
 
 ``TWINSTORE_PROPERTY_E2E_EXAMPLES`` (default 100) sets the number of scenarios.
@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,56 +76,6 @@ def users(live_server: ServerProcess) -> Iterator[dict[str, httpx.Client]]:
     finally:
         for client in clients.values():
             client.close()
-
-
-class LiveEvents:
-    """Eve's live SSE subscription to one thing, read by a thread until closed."""
-
-    def __init__(self, client: httpx.Client, thing_id: str) -> None:
-        self.events: list[tuple[str, Any]] = []
-        self.status = 0
-        self.response: httpx.Response | None = None
-        self.opened = threading.Event()
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.client, self.thing_id = client, thing_id
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        assert self.opened.wait(10), "the SSE subscription did not open"
-
-    def run(self) -> None:
-        try:
-            headers = {"accept": "text/event-stream"}
-            with self.client.stream("GET", f"/api/2/things/{self.thing_id}", headers=headers) as r:
-                self.response = r
-                self.status = r.status_code
-                self.opened.set()
-                event_id = ""
-                for line in r.iter_lines():
-                    if self.stop.is_set():
-                        return
-                    if line.startswith("id:"):
-                        event_id = line[3:].strip()
-                    elif line.startswith("data:"):
-                        self.events.append((event_id, orjson.loads(line[5:])))
-        except Exception as exc:  # reported by the test
-            if not self.stop.is_set():
-                self.error = exc
-            self.opened.set()
-
-    def wait_for(self, event_id: str, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(i == event_id for i, _ in self.events):
-                return True
-            time.sleep(0.02)  # polling a condition, bounded by the deadline
-        return False
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.response is not None:
-            self.response.close()  # ends the reader's iteration (and the server's subscription)
-        self.thread.join(5)
 
 
 class HttpWorld:
