@@ -391,7 +391,7 @@ def _index_line(key: str, body: str) -> str:
         met = len(verdicts) - len(missed)
         verdict = f"{met} of {len(verdicts)} targets met"
         if missed:
-            verdict += f"; MISSED: {', '.join(missed)}"
+            verdict += f"; MISSED: {' / '.join(missed)}"
     else:
         verdict = first or "no generated summary"
     return f"| [{title}](#{_anchor(title)}) | {date.group(1) if date else '-'} | {verdict} |"
