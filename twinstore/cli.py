@@ -502,10 +502,28 @@ def _progress(
     return bar, set_total, advance
 
 
+def _config_file(args: argparse.Namespace) -> str | None:
+    """The TOML file named by --config or TWINSTORE_CONFIG; one clear line (exit 1) when it
+    cannot be read or is not TOML, never a traceback."""
+    import tomllib
+
+    path: str | None = args.config or os.environ.get("TWINSTORE_CONFIG") or None
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            tomllib.load(fh)
+    except OSError as exc:
+        raise SystemExit(f"twinstore: cannot read the config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SystemExit(f"twinstore: the config file {path} is not valid TOML: {exc}") from None
+    return path
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(
         None,
-        args.config,
+        _config_file(args),
         data_dir=args.data_dir,
         database_url=args.database_url,
         nats_url=args.nats_url,
@@ -688,7 +706,7 @@ def _warn_exposed(settings: Settings) -> None:
         )
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, config_file: str | None = None) -> None:
     import uvicorn
 
     from twinstore.api.guard import uvicorn_options
@@ -715,11 +733,16 @@ def serve(settings: Settings) -> None:
         log.info("serving", extra={"host": settings.host, "port": settings.port})
         announce = _announcer(settings, servers)
         if settings.workers > 1:
-            # Workers re-create the app from the environment (stateless processes).
-            for name in ("database_url", "nats_url", "users_file"):
+            # Workers re-create the app from the environment (stateless processes): the config
+            # file, then what the command line or development mode decided on top of it.
+            if config_file:
+                os.environ["TWINSTORE_CONFIG"] = str(Path(config_file).resolve())
+            for name in ("database_url", "nats_url", "users_file", "log_level", "log_format"):
                 value = getattr(settings, name)
                 if value:
                     os.environ["TWINSTORE_" + name.upper()] = str(value)
+            if settings.dev_mode:
+                os.environ["TWINSTORE_DEV_MODE"] = "true"
             if settings.ingest_default_subjects:
                 import json
 
@@ -1115,7 +1138,7 @@ def _main(argv: list[str] | None) -> None:
             os.environ["TWINSTORE_ANOMALY_ENABLED"] = "false"
         if args.no_ingest or args.no_anomaly:
             settings = _settings(args)
-        serve(settings)
+        serve(settings, _config_file(args))
     elif args.command in ("ingest", "anomaly"):
         sys.exit(worker(settings, args.command))
     elif args.command == "migrate":
