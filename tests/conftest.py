@@ -385,6 +385,17 @@ class ServerProcess:
         return Path(self.log_path).read_text()
 
 
+@pytest.fixture(scope="module")
+def live_server(settings: Settings, runtime: Runtime) -> Iterator[ServerProcess]:
+    """One real ``twinstore serve`` process per test module, on the session's database and NATS
+    (uvicorn's own handling of headers, proxies and slow clients applies)."""
+    proc = ServerProcess(settings).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 @pytest.fixture
 def server_process(settings: Settings, runtime: Runtime) -> Iterator[Any]:
     """Factory of server processes, all stopped at the end of the test."""

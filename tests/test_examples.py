@@ -7,13 +7,10 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
 from tests.conftest import ROOT, ServerProcess, new_thing_id
-from twinstore.runtime import Runtime
 from twinstore.settings import Settings
 
 
@@ -29,34 +26,25 @@ def run_example(name: str, *args: str, timeout: float = 60) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def server(settings: Settings, runtime: Runtime) -> Iterator[ServerProcess]:
-    proc = ServerProcess(settings).start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
 def test_app_creates_reads_patches_and_sees_its_event_then_history_reads_it_back(
-    server: ServerProcess,
+    live_server: ServerProcess,
 ) -> None:
     thing_id = new_thing_id("org.example")
-    out = run_example("app.py", "--url", server.url, "--thing", thing_id)
+    out = run_example("app.py", "--url", live_server.url, "--thing", thing_id)
     assert f"created {thing_id}" in out
     assert "rate = 12.0" in out
     assert "event: org.example/" in out and "/things/twin/events/merged" in out
     assert "{'rate': 13.5} revision 2" in out, out
 
-    out = run_example("history.py", "--url", server.url, "--thing", thing_id)
+    out = run_example("history.py", "--url", live_server.url, "--thing", thing_id)
     assert f"{thing_id} is at revision 2" in out
     assert "revision 1 by nginx:ditto" in out
     assert "revision 2:" in out and "13.5" in out, out
 
 
-async def test_device_publishes_telemetry_over_nats(server: ServerProcess, settings: Settings) -> None:
+async def test_device_publishes_telemetry_over_nats(live_server: ServerProcess, settings: Settings) -> None:
     thing_id = new_thing_id("org.example")
-    async with httpx.AsyncClient(base_url=server.url, auth=("ditto", "ditto")) as http:
+    async with httpx.AsyncClient(base_url=live_server.url, auth=("ditto", "ditto")) as http:
         assert (await http.put(f"/api/2/things/{thing_id}", json={"features": {}})).status_code == 201
         out = await asyncio.to_thread(
             run_example,

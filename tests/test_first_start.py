@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -291,7 +292,8 @@ def test_development_user_on_a_network_address_is_warned_about_loudly(
     env = environment(
         TWINSTORE_DATABASE_URL=settings.database_url or "",
         TWINSTORE_NATS_URL=settings.nats_url or "",
-        TWINSTORE_NATS_PREFIX=settings.nats_prefix,
+        # its own prefix: a server with other partition counts would reshape the session's streams
+        TWINSTORE_NATS_PREFIX=f"fs{secrets.token_hex(4)}",
         TWINSTORE_DEV_MODE="true",
         TWINSTORE_USERS_FILE=str(users),
         TWINSTORE_INGEST_ENABLED="false",

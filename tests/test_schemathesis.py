@@ -181,7 +181,14 @@ def flatmap_path_parameters(context: Any, path_parameters: dict[str, Any]) -> st
 @pytest.fixture(scope="module")
 def live_server(settings: Settings, runtime: Runtime) -> Iterator[ServerProcess]:
     # On the session's database and NATS prefix: the runtime fixture removes the stream.
-    server = ServerProcess(settings).start()
+    # Schemathesis sends wrong credentials on purpose for every operation: conformance, not the
+    # failed-login limits (tests/security), is checked here, so those limits are out of its way.
+    server = ServerProcess(
+        settings,
+        TWINSTORE_AUTH_FAILURES_PER_CLIENT="1000000",
+        TWINSTORE_AUTH_FAILURES_PER_USER="1000000",
+        TWINSTORE_AUTH_FAILURE_DELAY_SECONDS="0",
+    ).start()
     try:
         yield server
     finally:

@@ -207,6 +207,21 @@ async def test_a_flood_of_wrong_passwords_does_not_stop_logged_in_clients(
     assert max(latencies) < 1.0, latencies  # was 17 s for a real login under 10 wrong passwords/s
 
 
+async def test_a_first_burst_of_right_credentials_is_never_refused(
+    start: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """200 requests at once with right credentials not checked before: one bcrypt check serves
+    them all, none takes a failure token (each used to, and the 11th got 429)."""
+    path = users_file(tmp_path / "users", {"alice": "right"}, cost=10)
+    server = start(users_file=str(path))
+    limits = httpx.Limits(max_connections=200)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as c:
+        answers = await asyncio.gather(
+            *(c.get("/api/2/whoami", headers=basic("alice", "right")) for _ in range(200))
+        )
+    assert [r.status_code for r in answers] == [200] * 200, {r.status_code for r in answers}
+
+
 async def test_a_failed_login_is_answered_late_so_a_guesser_is_slowed(
     start: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:

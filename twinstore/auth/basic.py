@@ -134,6 +134,10 @@ class BasicAuth:
         self.failure_delay = failure_delay
         self._max_waiting = 16 * concurrency
         self._waiting = 0
+        # One check per credentials at a time: requests that bring the same credentials while
+        # they are being checked wait for that check (a client's first burst must not take a
+        # failure token per request, nor run bcrypt per request).
+        self._inflight: dict[bytes, asyncio.Future[str]] = {}
 
     def _reload(self) -> None:
         assert self.users_file is not None
@@ -233,7 +237,20 @@ class BasicAuth:
             raise AuthenticationError("The Basic credentials are not valid base64 'user:password'.") from None
         if not sep:
             raise AuthenticationError(_WRONG)
-        client_key = client or "-"
+        flight = self._inflight.get(digest)
+        if flight is None:
+            flight = asyncio.ensure_future(self._verify(digest, user, password, client or "-", now))
+            self._inflight[digest] = flight
+            flight.add_done_callback(lambda f: self._landed(digest, f))
+        return await asyncio.shield(flight), user
+
+    def _landed(self, digest: bytes, flight: asyncio.Future[str]) -> None:
+        self._inflight.pop(digest, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every waiter may have gone meanwhile
+
+    async def _verify(self, digest: bytes, user: str, password: str, client_key: str, now: float) -> str:
+        """The subject of ``user``:``password`` after the limits and a bcrypt check (remembered)."""
         known = self._known.get(digest, 0.0) > now
         if not known:
             self._limit(client_key, user, now)
@@ -267,7 +284,7 @@ class BasicAuth:
         for cache in (self._verified, self._known):
             while len(cache) > self.max_cache:
                 cache.popitem(last=False)  # the least recently used
-        return subject, user
+        return subject
 
     def _limit(self, client: str, user: str, now: float) -> None:
         """Take a failure token for the client and for the user, or 429."""
