@@ -15,7 +15,6 @@ import orjson
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin
 
 import twinstore
 from twinstore.api.access import RequestContext

@@ -48,6 +48,7 @@ __all__ = [
     "DittoError",
     "ForbiddenError",
     "HeaderInvalidError",
+    "HeadersTooLargeError",
     "InvalidInputError",
     "JsonInvalidError",
     "MergeInvalidError",
@@ -65,7 +66,6 @@ __all__ = [
     "ThingIdNotSettableError",
     "ThingInvalidError",
     "ThingNotCreatableError",
-    "HeadersTooLargeError",
     "TooLargeError",
     "TooManyRequestsError",
     "UnavailableError",
@@ -256,7 +256,9 @@ class TooManyRequestsError(DittoError):
     error = "too.many.requests"
     description = "You made too many requests. Wait and try again later."
 
-    def __init__(self, message: str, *, retry_after: float | None = None, description: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, description: str | None = None
+    ) -> None:
         super().__init__(message, description=description)
         self.retry_after = retry_after  # seconds, sent back as Retry-After
 
