@@ -40,7 +40,7 @@ test: $(STAMP) $(JS_STAMP) lint typecheck
 	$(BIN)/python -m pytest -q -rsx --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check twinstore policies tests bench adapters
+	$(BIN)/ruff check twinstore policies tests bench adapters examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
