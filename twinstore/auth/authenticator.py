@@ -113,7 +113,9 @@ class Authenticator:
 
     async def _basic(self, authorization: str | None, client: str | None) -> AuthContext:
         subject, user = await self.basic.authenticate_user(authorization, client)
-        return AuthContext(subjects=(subject,), user=user, fingerprint=self.basic.fingerprint(user))
+        return AuthContext(
+            subjects=(subject,), user=user, fingerprint=self.basic.fingerprint(user, reload=False)
+        )
 
     def ended(self, context: AuthContext, now: float | None = None) -> str | None:
         """Why ``context``'s credentials no longer hold (None: they still do): the JWT expired,

@@ -123,6 +123,7 @@ class BasicAuth:
         self.max_cache = max_cache
         self._key = secrets.token_bytes(32)
         self._users: dict[str, bytes] = {}
+        self._prints: dict[str, bytes] = {}  # user -> fingerprint of its password entry
         self._stamp: tuple[int, int, int] | None = None
         self._verified: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._known: OrderedDict[bytes, float] = OrderedDict()  # digest -> verified until
@@ -144,7 +145,7 @@ class BasicAuth:
         try:
             stat = self.users_file.stat()
         except OSError:
-            self._users, self._stamp = {}, None
+            self._users, self._stamp, self._prints = {}, None, {}
             self._verified.clear()
             self._known.clear()
             return
@@ -163,18 +164,20 @@ class BasicAuth:
         costs = [int(m.group(1)) for h in users.values() if (m := _COST.match(h))]
         self._cost = min(max(costs, default=10), 31)
         self._users, self._stamp = users, stamp
+        self._prints = {user: hashlib.sha256(hashed).digest()[:16] for user, hashed in users.items()}
         self._verified.clear()
         self._known.clear()
         log.info("loaded users file", extra={"users": len(users), "path": str(self.users_file)})
 
-    def fingerprint(self, user: str) -> bytes | None:
+    def fingerprint(self, user: str, *, reload: bool = True) -> bytes | None:
         """What identifies ``user``'s current password entry (None: no such user now); the users
-        file is re-read when it changed. Sessions compare it with the one they started with."""
+        file is re-read when it changed (``reload=False``: it was just now, by an authentication).
+        Sessions compare it with the one they started with."""
         if self.users_file is None:
             return None
-        self._reload()
-        hashed = self._users.get(user)
-        return None if hashed is None else hashlib.sha256(hashed).digest()[:16]
+        if reload:
+            self._reload()
+        return self._prints.get(user)
 
     def _check(self, password: bytes, hashed: bytes | None) -> bool:
         """bcrypt (in a worker thread); an unknown user costs the same as a known one."""
