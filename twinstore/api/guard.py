@@ -77,7 +77,12 @@ HEAD_TIMEOUT = _canned(
 
 class _Guard:
     """Mixed into uvicorn's HTTP protocols: a connection cap at accept, and a deadline for
-    every request head (from the connection's start, and from the end of each response)."""
+    every request head (from the connection's start, and from the end of each response).
+
+    A request costs one ``loop.time()``: the deadlines are not timers (a timer per request cost
+    as much CPU as the rest of the guard), but one sweep a second per event loop over the
+    server's connections closes those whose head is overdue (so the deadline is kept to within
+    a second)."""
 
     transport: asyncio.Transport
     connections: set[Any]
@@ -88,12 +93,12 @@ class _Guard:
         super().__init__(*args, **kwargs)
         self._max_connections = max_connections
         self._header_timeout = header_timeout
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_since: float | None = None  # when waiting for a request head began
+        self._head_cycle: Any = None  # the request cycle then (a new one: a head arrived)
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if len(self.connections) >= self._max_connections:
-            # Answered and closed at once: the descriptor goes back before any request is read.
             self._refused = True
             writer = cast(asyncio.WriteTransport, transport)  # uvloop's is no subclass of it
             writer.write(TOO_MANY_CONNECTIONS)
@@ -101,41 +106,59 @@ class _Guard:
             return
         super().connection_made(transport)  # type: ignore[misc]
         self._arm()
+        _sweep_started(self.loop, self.connections, self._header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused:
             return
-        self._disarm()
+        self._head_since = None
         super().connection_lost(exc)  # type: ignore[misc]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
-        if not self.transport.is_closing():
-            self._arm()
+        self._arm()
 
     def handle_websocket_upgrade(self, *args: Any) -> None:
-        self._disarm()  # the transport now belongs to the WebSocket protocol
+        self._head_since = None  # the transport now belongs to the WebSocket protocol
         super().handle_websocket_upgrade(*args)  # type: ignore[misc]
 
     def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = self.loop.call_later(self._header_timeout, self._head_deadline, self.cycle)
+        self._head_since = self.loop.time()
+        self._head_cycle = self.cycle
 
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_deadline(self, cycle_at_start: Any) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
+    def _overdue(self, now: float) -> None:
+        """Called by the sweep: answer 408 and close when no head arrived in time."""
+        since = self._head_since
+        if since is None or now - since < self._header_timeout or self.transport.is_closing():
             return
-        if self.cycle is not cycle_at_start:
-            return  # a head completed since (a new cycle); its response re-arms the deadline
-        if cycle_at_start is not None and not cycle_at_start.response_complete:
-            return  # a response is still going out; the deadline starts again when it ends
+        if self.cycle is not self._head_cycle:
+            self._head_since = None  # a head arrived; its response's end arms the deadline again
+            return
+        if self._head_cycle is not None and not self._head_cycle.response_complete:
+            return  # a response is still going out
+        self._head_since = None
         self.transport.write(HEAD_TIMEOUT)
         self.transport.close()
+
+
+_SWEEPS: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+
+
+def _sweep_started(loop: asyncio.AbstractEventLoop, connections: set[Any], timeout: float) -> None:
+    """One task per event loop that checks every connection's head deadline once a second."""
+    if loop in _SWEEPS:
+        return
+
+    async def sweep() -> None:
+        interval = min(1.0, timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for connection in list(connections):
+                if isinstance(connection, _Guard):
+                    connection._overdue(now)
+
+    _SWEEPS[loop] = loop.create_task(sweep())
 
 
 class GuardedH11Protocol(_Guard, H11Protocol):
