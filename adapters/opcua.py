@@ -447,8 +447,12 @@ class OpcUaAdapter:
         finally:
             self._connected.clear()
             self._client = None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.disconnect(), 2.0)
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for waits for the cancelled
+            # disconnect to end, and asyncua's may take its whole request timeout (a stopping
+            # adapter was seen waiting over 15 s here); what is left of it ends on its own.
+            closing = asyncio.ensure_future(client.disconnect())
+            closing.add_done_callback(lambda f: f.cancelled() or f.exception())
+            await asyncio.wait({closing}, timeout=2.0)
 
     async def _secure(self, client: Client) -> None:
         config = self.config.opcua
