@@ -29,6 +29,7 @@ import bcrypt
 import httpx
 import msgspec
 import nats
+import orjson
 import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -286,6 +287,20 @@ def new_thing_id(prefix: str = "org.test") -> str:
 @pytest.fixture
 def thing_id() -> str:
     return new_thing_id()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def ingest_reports(runtime: Runtime) -> AsyncIterator[list[dict[str, Any]]]:
+    """NATS ingestion's refusal reports published on the errors subject from now on."""
+    assert runtime.nc is not None
+    got: list[dict[str, Any]] = []
+
+    async def on(msg: Any) -> None:
+        got.append(orjson.loads(msg.data))
+
+    sub = await runtime.nc.subscribe(runtime.ingest_subjects.errors_subject, cb=on)
+    yield got
+    await sub.unsubscribe()
 
 
 # ---- journal checks ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -17,7 +17,6 @@ import httpx
 import nats.js.errors
 import orjson
 import pytest
-import pytest_asyncio
 
 from tests.api.helpers import create, url
 from tests.conftest import bounded, cancel_and_wait, new_thing_id
@@ -76,20 +75,6 @@ class Source:
         self.seq += 1
         await self.send([message])
         return message
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def errors(runtime: Runtime) -> AsyncIterator[list[dict[str, Any]]]:
-    """Refusal reports published from now on."""
-    assert runtime.nc is not None
-    got: list[dict[str, Any]] = []
-
-    async def on(msg: Any) -> None:
-        got.append(orjson.loads(msg.data))
-
-    sub = await runtime.nc.subscribe(runtime.ingest_subjects.errors_subject, cb=on)
-    yield got
-    await sub.unsubscribe()
 
 
 async def journal_rows(settings: Settings, thing_id: str) -> list[asyncpg.Record]:
@@ -178,7 +163,7 @@ async def test_ditto_protocol_commands_in_order_within_one_batch(
 
 
 async def test_poison_messages_are_reported_and_neighbours_land(
-    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, errors: list[dict[str, Any]]
+    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, ingest_reports: list[dict[str, Any]]
 ) -> None:
     thing_id = new_thing_id("org.ingest")
     await create(client, thing_id, {"features": {"t": {"properties": {"v": 0}}}})
@@ -216,12 +201,12 @@ async def test_poison_messages_are_reported_and_neighbours_land(
     await good.values([Update(thing_id, path, 4)])
 
     async def landed() -> bool:
-        return await property_values(settings, thing_id, path) == [1, 2, 3, 4] and len(errors) >= 6
+        return await property_values(settings, thing_id, path) == [1, 2, 3, 4] and len(ingest_reports) >= 6
 
     await eventually(landed)
     await asyncio.sleep(0.3)  # an assertion of absence: no refused row lands late
     assert await property_values(settings, thing_id, path) == [1, 2, 3, 4]
-    codes = sorted(e["error"]["error"] for e in errors)
+    codes = sorted(e["error"]["error"] for e in ingest_reports)
     assert codes == sorted(
         [
             "json.invalid",
@@ -231,10 +216,10 @@ async def test_poison_messages_are_reported_and_neighbours_land(
             "things:precondition.failed",
             "protocoladapter:unknown.topicpath",
         ]
-    ), errors
-    row_report = next(e for e in errors if e["error"]["error"] == "things:id.invalid")
+    ), ingest_reports
+    row_report = next(e for e in ingest_reports if e["error"]["error"] == "things:id.invalid")
     assert row_report["row"] == 0 and row_report["source"] == "ditto-user" and row_report["sequence"] > 0
-    assert all(e["stream"] == runtime.ingest_subjects.stream and e["reason"] for e in errors)
+    assert all(e["stream"] == runtime.ingest_subjects.stream and e["reason"] for e in ingest_reports)
 
 
 async def test_duplicates_are_applied_once(

@@ -279,20 +279,6 @@ async def test_websocket_filters_have_the_same_limits(live_server: ServerProcess
 # ---- item 14: NATS ingestion -------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def reports(runtime: Runtime) -> AsyncIterator[list[dict[str, Any]]]:
-    """Refusal reports published on the errors subject from now on."""
-    assert runtime.nc is not None
-    got: list[dict[str, Any]] = []
-
-    async def on(msg: Any) -> None:
-        got.append(orjson.loads(msg.data))
-
-    sub = await runtime.nc.subscribe(runtime.ingest_subjects.errors_subject, cb=on)
-    yield got
-    await sub.unsubscribe()
-
-
 async def _thing(client: httpx.AsyncClient) -> str:
     thing_id = new_thing_id("org.ingestsec")
     r = await client.put(url(thing_id), json={"attributes": {"n": 0}})
@@ -301,7 +287,7 @@ async def _thing(client: httpx.AsyncClient) -> str:
 
 
 async def test_a_bad_row_is_refused_alone_and_the_partition_goes_on(
-    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, reports: list[dict[str, Any]]
+    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, ingest_reports: list[dict[str, Any]]
 ) -> None:
     a, b = await _thing(client), await _thing(client)
     source = Source(runtime, "ditto-user")
@@ -327,11 +313,13 @@ async def test_a_bad_row_is_refused_alone_and_the_partition_goes_on(
         return (
             await property_values(settings, a, path) == [1, 3, 4]
             and await property_values(settings, b, path) == [2, 3]
-            and len(reports) >= 5
+            and len(ingest_reports) >= 5
         )
 
     await eventually(landed, 20)
-    mine = [e for e in reports if e["source"] == "ditto-user" and (a in e["payload"] or b in e["payload"])]
+    mine = [
+        e for e in ingest_reports if e["source"] == "ditto-user" and (a in e["payload"] or b in e["payload"])
+    ]
     assert sorted((e["error"]["status"], e["error"]["error"]) for e in mine) == [(400, "json.invalid")] * 5, (
         mine
     )
@@ -341,7 +329,7 @@ async def test_a_bad_row_is_refused_alone_and_the_partition_goes_on(
 
 
 async def test_too_many_rows_in_one_message_are_refused(
-    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, reports: list[dict[str, Any]]
+    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, ingest_reports: list[dict[str, Any]]
 ) -> None:
     thing_id = await _thing(client)
     source = Source(runtime, "ditto-user")
@@ -365,11 +353,11 @@ async def test_too_many_rows_in_one_message_are_refused(
 
     async def landed() -> bool:
         return await property_values(settings, thing_id, path) == [-1] and any(
-            e["error"]["error"] == "ingest:message.tooLarge" for e in reports
+            e["error"]["error"] == "ingest:message.tooLarge" for e in ingest_reports
         )
 
     await eventually(landed, 20)
-    report = next(e for e in reports if e["error"]["error"] == "ingest:message.tooLarge")
+    report = next(e for e in ingest_reports if e["error"]["error"] == "ingest:message.tooLarge")
     assert report["error"]["status"] == 413 and report["row"] is None
     assert len(report["payload"]) <= 1024  # the report does not carry the message
 
@@ -388,7 +376,7 @@ async def test_adapters_split_large_batches(
 
 
 async def test_a_too_large_row_is_refused_and_its_neighbours_land(
-    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, reports: list[dict[str, Any]]
+    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, ingest_reports: list[dict[str, Any]]
 ) -> None:
     thing_id, other = await _thing(client), await _thing(client)
     source = Source(runtime, "ditto-user")
@@ -406,17 +394,17 @@ async def test_a_too_large_row_is_refused_and_its_neighbours_land(
         return (
             await property_values(settings, thing_id, "/attributes/n") == [1, 2]
             and await property_values(settings, other, "/attributes/n") == [1]
-            and any(e["thingId"] == thing_id for e in reports)
+            and any(e["thingId"] == thing_id for e in ingest_reports)
         )
 
     await eventually(landed, 20)
-    report = next(e for e in reports if e["thingId"] == thing_id)
+    report = next(e for e in ingest_reports if e["thingId"] == thing_id)
     assert report["row"] == 1 and report["error"]["status"] == 413, report
     assert await property_values(settings, thing_id, "/attributes/big") == []
 
 
 async def test_a_message_without_a_known_source_is_refused(
-    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, reports: list[dict[str, Any]]
+    client: httpx.AsyncClient, runtime: Runtime, settings: Settings, ingest_reports: list[dict[str, Any]]
 ) -> None:
     """The session's settings have no ingest_default_subjects: a message that names no
     configured source writes nothing (who may publish on the ingest subjects is decided by
@@ -433,9 +421,13 @@ async def test_a_message_without_a_known_source_is_refused(
 
     async def landed() -> bool:
         unknown = [
-            e for e in reports if e["error"]["error"] == "ingest:source.unknown" and thing_id in e["payload"]
+            e
+            for e in ingest_reports
+            if e["error"]["error"] == "ingest:source.unknown" and thing_id in e["payload"]
         ]
         return await property_values(settings, thing_id, "/attributes/n") == [1] and len(unknown) >= 2
 
     await eventually(landed, 20)
-    assert all(e["error"]["status"] == 400 for e in reports if e["error"]["error"] == "ingest:source.unknown")
+    assert all(
+        e["error"]["status"] == 400 for e in ingest_reports if e["error"]["error"] == "ingest:source.unknown"
+    )
