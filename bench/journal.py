@@ -61,6 +61,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 
 from twinstore.model.thing import Create, Modify
 from twinstore.runtime import create_pool
+from twinstore.store.recorder import Recorder
 from twinstore.store.journal import APPEND, LOCK_AND_HEADS, WRITE_LOCK, Journal, WriteRequest
 from twinstore.store.schema import migrate
 
@@ -104,7 +105,7 @@ class Measurement:
 
 async def seed_things(pool: asyncpg.Pool, things: int) -> None:
     """Create the things through the journal (not measured)."""
-    journal = Journal(pool)
+    journal = Journal(pool, recorder=await Recorder.load(pool))
     journal.start()
     try:
         for start in range(1, things + 1, 500):
@@ -124,7 +125,7 @@ async def seed_things(pool: asyncpg.Pool, things: int) -> None:
 
 async def bench_journal(pool: asyncpg.Pool, things: int, batch: int, duration: float) -> Measurement:
     """``Journal.write`` from ``2 * batch`` concurrent writers, ``max_batch = batch``."""
-    journal = Journal(pool, max_batch=batch)
+    journal = Journal(pool, max_batch=batch, recorder=await Recorder.load(pool))
     journal.start()
     try:
         batches0, events0 = journal.batches, journal.events_appended

@@ -32,7 +32,8 @@ from twinstore.audit import Report as AuditReport
 from twinstore.audit import Scope, verify_database
 from twinstore.replay import Report as ReplayReport
 from twinstore.replay import replay_database
-from twinstore.store.schema import WRITE_LOCK, migrate
+from twinstore.store.recorder import Recorder
+from twinstore.store.schema import migrate, stored_partitions
 
 __all__ = [
     "ExportReport",
@@ -318,13 +319,24 @@ async def import_database(
     con = await asyncpg.connect(url)
     try:
         await migrate(con)
+        recorder = Recorder(await stored_partitions(con))
+        heads: dict[int, int] = {}
         async with con.transaction():
-            await con.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+            await recorder.lock_all(con)
             if await con.fetchval("SELECT EXISTS (SELECT 1 FROM journal)"):
                 raise JournalNotEmpty("the journal is not empty: import needs an empty store")
             seen: tuple[str, str] | None = None
             async for batch in _batches(lines, batch_size):
-                await con.copy_records_to_table("journal", records=batch, columns=COLUMNS)
+                # Each partition numbers its events in the order of the file (an empty store:
+                # nothing was published from it yet).
+                placed = []
+                for row in batch:
+                    partition = recorder.partition(row[1])
+                    heads[partition] = heads.get(partition, 0) + 1
+                    placed.append((*row, partition, heads[partition]))
+                await con.copy_records_to_table(
+                    "journal", records=placed, columns=(*COLUMNS, "partition", "seq")
+                )
                 for record in batch:
                     if (record[0], record[1]) != seen:
                         seen = (record[0], record[1])
@@ -335,6 +347,12 @@ async def import_database(
                 report.events += len(batch)
                 if progress is not None:
                     progress(len(batch))
+            await con.execute(
+                "UPDATE partition_heads h SET seq = m.seq FROM unnest($1::int[], $2::bigint[]) AS m(p, seq) "
+                "WHERE h.partition = m.p",
+                list(heads),
+                list(heads.values()),
+            )
     finally:
         await con.close()
     report.replay = await replay_database(url, repair=True)

@@ -17,12 +17,14 @@ from events at ``/`` or ``/policyId`` and, on a miss, from the journal) and the 
 :class:`PolicyCache`.
 A subscriber gets the readable part only (:func:`readable_event`).
 
-Deliveries carry the event's journal position (the relay's ``Twinstore-Position`` header). A
-live subscription starts after the journal's highest committed position at the time it is made
-(:meth:`Subscription.start_after`, :func:`~twinstore.bus.relay.journal_head`): the relay
+Deliveries carry the event's journal partition and position in it (the relay's
+``Twinstore-Partition`` / ``Twinstore-Position`` headers). A live subscription starts after
+each partition's highest committed position at the time it is made
+(:meth:`Subscription.start_after`, :func:`~twinstore.bus.relay.journal_heads`): the relay
 publishes after the commit, so the event of a change acknowledged before the subscription can
 still be on its way, and is dropped instead of looking like a change made after it (positions
-are handed out in commit order, so any change committed later has a higher one).
+are handed out in commit order within a partition, so any change committed later has a
+higher one there). This holds across processes: the heads are read from the database.
 
 Every subscriber's queue is bounded: a subscriber whose queue is full is dropped with a
 reason (``too slow: N events behind``) and its reader sees :class:`SlowConsumerError`; the
@@ -44,7 +46,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from policies import SubjectView
-from twinstore.bus.relay import POSITION_HEADER
+from twinstore.bus.relay import PARTITION_HEADER, POSITION_HEADER
 from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache, readable_event
 from twinstore.mailbox import Mailbox, SlowConsumerError
@@ -71,23 +73,29 @@ LRU_SIZE = 100_000
 _ACTIONS = ("created", "modified", "merged", "deleted")
 
 
+Position = tuple[int, int]  # (journal partition, seq in it)
+
+
 class Delivery:
     """One readable event for one subscriber, with the view it was filtered by and its journal
     position (None when the envelope did not say, e.g. one published by hand)."""
 
     __slots__ = ("event", "position", "view")
 
-    def __init__(self, event: Event, view: SubjectView, position: int | None = None) -> None:
+    def __init__(self, event: Event, view: SubjectView, position: Position | None = None) -> None:
         self.event = event
         self.view = view
         self.position = position
 
 
-def position_of(headers: dict[str, str] | None) -> int | None:
-    """The journal position the relay put in the headers (None when absent or not a number)."""
-    text = (headers or {}).get(POSITION_HEADER)
+def position_of(headers: dict[str, str] | None) -> Position | None:
+    """The journal partition and position the relay put in the headers (None when absent or not
+    numbers)."""
+    if not headers:
+        return None
+    partition, seq = headers.get(PARTITION_HEADER), headers.get(POSITION_HEADER)
     try:
-        return None if text is None else int(text)
+        return None if partition is None or seq is None else (int(partition), int(seq))
     except ValueError:
         return None
 
@@ -210,16 +218,18 @@ class Subscription(Mailbox[Delivery]):
         self.subjects = subjects
         self.thing_ids = thing_ids
         self.namespaces = namespaces
-        self.after = 0  # deliveries at or below this journal position are not for this subscriber
+        # per partition: deliveries at or below this position are not for this subscriber
+        self.after: dict[int, int] = {}
 
-    def start_after(self, position: int) -> None:
-        """Drop deliveries at or below ``position`` (changes committed before the subscription),
-        also those already queued."""
-        self.after = position
+    def start_after(self, heads: dict[int, int]) -> None:
+        """Drop deliveries at or below each partition's ``heads`` (changes committed before the
+        subscription), also those already queued."""
+        self.after = heads
         self._items = deque(d for d in self._items if not self._before(d))
 
     def _before(self, delivery: Delivery) -> bool:
-        return delivery.position is not None and delivery.position <= self.after
+        position = delivery.position
+        return position is not None and position[1] <= self.after.get(position[0], 0)
 
     def offer(self, delivery: Delivery) -> bool:
         """Queue a delivery; False (and dropped) when the queue is full."""
@@ -356,7 +366,7 @@ class FanOut:
         if len(index) > LRU_SIZE:
             index.popitem(last=False)
 
-    async def dispatch(self, event: Event, position: int | None = None) -> None:
+    async def dispatch(self, event: Event, position: Position | None = None) -> None:
         """Dedupe, learn the policy id, and hand the readable part to each interested subscriber."""
         if self._last.get(event.thing_id, 0) >= event.revision:
             return

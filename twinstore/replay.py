@@ -14,7 +14,7 @@ is folded from the snapshot kept at its newest retention anchor instead of from 
 without that snapshot it cannot be replayed (``unreplayable``, never repaired).
 
 With ``repair`` the differing rows are rewritten from the journal, one transaction per batch,
-under the journal's ``WRITE_LOCK`` and only while the entity's newest event is still the one
+under the journal's partition write locks and only while the entity's newest event is still the one
 replayed (a write committed meanwhile already brought its row up to date); projection rows
 without events are deleted.
 
@@ -42,7 +42,7 @@ from twinstore.model.policy import PolicyEvent, PolicyState, evolve_policy, thin
 from twinstore.model.thing import ThingState, evolve
 from twinstore.store.codec import dumps
 from twinstore.store.journal import event_from_row
-from twinstore.store.schema import WRITE_LOCK
+from twinstore.store.recorder import Recorder
 
 __all__ = ["Difference", "Report", "Scope", "first_difference", "replay_database"]
 
@@ -301,7 +301,8 @@ async def _repair(
     """Rewrite the batch's rows in one transaction; the differences marked as repaired where done."""
     done: list[Difference] = []
     async with con.transaction():
-        await con.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+        # Every partition's write lock (a batch spans partitions; repairs are rare).
+        await Recorder.lock_all(con)
         for diff, r in batch:
             if r is None:
                 status = await con.execute(

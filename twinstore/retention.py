@@ -31,7 +31,7 @@ GENESIS up to the first retained event): a broken chain is left alone and report
 retention never destroys the evidence of tampering.
 
 Locking (a deliberate departure from ``replay --repair``, which rewrites rows writers also
-write and so takes the journal's ``WRITE_LOCK``): cleanup does *not* take the write lock.
+write and so takes the partition write locks): cleanup does *not* take the write lock.
 Everything it changes is below every thing's newest event, where no writer ever writes:
 writers append revisions above the head, upsert the projection (untouched here) and insert
 snapshots at their new revisions (``ON CONFLICT DO NOTHING`` on both sides); the relay only

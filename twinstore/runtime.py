@@ -34,7 +34,14 @@ from twinstore.shutdown import phase
 from twinstore.store.codec import dumps
 from twinstore.store.journal import Journal
 from twinstore.store.policies import PolicyStore
-from twinstore.store.schema import MIGRATIONS, current_version, ensure_search_indexes, migrate
+from twinstore.store.recorder import Recorder
+from twinstore.store.schema import (
+    MIGRATIONS,
+    current_version,
+    ensure_search_indexes,
+    migrate,
+    stored_partitions,
+)
 
 __all__ = ["Runtime", "create_pool"]
 
@@ -79,6 +86,7 @@ class Runtime:
         self.pool: asyncpg.Pool | None = None
         self.nc: NATS | None = None
         self.journal: Journal | None = None
+        self.recorder: Recorder | None = None
         self.relay: Relay | None = None
         self.service: ThingService | None = None
         self.policies: PolicyService | None = None
@@ -125,8 +133,9 @@ class Runtime:
             self._owned.append("pool")
         self.pool = pool
         async with pool.acquire() as con:
-            await migrate(con)
+            await migrate(con, s.partitions)
             await ensure_search_indexes(con, s.search_index_paths)
+            self.recorder = Recorder(await stored_partitions(con))
         if nc is None:
             nc = await nats.connect(
                 s.nats_url, name="twinstore", max_reconnect_attempts=-1, reconnect_time_wait=1
@@ -152,10 +161,14 @@ class Runtime:
             max_patch_ops=s.max_patch_ops,
             max_header_bytes=s.max_header_bytes,
             on_commit=lambda events: relay.notify(),
+            writers=s.journal_lanes,
+            recorder=self.recorder,
         )
         self.journal.start()
         self.relay.start()
-        store = PolicyStore(pool, refuse_delete_in_use=s.policy_delete_in_use == "refuse")
+        store = PolicyStore(
+            pool, refuse_delete_in_use=s.policy_delete_in_use == "refuse", recorder=self.recorder
+        )
         cache = PolicyCache(store)
         self.policies = PolicyService(store, cache)
         self.service = ThingService(self.journal, self.policies)

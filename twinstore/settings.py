@@ -172,6 +172,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # with more is terminated and reported 413 ingest:message.tooLarge on the errors stream.
     ingest_max_rows_per_message: int = 10_000
     max_batch: int = 512
+    # The journal's partitions (twinstore.store.recorder): fixed when the database is created
+    # (unset: 64 for a new database, the database's own otherwise); a start with another number
+    # is refused. Writes in different partitions commit in parallel.
+    partitions: int | None = None
+    # Commit loops per process, each with its own connection and the partitions p with
+    # p % journal_lanes == its number: lanes lock disjoint partitions and commit in parallel.
+    journal_lanes: int = 4
     pool_size: int = 10
     relay_poll_interval: float = 1.0
     log_level: str = "info"
@@ -254,6 +261,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("metrics_port must be a TCP port 0..65535 (or unset)")
         if self.history_retention_days is not None and not self.history_retention_days > 0:
             raise ValueError("history_retention_days must be a positive number of days (or unset)")
+        if self.partitions is not None and not 1 <= self.partitions <= 1024:
+            raise ValueError("partitions must be 1..1024 (or unset: the database's)")
+        if not 1 <= self.journal_lanes <= 64 or self.journal_lanes >= self.pool_size:
+            raise ValueError("journal_lanes must be 1..64 and less than pool_size")
         if not 1 <= self.ingest_partitions <= 1024 or not 1 <= self.ingest_batch <= 10_000:
             raise ValueError("ingest_partitions must be 1..1024 and ingest_batch 1..10000")
         if not 1 <= self.anomaly_checkpoint_every <= 100_000 or not 0 < self.anomaly_checkpoint_seconds <= 60:

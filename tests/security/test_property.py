@@ -51,6 +51,7 @@ from twinstore.model.errors import DittoError
 from twinstore.model.fields import parse_fields
 from twinstore.model.thing import Command, Delete, Event, JsonPatch, Merge, Modify, ThingState, replay
 from twinstore.service import ThingService
+from twinstore.store.recorder import Recorder
 from twinstore.store.journal import Committed, Journal, WriteRequest
 
 EXAMPLES = int(os.environ.get("TWINSTORE_PROPERTY_EXAMPLES", "10000"))
@@ -388,7 +389,7 @@ class MemoryJournal(Journal):
 
     def __init__(self) -> None:
         # No pool: nothing here touches the database (the size only dimensions the readers' queue).
-        super().__init__(SimpleNamespace(get_max_size=lambda: 4))  # type: ignore[arg-type]
+        super().__init__(SimpleNamespace(get_max_size=lambda: 4), recorder=Recorder(1))  # type: ignore[arg-type]
         self.events: list[Event] = []
         self.state = ThingState.absent(THING_ID)
         self.policy_id = POLICY_IDS[0]  # the thing's policy (its last one while it is deleted)

@@ -22,8 +22,8 @@ import asyncpg
 
 from twinstore.anomaly.detectors import REGISTRY, UnknownDetectorError, create
 from twinstore.model.errors import InvalidInputError
-from twinstore.store.codec import GENESIS, canonical, chain_hash, storable
-from twinstore.store.schema import WRITE_LOCK
+from twinstore.store.codec import GENESIS, canonical, storable
+from twinstore.store.recorder import Recorder, record
 
 __all__ = [
     "LABELS",
@@ -103,10 +103,6 @@ WHERE thing_id = $1 AND feature_id = $2 AND revision = $3
 LABEL_ENTITY = "anomaly"
 SELECT_LABEL_HEAD = """
 SELECT revision, hash FROM journal WHERE entity = 'anomaly' AND id = $1 ORDER BY revision DESC LIMIT 1
-"""
-APPEND_LABEL = """
-INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
-VALUES ('anomaly', $1, $2, $3, 'labelled', $4, $5::text::json, $6, $7, $8)
 """
 
 
@@ -239,6 +235,7 @@ async def list_anomalies(
 
 async def label_anomaly(
     pool: asyncpg.Pool,
+    recorder: Recorder,
     thing_id: str,
     feature_id: str,
     revision: int,
@@ -249,22 +246,23 @@ async def label_anomaly(
     """Label the anomaly at ``revision`` and append the label as a journal event (entity
     ``anomaly``, id ``<thingId>/<featureId>``, action ``labelled``, path
     ``/anomalies/<revision>/label``, value ``{"revision", "label"}``), in one transaction under
-    the journal's write lock; False (nothing written) when there is no such anomaly."""
+    the write lock of the thing's journal partition; False (nothing written) when there is no
+    such anomaly."""
     entity_id = f"{thing_id}/{feature_id}"
     path = f"/anomalies/{revision}/label"
     value = storable(canonical({"revision": revision, "label": label}))
+    partition = recorder.partition(entity_id)
     async with pool.acquire() as con, con.transaction():
-        await con.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+        await recorder.lock(con, [partition])
         now = datetime.now(UTC)
         status = await con.execute(LABEL_ANOMALY, thing_id, feature_id, revision, label, who, now)
         if status == "UPDATE 0":
             return False
         head = await con.fetchrow(SELECT_LABEL_HEAD, entity_id)
         previous, number = (bytes(head["hash"]), head["revision"] + 1) if head else (GENESIS, 1)
-        chained = chain_hash(
-            previous, LABEL_ENTITY, entity_id, number, now, "labelled", path, value, who, correlation_id
+        entry = record(
+            previous, partition, LABEL_ENTITY, entity_id, number, now, "labelled", path, value, who,
+            correlation_id,
         )
-        await con.execute(
-            APPEND_LABEL, entity_id, number, now, path, value.decode(), who, correlation_id, chained
-        )
+        await recorder.append(con, [entry])
     return True

@@ -205,8 +205,10 @@ async def label_anomaly(request: Request[Any, Any, Any]) -> Response[bytes]:
             f"The label must be one of {', '.join(repr(x) for x in store.LABELS)}, not {label!r}.",
             error="things:anomaly.label.invalid",
         )
+    assert runtime.recorder is not None
     labelled = await store.label_anomaly(
-        _pool(runtime), thing_id, feature_id, revision, label, auth.subject, correlation_id(request)
+        _pool(runtime), runtime.recorder, thing_id, feature_id, revision, label, auth.subject,
+        correlation_id(request),
     )
     if not labelled:
         raise NotFoundError(

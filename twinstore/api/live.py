@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from twinstore.bus.relay import journal_head
+from twinstore.bus.relay import journal_heads
 from twinstore.enforcement import readable_thing
 from twinstore.enforcement import with_doc as _with_doc
 from twinstore.fanout import Delivery, Subscription
@@ -137,13 +137,13 @@ def parse_query(params: Mapping[str, str]) -> LiveQuery:
 
 async def from_now(sub: Subscription, pool: asyncpg.Pool) -> Subscription:
     """``sub`` receiving only changes committed after this call (Ditto: nothing from before the
-    subscription), read from the journal's head; 503 (and ``sub`` closed) when it cannot be read.
+    subscription), read from the journal partitions' heads; 503 (and ``sub`` closed) when it cannot be read.
 
     Call it after subscribing and before acknowledging: every change committed after the head
     was read reaches the subscription, nothing committed before it does.
     """
     try:
-        sub.start_after(await journal_head(pool))
+        sub.start_after(await journal_heads(pool))
     except Exception as exc:  # any failure to read the head: the subscription cannot start
         sub.close()
         log.warning("journal head unavailable for a live subscription: %s", exc)

@@ -1,24 +1,34 @@
 """Relay: publish every committed journal event to NATS JetStream, exactly once in effect.
 
-One relay per deployment is active at a time: every process runs one, and the one holding a
-session-level PostgreSQL advisory lock (``RELAY_LOCK``) publishes; the others wait to take
-over. The leader tails the journal by ``position`` (commit order, see the journal module) from
-a cursor kept in ``relay_cursor`` and publishes each event as a Ditto Protocol envelope with
-``Nats-Msg-Id: thing:<id>:<revision>``, so a republish after a crash is dropped by JetStream.
-The cursor moves only after a whole batch was acknowledged by JetStream and is saved every
-``CURSOR_SAVE_SECONDS`` off the publishing path, so a crash can only cause a republish of what
-was published since, which the duplicate window drops (consumers also see the revision in every
-envelope and ignore revisions they already have).
+The journal is split into partitions (:mod:`twinstore.store.recorder`), each ordered by its own
+``seq``; the relay is too. Every process runs a relay, a member of one partition group
+(:class:`~twinstore.bus.partitions.PartitionGroup`): each partition is published by the one
+member holding its lock, and the partitions are spread evenly over the live members (a member
+that dies loses its locks; the others take its partitions within a rebalance round).
+
+The member tails each partition it holds by ``seq`` (commit order within the partition) from a
+cursor kept in ``relay_cursors`` and publishes each event as a Ditto Protocol envelope with
+``Nats-Msg-Id: thing:<id>:<revision>``, so a republish after a crash or a handover is dropped by
+JetStream. One query reads every held partition's next events; they are published in order per
+partition. A cursor moves only after its events were acknowledged by JetStream and is saved
+every ``CURSOR_SAVE_SECONDS`` off the publishing path, so a crash can only cause a republish of
+what was published since, which the duplicate window drops (consumers also see the revision in
+every envelope and ignore revisions they already have). A partition is handed over only after
+its round in flight ended and its cursor was saved.
 
 Never stalled by one event: an event that cannot be published at all (its message is over the
 server's ``max_payload``, it cannot be encoded, or JetStream refuses it with a 4xx such as the
 stream's message size limit) is logged, counted (``skipped``, ``twinstore_relay_events_skipped``
 in /metrics) and passed over; the journal keeps it. Errors that may pass (NATS unreachable, no
-ack, no responders) make the batch be published again, as before.
+ack, no responders) make the round be published again, as before.
 
-Waking: every journal commit runs ``pg_notify('twinstore_journal')``, which the leader listens
-to on its lock connection, so events committed by any process are published at once; the
-local journal also calls :meth:`Relay.notify`; ``poll_interval`` is only the fallback.
+Waking: every journal commit runs ``pg_notify('twinstore_journal')``, which each relay listens
+to, so events committed by any process are published at once; the local journal also calls
+:meth:`Relay.notify`; ``poll_interval`` is only the fallback.
+
+Every published event carries its partition and ``seq`` (``Twinstore-Partition``,
+``Twinstore-Position``): a live subscription starts after the partitions' heads
+(:func:`journal_heads`) and drops what is at or below them (:mod:`twinstore.fanout`).
 """
 
 from __future__ import annotations
@@ -37,26 +47,30 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from twinstore.bus.envelope import event_envelope
+from twinstore.bus.partitions import PartitionGroup
 from twinstore.bus.publisher import JetStreamPublisher, PublishError
 from twinstore.bus.streams import ensure_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.store.journal import event_from_row
+from twinstore.store.recorder import JOURNAL_CHANNEL
+from twinstore.store.schema import stored_partitions
 
 __all__ = [
     "ENVELOPE_OVERHEAD",
+    "PARTITION_HEADER",
     "POSITION_HEADER",
     "Relay",
     "check_event_bound",
     "ensure_events_stream",
-    "journal_head",
+    "journal_heads",
 ]
 
 log = logging.getLogger("twinstore.relay")
 
-RELAY_LOCK = 7_242_003
+GROUP = "twinstore-relay"
 CURSOR = "events"
 POSITION_HEADER = "Twinstore-Position"
-JOURNAL_CHANNEL = "twinstore_journal"  # NOTIFY'd by every journal commit (see journal.APPEND)
+PARTITION_HEADER = "Twinstore-Partition"
 CURSOR_SAVE_SECONDS = 0.1
 
 # An event's message beyond its value+path (<= max_thing_bytes) and originator+correlation-id+
@@ -64,17 +78,26 @@ CURSOR_SAVE_SECONDS = 0.1
 # each carry the thing id (<= 256 characters, <= 1 KiB of UTF-8), plus the envelope's fixed keys.
 ENVELOPE_OVERHEAD = 4096
 
+# The next events of each held partition after its cursor, in seq order per partition: one
+# index range scan of journal_partition_seq each. Policies and labels are not published (their
+# seqs are passed over with the next thing event, or when the round finds none).
 SELECT_AFTER = """
-SELECT position, id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
-FROM journal WHERE position > $1 AND entity = 'thing' ORDER BY position LIMIT $2
+SELECT j.partition, j.seq, j.entity, j.id, j.revision, j.ts, j.action, j.path, j.value::text AS value,
+       j.originator, j.correlation_id, j.headers
+FROM unnest($1::int[], $2::bigint[]) AS c(partition, seq)
+CROSS JOIN LATERAL (
+    SELECT * FROM journal WHERE partition = c.partition AND seq > c.seq ORDER BY seq LIMIT $3
+) j
+ORDER BY j.partition, j.seq
 """
-SELECT_CURSOR = "SELECT position FROM relay_cursor WHERE name = $1"
-# Positions are handed out in commit order (the journal's write lock), so every change that
-# commits after this statement's snapshot gets a higher one. One backward step of an index.
-SELECT_HEAD = "SELECT coalesce(max(position), 0) FROM journal"
-SAVE_CURSOR = """
-INSERT INTO relay_cursor (name, position) VALUES ($1, $2)
-ON CONFLICT (name) DO UPDATE SET position = greatest(relay_cursor.position, excluded.position)
+SELECT_CURSOR = "SELECT seq FROM relay_cursors WHERE name = $1 AND partition = $2"
+# Each partition's seq is handed out in commit order (its write lock), so every change that
+# commits after this statement's snapshot gets a higher one in its partition.
+SELECT_HEADS = "SELECT partition, seq FROM partition_heads"
+SAVE_CURSORS = """
+INSERT INTO relay_cursors (name, partition, seq)
+SELECT $1, c.partition, c.seq FROM unnest($2::int[], $3::bigint[]) AS c(partition, seq)
+ON CONFLICT (name, partition) DO UPDATE SET seq = greatest(relay_cursors.seq, excluded.seq)
 """
 
 
@@ -98,14 +121,14 @@ def check_event_bound(max_payload: int, max_thing_bytes: int, max_header_bytes: 
         )
 
 
-async def journal_head(pool: asyncpg.Pool) -> int:
-    """The journal's highest committed position (0 when it is empty)."""
+async def journal_heads(pool: asyncpg.Pool) -> dict[int, int]:
+    """Each partition's highest committed ``seq`` (partitions without events: 0)."""
     async with pool.acquire() as con:
-        return int(await con.fetchval(SELECT_HEAD))
+        return {r["partition"]: r["seq"] for r in await con.fetch(SELECT_HEADS)}
 
 
 class Relay:
-    """Publishes the journal to JetStream while it holds the relay lock."""
+    """Publishes the journal partitions this process holds to JetStream (see the module)."""
 
     def __init__(
         self,
@@ -116,10 +139,11 @@ class Relay:
         connect: Callable[[], Awaitable[asyncpg.Connection]],
         poll_interval: float = 0.2,
         batch: int = 1000,
+        rebalance_seconds: float = 2.0,
     ) -> None:
         self.pool = pool
-        # The leader lock is a session lock: it lives on a connection of its own, never on a
-        # pooled one (pooled connections are not reset on release).
+        # Locks and LISTEN are session state: they live on connections of their own, never on
+        # pooled ones (pooled connections are not reset on release).
         self.connect = connect
         self.nc = nc
         self.js = nc.jetstream()
@@ -127,26 +151,42 @@ class Relay:
         self.subjects = subjects
         self.poll_interval = poll_interval
         self.batch = batch
+        self.rebalance_seconds = rebalance_seconds
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.is_leader = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._group: PartitionGroup | None = None
+        # partition -> seq published (acknowledged) so far, for the partitions held
+        self.cursors: dict[int, int] = {}
+        self._saved: dict[int, int] = {}
+        self._round = asyncio.Lock()  # a partition is handed over between rounds
         self.published = 0
         self.skipped = 0  # events that could never be published (see the module)
-        self.position = 0
-        self._saved = 0  # the position last stored in relay_cursor
+
+    @property
+    def is_leader(self) -> bool:
+        """Does this process publish any partition?"""
+        return bool(self.cursors)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="twinstore-relay")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._run(), name="twinstore-relay"),
+                asyncio.create_task(self._listen(), name="twinstore-relay-listener"),
+                asyncio.create_task(self._save_cursor_loop(), name="twinstore-relay-cursor"),
+            ]
 
     async def stop(self) -> None:
-        """Publish what is committed (if leader), then stop."""
-        if self._task is None:
+        """Give every partition back (each after its round and with its cursor saved), then stop."""
+        if not self._tasks:
             return
-        task, self._task = self._task, None
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        tasks, self._tasks = self._tasks, []
+        if self._group is not None:
+            await self._group.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.save_cursor()
         await self.publisher.stop()
 
     def notify(self) -> None:
@@ -154,87 +194,102 @@ class Relay:
         self._wake.set()
 
     async def _run(self) -> None:
+        async with self.pool.acquire() as con:
+            partitions = await stored_partitions(con)
+        self._group = PartitionGroup(
+            f"{GROUP}:{self.subjects.prefix}",
+            partitions,
+            self._hold,
+            connect=self.connect,
+            rebalance_seconds=self.rebalance_seconds,
+            label="relay",
+        )
+        self._group.start()
         while True:
+            self._wake.clear()  # before reading: a commit after this point wakes the next round
             try:
-                lock_con = await self.connect()
-                try:
-                    while not await lock_con.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):
-                        await asyncio.sleep(max(self.poll_interval, 1.0))
-                    # Commits of every process notify; the local journal also calls notify().
-                    await lock_con.add_listener(JOURNAL_CHANNEL, self._on_journal)
-                    self.is_leader = True
-                    log.info("relay is leader")
-                    # Leading ends when the lock connection dies (another process takes over).
-                    lead = asyncio.create_task(self._lead())
-                    watch = asyncio.create_task(self._watch(lock_con))
-                    try:
-                        done, _ = await asyncio.wait({lead, watch}, return_when=asyncio.FIRST_COMPLETED)
-                        for task in done:
-                            task.result()
-                    finally:
-                        for task in (lead, watch):
-                            task.cancel()
-                        await asyncio.gather(lead, watch, return_exceptions=True)
-                finally:
-                    self.is_leader = False
-                    with contextlib.suppress(Exception):
-                        await lock_con.close(timeout=2)
+                async with self._round:
+                    published = await self.publish_pending() if self.cursors else 0
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("relay failed; retrying")
+            except Exception as exc:
+                log.warning("relay round failed; retrying", extra={"error": repr(exc)})
+                published = 0
                 await asyncio.sleep(1.0)
+            if published < self.batch:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    async def _hold(self, partition: int, stop: asyncio.Event) -> None:
+        """Publish ``partition`` until ``stop``: join the rounds from its saved cursor; leave them
+        after the round in flight, with the cursor saved (the next holder starts there)."""
+        async with self.pool.acquire() as con:
+            seq = await con.fetchval(SELECT_CURSOR, CURSOR, partition)
+        async with self._round:
+            self.cursors[partition] = self._saved[partition] = int(seq or 0)
+        self._wake.set()
+        try:
+            await stop.wait()
+        finally:
+            async with self._round:
+                cursor = self.cursors.pop(partition, None)
+                saved = self._saved.pop(partition, None)
+            if cursor is not None and cursor != saved:
+                async with self.pool.acquire() as con:
+                    await con.execute(SAVE_CURSORS, CURSOR, [partition], [cursor])
+
+    async def _listen(self) -> None:
+        """Wake on every journal commit of any process (NOTIFY), on a connection of its own."""
+        while True:
+            con: asyncpg.Connection | None = None
+            try:
+                con = await self.connect()
+                await con.add_listener(JOURNAL_CHANNEL, self._on_journal)
+                self._wake.set()  # commits while it was down
+                while not con.is_closed():
+                    await asyncio.sleep(1.0)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await con.fetchval("SELECT 1", timeout=5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("relay listener lost its connection", extra={"error": repr(exc)})
+                await asyncio.sleep(1.0)
+            finally:
+                if con is not None:
+                    with contextlib.suppress(Exception):
+                        await con.close(timeout=2)
 
     def _on_journal(self, *_: object) -> None:
         self._wake.set()
 
-    async def _watch(self, lock_con: asyncpg.Connection) -> None:
-        """Return when the connection holding the leader lock is lost."""
-        while not lock_con.is_closed():
-            await asyncio.sleep(1.0)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await lock_con.fetchval("SELECT 1", timeout=5)
-
-    async def _lead(self) -> None:
-        self.position = self._saved = await self._start_position()
-        saver = asyncio.create_task(self._save_cursor_loop(), name="twinstore-relay-cursor")
-        try:
-            while True:
-                self._wake.clear()  # before reading: a commit after this point wakes the next round
-                published = await self.publish_pending()
-                if published < self.batch:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-        finally:
-            saver.cancel()
-            await asyncio.gather(saver, return_exceptions=True)
-            with contextlib.suppress(Exception):  # e.g. a lost ack: restart after what was acked
-                await self.save_cursor()
-
     async def _save_cursor_loop(self) -> None:
-        """Save the cursor every CURSOR_SAVE_SECONDS when it moved, off the publishing path (a
-        commit per round would delay every event behind it); a new leader republishes at most
+        """Save the cursors every CURSOR_SAVE_SECONDS when they moved, off the publishing path (a
+        commit per round would delay every event behind it); a new holder republishes at most
         that much, which JetStream's duplicate window drops."""
         while True:
             await asyncio.sleep(CURSOR_SAVE_SECONDS)
-            await self.save_cursor()
+            with contextlib.suppress(Exception):
+                await self.save_cursor()
 
     async def save_cursor(self) -> None:
-        """Store the position published so far (if it moved since the last save)."""
-        position = self.position
-        if position != self._saved:
+        """Store the cursors published so far (those that moved since the last save)."""
+        moved = {p: s for p, s in self.cursors.items() if self._saved.get(p) != s}
+        if moved:
             async with self.pool.acquire() as con:
-                await con.execute(SAVE_CURSOR, CURSOR, position)
-            self._saved = position
-
-    async def _start_position(self) -> int:
-        async with self.pool.acquire() as con:
-            return int(await con.fetchval(SELECT_CURSOR, CURSOR) or 0)
+                await con.execute(SAVE_CURSORS, CURSOR, list(moved), list(moved.values()))
+            for partition, seq in moved.items():
+                if partition in self._saved:
+                    self._saved[partition] = seq
 
     async def publish_pending(self) -> int:
-        """Publish one batch after the cursor; returns how many events were published."""
+        """Publish the next events of every held partition; returns how many rows were read
+        (at most ``batch`` from each partition)."""
+        held = dict(self.cursors)
+        if not held:
+            return 0
         async with self.pool.acquire() as con:
-            rows = await con.fetch(SELECT_AFTER, self.position, self.batch)
+            rows = await con.fetch(SELECT_AFTER, list(held), list(held.values()), self.batch)
         if not rows:
             return 0
         futures: list[asyncio.Future[Any]] = []
@@ -243,12 +298,15 @@ class Relay:
         publish = self.publisher.publish
         max_payload = self.nc.max_payload
         for row in rows:
+            if row["entity"] != "thing":
+                continue
             try:
                 event = event_from_row(row)
                 payload = orjson.dumps(event_envelope(event))
                 headers = {
                     "Nats-Msg-Id": f"thing:{event.thing_id}:{event.revision}",
-                    POSITION_HEADER: str(row["position"]),
+                    PARTITION_HEADER: str(row["partition"]),
+                    POSITION_HEADER: str(row["seq"]),
                     "Ditto-Thing-Id": event.thing_id,
                 }
             except Exception as exc:  # e.g. a value too deeply nested to encode (old data)
@@ -262,7 +320,7 @@ class Relay:
                 continue
             futures.append(await publish(self.subjects.event_subject(event.thing_id), payload, headers))
             sent.append(row)
-        # All or nothing for the cursor: on a failure that may pass the batch is republished
+        # All or nothing for the cursors: on a failure that may pass the round is republished
         # (dedup ids); a message JetStream refuses for itself (4xx) is passed over.
         try:
             results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=30)
@@ -279,13 +337,17 @@ class Relay:
                 extra={
                     "thing_id": row["id"],
                     "revision": row["revision"],
-                    "position": row["position"],
+                    "partition": row["partition"],
+                    "seq": row["seq"],
                     "reason": reason,
                 },
             )
         self.skipped += len(skipped)
-        self.position = rows[-1]["position"]
-        self.published += len(rows) - len(skipped)
+        for row in rows:  # rows are in seq order per partition: the last one of each wins
+            if row["partition"] in self.cursors:
+                self.cursors[row["partition"]] = row["seq"]
+        refused = {id(r) for r, _ in skipped}
+        self.published += sum(1 for r in sent if id(r) not in refused)
         return len(rows)
 
 

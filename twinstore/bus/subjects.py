@@ -14,16 +14,12 @@ one process's waiting senders come back on its own ``<prefix>.replies.<process>`
 
 from __future__ import annotations
 
-import zlib
-
 import msgspec
+
+from twinstore.model.partition import partition_of
 
 __all__ = ["Subjects", "partition_of"]
 
-
-def partition_of(thing_id: str, partitions: int) -> int:
-    """Stable partition of a thing id (the same in every process and language: crc32)."""
-    return zlib.crc32(thing_id.encode()) % partitions
 
 
 class Subjects(msgspec.Struct, frozen=True):

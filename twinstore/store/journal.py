@@ -3,19 +3,23 @@
 Writes from any number of concurrent requests are queued and committed together: one
 transaction, one fsync, two statements for a whole batch (group commit):
 
-1. ``twinstore_lock_and_heads(ids)`` takes a transaction-scoped advisory lock
-   (``WRITE_LOCK``), the first thing every write transaction of every process does, and
-   returns the revision and chain head of the batch's things;
-2. ``APPEND`` inserts the events, upserts the projection rows and writes due snapshots.
+1. ``twinstore_lock_and_heads(partitions, ids)`` locks the batch's journal partitions (see
+   :mod:`twinstore.store.recorder`: a lock per partition, in ascending order) and returns the
+   revision and chain head of the batch's things;
+2. the recorder's append inserts the events with their partition positions, and upserts the
+   projection rows and due snapshots in the same statement.
 
-The lock does two jobs:
+The partition locks do two jobs:
 
-* the heads each batch is checked against are read *after* the lock, so they are the latest
+* the heads each batch is checked against are read *after* the locks, so they are the latest
   committed ones: many processes may write the same thing and no update is lost, revisions
   stay gapless (the journal's primary key ``(entity, id, revision)`` guards it once more);
-* ``position`` (an identity column, assigned at insert, not at commit) is handed out in
-  commit order, so the relay that tails the journal by position can never skip a row that
-  commits late (the ``_lock_table`` reasoning of pyeventsourcing).
+* each partition's ``seq`` is handed out in commit order, so a relay tailing a partition can
+  never skip a row that commits late.
+
+Requests are queued in lanes by partition (``partition % lanes``), one commit loop each: batches
+of different lanes lock disjoint partitions and commit in parallel, on several connections of
+one process and across processes. One thing's writes always take the same lane, in order.
 
 Decisions are made before the lock from a per-process cache and only verified under it (see
 ``_transaction``), so the critical section is the two statements and the commit.
@@ -52,14 +56,14 @@ from twinstore.model.errors import (
 from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Command, Event, ThingState, decide, evolve, replay
 from twinstore.store import Connection, is_unavailable
-from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, loads, storable
-from twinstore.store.schema import WRITE_LOCK
+from twinstore.store.codec import GENESIS, canonical, dumps, loads, storable
+from twinstore.store.recorder import Record, Recorder, append_statement, record
+from twinstore.store.recorder import rows as records
 
 __all__ = [
     "APPEND",
     "LOCK_AND_HEADS",
     "SELECT_FOR_WRITE",
-    "WRITE_LOCK",
     "Committed",
     "FencedError",
     "Journal",
@@ -71,25 +75,18 @@ log = logging.getLogger("twinstore.store")
 
 ENTITY = "thing"
 
-# Takes WRITE_LOCK, then reads revision and chain head of the batch's things (one round trip;
-# see schema migration 2). Documents are read only for things the cache does not hold.
-LOCK_AND_HEADS = "SELECT id, revision, hash FROM twinstore_lock_and_heads($1::text[])"
+# Locks the batch's partitions, then reads revision and chain head of its things (one round
+# trip; see schema migration 16). Documents are read only for things the cache does not hold.
+LOCK_AND_HEADS = "SELECT id, revision, hash FROM twinstore_lock_and_heads($1::int[], $2::text[])"
 SELECT_FOR_WRITE = """
 SELECT id, revision, created, modified, doc, hash FROM things WHERE id = any($1::text[])
 """
 
-# Events, projection rows and due snapshots of a batch in one statement (one round trip), each
-# set as one JSON array parameter: one orjson call per set instead of asyncpg encoding every
-# element of 21 arrays. ``value`` travels as the canonical text that was hashed, hashes as hex.
-APPEND = """
-WITH appended AS (
-    INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash,
-                         headers)
-    SELECT 'thing', e.id, e.revision, e.ts, e.action, e.path, e.value::json, e.originator,
-           e.correlation_id, decode(e.hash, 'hex'), e.headers
-    FROM json_to_recordset($1::text::json) AS e(id text, revision bigint, ts timestamptz, action text,
-        path text, value text, originator text, correlation_id text, hash text, headers jsonb)
-), projected AS (
+# Projection rows and due snapshots of a batch, appended with its events in one statement (one
+# round trip, see Recorder.append), each set as one JSON array parameter: one orjson call per
+# set instead of asyncpg encoding every element of many arrays.
+PROJECT = """
+projected AS (
     INSERT INTO things (id, revision, created, modified, policy_id, doc, hash)
     SELECT p.id, p.revision, p.created, p.modified, p.doc ->> 'policyId', p.doc, decode(p.hash, 'hex')
     FROM jsonb_to_recordset($2::text::jsonb) AS p(id text, revision bigint, created timestamptz,
@@ -97,15 +94,16 @@ WITH appended AS (
     ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
         modified = excluded.modified, policy_id = excluded.policy_id, doc = excluded.doc,
         hash = excluded.hash
-), snapshotted AS (
+)"""
+SNAPSHOT = """
+snapshotted AS (
     INSERT INTO snapshots (entity, id, revision, created, modified, doc)
     SELECT 'thing', s.id, s.revision, s.created, s.modified, s.doc
     FROM jsonb_to_recordset($3::text::jsonb) AS s(id text, revision bigint, created timestamptz,
         modified timestamptz, doc jsonb)
     ON CONFLICT DO NOTHING
-)
-SELECT pg_notify('twinstore_journal', '')  -- wakes the relay leader in whichever process at commit
-"""
+)"""
+APPEND = append_statement(PROJECT, SNAPSHOT)
 
 # A unit's progress mark (ingestion): the partition's stream sequence moves only from the value
 # its writer last saw (a fence: a second writer of the partition fails instead of applying
@@ -255,8 +253,7 @@ class _Plan:
 
 class _Row(NamedTuple):
     event: Event
-    value: bytes | None
-    head: bytes
+    record: Record
     after: ThingState
 
 
@@ -356,8 +353,10 @@ class Journal:
         on_commit: Callable[[list[Event]], None] | None = None,
         writers: int = 2,
         cache_size: int = 10_000,
+        recorder: Recorder,
     ) -> None:
         self.pool = pool
+        self.recorder = recorder
         self.snapshot_every = snapshot_every
         self.max_batch = max_batch
         self.max_thing_bytes = max_thing_bytes
@@ -368,11 +367,10 @@ class Journal:
         self.max_header_bytes = max_header_bytes
         self.isolated = 0  # writes refused because the database refused their rows (isolated)
         self.on_commit = on_commit
-        # Two commit loops overlap: while one batch waits for its COMMIT (the fsync), the next
-        # is already queued on WRITE_LOCK in its own transaction and reads the state the
-        # moment the first commits. The lock keeps them strictly one after the other.
+        # One commit loop per lane (see the module): a thing's lane is its partition modulo
+        # ``writers``, so the lanes' batches lock disjoint partitions and commit in parallel.
         self.writers = writers
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queues: list[asyncio.Queue[_Pending]] = [asyncio.Queue() for _ in range(writers)]
         # The last batch's things and an event set once its plans are in the cache (_transaction).
         self._planned: tuple[frozenset[str], asyncio.Event] = (frozenset(), asyncio.Event())
         self._tasks: list[asyncio.Task[None]] = []
@@ -396,15 +394,15 @@ class Journal:
     def start(self) -> None:
         if not self._tasks:
             self._tasks = [
-                asyncio.create_task(self._run(), name=f"twinstore-group-commit-{i}")
-                for i in range(self.writers)
+                asyncio.create_task(self._run(queue), name=f"twinstore-group-commit-{i}")
+                for i, queue in enumerate(self._queues)
             ]
 
     async def stop(self) -> None:
         """Commit what is queued and in flight, then stop the commit loops."""
         if not self._tasks:
             return
-        while not self._queue.empty() or self._in_flight:
+        while any(not q.empty() for q in self._queues) or self._in_flight:
             await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
@@ -431,15 +429,16 @@ class Journal:
         if not self._tasks:
             raise UnavailableError("The journal is not running.")
         pending = _Pending(requests, mark)
-        self._queue.put_nowait(pending)
+        lane = self.recorder.partition(requests[0].thing_id) % self.writers if requests else 0
+        self._queues[lane].put_nowait(pending)
         return await pending.future
 
-    async def _run(self) -> None:
+    async def _run(self, queue: asyncio.Queue[_Pending]) -> None:
         while True:
-            batch = [await self._queue.get()]
+            batch = [await queue.get()]
             size = len(batch[0].requests)
-            while size < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            while size < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
                 size += len(batch[-1].requests)
             self._in_flight += 1
             try:
@@ -470,7 +469,7 @@ class Journal:
                 if not batch:
                     return
             except asyncpg.UniqueViolationError:
-                # Only possible if a writer bypassed WRITE_LOCK; the state is re-read.
+                # Only possible if a writer bypassed the partition locks; the state is re-read.
                 log.warning("journal conflict, retrying batch", extra={"attempt": attempt})
                 attempt += 1
                 if attempt >= 3:
@@ -567,8 +566,9 @@ class Journal:
                 log.warning("write refused while deciding it", extra={"error": repr(exc)[:200]})
                 plan.outcomes.append((index, refusal(exc)))
                 continue
-            plan.head = chain_hash(
+            row = record(
                 plan.head,
+                self.recorder.partition(event.thing_id),
                 ENTITY,
                 event.thing_id,
                 event.revision,
@@ -580,8 +580,9 @@ class Journal:
                 event.correlation_id,
                 event.headers,
             )
+            plan.head = row.hash
             plan.final = after
-            plan.rows.append(_Row(event, value, plan.head, after))
+            plan.rows.append(_Row(event, row, after))
             plan.outcomes.append((index, Committed(event=event, before=before, after=after, guard=req.guard)))
         return plan
 
@@ -665,7 +666,8 @@ class Journal:
         try:
             async with self.pool.acquire() as con, con.transaction():
                 heads = {
-                    r["id"]: (r["revision"], bytes(r["hash"])) for r in await con.fetch(LOCK_AND_HEADS, ids)
+                    r["id"]: (r["revision"], bytes(r["hash"]))
+                    for r in await con.fetch(LOCK_AND_HEADS, self._partitions(ids), ids)
                 }
                 if marks:
                     await self._mark(con, marks)
@@ -717,6 +719,10 @@ class Journal:
         for index, unit in enumerate(owner):
             outcomes[unit][slots[index]] = flat[index]
         return outcomes, [r.event for r in appended]
+
+    def _partitions(self, thing_ids: list[str]) -> list[int]:
+        """The partitions of ``thing_ids`` (ascending, once each): the locks of a batch."""
+        return sorted({self.recorder.partition(i) for i in thing_ids})
 
     async def _mark(self, con: Connection, marks: list[tuple[_Pending, Mark]]) -> None:
         """Write the units' marks (under the lock); a fenced one drops its unit (rolled back)."""
@@ -794,21 +800,6 @@ class Journal:
         heads: dict[str, bytes],
     ) -> None:
         every = self.snapshot_every
-        events = [
-            {
-                "id": r.event.thing_id,
-                "revision": r.event.revision,
-                "ts": r.event.timestamp,
-                "action": r.event.action,
-                "path": r.event.path,
-                "value": None if r.value is None else r.value.decode(),
-                "originator": r.event.originator,
-                "correlation_id": r.event.correlation_id,
-                "hash": r.head.hex(),
-                "headers": r.event.headers,
-            }
-            for r in rows
-        ]
         projection = [
             {
                 "id": s.thing_id,
@@ -830,7 +821,7 @@ class Journal:
             }
             for s in (r.after for r in rows if every > 0 and r.event.revision % every == 0)
         ]
-        await con.execute(APPEND, dumps(events), dumps(projection), dumps(snapshots))
+        await con.execute(APPEND, records([r.record for r in rows]), dumps(projection), dumps(snapshots))
 
     # ---- reads ------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Policies in the journal: ``entity = 'policy'`` events, the ``policies`` projection, change notices.
 
 Policy writes are rare next to thing writes, so each is its own transaction (no group
-commit). It takes the journal's ``WRITE_LOCK`` first like every journal write, so journal
-positions stay in commit order, then decides on the locked current state, appends the event
+commit). It locks the policy's journal partition first like every journal write (see
+:mod:`twinstore.store.recorder`), then decides on the locked current state, appends the event
 (hash-chained per policy like things) and updates the projection in one statement. Every
 commit sends ``NOTIFY twinstore_policies, '<policyId>'`` so that every process drops its cached
 decisions for that policy at once (:meth:`PolicyStore.listen`).
@@ -20,8 +20,8 @@ import asyncpg
 
 from twinstore.model.errors import PolicyInUseError, UnavailableError
 from twinstore.model.policy import PolicyEvent, PolicyState, evolve_policy, thing_readers
-from twinstore.store.codec import GENESIS, canonical, chain_hash, dumps, storable
-from twinstore.store.schema import WRITE_LOCK
+from twinstore.store.codec import GENESIS, canonical, dumps, storable
+from twinstore.store.recorder import Recorder, record
 
 __all__ = ["POLICY_CHANNEL", "PolicyStore"]
 
@@ -44,16 +44,16 @@ SELECT p.revision, p.created, p.modified, p.doc,
 FROM policies p WHERE p.id = $1
 """
 
-APPEND = """
-WITH appended AS (
-    INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
-    VALUES ('policy', $1, $2, $3, $4, $5, $6::text::json, $7, $8, $9)
-)
-INSERT INTO policies (id, revision, created, modified, doc, hash, readers)
-VALUES ($1, $2, $10, $3, $11::text::jsonb, $9, $12::text[])
-ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
-    modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers
-"""
+# The projection row ($2, a JSON object), appended with the event (Recorder.append).
+PROJECT = """
+projected AS (
+    INSERT INTO policies (id, revision, created, modified, doc, hash, readers)
+    SELECT p.id, p.revision, p.created, p.modified, p.doc, decode(p.hash, 'hex'), p.readers
+    FROM jsonb_to_record($2::text::jsonb) AS p(id text, revision bigint, created timestamptz,
+        modified timestamptz, doc jsonb, hash text, readers text[])
+    ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+        modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers
+)"""
 
 
 def _state(policy_id: str, row: asyncpg.Record | None) -> PolicyState:
@@ -72,6 +72,10 @@ def _state(policy_id: str, row: asyncpg.Record | None) -> PolicyState:
 SELECT_IN_USE = "SELECT EXISTS (SELECT 1 FROM things WHERE policy_id = $1)"
 
 
+class _LockEverything(Exception):
+    """Roll back: the write deletes a policy and needs every partition's lock (see _transaction)."""
+
+
 class PolicyStore:
     """Reads and writes of policies on the shared pool.
 
@@ -80,9 +84,10 @@ class PolicyStore:
     creates a policy of that id next would govern those things (Ditto deletes it anyway).
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, refuse_delete_in_use: bool = True) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, recorder: Recorder, refuse_delete_in_use: bool = True) -> None:
         self.pool = pool
         self.refuse_delete_in_use = refuse_delete_in_use
+        self.recorder = recorder
 
     async def load(self, policy_id: str) -> PolicyState:
         try:
@@ -126,24 +131,42 @@ class PolicyStore:
     async def _write(
         self, policy_id: str, decide: Callable[[PolicyState, datetime], PolicyEvent]
     ) -> tuple[PolicyEvent, PolicyState, PolicyState]:
+        try:
+            return await self._transaction(policy_id, decide, everything=False)
+        except _LockEverything:
+            return await self._transaction(policy_id, decide, everything=True)
+
+    async def _transaction(
+        self, policy_id: str, decide: Callable[[PolicyState, datetime], PolicyEvent], *, everything: bool
+    ) -> tuple[PolicyEvent, PolicyState, PolicyState]:
+        recorder = self.recorder
+        partition = recorder.partition(policy_id)
         async with self.pool.acquire() as con, con.transaction():
-            await con.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+            if everything:
+                await recorder.lock_all(con)
+            else:
+                await recorder.lock(con, [partition])
             row = await con.fetchrow(SELECT_FOR_WRITE, policy_id)
             before = _state(policy_id, row)
             head = bytes(row["hash"]) if row is not None else GENESIS
             event = decide(before, datetime.now(UTC))
-            # Checked under WRITE_LOCK, which every thing write takes too: no thing write commits
-            # between this check and the deletion. One prepared (its policy looked up) before the
-            # deletion and committed after it can still name the deleted policy.
             deleting = event.action == "deleted" and not event.path.strip("/")
-            if deleting and self.refuse_delete_in_use and await con.fetchval(SELECT_IN_USE, policy_id):
-                raise PolicyInUseError(
-                    f"The Policy with ID '{policy_id}' could not be deleted as Things still use it."
-                )
+            if deleting and self.refuse_delete_in_use:
+                # Under every partition's write lock: no thing write commits between this check
+                # and the deletion. (Taken from the start, in order: adding them to the one held
+                # could wait in a cycle with a thing write.) One prepared (its policy looked up)
+                # before the deletion and committed after it can still name the deleted policy.
+                if not everything:
+                    raise _LockEverything()
+                if await con.fetchval(SELECT_IN_USE, policy_id):
+                    raise PolicyInUseError(
+                        f"The Policy with ID '{policy_id}' could not be deleted as Things still use it."
+                    )
             after = evolve_policy(before, event)
             value = None if event.action == "deleted" else storable(canonical(event.value))
-            chained = chain_hash(
+            entry = record(
                 head,
+                partition,
                 ENTITY,
                 policy_id,
                 event.revision,
@@ -154,21 +177,16 @@ class PolicyStore:
                 event.originator,
                 event.correlation_id,
             )
-            await con.execute(
-                APPEND,
-                policy_id,
-                event.revision,
-                event.timestamp,
-                event.action,
-                event.path,
-                None if value is None else value.decode(),
-                event.originator,
-                event.correlation_id,
-                chained,
-                after.created,
-                None if after.doc is None else dumps(after.doc),
-                thing_readers(after.doc),
-            )
+            projection = {
+                "id": policy_id,
+                "revision": event.revision,
+                "created": after.created,
+                "modified": event.timestamp,
+                "doc": after.doc,
+                "hash": entry.hash.hex(),
+                "readers": thing_readers(after.doc),
+            }
+            await recorder.append(con, [entry], (PROJECT, dumps(projection)))
             await con.execute("SELECT pg_notify($1, $2)", POLICY_CHANNEL, policy_id)
         return event, before, after
 

@@ -7,21 +7,91 @@ id (Citus) without change; no query in the write path joins across things.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
+from twinstore.model.partition import DEFAULT_PARTITIONS, MAX_PARTITIONS, partition_key, partition_of
 from twinstore.store import Connection
 from twinstore.store.rql_sql import index_statements, statistics_statements
 
-__all__ = ["MIGRATIONS", "WRITE_LOCK", "ensure_search_indexes", "migrate"]
+__all__ = ["MIGRATIONS", "PartitionsMismatchError", "ensure_search_indexes", "migrate", "stored_partitions"]
 
 log = logging.getLogger("twinstore.store")
 
 # A constant advisory-lock key: serialises concurrent `migrate` runs (server starts, the CLI).
 MIGRATION_LOCK = 7_242_001
 
-# Taken first by every write transaction of the journal (see twinstore.store.journal).
-WRITE_LOCK = 7_242_002
+# A migration is SQL, or a function of the connection and the partition count for a new
+# database (data moved in Python, e.g. partitions computed by crc32, which SQL lacks).
+Migration = str | Callable[[Connection, int], Awaitable[None]]
 
-MIGRATIONS: list[str] = [
+
+async def _partition_journal(con: Connection, partitions: int) -> None:
+    """15: the journal split into partitions, each with its own commit-ordered ``seq``
+    (twinstore.store.recorder); existing events keep their order within each partition, and the
+    relay's global cursor becomes one cursor per partition at the same place."""
+    await con.execute(
+        """
+        CREATE TABLE twinstore_meta (key text PRIMARY KEY, value jsonb NOT NULL);
+        CREATE TABLE partition_heads (partition integer PRIMARY KEY, seq bigint NOT NULL DEFAULT 0)
+            WITH (fillfactor = 50);  -- updated by every append: room for HOT updates
+        ALTER TABLE journal ADD COLUMN partition integer, ADD COLUMN seq bigint;
+        CREATE TABLE relay_cursors (
+            name       text    NOT NULL,
+            partition  integer NOT NULL,
+            seq        bigint  NOT NULL,
+            PRIMARY KEY (name, partition)
+        );
+        ALTER TABLE audit_checkpoints ADD COLUMN partition_heads jsonb;
+        ALTER TABLE journal_cleanups ADD COLUMN partition_bounds jsonb;
+        DROP FUNCTION twinstore_lock_and_heads(text[]);
+        """
+    )
+    await con.execute(
+        "INSERT INTO twinstore_meta (key, value) VALUES ('partitions', $1::text::jsonb)", str(partitions)
+    )
+    await con.execute(
+        "INSERT INTO partition_heads (partition) SELECT generate_series(0, $1 - 1)", partitions
+    )
+    ids = await con.fetch("SELECT DISTINCT entity, id FROM journal")
+    if ids:
+        await con.execute(
+            "CREATE TEMPORARY TABLE journal_partitions (entity text, id text, partition integer) "
+            "ON COMMIT DROP"
+        )
+        await con.copy_records_to_table(
+            "journal_partitions",
+            records=[(r["entity"], r["id"], partition_of(partition_key(r["id"]), partitions)) for r in ids],
+        )
+        await con.execute(
+            """
+            UPDATE journal j SET partition = p.partition
+            FROM journal_partitions p WHERE p.entity = j.entity AND p.id = j.id;
+            UPDATE journal j SET seq = n.seq
+            FROM (SELECT entity, id, revision,
+                         row_number() OVER (PARTITION BY partition ORDER BY position) AS seq
+                  FROM journal) n
+            WHERE n.entity = j.entity AND n.id = j.id AND n.revision = j.revision;
+            UPDATE partition_heads h SET seq = m.seq
+            FROM (SELECT partition, max(seq) AS seq FROM journal GROUP BY partition) m
+            WHERE h.partition = m.partition;
+            """
+        )
+    # The relay had published every position up to its cursor: per partition, every seq of those.
+    await con.execute(
+        """
+        INSERT INTO relay_cursors (name, partition, seq)
+        SELECT c.name, h.partition,
+               coalesce((SELECT max(j.seq) FROM journal j
+                         WHERE j.partition = h.partition AND j.position <= c.position), 0)
+        FROM relay_cursor c CROSS JOIN partition_heads h;
+        DROP TABLE relay_cursor;
+        ALTER TABLE journal ALTER COLUMN partition SET NOT NULL, ALTER COLUMN seq SET NOT NULL;
+        CREATE UNIQUE INDEX journal_partition_seq ON journal (partition, seq);
+        """
+    )
+
+
+MIGRATIONS: list[Migration] = [
     # 1: journal, projection, snapshots, relay cursor
     """
     CREATE TABLE journal (
@@ -69,12 +139,12 @@ MIGRATIONS: list[str] = [
     # 2: take the write lock and read the locked heads in one round trip. A VOLATILE
     # PL/pgSQL function takes a fresh snapshot for each query it runs (READ COMMITTED), so
     # the rows are read after the lock is held, never from before it.
-    f"""
+    """
     CREATE FUNCTION twinstore_lock_and_heads(ids text[])
     RETURNS TABLE (id text, revision bigint, hash bytea)
     LANGUAGE plpgsql VOLATILE AS $$
     BEGIN
-        PERFORM pg_advisory_xact_lock({WRITE_LOCK});
+        PERFORM pg_advisory_xact_lock(7242002);
         RETURN QUERY SELECT t.id, t.revision, t.hash FROM things t WHERE t.id = any(ids);
     END
     $$;
@@ -284,7 +354,26 @@ MIGRATIONS: list[str] = [
     DROP INDEX anomaly_detectors_rule;
     CREATE INDEX anomaly_detectors_rule ON anomaly_detectors (rule, rule_owner) WHERE rule IS NOT NULL;
     """,
+    # 15: partitioned journal (see _partition_journal)
+    _partition_journal,
+    # 16: lock the batch's partitions (ascending: deadlock-free) and read the heads of its things
+    # in one round trip. A VOLATILE PL/pgSQL function takes a fresh snapshot for each query it
+    # runs (READ COMMITTED), so the heads are read after the locks are held, never from before.
+    """
+    CREATE FUNCTION twinstore_lock_and_heads(parts integer[], ids text[])
+    RETURNS TABLE (id text, revision bigint, hash bytea)
+    LANGUAGE plpgsql VOLATILE AS $$
+    BEGIN
+        PERFORM 1 FROM partition_heads h WHERE h.partition = any(parts) ORDER BY h.partition FOR UPDATE;
+        RETURN QUERY SELECT t.id, t.revision, t.hash FROM things t WHERE t.id = any(ids);
+    END
+    $$;
+    """,
 ]
+
+
+class PartitionsMismatchError(RuntimeError):
+    """The configured partition count is not the one the database was created with."""
 
 CREATE_MIGRATIONS = """
 CREATE TABLE IF NOT EXISTS twinstore_migrations (
@@ -294,23 +383,47 @@ CREATE TABLE IF NOT EXISTS twinstore_migrations (
 """
 
 
-async def migrate(conn: Connection) -> int:
+async def migrate(conn: Connection, partitions: int | None = None) -> int:
     """Apply missing migrations in one transaction; returns the schema version.
+
+    ``partitions`` is the journal's partition count: used when the database gets its partitions
+    (a new one, or one upgraded from before them; default 64), then checked on every start
+    (:class:`PartitionsMismatchError`: it cannot change once events are placed by it). ``None``
+    accepts the database's.
 
     A transaction-scoped advisory lock makes concurrent callers wait for each other, so N
     processes starting together apply each migration exactly once.
     """
+    if partitions is not None and not 1 <= partitions <= MAX_PARTITIONS:
+        raise ValueError(f"partitions must be 1..{MAX_PARTITIONS}")
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(CREATE_MIGRATIONS)
         applied = await conn.fetchval("SELECT coalesce(max(version), 0) FROM twinstore_migrations")
-        for version, sql in enumerate(MIGRATIONS, start=1):
+        for version, migration in enumerate(MIGRATIONS, start=1):
             if version <= applied:
                 continue
-            await conn.execute(sql)
+            if isinstance(migration, str):
+                await conn.execute(migration)
+            else:
+                await migration(conn, partitions or DEFAULT_PARTITIONS)
             await conn.execute("INSERT INTO twinstore_migrations (version) VALUES ($1)", version)
             log.info("applied migration", extra={"version": version})
+        stored = await stored_partitions(conn)
+        if partitions is not None and stored != partitions:
+            raise PartitionsMismatchError(
+                f"the database was created with {stored} partitions, the setting says {partitions}: "
+                f"set partitions = {stored} (it cannot change once events are placed by it)"
+            )
         return len(MIGRATIONS)
+
+
+SELECT_PARTITIONS = "SELECT (value #>> '{}')::integer FROM twinstore_meta WHERE key = 'partitions'"
+
+
+async def stored_partitions(conn: Connection) -> int:
+    """The journal's partition count, stored in the database when it got its partitions."""
+    return int(await conn.fetchval(SELECT_PARTITIONS))
 
 
 async def current_version(conn: Connection) -> int:
