@@ -16,6 +16,7 @@ from twinstore.model.errors import (
 from twinstore.model.thing import Delete, Merge, Modify, ThingState, replay
 from twinstore.runtime import Runtime
 from twinstore.store.journal import Journal, WriteRequest
+from twinstore.store.recorder import Recorder
 
 
 def journal(runtime: Runtime) -> Journal:
@@ -111,7 +112,8 @@ async def test_two_journals_on_one_database_lose_no_update(runtime: Runtime) -> 
     """Each journal plans from its cache; the heads checked under the lock catch the other's writes."""
     assert runtime.pool is not None
     first = journal(runtime)
-    second = Journal(runtime.pool, snapshot_every=10)
+    assert runtime.recorder is not None
+    second = Journal(runtime.pool, snapshot_every=10, recorder=runtime.recorder)
     second.start()
     try:
         thing_id = new_thing_id()
@@ -142,12 +144,13 @@ async def test_two_journals_on_one_database_lose_no_update(runtime: Runtime) -> 
 
 async def test_unreachable_database_is_unavailable_not_internal(settings: object) -> None:
     from twinstore.model.errors import UnavailableError
+    from twinstore.model.partition import DEFAULT_PARTITIONS
     from twinstore.runtime import create_pool
 
     pool = await create_pool(settings.database_url, 1)  # type: ignore[attr-defined]
     await pool.close()
     with pytest.raises(UnavailableError):
-        await Journal(pool).load(new_thing_id())
+        await Journal(pool, recorder=Recorder(DEFAULT_PARTITIONS)).load(new_thing_id())
 
 
 # ---- one member's input never fails its batch (issue 15 item 9) ---------------------------
@@ -173,11 +176,12 @@ async def test_failures_the_database_decides_fail_only_their_write(
     from twinstore.store.schema import ensure_search_indexes, migrate
 
     pool = await create_pool(scratch_database, 4)
-    j = Journal(pool)
+    j: Journal | None = None
     try:
         async with pool.acquire() as con:
             await migrate(con)
             await ensure_search_indexes(con, [("attributes", "big")])
+        j = Journal(pool, recorder=await Recorder.load(pool))
         j.start()
         things = [new_thing_id() for _ in range(40)]
         await asyncio.gather(*(j.write(put(t, "/", {"attributes": {}})) for t in things))
@@ -203,7 +207,8 @@ async def test_failures_the_database_decides_fail_only_their_write(
         assert "big" not in (states[things[7]].doc or {}).get("attributes", {})
         assert states[things[20]].revision == 4  # created, n three times; never x
     finally:
-        await asyncio.wait_for(j.stop(), 20)
+        if j is not None:
+            await asyncio.wait_for(j.stop(), 20)
         await asyncio.wait_for(pool.close(), 20)
 
 
