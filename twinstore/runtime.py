@@ -161,7 +161,7 @@ class Runtime:
             max_patch_ops=s.max_patch_ops,
             max_header_bytes=s.max_header_bytes,
             on_commit=lambda events: relay.notify(),
-            writers=s.journal_lanes,
+            writers=s.journal_writers,
             recorder=self.recorder,
         )
         self.journal.start()

@@ -176,9 +176,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # (unset: 64 for a new database, the database's own otherwise); a start with another number
     # is refused. Writes in different partitions commit in parallel.
     partitions: int | None = None
-    # Commit loops per process, each with its own connection and the partitions p with
-    # p % journal_lanes == its number: lanes lock disjoint partitions and commit in parallel.
-    journal_lanes: int = 4
+    # Journal transactions in flight per process, each committing the queued writes of one
+    # partition on a pooled connection of its own (the rest of pool_size serves reads).
+    journal_writers: int = 4
     pool_size: int = 10
     relay_poll_interval: float = 1.0
     log_level: str = "info"
@@ -263,8 +263,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("history_retention_days must be a positive number of days (or unset)")
         if self.partitions is not None and not 1 <= self.partitions <= 1024:
             raise ValueError("partitions must be 1..1024 (or unset: the database's)")
-        if not 1 <= self.journal_lanes <= 64 or self.journal_lanes >= self.pool_size:
-            raise ValueError("journal_lanes must be 1..64 and less than pool_size")
+        if not 1 <= self.journal_writers <= 64 or self.journal_writers >= self.pool_size:
+            raise ValueError("journal_writers must be 1..64 and less than pool_size")
         if not 1 <= self.ingest_partitions <= 1024 or not 1 <= self.ingest_batch <= 10_000:
             raise ValueError("ingest_partitions must be 1..1024 and ingest_batch 1..10000")
         if not 1 <= self.anomaly_checkpoint_every <= 100_000 or not 0 < self.anomaly_checkpoint_seconds <= 60:

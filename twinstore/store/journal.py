@@ -17,9 +17,13 @@ The partition locks do two jobs:
 * each partition's ``seq`` is handed out in commit order, so a relay tailing a partition can
   never skip a row that commits late.
 
-Requests are queued in lanes by partition (``partition % lanes``), one commit loop each: batches
-of different lanes lock disjoint partitions and commit in parallel, on several connections of
-one process and across processes. One thing's writes always take the same lane, in order.
+Requests are queued by partition. Each transaction commits the queued requests of one
+partition (a single-shard transaction on a database distributed by partition); ``writers``
+commit loops run one each, so writes in different partitions commit in parallel, on several
+connections of one process and across processes. A process commits one batch of a partition at
+a time, so one thing's writes stay in order. The one exception: a unit given to
+:meth:`Journal.write_unit` with things of several partitions is committed in one transaction
+that locks them all (ingestion never does this: its units follow the same partitions).
 
 Decisions are made before the lock from a per-process cache and only verified under it (see
 ``_transaction``), so the critical section is the two statements and the commit.
@@ -31,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -367,10 +371,12 @@ class Journal:
         self.max_header_bytes = max_header_bytes
         self.isolated = 0  # writes refused because the database refused their rows (isolated)
         self.on_commit = on_commit
-        # One commit loop per lane (see the module): a thing's lane is its partition modulo
-        # ``writers``, so the lanes' batches lock disjoint partitions and commit in parallel.
+        # ``writers`` commit loops, each committing one partition's queued requests at a time
+        # (see the module): up to ``writers`` transactions in flight, on as many connections.
         self.writers = writers
-        self._queues: list[asyncio.Queue[_Pending]] = [asyncio.Queue() for _ in range(writers)]
+        self._pending: dict[int, deque[_Pending]] = {}  # partition -> its queued units
+        self._ready: asyncio.Queue[int] = asyncio.Queue()  # partitions with units, none committing
+        self._scheduled: set[int] = set()  # partitions in _ready or being committed
         # The last batch's things and an event set once its plans are in the cache (_transaction).
         self._planned: tuple[frozenset[str], asyncio.Event] = (frozenset(), asyncio.Event())
         self._tasks: list[asyncio.Task[None]] = []
@@ -394,15 +400,15 @@ class Journal:
     def start(self) -> None:
         if not self._tasks:
             self._tasks = [
-                asyncio.create_task(self._run(queue), name=f"twinstore-group-commit-{i}")
-                for i, queue in enumerate(self._queues)
+                asyncio.create_task(self._run(), name=f"twinstore-group-commit-{i}")
+                for i in range(self.writers)
             ]
 
     async def stop(self) -> None:
         """Commit what is queued and in flight, then stop the commit loops."""
         if not self._tasks:
             return
-        while any(not q.empty() for q in self._queues) or self._in_flight:
+        while self._scheduled or self._in_flight:
             await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
@@ -429,17 +435,29 @@ class Journal:
         if not self._tasks:
             raise UnavailableError("The journal is not running.")
         pending = _Pending(requests, mark)
-        lane = self.recorder.partition(requests[0].thing_id) % self.writers if requests else 0
-        self._queues[lane].put_nowait(pending)
+        partition = self.recorder.partition(requests[0].thing_id) if requests else 0
+        self._pending.setdefault(partition, deque()).append(pending)
+        if partition not in self._scheduled:
+            self._scheduled.add(partition)
+            self._ready.put_nowait(partition)
         return await pending.future
 
-    async def _run(self, queue: asyncio.Queue[_Pending]) -> None:
+    def _take(self, partition: int) -> list[_Pending]:
+        """The next batch of ``partition``: its queued units, up to max_batch requests."""
+        queue = self._pending[partition]
+        batch = [queue.popleft()]
+        size = len(batch[0].requests)
+        while queue and size + len(queue[0].requests) <= self.max_batch:
+            batch.append(queue.popleft())
+            size += len(batch[-1].requests)
+        if not queue:
+            del self._pending[partition]
+        return batch
+
+    async def _run(self) -> None:
         while True:
-            batch = [await queue.get()]
-            size = len(batch[0].requests)
-            while size < self.max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
-                size += len(batch[-1].requests)
+            partition = await self._ready.get()
+            batch = self._take(partition)
             self._in_flight += 1
             try:
                 await self._commit(batch)
@@ -455,6 +473,12 @@ class Journal:
                         )
             finally:
                 self._in_flight -= 1
+                # One batch of a partition at a time in this process: the next one is decided on
+                # this one's outcome (in the cache), its things' writes stay in order.
+                if partition in self._pending:
+                    self._ready.put_nowait(partition)
+                else:
+                    self._scheduled.discard(partition)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
