@@ -394,6 +394,8 @@ class Journal:
         # read by /metrics: write requests per committed transaction, seconds per transaction
         self.batch_sizes = Histogram(BATCH_BUCKETS)
         self.commit_seconds = Histogram(SECONDS_BUCKETS)
+        # seconds per transaction waiting for its partition's lock (and reading the heads)
+        self.lock_seconds = Histogram(SECONDS_BUCKETS)
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -689,10 +691,10 @@ class Journal:
         stale: list[str] = []
         try:
             async with self.pool.acquire() as con, con.transaction():
-                heads = {
-                    r["id"]: (r["revision"], bytes(r["hash"]))
-                    for r in await con.fetch(LOCK_AND_HEADS, self._partitions(ids), ids)
-                }
+                locking = time.perf_counter()
+                locked = await con.fetch(LOCK_AND_HEADS, self._partitions(ids), ids)
+                self.lock_seconds.observe(time.perf_counter() - locking)
+                heads = {r["id"]: (r["revision"], bytes(r["hash"])) for r in locked}
                 if marks:
                     await self._mark(con, marks)
                 stale = [
