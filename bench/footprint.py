@@ -50,6 +50,7 @@ import orjson
 import psutil
 from api import AUTHORIZATION, GET_LUA, PASSWORD, PROPERTY, USER, WRITE_LUA, Server, _errors, run_wrk
 from benchlib import (
+    ROOT,
     CpuMeter,
     CpuUse,
     add_run_arguments,
@@ -228,8 +229,11 @@ def baselines() -> list[Step]:
 class Cluster:
     """``twinstore serve`` processes on one database and one NATS prefix."""
 
-    def __init__(self, database_url: str, args: argparse.Namespace, users: Path, tmp: Path) -> None:
-        self.database_url, self.args, self.users, self.tmp = database_url, args, users, tmp
+    def __init__(
+        self, database_url: str, args: argparse.Namespace, users: Path, tmp: Path, root: Path = ROOT
+    ) -> None:
+        """``root``: the source tree the processes run (another checkout runs a baseline)."""
+        self.database_url, self.args, self.users, self.tmp, self.root = database_url, args, users, tmp, root
         self.prefix = ""
         self.servers: list[Server] = []
         self.started = 0
@@ -239,7 +243,12 @@ class Cluster:
         for _ in range(count):
             self.started += 1
             server = Server(
-                self.database_url, self.args.nats_url, self.users, 1, self.tmp / f"server-{self.started}.log"
+                self.database_url,
+                self.args.nats_url,
+                self.users,
+                1,
+                self.tmp / f"server-{self.started}.log",
+                root=self.root,
             )
             if self.prefix:  # all on the first one's prefix
                 server.prefix = self.prefix

@@ -1,0 +1,254 @@
+"""Writes that scale out (issue 17, figure 1): HTTP PUT from 64 clients on 1, 2 and 3 processes.
+
+``--counts`` ``twinstore serve`` processes (each its own port, all on one database and NATS
+prefix, like a Deployment with replicas; started afresh per count) take PUTs of one property of
+random things among ``--things`` things from ``--connections`` wrk connections spread
+round-robin over the processes (bench/footprint.py's scripts). One process is the baseline: the
+target is 2 and 3 processes each at least 1.2x its writes/s, in the same run.
+
+Per count it reports writes/s, p50/p99, where the CPU goes (server processes / PostgreSQL / wrk
+/ the rest), and from the processes' /metrics: write requests per transaction, the share of
+writes decided again under the lock (another process wrote the thing since this one's cached
+state) and the mean wait for the partition lock per transaction
+(``twinstore_journal_lock_seconds``).
+
+Run ``.venv/bin/python bench/write_scale.py --help``; needs ``wrk`` (``apt-get install wrk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from api import PASSWORD, USER, _errors
+from benchlib import (
+    ROOT,
+    CpuUse,
+    Verdict,
+    add_run_arguments,
+    create_database,
+    drop_database,
+    markdown_table,
+    run_on_fresh_database,
+    wait_quiet,
+)
+from footprint import Cluster, create_missing, create_policy, raise_nofile, run_put, write_lua
+
+from twinstore.auth import write_users_file
+
+TARGET = 1.2
+COUNTERS = (
+    "twinstore_journal_events_appended_total",
+    "twinstore_journal_commits_total",
+    "twinstore_journal_replans_total",
+    "twinstore_journal_lock_seconds_sum",
+    "twinstore_journal_lock_seconds_count",
+)
+
+
+def counters(urls: list[str]) -> dict[str, float]:
+    """The journal's counters of /metrics, summed over the processes."""
+    total = dict.fromkeys(COUNTERS, 0.0)
+    for url in urls:
+        for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in total:
+                total[name] += float(value)
+    return total
+
+
+@dataclass
+class Row:
+    tree: str
+    processes: int
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu: CpuUse
+    per_commit: float
+    replanned: float
+    lock_ms: float | None  # None: the tree does not measure it
+    ratio: float = 1.0
+    verdict: Verdict | None = None
+
+    def cells(self) -> list[str]:
+        return [
+            self.tree,
+            str(self.processes),
+            f"{self.rate:,.0f}",
+            f"{self.ratio:.2f}x" if self.processes > 1 else "baseline",
+            f"{self.p50_ms:.1f}",
+            f"{self.p99_ms:.1f}",
+            str(self.errors),
+            str(self.cpu),
+            f"{self.per_commit:.1f}",
+            f"{self.replanned:.1%}",
+            "-" if self.lock_ms is None else f"{self.lock_ms:.2f}",
+            self.verdict.cell() if self.verdict else "",
+        ]
+
+
+HEADERS = [
+    "tree",
+    "processes",
+    "PUT/s",
+    "vs 1 process",
+    "p50 ms",
+    "p99 ms",
+    "errors",
+    "CPU cores servers / postgres / wrk / other",
+    "writes per transaction",
+    "decided again under the lock",
+    "lock wait ms per transaction",
+    "target (issue 17)",
+]
+
+
+async def measure(args: argparse.Namespace, cluster: Cluster, tmp: Path, tree: str) -> list[Row]:
+    """Seed the things through one process, then the PUT runs for each count."""
+    _, write_script = write_lua(tmp)
+    rows: list[Row] = []
+    (first,) = cluster.start(1)
+    await create_policy(first.url)
+    created = await create_missing(first, args.things)
+    print(f"{tree}: created {created:,} things", flush=True)
+    cluster.stop([first])
+    for count in args.counts:
+        print(f"== {tree}: {count} process(es)", flush=True)
+        servers = cluster.start(count)
+        try:
+            urls = [s.url for s in servers]
+            run_put(servers, write_script, args.things, args.warmup, args.connections)
+            wait_quiet(args.quiet_wait, threshold=0.5)
+            before = counters(urls)
+            out, cpu = run_put(servers, write_script, args.things, args.duration, args.connections)
+            after = counters(urls)
+            d = {k: after[k] - before[k] for k in COUNTERS}
+            events = d["twinstore_journal_events_appended_total"]
+            commits = d["twinstore_journal_commits_total"]
+            locks = d["twinstore_journal_lock_seconds_count"]
+            rows.append(
+                Row(
+                    tree,
+                    count,
+                    out["acked"] / out["elapsed"],
+                    out["p50_us"] / 1e3,
+                    out["p99_us"] / 1e3,
+                    _errors(out) + int(out["failed"]),
+                    cpu,
+                    events / max(1.0, commits),
+                    d["twinstore_journal_replans_total"] / max(1.0, events),
+                    1e3 * d["twinstore_journal_lock_seconds_sum"] / locks if locks else None,
+                )
+            )
+            print(markdown_table(HEADERS, [rows[-1].cells()]).splitlines()[-1], flush=True)
+        finally:
+            cluster.stop(servers)
+    return rows
+
+
+def worktree(ref: str, tmp: Path) -> Path:
+    """A checkout of ``ref`` (the baseline tree) next to this one, for the run."""
+    path = tmp / "baseline"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref], check=True)
+    return path
+
+
+async def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[list[str], str, list[Verdict]]:
+    users = tmp / "users.htpasswd"
+    write_users_file(users, {USER: PASSWORD})
+    rows: list[Row] = []
+    if args.baseline:
+        base_tree = worktree(args.baseline, tmp)
+        name, base_url = await create_database(args.database_url, "twinstore_bench_write_scale_base")
+        cluster = Cluster(base_url, args, users, tmp, root=base_tree)
+        try:
+            rows += await measure(args, cluster, tmp, f"before ({args.baseline})")
+        finally:
+            await cluster.close()
+            await drop_database(args.database_url, name)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False
+            )
+    cluster = Cluster(database_url, args, users, tmp)
+    try:
+        rows += await measure(args, cluster, tmp, "this tree")
+    finally:
+        await cluster.close()
+    verdicts: list[Verdict] = []
+    for tree in dict.fromkeys(r.tree for r in rows):
+        base = next((r for r in rows if r.tree == tree and r.processes == 1), None)
+        for row in rows:
+            if row.tree != tree or base is None or row.processes == 1:
+                continue
+            row.ratio = row.rate / base.rate
+            if tree == "this tree":
+                row.verdict = Verdict(
+                    f"PUT with {row.processes} processes vs 1",
+                    f"{row.rate:,.0f}/s vs {base.rate:,.0f}/s = {row.ratio:.2f}x",
+                    f"≥ {TARGET:.1f}x",
+                    row.ratio >= TARGET and row.errors == 0,
+                )
+                verdicts.append(row.verdict)
+    facts = [
+        f"{args.connections} wrk connections spread round-robin over the processes, PUT of one property "
+        f"of random things among {args.things:,}; {args.duration:.0f} s measured after {args.warmup:.0f} s "
+        "of warm-up per count; every process runs its share of the relay (serve --no-ingest --no-anomaly).",
+        "The baseline tree runs on its own database with its own schema, in the same run, before this tree.",
+    ]
+    body = markdown_table(HEADERS, [r.cells() for r in rows])
+    return facts, body, verdicts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--counts", default="1,2,3", help="comma-separated process counts (1 first: the baseline)"
+    )
+    parser.add_argument(
+        "--baseline",
+        default="2c95477",
+        help="git ref of the tree to compare with in the same run ('' for none; default: the last "
+        "commit before the partitioned journal)",
+    )
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections")
+    parser.add_argument("--things", type=int, default=10_000, help="things the PUTs address")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up PUTs per count")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=15.0, help="wait up to this long for an idle machine before a run"
+    )
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    args.counts = [int(n) for n in str(args.counts).split(",") if n.strip()]
+    return args
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    if shutil.which("wrk") is None:
+        print("bench/write_scale.py needs wrk: apt-get install wrk", file=sys.stderr)
+        return 2
+    raise_nofile()
+    return await run_on_fresh_database(
+        args,
+        name="write-scale",
+        title="Writes that scale out (issue 17): HTTP PUT on 1, 2 and 3 processes",
+        run=lambda url, tmp: run(args, url, tmp),
+    )
+
+
+def main() -> None:
+    sys.exit(asyncio.run(main_async(parse_args())))
+
+
+if __name__ == "__main__":
+    main()
