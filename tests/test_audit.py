@@ -1,8 +1,9 @@
 """``twinstore audit verify`` on real PostgreSQL: untouched chains verify, tampering is named.
 
 Things are written through the HTTP API into the session database, then their journal rows
-are copied into a scratch database where they are tampered with (the session database stays
-intact for the other tests).
+are copied into a scratch database (appended by its recorder: each row gets its partition and
+the next seq there, its stored hash kept) where they are tampered with (the session database
+stays intact for the other tests).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import asyncpg
 import httpx
@@ -20,7 +22,8 @@ import pytest
 from tests.conftest import ROOT, new_thing_id
 from twinstore.audit import Report, Scope, verify_database
 from twinstore.settings import Settings
-from twinstore.store.schema import migrate
+from twinstore.store.recorder import Record, Recorder
+from twinstore.store.schema import migrate, stored_partitions
 
 COLUMNS = "entity, id, revision, ts, action, path, value, originator, correlation_id, hash"
 
@@ -38,6 +41,35 @@ async def make_things(client: httpx.AsyncClient, namespace: str, count: int = 2,
     return ids
 
 
+async def append_rows(con: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
+    """Append journal rows (:data:`COLUMNS`, in this order) through the recorder of ``con``'s
+    database in one transaction: each gets its partition and the next seq there; the stored
+    hashes are kept as they are (copies, or tampered rows)."""
+    recorder = Recorder(await stored_partitions(con))
+    records = [
+        Record(
+            recorder.partition(r["id"]),
+            r["entity"],
+            r["id"],
+            r["revision"],
+            r["ts"],
+            r["action"],
+            r["path"],
+            None if r["value"] is None else r["value"].encode(),
+            r["originator"],
+            r["correlation_id"],
+            None,
+            bytes(r["hash"]),
+        )
+        for r in rows
+    ]
+    if not records:
+        return
+    async with con.transaction():
+        await recorder.lock(con, {r.partition for r in records})
+        await Recorder.append(con, records)
+
+
 async def copy_namespace(settings: Settings, scratch: str, namespace: str) -> None:
     """Migrate ``scratch`` and copy the journal rows of ``namespace`` into it."""
     assert settings.database_url is not None
@@ -45,13 +77,12 @@ async def copy_namespace(settings: Settings, scratch: str, namespace: str) -> No
     dst = await asyncpg.connect(scratch)
     try:
         rows = await src.fetch(
-            f"SELECT {COLUMNS} FROM journal WHERE id >= $1 AND id < $2", namespace + ":", namespace + ";"
+            f"SELECT {COLUMNS} FROM journal WHERE id >= $1 AND id < $2 ORDER BY position",
+            namespace + ":",
+            namespace + ";",
         )
         await migrate(dst)
-        await dst.executemany(
-            f"INSERT INTO journal ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            [tuple(r) for r in rows],
-        )
+        await append_rows(dst, rows)
     finally:
         await src.close()
         await dst.close()
@@ -189,13 +220,14 @@ async def test_inserted_events(
     await sql(
         scratch_database,
         # a: a copy of revision 2 appended as revision 7 (same hash).
-        f"INSERT INTO journal ({COLUMNS}) SELECT entity, id, 7, ts, action, path, value, originator,"
-        f" correlation_id, hash FROM journal WHERE {where(a, 2)}",
+        f"INSERT INTO journal (partition, seq, {COLUMNS}) SELECT partition, seq + 1000000, entity, id, 7,"
+        f" ts, action, path, value, originator, correlation_id, hash FROM journal WHERE {where(a, 2)}",
         # b: an event inserted at revision 3, the later ones renumbered.
         f"UPDATE journal SET revision = -revision WHERE entity = 'thing' AND id = '{b}' AND revision >= 3",
         f"UPDATE journal SET revision = 1 - revision WHERE entity = 'thing' AND id = '{b}' AND revision < 0",
-        f"INSERT INTO journal ({COLUMNS}) SELECT entity, id, 3, ts, action, '/attributes/n', '7',"
-        f" originator, correlation_id, sha256('forged') FROM journal WHERE {where(b, 2)}",
+        f"INSERT INTO journal (partition, seq, {COLUMNS}) SELECT partition, seq + 1000000, entity, id,"
+        f" 3, ts, action, '/attributes/n', '7', originator, correlation_id, sha256('forged')"
+        f" FROM journal WHERE {where(b, 2)}",
     )
     report = await broken(scratch_database, Scope(thing=a))
     assert [(x.id, x.revision, x.kind) for x in report.breaks] == [(a, 7, "duplicated")]

@@ -34,20 +34,34 @@ detected and what is not:
   below the anchor: ``anchor``;
 * a checkpoint that sealed the anchor's revision checks the anchor's hash (``rewritten``); one
   that sealed a revision removed by retention cannot be checked and is skipped;
-* each cleanup run (``journal_cleanups``) records a digest over the anchors it set, in order
-  (:func:`anchor_leaf`, :func:`fold_anchor`), signed like checkpoints: an anchor edited, added,
-  deleted or moved forward (to hide more removed events) no longer recomputes the digest
-  (``cleanup-invalid``, checked when the whole journal is verified: no ``--thing`` /
-  ``--namespace``); the snapshot kept at an anchor (the state at the anchor's revision, which
-  the removed events no longer prove) is sealed with it (``snapshot-altered``);
+* each cleanup run (``journal_cleanups``) records the per-partition bounds it respected
+  (``partition_bounds``: the highest ``seq`` of each partition it could remove) and a digest
+  that starts from those bounds (:func:`cleanup_seed`) and folds in the anchors it set, in
+  order (:func:`anchor_leaf`, :func:`fold_anchor`), signed like checkpoints
+  (:func:`cleanup_message`): an anchor edited, added, deleted or moved forward (to hide more
+  removed events), or bounds raised, no longer recompute the digest (``cleanup-invalid``,
+  checked when the whole journal is verified: no ``--thing`` / ``--namespace``), nor do bounds
+  beyond the partition heads of the checkpoint the run names; the snapshot kept at an anchor
+  (the state at the anchor's revision, which the removed events no longer prove) is sealed
+  with it (``snapshot-altered``). Runs from before the partitioned journal have no bounds:
+  their digest starts at GENESIS and their signature is the v1 one (:func:`cleanup_message`);
 * not detected: without ``audit_signing_key`` someone able to write the database can recompute
   an unsigned digest (as an unsigned checkpoint root); keep the printed digests elsewhere. What
   the removed events were is, by design, no longer provable: only that the retained history
   continues the anchored one.
 
 Checkpoints (``twinstore audit checkpoint``, :func:`checkpoint_database`) seal the chain
-heads: in one snapshot the newest event of every entity (entity, id, revision, hash) and the
-highest journal position are read and stored in ``audit_checkpoints`` with a Merkle root:
+heads: in one REPEATABLE READ snapshot the newest event of every entity (entity, id, revision,
+hash) and the head of every journal partition (``partition_heads``: its last ``seq``) are read
+and stored in ``audit_checkpoints`` with a Merkle root. The partition heads are the checkpoint's
+cut of the journal: commit order is per partition (:mod:`twinstore.store.recorder`), so "every
+event the checkpoint saw" is "every event whose ``seq`` is at or below its partition's head",
+and the heads read in the same snapshot are exactly the chains of those events (an append moves
+its partition's head in the statement that inserts its events). The journal's global
+``position`` is unique but not in commit order across partitions: an event with a lower
+position may commit after the checkpoint, so ``max(position)`` says nothing about what was
+sealed; it is still stored in ``journal_position`` for readers of the old column, and nothing
+here relies on it.
 
 * heads are sorted by ``(entity, id)`` in code-point order (Python string order, not the
   database collation);
@@ -55,15 +69,24 @@ highest journal position are read and stored in ``audit_checkpoints`` with a Mer
   where ``f(s)`` is the UTF-8 bytes of ``s`` preceded by their length as 4-byte big-endian;
 * an inner node is ``sha256(0x01 || left || right)``; a level with an odd count carries its
   last node up unchanged; the root of no heads is ``sha256(b"")``;
+* the partition heads are stored (``audit_checkpoints.partition_heads``) and signed in their
+  canonical JSON (:func:`canonical_vector`): an object of every partition number (a decimal
+  string) to its head, in ascending partition order, without whitespace;
 * with ``audit_signing_key`` (a PEM Ed25519 private key) the checkpoint is signed over
-  ``b"twinstore-checkpoint-v1" || journal_position as 8-byte big-endian || root``; ``key_id``
-  is the first 16 hex digits of the sha-256 of the raw public key.
+  ``b"twinstore-checkpoint-v2" || sha256(canonical partition heads) || root``
+  (:func:`checkpoint_message`); ``key_id`` is the first 16 hex digits of the sha-256 of the raw
+  public key. Checkpoints made before the journal had partitions have no partition heads and
+  were signed over ``b"twinstore-checkpoint-v1" || journal_position as 8-byte big-endian ||
+  root`` (then ``position`` was handed out in commit order, so it was their cut); they are
+  still verified so. Dropping a v2 checkpoint's partition heads does not turn it into a valid
+  v1 one: its signature was made over the v2 message.
 
 :func:`verify_database` then checks the latest checkpoint (or all): every recorded head must
 still be in the journal with the same hash at that revision (``truncated`` when the revision
 is gone, ``rewritten`` when its hash differs), the root must recompute from the heads and the
 signature must verify with the configured key (``checkpoint-invalid`` otherwise; without a
-key the signature is not checked).
+key the signature is not checked, so an unsigned checkpoint's partition heads are only as
+trustworthy as the database).
 
 >>> merkle_root([]) == hashlib.sha256(b"").digest()
 True
@@ -91,7 +114,7 @@ import hashlib
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -108,13 +131,19 @@ __all__ = [
     "Report",
     "Row",
     "Scope",
+    "Vector",
     "anchor_leaf",
+    "canonical_vector",
     "checkpoint_database",
+    "checkpoint_message",
     "cleanup_message",
+    "cleanup_seed",
     "fold_anchor",
     "leaf",
     "merkle_root",
+    "parse_vector",
     "row_hash",
+    "signature_problem",
     "snapshot_digest",
     "verify",
     "verify_database",
@@ -481,7 +510,8 @@ async def verify_database(
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
-SIGNED_PREFIX = b"twinstore-checkpoint-v1"
+SIGNED_PREFIX_V1 = b"twinstore-checkpoint-v1"
+SIGNED_PREFIX = b"twinstore-checkpoint-v2"
 
 Head = tuple[str, str, int, bytes]  # entity, id, revision, hash of the newest event
 
@@ -511,8 +541,47 @@ def merkle_root(heads: Sequence[Head]) -> bytes:
     return level[0]
 
 
-def _signed_message(journal_position: int, root: bytes) -> bytes:
-    return SIGNED_PREFIX + struct.pack(">q", journal_position) + root
+Vector = dict[int, int]  # partition -> seq
+
+
+def canonical_vector(vector: Mapping[int, int]) -> bytes:
+    """The canonical JSON of a vector of partition positions (what checkpoints and cleanup
+    records sign): partitions as decimal keys in ascending order, no whitespace.
+
+    >>> canonical_vector({10: 7, 2: 0, 0: 12})
+    b'{"0":12,"2":0,"10":7}'
+    """
+    return b"{" + b",".join(b'"%d":%d' % (p, vector[p]) for p in sorted(vector)) + b"}"
+
+
+def parse_vector(text: str) -> Vector:
+    """A vector stored as a JSON object (``jsonb`` may reorder its keys); ``ValueError`` when it
+    is not one of non-negative partitions to non-negative integers.
+
+    >>> parse_vector('{"10": 7, "0": 12}')
+    {0: 12, 10: 7}
+    """
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    vector: Vector = {}
+    for key, seq in data.items():
+        if not key.isdigit() or type(seq) is not int or seq < 0:
+            raise ValueError(f"not a partition and its position: {key!r}: {seq!r}")
+        vector[int(key)] = seq
+    return dict(sorted(vector.items()))
+
+
+def checkpoint_message(
+    root: bytes, partition_heads: Mapping[int, int] | None, journal_position: int = 0
+) -> bytes:
+    """What a checkpoint's signature signs: ``b"twinstore-checkpoint-v2" || sha256(canonical
+    partition heads) || root``; for a checkpoint without partition heads (made before the
+    journal had partitions) the v1 message ``b"twinstore-checkpoint-v1" || journal_position as
+    8-byte big-endian || root``."""
+    if partition_heads is None:
+        return SIGNED_PREFIX_V1 + struct.pack(">q", journal_position) + root
+    return SIGNED_PREFIX + hashlib.sha256(canonical_vector(partition_heads)).digest() + root
 
 
 def load_signing_key(path: str) -> Ed25519PrivateKey:
@@ -533,20 +602,46 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def signature_problem(
+    public: Ed25519PublicKey, signature: bytes | None, kid: str | None, message: bytes, what: str
+) -> str | None:
+    """Why ``signature`` (of ``what``, made by key ``kid``) is not a valid signature of
+    ``message`` by ``public``; ``None`` when it is."""
+    from cryptography.exceptions import InvalidSignature
+
+    if signature is None:
+        return f"{what} is not signed"
+    if kid != key_id(public):
+        return f"signed with key {kid}, not the configured key {key_id(public)}"
+    try:
+        public.verify(bytes(signature), message)
+    except InvalidSignature:
+        return "the signature does not verify"
+    return None
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     id: int
     created: datetime
-    journal_position: int
+    journal_position: int  # max(position) then: for readers of the old column, not a cut
     heads: int
     root: bytes
     key_id: str | None
+    partition_heads: Vector = field(default_factory=dict)  # the cut: each partition's last seq
+
+    @property
+    def events(self) -> int:
+        """Events appended up to the cut (seqs are gapless per partition; retention removes
+        some of them later)."""
+        return sum(self.partition_heads.values())
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "created": self.created.isoformat(),
             "journal_position": self.journal_position,
+            "partition_heads": {str(p): seq for p, seq in self.partition_heads.items()},
             "heads": self.heads,
             "root": self.root.hex(),
             "key_id": self.key_id,
@@ -556,34 +651,36 @@ class Checkpoint:
 SELECT_HEADS = """
 SELECT DISTINCT ON (entity, id) entity, id, revision, hash FROM journal ORDER BY entity, id, revision DESC
 """
+SELECT_PARTITION_HEADS = "SELECT partition, seq FROM partition_heads ORDER BY partition"
+INSERT_CHECKPOINT = """
+INSERT INTO audit_checkpoints (journal_position, partition_heads, heads, root, signature, key_id)
+VALUES ($1, $2::text::jsonb, $3::text::jsonb, $4, $5, $6) RETURNING id, created
+"""
 
 
 async def checkpoint_database(url: str, *, signing_key: str | None = None) -> Checkpoint:
-    """Seal the chain heads of the journal at ``url`` (one snapshot) in a new checkpoint."""
+    """Seal the chain heads and partition heads of the journal at ``url`` (one snapshot) in a
+    new checkpoint."""
     private = load_signing_key(signing_key) if signing_key else None
     con = await asyncpg.connect(url)
     try:
         async with con.transaction(isolation="repeatable_read"):
+            # One snapshot: the partition heads are the cut, the chain heads what it contains.
+            vector: Vector = {int(r[0]): int(r[1]) for r in await con.fetch(SELECT_PARTITION_HEADS)}
             position = int(await con.fetchval("SELECT coalesce(max(position), 0) FROM journal"))
             heads: list[Head] = [(r[0], r[1], int(r[2]), bytes(r[3])) for r in await con.fetch(SELECT_HEADS)]
             heads.sort(key=lambda h: (h[0], h[1]))
             root = merkle_root(heads)
             signature = kid = None
             if private is not None:
-                signature = private.sign(_signed_message(position, root))
+                signature = private.sign(checkpoint_message(root, vector))
                 kid = key_id(private.public_key())
             stored = json.dumps([[e, i, r, h.hex()] for e, i, r, h in heads], separators=(",", ":"))
             row = await con.fetchrow(
-                "INSERT INTO audit_checkpoints (journal_position, heads, root, signature, key_id) "
-                "VALUES ($1, $2::jsonb, $3, $4, $5) RETURNING id, created",
-                position,
-                stored,
-                root,
-                signature,
-                kid,
+                INSERT_CHECKPOINT, position, canonical_vector(vector).decode(), stored, root, signature, kid
             )
             assert row is not None
-            return Checkpoint(row["id"], row["created"], position, len(heads), root, kid)
+            return Checkpoint(row["id"], row["created"], position, len(heads), root, kid, vector)
     finally:
         await con.close()
 
@@ -622,7 +719,8 @@ async def _check_checkpoints(
     if not exists:
         return
     query = (
-        "SELECT id, journal_position, heads::text AS heads, root, signature, key_id FROM audit_checkpoints"
+        "SELECT id, journal_position, partition_heads::text AS partition_heads, heads::text AS heads, "
+        "root, signature, key_id FROM audit_checkpoints"
     )
     query += " ORDER BY id" if every else " ORDER BY id DESC LIMIT 1"
     broken: set[tuple[str, str]] = {(b.entity, b.id) for b in report.breaks}
@@ -637,18 +735,19 @@ async def _check_checkpoints(
         root = bytes(cp["root"])
         if merkle_root(heads) != root:
             invalid("the Merkle root does not recompute from the recorded heads")
-        if public is not None:
-            from cryptography.exceptions import InvalidSignature
-
-            if cp["signature"] is None:
-                invalid("the checkpoint is not signed")
-            elif cp["key_id"] != key_id(public):
-                invalid(f"signed with key {cp['key_id']}, not the configured key {key_id(public)}")
-            else:
-                try:
-                    public.verify(bytes(cp["signature"]), _signed_message(cp["journal_position"], root))
-                except InvalidSignature:
-                    invalid("the signature does not verify")
+        vector: Vector | None = None
+        readable = True
+        if cp["partition_heads"] is not None:
+            try:
+                vector = parse_vector(cp["partition_heads"])
+            except ValueError as exc:
+                invalid(f"its partition heads are not a vector of partition positions ({exc})")
+                readable = False
+        if public is not None and readable:
+            message = checkpoint_message(root, vector, cp["journal_position"])
+            problem = signature_problem(public, cp["signature"], cp["key_id"], message, "the checkpoint")
+            if problem is not None:
+                invalid(problem)
         mine = [h for h in heads if _in_scope(scope, h[0], h[1])]
         rows = await con.fetch(
             CHECK_HEADS.format(anchors=CHECK_ANCHORS if retention else ""),
@@ -701,7 +800,8 @@ async def _check_checkpoints(
 
 # ---- retention records (twinstore.retention) ----------------------------------------------
 
-CLEANUP_PREFIX = b"twinstore-cleanup-v1"
+CLEANUP_PREFIX_V1 = b"twinstore-cleanup-v1"
+CLEANUP_PREFIX = b"twinstore-cleanup-v2"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -731,15 +831,32 @@ def snapshot_digest(created: datetime | None, modified: datetime, doc: str | Non
     return hashlib.sha256(orjson.dumps(times) + b"\n" + (b"null" if doc is None else doc.encode())).digest()
 
 
-def cleanup_message(cleanup_id: int, cutoff: datetime, entities: int, events: int, digest: bytes) -> bytes:
-    """What a cleanup run's signature signs: ``b"twinstore-cleanup-v1"`` || id, cutoff (microseconds
-    since the epoch), anchors set and events removed, each 8-byte big-endian || digest."""
+def cleanup_seed(partition_bounds: Mapping[int, int] | None) -> bytes:
+    """Where a cleanup run's digest starts: ``sha256(b"twinstore-cleanup-v2" || canonical
+    partition bounds)`` (:func:`canonical_vector`), so the digest covers the bounds the run
+    respected; GENESIS for a run from before the partitioned journal (no bounds)."""
+    if partition_bounds is None:
+        return GENESIS
+    return hashlib.sha256(CLEANUP_PREFIX + canonical_vector(partition_bounds)).digest()
+
+
+def cleanup_message(
+    cleanup_id: int, cutoff: datetime, entities: int, events: int, digest: bytes, v2: bool = True
+) -> bytes:
+    """What a cleanup run's signature signs: ``b"twinstore-cleanup-v2"`` || id, cutoff
+    (microseconds since the epoch), anchors set and events removed, each 8-byte big-endian ||
+    digest (which starts from the run's partition bounds, :func:`cleanup_seed`). Runs from
+    before the partitioned journal (``v2=False``) signed the same with
+    ``b"twinstore-cleanup-v1"``."""
     micros = (cutoff - _EPOCH) // timedelta(microseconds=1)
-    return CLEANUP_PREFIX + struct.pack(">qqqq", cleanup_id, micros, entities, events) + digest
+    prefix = CLEANUP_PREFIX if v2 else CLEANUP_PREFIX_V1
+    return prefix + struct.pack(">qqqq", cleanup_id, micros, entities, events) + digest
 
 
 SELECT_CLEANUPS = """
-SELECT id, cutoff, entities, events, digest, signature, key_id FROM journal_cleanups ORDER BY id
+SELECT r.id, r.cutoff, r.entities, r.events, r.digest, r.signature, r.key_id, r.checkpoint_id,
+       r.partition_bounds::text AS partition_bounds, c.partition_heads::text AS checkpoint_heads
+FROM journal_cleanups r LEFT JOIN audit_checkpoints c ON c.id = r.checkpoint_id ORDER BY r.id
 """
 SELECT_CLEANUP_ANCHORS = """
 SELECT entity, id, revision, hash, snapshot_hash FROM journal_retention WHERE cleanup_id = $1 ORDER BY seq
@@ -757,6 +874,21 @@ FROM (SELECT * FROM journal_retention r{{where}}{{glue}}{NEWEST_ANCHOR}) r
 LEFT JOIN snapshots s ON s.entity = r.entity AND s.id = r.id AND s.revision = r.revision
 ORDER BY r.entity, r.id
 """
+
+
+def _beyond(bounds: Vector, checkpoint_heads: str | None) -> str:
+    """Where a cleanup run's bounds exceed the partition heads of its checkpoint (none when that
+    checkpoint is gone, or predates partitions: nothing to compare with)."""
+    if checkpoint_heads is None:
+        return ""
+    try:
+        sealed = parse_vector(checkpoint_heads)
+    except ValueError:
+        return ""  # reported with the checkpoint
+    over = [
+        f"partition {p}: {seq} > {sealed.get(p, 0)}" for p, seq in bounds.items() if seq > sealed.get(p, 0)
+    ]
+    return ", ".join(over[:3]) + (f" and {len(over) - 3} more" if len(over) > 3 else "")
 
 
 async def _check_retention(
@@ -791,7 +923,19 @@ async def _check_retention(
         def invalid(detail: str, name: str = name) -> None:
             report.breaks.append(Break("cleanup", name, 0, "cleanup-invalid", detail))
 
-        digest, count = GENESIS, 0
+        bounds: Vector | None = None
+        if run["partition_bounds"] is not None:
+            try:
+                bounds = parse_vector(run["partition_bounds"])
+            except ValueError as exc:
+                invalid(f"its partition bounds are not a vector of partition positions ({exc})")
+                continue
+            beyond = _beyond(bounds, run["checkpoint_heads"])
+            if beyond:
+                invalid(
+                    f"its partition bounds go beyond what checkpoint {run['checkpoint_id']} sealed ({beyond})"
+                )
+        digest, count = cleanup_seed(bounds), 0
         async for a in con.cursor(SELECT_CLEANUP_ANCHORS, run["id"], prefetch=prefetch):
             leaf_ = anchor_leaf(
                 a["entity"], a["id"], a["revision"], bytes(a["hash"]), bytes(a["snapshot_hash"])
@@ -799,25 +943,25 @@ async def _check_retention(
             digest = fold_anchor(digest, leaf_)
             count += 1
         if digest != bytes(run["digest"]) or count != run["entities"]:
+            covered = "its partition bounds and " if bounds is not None else ""
             invalid(
-                f"the {count} anchors it set do not recompute its digest ({run['entities']} recorded): "
-                "an anchor was edited, added or deleted"
+                f"{covered}the {count} anchors it set do not recompute its digest ({run['entities']} "
+                "recorded): an anchor was edited, added or deleted, or the bounds changed"
             )
         if public is not None:
-            from cryptography.exceptions import InvalidSignature
-
             message = cleanup_message(
-                run["id"], run["cutoff"], run["entities"], run["events"], bytes(run["digest"])
+                run["id"],
+                run["cutoff"],
+                run["entities"],
+                run["events"],
+                bytes(run["digest"]),
+                v2=bounds is not None,
             )
-            if run["signature"] is None:
-                invalid("the cleanup record is not signed")
-            elif run["key_id"] != key_id(public):
-                invalid(f"signed with key {run['key_id']}, not the configured key {key_id(public)}")
-            else:
-                try:
-                    public.verify(bytes(run["signature"]), message)
-                except InvalidSignature:
-                    invalid("the signature does not verify")
+            problem = signature_problem(
+                public, run["signature"], run["key_id"], message, "the cleanup record"
+            )
+            if problem is not None:
+                invalid(problem)
     for r in await con.fetch(SELECT_ORPHAN_ANCHORS):
         report.breaks.append(
             Break(
