@@ -1,8 +1,11 @@
 """History retention (``twinstore audit cleanup``) on real PostgreSQL.
 
 Cleanup only removes events that are old, sealed by the latest checkpoint and published by the
-relay, never a thing's newest event; it leaves an anchor that ``audit verify``, ``replay`` and
-history reads start from, and records itself. As in ``tests/test_audit.py`` tampering happens
+relay, both judged per journal partition (``seq`` at or below the checkpoint's partition head
+and the relay cursor of the event's partition; never by the global ``position``, which is not
+in commit order across partitions), never a thing's newest event; it leaves an anchor that
+``audit verify``, ``replay`` and history reads start from, and records itself with its
+partition bounds. As in ``tests/test_audit.py`` tampering happens
 in a scratch database the journal rows were copied into; history reads go through the HTTP API
 on the session database (cleaned up within the test's own namespace).
 """
@@ -26,13 +29,25 @@ import pytest
 
 from tests.api.helpers import assert_error, url
 from tests.conftest import ROOT, new_thing_id
-from tests.test_audit import COLUMNS, make_things, sql, where
+from tests.test_audit import COLUMNS, append_rows, make_things, sql, where
 from tests.test_checkpoint import write_key
-from twinstore.audit import Scope, checkpoint_database, verify_database
+from twinstore.audit import (
+    Scope,
+    anchor_leaf,
+    checkpoint_database,
+    checkpoint_message,
+    cleanup_message,
+    fold_anchor,
+    load_signing_key,
+    parse_vector,
+    verify_database,
+)
+from twinstore.model.partition import partition_key, partition_of
 from twinstore.replay import replay_database
-from twinstore.retention import cleanup_database
+from twinstore.retention import PARTITIONED_SCHEMA, cleanup_database
 from twinstore.settings import Settings
-from twinstore.store.schema import migrate
+from twinstore.store.codec import GENESIS
+from twinstore.store.schema import MIGRATIONS, migrate
 
 HISTORY_NOT_FOUND = "things:thing.history.notfound"
 FUTURE = datetime.now(UTC) + timedelta(days=1)
@@ -67,9 +82,13 @@ async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
         await con.close()
 
 
-async def copy_rows(settings: Settings, scratch: str, namespace: str, condition: str = "true") -> None:
-    """Copy the journal rows of ``namespace`` matching ``condition`` (in revision order, so
-    later copies get higher positions) into ``scratch`` (migrated first)."""
+async def copy_rows(
+    settings: Settings, scratch: str, namespace: str, condition: str = "true", *, each: bool = False
+) -> None:
+    """Copy the journal rows of ``namespace`` matching ``condition`` (in time order, so later
+    copies get higher seqs in their partitions) into ``scratch`` (migrated first); ``each``: one
+    append per row, so positions follow time order too (one append numbers its rows partition
+    by partition), as the journal's did before partitions."""
     assert settings.database_url is not None
     rows = await fetch(
         settings.database_url,
@@ -81,22 +100,36 @@ async def copy_rows(settings: Settings, scratch: str, namespace: str, condition:
     dst = await asyncpg.connect(scratch)
     try:
         await migrate(dst)
-        await dst.executemany(
-            f"INSERT INTO journal ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            [tuple(r) for r in rows],
-        )
+        for part in [[r] for r in rows] if each else [rows]:
+            await append_rows(dst, part)
     finally:
         await dst.close()
 
 
-async def published(url: str, position: int = 2**62) -> None:
-    """Mark the journal as published by the NATS relay up to ``position`` (scratch databases
-    have no relay)."""
+async def published(url: str, seq: int = 2**62, partition: int | None = None) -> None:
+    """Mark every partition (or one) as published by the NATS relay up to ``seq`` (scratch
+    databases have no relay)."""
+    only = "" if partition is None else f" WHERE partition = {partition}"
     await sql(
         url,
-        f"INSERT INTO relay_cursor (name, position) VALUES ('events', {position}) "
-        "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+        f"INSERT INTO relay_cursors (name, partition, seq) SELECT 'events', partition, {seq} "
+        f"FROM partition_heads{only} ON CONFLICT (name, partition) DO UPDATE SET seq = excluded.seq",
     )
+
+
+def partition(thing_id: str) -> int:
+    """A thing's partition in a scratch database (migrated with the default count)."""
+    return partition_of(partition_key(thing_id), 64)
+
+
+async def seq_of(url: str, thing_id: str, revision: int) -> int:
+    rows = await fetch(
+        url,
+        "SELECT seq FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2",
+        thing_id,
+        revision,
+    )
+    return int(rows[0]["seq"])
 
 
 async def revisions(url: str, thing_id: str) -> list[int]:
@@ -171,7 +204,7 @@ async def test_nothing_without_checkpoint_or_retention(
     assert done.returncode == 0 and "no retention configured" in json.loads(done.stdout)["reason"]
     # Sealed, but not yet published by the relay.
     await checkpoint_database(scratch_database)
-    await sql(scratch_database, "DELETE FROM relay_cursor")
+    await sql(scratch_database, "DELETE FROM relay_cursors")
     report = await cleanup_database(scratch_database, FUTURE, run_by="test")
     assert report.reason is not None and "relay" in report.reason and report.events == 0
     assert await counts(scratch_database) == before
@@ -356,15 +389,18 @@ async def test_broken_chain_is_left_alone_and_signed_record(
     ]
 
 
-async def wait_published(url: str) -> None:
-    """Until the runtime's relay has published every event of the journal."""
+async def wait_published(url: str, *thing_ids: str) -> None:
+    """Until the runtime's relays have published every event of these things (each partition's
+    cursor at or beyond the thing's newest seq there)."""
+    query = """
+    SELECT bool_and(coalesce(c.seq, 0) >= t.seq) AS done
+    FROM (SELECT partition, max(seq) AS seq FROM journal WHERE entity = 'thing' AND id = any($1::text[])
+          GROUP BY partition) t
+    LEFT JOIN relay_cursors c ON c.name = 'events' AND c.partition = t.partition
+    """
     for _ in range(200):
-        (row,) = await fetch(
-            url,
-            "SELECT (SELECT max(position) FROM journal) AS head, "
-            "(SELECT position FROM relay_cursor WHERE name = 'events') AS cursor",
-        )
-        if row["cursor"] is not None and row["cursor"] >= row["head"]:
+        (row,) = await fetch(url, query, list(thing_ids))
+        if row["done"]:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the relay did not catch up")
@@ -397,7 +433,7 @@ async def test_history_reads_after_cleanup(
     for v in (1, 2, 3):
         assert (await client.put(url(gone, "/attributes/v"), json=v)).status_code == 204
     assert (await client.delete(url(gone))).status_code == 204
-    await wait_published(settings.database_url)
+    await wait_published(settings.database_url, thing_id, gone)
     await checkpoint_database(settings.database_url)
     cut_ts = await ts_of(settings, thing_id, 13)  # revisions 1..12 go
     gone_ts = await ts_of(settings, gone, 3)  # revisions 1..2 of the deleted thing go
@@ -445,3 +481,210 @@ async def test_history_reads_after_cleanup(
     )
     assert r.status_code == 200, r.text
     assert [line for line in r.text.splitlines() if line.startswith("id:")] == ["id: 13", "id: 14"]
+
+
+async def two_partitions(client: httpx.AsyncClient, namespace: str) -> tuple[str, str]:
+    """Two things (revisions 1..6 each) in different partitions of a scratch database."""
+    ids = await make_things(client, namespace, count=3)
+    a = ids[0]
+    b = next(t for t in ids[1:] if partition(t) != partition(a))  # 3 of 64: one differs
+    return a, b
+
+
+async def test_bounds_are_per_partition_not_positions(
+    client: httpx.AsyncClient, settings: Settings, scratch_database: str, namespace: str
+) -> None:
+    """An event with a lower position that commits after a checkpoint (in another partition) is
+    not sealed by it, and stays: a bound on max(position) would have removed it."""
+    a, b = await two_partitions(client, namespace)
+    await copy_rows(
+        settings, scratch_database, namespace, f"entity = 'policy' OR (id = '{b}' AND revision <= 2)"
+    )
+    assert settings.database_url is not None
+    source = await asyncpg.connect(settings.database_url)
+    late = await asyncpg.connect(scratch_database)
+    try:
+
+        async def rows(condition: str) -> list[asyncpg.Record]:
+            query = f"SELECT {COLUMNS} FROM journal WHERE entity = 'thing' AND {condition} ORDER BY revision"
+            return await source.fetch(query)
+
+        # b's revision 3 is appended first (lower position) and commits last: after a's events
+        # (higher positions, another partition) and after the checkpoint.
+        transaction = late.transaction()
+        await transaction.start()
+        await append_rows(late, await rows(f"id = '{b}' AND revision = 3"))  # a savepoint in it
+        dst = await asyncpg.connect(scratch_database)
+        try:
+            await append_rows(dst, await rows(f"id = '{a}'"))
+        finally:
+            await dst.close()
+        cp = await checkpoint_database(scratch_database)
+        await transaction.commit()
+        dst = await asyncpg.connect(scratch_database)
+        try:
+            await append_rows(dst, await rows(f"id = '{b}' AND revision > 3"))
+        finally:
+            await dst.close()
+    finally:
+        await source.close()
+        await late.close()
+    (row,) = await fetch(scratch_database, f"SELECT position FROM journal WHERE {where(b, 3)}")
+    assert row["position"] < cp.journal_position  # the trap: below the checkpoint's max(position)
+    assert cp.partition_heads[partition(b)] == await seq_of(scratch_database, b, 2)
+    assert cp.partition_heads[partition(a)] == await seq_of(scratch_database, a, 6)
+
+    # a's partition published up to its revision 3 only, b's all.
+    a3, b2 = await seq_of(scratch_database, a, 3), await seq_of(scratch_database, b, 2)
+    await published(scratch_database)
+    await published(scratch_database, a3, partition(a))
+    report = await cleanup_database(scratch_database, FUTURE, run_by="test")
+    assert report.ok and report.reason is None, report.as_dict()
+    assert report.bounds[partition(a)] == a3 and report.bounds[partition(b)] == b2
+    assert await revisions(scratch_database, a) == [4, 5, 6]  # not yet published beyond 3
+    assert await revisions(scratch_database, b) == [3, 4, 5, 6]  # 3 committed after the checkpoint
+    (run,) = await fetch(scratch_database, "SELECT partition_bounds::text AS b, digest FROM journal_cleanups")
+    assert parse_vector(run["b"]) == report.bounds and bytes(run["digest"]) == report.digest
+    assert (await verify_database(scratch_database, checkpoints="all")).ok
+    # Published, and a new checkpoint that has b's late event: both continue from their anchors.
+    await published(scratch_database)
+    await checkpoint_database(scratch_database)
+    report = await cleanup_database(scratch_database, FUTURE, run_by="test")
+    assert report.ok and report.entities == 2 and report.events == 2 + 3
+    assert await revisions(scratch_database, a) == [6] and await revisions(scratch_database, b) == [6]
+    assert (await verify_database(scratch_database, checkpoints="all")).ok
+
+
+def test_partitioned_schema_is_the_migration_that_split_the_journal() -> None:
+    migration = MIGRATIONS[PARTITIONED_SCHEMA - 1]
+    assert callable(migration) and migration.__name__ == "_partition_journal"
+
+
+async def test_checkpoint_from_before_partitions(
+    client: httpx.AsyncClient, settings: Settings, scratch_database: str, namespace: str, tmp_path: Path
+) -> None:
+    """A checkpoint made before the journal had partitions sealed every event at or below its
+    journal position (commit order then): cleanup maps that to partition heads. One without
+    partition heads made after the upgrade is refused."""
+    a, b = await two_partitions(client, namespace)
+    await copy_rows(
+        settings, scratch_database, namespace, f"id in ('{a}', '{b}') OR entity = 'policy'", each=True
+    )
+    await published(scratch_database)
+    key = write_key(tmp_path / "audit.pem")
+    cp = await checkpoint_database(scratch_database, signing_key=key)
+    # As the code before partitions left it: no partition heads, signed over its journal
+    # position, made before migration 15 (which numbered rows per partition in position order).
+    # Its position seals all of a and b up to revision 2 (copied in time order: a first).
+    (b2,) = await fetch(scratch_database, f"SELECT position FROM journal WHERE {where(b, 2)}")
+    position = b2["position"]
+    v1 = load_signing_key(key).sign(checkpoint_message(cp.root, None, position))
+    await sql(
+        scratch_database,
+        f"UPDATE audit_checkpoints SET partition_heads = NULL, journal_position = {position}, "
+        f"signature = decode('{v1.hex()}', 'hex'), created = (SELECT applied - interval '1 day' "
+        f"FROM twinstore_migrations WHERE version = {PARTITIONED_SCHEMA}) WHERE id = {cp.id}",
+    )
+    assert (await verify_database(scratch_database, signing_key=key)).ok
+    dry = await cleanup_database(scratch_database, FUTURE, run_by="test", dry_run=True, signing_key=key)
+    assert dry.legacy_checkpoint and dry.events == 5 + 2 and dry.as_dict()["legacy_checkpoint"]
+    done = cli(
+        scratch_database, "audit", "cleanup", "--before", FUTURE.isoformat(), TWINSTORE_AUDIT_SIGNING_KEY=key
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "removed 7 events of 2 things" in done.stdout and "made before partitions" in done.stdout
+    assert await revisions(scratch_database, a) == [6] and await revisions(scratch_database, b) == [
+        3,
+        4,
+        5,
+        6,
+    ]
+    (run,) = await fetch(scratch_database, "SELECT partition_bounds::text AS b FROM journal_cleanups")
+    bounds = parse_vector(run["b"])
+    assert bounds[partition(b)] == await seq_of(scratch_database, b, 3) - 1
+    assert bounds[partition(a)] >= await seq_of(scratch_database, a, 6)
+    assert (await verify_database(scratch_database, checkpoints="all", signing_key=key)).ok
+    # Without partition heads but made after the upgrade (an older twinstore): refused.
+    await sql(scratch_database, f"UPDATE audit_checkpoints SET created = now() WHERE id = {cp.id}")
+    report = await cleanup_database(scratch_database, FUTURE, run_by="test")
+    assert report.reason is not None and "run `twinstore audit checkpoint`" in report.reason
+    assert report.events == 0 and await revisions(scratch_database, b) == [3, 4, 5, 6]
+
+
+async def test_cleanup_record_covers_its_bounds(
+    client: httpx.AsyncClient, settings: Settings, scratch_database: str, namespace: str, tmp_path: Path
+) -> None:
+    a, b = await two_partitions(client, namespace)
+    await copy_rows(settings, scratch_database, namespace, f"id in ('{a}', '{b}') OR entity = 'policy'")
+    await published(scratch_database)
+    key = write_key(tmp_path / "audit.pem")
+    other = write_key(tmp_path / "other.pem")
+    cp = await checkpoint_database(scratch_database, signing_key=key)
+    # A checkpoint that does not verify with the configured key is not relied on.
+    report = await cleanup_database(scratch_database, FUTURE, run_by="test", signing_key=other)
+    assert report.reason is not None and "does not verify with audit_signing_key" in report.reason
+    await sql(
+        scratch_database,
+        "UPDATE audit_checkpoints SET partition_heads = jsonb_set(partition_heads, "
+        f"'{{{partition(a)}}}', to_jsonb(2 + (partition_heads ->> '{partition(a)}')::bigint))",
+    )
+    report = await cleanup_database(scratch_database, FUTURE, run_by="test", signing_key=key)
+    assert report.reason is not None and "the signature does not verify" in report.reason
+    assert await revisions(scratch_database, a) == [1, 2, 3, 4, 5, 6]
+    await sql(
+        scratch_database,
+        "UPDATE audit_checkpoints SET partition_heads = jsonb_set(partition_heads, "
+        f"'{{{partition(a)}}}', to_jsonb((partition_heads ->> '{partition(a)}')::bigint - 2))",
+    )
+    report = await cleanup_database(scratch_database, FUTURE, run_by="test", signing_key=key)
+    assert (
+        report.ok
+        and report.events == 5 + 5
+        and report.bounds == {p: seq for p, seq in cp.partition_heads.items()}
+    )
+    assert (await verify_database(scratch_database, signing_key=key)).ok
+
+    async def breaks(signing_key: str | None = None) -> list[str]:
+        report = await verify_database(scratch_database, signing_key=signing_key)
+        assert all(x.kind == "cleanup-invalid" for x in report.breaks), report.breaks
+        return [x.detail for x in report.breaks]
+
+    # Bounds raised in the record: the digest no longer recomputes (with or without a key), and
+    # they exceed the checkpoint's partition heads.
+    raised = f"'{{{partition(b)}}}', to_jsonb(1 + (partition_bounds ->> '{partition(b)}')::bigint)"
+    await sql(
+        scratch_database,
+        f"UPDATE journal_cleanups SET partition_bounds = jsonb_set(partition_bounds, {raised})",
+    )
+    found = await breaks()
+    assert len(found) == 2 and "beyond what checkpoint" in found[0] and "digest" in found[1], found
+    assert len(await breaks(key)) == 2  # the signature signs the digest, which still holds
+    lowered = f"'{{{partition(b)}}}', to_jsonb((partition_bounds ->> '{partition(b)}')::bigint - 1)"
+    await sql(
+        scratch_database,
+        f"UPDATE journal_cleanups SET partition_bounds = jsonb_set(partition_bounds, {lowered})",
+    )
+    assert await breaks(key) == []
+    # Dropping the bounds does not make a v1 record of it: the digest started from them.
+    await sql(scratch_database, "UPDATE journal_cleanups SET partition_bounds = NULL")
+    assert len(await breaks()) == 1
+    # A record from before partitions: no bounds, digest from GENESIS, the v1 signature.
+    (run,) = await fetch(scratch_database, "SELECT * FROM journal_cleanups")
+    anchors = await fetch(
+        scratch_database,
+        "SELECT entity, id, revision, hash, snapshot_hash FROM journal_retention ORDER BY seq",
+    )
+    digest = GENESIS
+    for x in anchors:
+        leaf = anchor_leaf(x["entity"], x["id"], x["revision"], bytes(x["hash"]), bytes(x["snapshot_hash"]))
+        digest = fold_anchor(digest, leaf)
+    message = cleanup_message(run["id"], run["cutoff"], run["entities"], run["events"], digest, v2=False)
+    signature = load_signing_key(key).sign(message)
+    await sql(
+        scratch_database,
+        f"UPDATE journal_cleanups SET digest = decode('{digest.hex()}', 'hex'), "
+        f"signature = decode('{signature.hex()}', 'hex')",
+    )
+    assert await breaks(key) == []
+    await sql(scratch_database, "UPDATE journal_cleanups SET events = events + 1")
+    assert await breaks(key) == ["the signature does not verify"]

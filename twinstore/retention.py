@@ -4,9 +4,10 @@ The default is to keep everything (``history_retention_days`` unset). A cleanup 
 thing, the longest prefix of its journal events that is entirely
 
 * older than the cutoff (``ts < cutoff``),
-* sealed by the latest audit checkpoint (``position`` at or below the checkpoint's
-  ``journal_position``: no checkpoint, nothing is removed) and already published by the NATS
-  relay (at or below its cursor: an event is never removed before subscribers had it),
+* sealed by the latest audit checkpoint and already published by the NATS relay (an event is
+  never removed before subscribers had it): its ``seq`` is at or below both the checkpoint's
+  head of the event's partition and the relay's cursor of that partition (``relay_cursors``,
+  name ``events``). No checkpoint, nothing is removed;
 * below the thing's newest event (the chain head is never removed, so every thing keeps a
   chain that a checkpoint can seal and a deleted thing keeps its deletion),
 
@@ -17,25 +18,50 @@ revision, so the state at every retained revision stays reconstructible (history
 GENESIS (see :mod:`twinstore.audit` for what is and is not detected then). Snapshots below the
 anchor are removed with the events.
 
+Why per partition: the journal is ordered per partition (:mod:`twinstore.store.recorder`), not
+globally. The global ``position`` is unique but an event with a lower position can commit after
+one with a higher position in another partition, so a bound on positions (what cleanup used
+before the journal had partitions) could remove an event that committed after the checkpoint
+and the relay had moved past its position. ``seq`` is in commit order within its partition, and
+a checkpoint records the vector of partition heads it sealed; the bounds are that vector and the
+relay's cursors, partition by partition (``_partition_bounds``).
+
+Checkpoints made before the upgrade to partitions have no partition heads. Their
+``journal_position`` was a cut in commit order then, and migration 15 numbered every existing
+event in its partition in position order, so such a checkpoint sealed, in each partition,
+exactly the events up to the highest ``seq`` whose position is at or below its
+``journal_position``: cleanup derives the vector so (one scan of the events from before the
+upgrade; a new ``twinstore audit checkpoint`` avoids it). That holds only for a checkpoint
+taken before the upgrade (created before migration 15 was applied, :data:`PARTITIONED_SCHEMA`);
+one without partition heads created later (an older twinstore writing to an upgraded
+database) is refused with a message asking for a new checkpoint.
+
+With ``audit_signing_key`` the checkpoint's signature is checked before its partition heads are
+trusted (they say how far events may be removed): one that does not verify with that key is
+refused (``audit verify`` says why).
+
 Policy events are all kept: they are few, they are the record of who was allowed to read what
 (a deleted thing's history is filtered by its last policy) and retention is asked for thing
 history.
 
-Every run is recorded in ``journal_cleanups`` (who, when, the cutoff, the checkpoint and journal
-position it respected, the scope, how many anchors, events and snapshots) with a digest over
-the anchors it set in order, signed with ``audit_signing_key`` like checkpoints; ``audit verify``
-recomputes it. Things are processed in batches in id order, each batch in one transaction
-that also updates the run's record, so an interrupted run leaves a consistent record of what it
-did. Before a thing's events are removed, their chain links are checked (from the anchor or
-GENESIS up to the first retained event): a broken chain is left alone and reported, so
-retention never destroys the evidence of tampering.
+Every run is recorded in ``journal_cleanups`` (who, when, the cutoff, the checkpoint and the
+per-partition bounds it respected, the scope, how many anchors, events and snapshots) with a
+digest that starts from its bounds and folds in the anchors it set in order, signed with
+``audit_signing_key`` like checkpoints; ``audit verify`` recomputes it
+(:func:`twinstore.audit.cleanup_seed`). Its ``journal_position`` column is filled with the
+checkpoint's, for readers of the old column; it bounds nothing. Things are processed in
+batches in id order, each batch in one transaction that also updates the run's record, so an
+interrupted run leaves a consistent record of what it did. Before a thing's events are
+removed, their chain links are checked (from the anchor or GENESIS up to the first retained
+event): a broken chain is left alone and reported, so retention never destroys the evidence of
+tampering.
 
 Locking (a deliberate departure from ``replay --repair``, which rewrites rows writers also
 write and so takes the partition write locks): cleanup does *not* take the write lock.
 Everything it changes is below every thing's newest event, where no writer ever writes:
 writers append revisions above the head, upsert the projection (untouched here) and insert
 snapshots at their new revisions (``ON CONFLICT DO NOTHING`` on both sides); the relay only
-reads positions above its cursor, and cleanup removes none of those. Holding the write lock
+reads seqs above its cursors, and cleanup removes none of those. Holding the write lock
 for a batch (reading and re-hashing up to a whole long history) would stall every write of
 every process for nothing. What does need care is concurrent *readers*: a history read takes
 a snapshot and then the events after it in two statements, so a cleanup committing in between
@@ -50,7 +76,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -59,31 +85,59 @@ from twinstore.audit import (
     SELECT_ROWS,
     Row,
     Scope,
+    Vector,
     anchor_leaf,
+    canonical_vector,
+    checkpoint_message,
     cleanup_message,
+    cleanup_seed,
     fold_anchor,
     key_id,
     load_signing_key,
+    parse_vector,
     row_hash,
+    signature_problem,
     snapshot_digest,
 )
 from twinstore.model.thing import ThingState, evolve
 from twinstore.store.codec import GENESIS, dumps
 from twinstore.store.journal import event_from_row
+from twinstore.store.schema import stored_partitions
 
-__all__ = ["RETENTION_LOCK", "CleanupBusy", "CleanupReport", "Scope", "Skipped", "cleanup_database"]
+__all__ = [
+    "PARTITIONED_SCHEMA",
+    "RETENTION_LOCK",
+    "CleanupBusy",
+    "CleanupReport",
+    "Scope",
+    "Skipped",
+    "cleanup_database",
+]
 
 # Serialises cleanup runs (a session advisory lock; a second run is refused, not queued).
 RETENTION_LOCK = 7_242_005
 BATCH = 200
+# The schema version that split the journal into partitions (twinstore.store.schema): a
+# checkpoint created before it was applied sealed a cut in global position order.
+PARTITIONED_SCHEMA = 15
 
-LATEST_CHECKPOINT = "SELECT id, journal_position FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
-RELAY_POSITION = "SELECT position FROM relay_cursor WHERE name = 'events'"
+LATEST_CHECKPOINT = """
+SELECT c.id, c.journal_position, c.partition_heads::text AS partition_heads, c.root, c.signature,
+       c.key_id, c.created < m.applied AS before_partitions
+FROM audit_checkpoints c LEFT JOIN twinstore_migrations m ON m.version = $1
+ORDER BY c.id DESC LIMIT 1
+"""
+# What a checkpoint from before partitions sealed, per partition (see the module docstring).
+SEALED_BY_POSITION = "SELECT partition, max(seq) AS seq FROM journal WHERE position <= $1 GROUP BY partition"
+RELAY_CURSORS = "SELECT partition, seq FROM relay_cursors WHERE name = 'events'"
 # Per thing of the batch (id order, after the last one done): its first and newest revision and
-# the first revision that must stay (too new, or beyond the sealed and published position).
+# the first revision that must stay (too new, or beyond its partition's sealed and published
+# seq: ${bounds} is indexed by partition + 1, a partition without a bound keeps everything).
 CANDIDATES = """
 SELECT id, min(revision) AS first, max(revision) AS newest,
-       min(revision) FILTER (WHERE ts >= ${cutoff} OR position > ${bound}) AS first_kept
+       min(revision) FILTER (
+           WHERE ts >= ${cutoff} OR seq > coalesce((${bounds}::bigint[])[partition + 1], 0)
+       ) AS first_kept
 FROM journal{where}{glue}entity = 'thing' AND id > ${last}
 GROUP BY id ORDER BY id LIMIT ${limit}
 """
@@ -117,8 +171,9 @@ FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::timestamptz[], $5::bytea[
     AS a(id, revision, hash, ts, snapshot_hash, seq)
 """
 START_RUN = """
-INSERT INTO journal_cleanups (cutoff, checkpoint_id, journal_position, scope, run_by, digest)
-VALUES ($1, $2, $3, $4, $5, $6) RETURNING id
+INSERT INTO journal_cleanups (cutoff, checkpoint_id, journal_position, partition_bounds, scope, run_by,
+                              digest)
+VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7) RETURNING id
 """
 UPDATE_RUN = """
 UPDATE journal_cleanups SET entities = $2, events = $3, snapshots = $4, digest = $5, signature = $6,
@@ -148,7 +203,10 @@ class CleanupReport:
     dry_run: bool = False
     cleanup_id: int | None = None  # the run's record (none for a dry run or when nothing could run)
     checkpoint_id: int | None = None
-    bound: int = 0  # the highest journal position that may be removed
+    # Per partition, the highest seq that may be removed (sealed by the checkpoint and published).
+    bounds: Vector = field(default_factory=dict)
+    # The checkpoint predates partitions: its journal position was mapped to partition heads.
+    legacy_checkpoint: bool = False
     reason: str | None = None  # why nothing could be removed at all
     examined: int = 0  # things looked at
     entities: int = 0  # things whose oldest events were (or, dry, would be) removed
@@ -169,7 +227,8 @@ class CleanupReport:
             "cutoff": self.cutoff.isoformat(),
             "cleanup_id": self.cleanup_id,
             "checkpoint_id": self.checkpoint_id,
-            "journal_position": self.bound,
+            "legacy_checkpoint": self.legacy_checkpoint,
+            "partition_bounds": {str(p): seq for p, seq in self.bounds.items()},
             "reason": self.reason,
             "examined": self.examined,
             "entities": self.entities,
@@ -219,7 +278,7 @@ def _candidates(scope: Scope) -> tuple[str, list[Any]]:
         where=where,
         glue=" AND " if where else " WHERE ",
         cutoff=n + 1,
-        bound=n + 2,
+        bounds=n + 2,
         last=n + 3,
         limit=n + 4,
     )
@@ -231,8 +290,9 @@ def _cut_at(newest: int, first_kept: int | None) -> int:
 
     This is where retention is decided: the removed prefix ends before the first event that
     must stay (``first_kept``: not older than the cutoff, or beyond what the latest checkpoint
-    sealed and the relay published; a later event that would qualify on its own stays too, the
-    chain is only ever cut at one place) and never reaches the newest event, the chain head.
+    sealed and the relay published in the thing's partition; a later event that would qualify
+    on its own stays too, the chain is only ever cut at one place) and never reaches the newest
+    event, the chain head.
     """
     last = newest - 1
     if first_kept is not None:
@@ -377,13 +437,13 @@ async def cleanup_database(
     scope = scope or Scope()
     report = CleanupReport(cutoff=cutoff, dry_run=dry_run)
     started = time.monotonic()
-    private = load_signing_key(signing_key) if signing_key and not dry_run else None
+    key = load_signing_key(signing_key) if signing_key else None
     con = await asyncpg.connect(url)
     try:
         if not await con.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
             raise CleanupBusy("another cleanup is running")
         try:
-            await _run(con, report, scope, run_by, private, on_total, progress, batch_size)
+            await _run(con, report, scope, run_by, key, on_total, progress, batch_size)
         finally:
             await con.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
     finally:
@@ -392,12 +452,74 @@ async def cleanup_database(
     return report
 
 
+class _Sealed(NamedTuple):
+    bounds: Vector  # per partition, the highest seq sealed and published
+    journal_position: int  # the checkpoint's (kept in the run's record for old readers)
+
+
+async def _partition_bounds(con: asyncpg.Connection, report: CleanupReport, key: Any) -> _Sealed | None:
+    """Per partition, the highest seq the latest checkpoint sealed and the relay published
+    (``None`` with ``report.reason`` set when nothing may be removed); sets the report's
+    checkpoint and bounds. ``key``: the signing key whose public half must verify the
+    checkpoint (``None``: not checked)."""
+    checkpoint = await con.fetchrow(LATEST_CHECKPOINT, PARTITIONED_SCHEMA)
+    if checkpoint is None:
+        report.reason = (
+            "no audit checkpoint yet: nothing is removed before `twinstore audit checkpoint` sealed it"
+        )
+        return None
+    report.checkpoint_id = name = int(checkpoint["id"])
+    sealed: Vector | None = None
+    if checkpoint["partition_heads"] is not None:
+        try:
+            sealed = parse_vector(checkpoint["partition_heads"])
+        except ValueError:
+            report.reason = f"checkpoint {name} has unreadable partition heads: run `twinstore audit verify`"
+            return None
+    elif not checkpoint["before_partitions"]:
+        report.reason = (
+            f"checkpoint {name} records no partition heads although it was made after the journal "
+            "was split into partitions (by an older twinstore?): run `twinstore audit checkpoint`"
+        )
+        return None
+    if key is not None:
+        message = checkpoint_message(bytes(checkpoint["root"]), sealed, checkpoint["journal_position"])
+        problem = signature_problem(
+            key.public_key(), checkpoint["signature"], checkpoint["key_id"], message, f"checkpoint {name}"
+        )
+        if problem is not None:
+            report.reason = (
+                f"checkpoint {name} does not verify with audit_signing_key ({problem}): nothing is "
+                "removed on its word; run `twinstore audit verify`"
+            )
+            return None
+    if sealed is None:
+        report.legacy_checkpoint = True
+        rows = await con.fetch(SEALED_BY_POSITION, checkpoint["journal_position"])
+        sealed = {int(r["partition"]): int(r["seq"]) for r in rows}
+    published = {int(r["partition"]): int(r["seq"]) for r in await con.fetch(RELAY_CURSORS)}
+    partitions = await stored_partitions(con)
+    bounds = {p: min(sealed.get(p, 0), published.get(p, 0)) for p in range(partitions)}
+    report.bounds = bounds
+    if not any(bounds.values()):
+        if not any(published.values()):
+            report.reason = "the NATS relay has not published any event yet: nothing is removed before it did"
+        elif not any(sealed.values()):
+            report.reason = f"checkpoint {name} sealed no events"
+        else:
+            report.reason = (
+                f"no partition has events both sealed by checkpoint {name} and published by the relay"
+            )
+        return None
+    return _Sealed(bounds, int(checkpoint["journal_position"]))
+
+
 async def _run(
     con: asyncpg.Connection,
     report: CleanupReport,
     scope: Scope,
     run_by: str,
-    private: Any,
+    key: Any,
     on_total: Callable[[int], None] | None,
     progress: Callable[[int], None] | None,
     batch_size: int,
@@ -405,18 +527,11 @@ async def _run(
     if scope.entity == "policy":
         report.reason = "policy events are always kept (retention applies to thing history)"
         return
-    checkpoint = await con.fetchrow(LATEST_CHECKPOINT)
-    if checkpoint is None:
-        report.reason = (
-            "no audit checkpoint yet: nothing is removed before `twinstore audit checkpoint` sealed it"
-        )
+    sealed = await _partition_bounds(con, report, key)
+    if sealed is None:
         return
-    relay = await con.fetchval(RELAY_POSITION)
-    report.checkpoint_id = int(checkpoint["id"])
-    report.bound = min(int(checkpoint["journal_position"]), int(relay or 0))
-    if report.bound <= 0:
-        report.reason = "the NATS relay has not published any event yet: nothing is removed before it did"
-        return
+    bounds = sealed.bounds
+    report.digest = cleanup_seed(bounds)
     if on_total is not None:
         on_total(await _count_things(con, scope))
     if not report.dry_run:
@@ -425,17 +540,21 @@ async def _run(
                 START_RUN,
                 report.cutoff,
                 report.checkpoint_id,
-                report.bound,
+                sealed.journal_position,  # for readers of the old column only: not a bound
+                canonical_vector(bounds).decode(),
                 _scope_text(scope),
                 run_by,
-                GENESIS,
+                report.digest,
             )
         )
+    private = None if report.dry_run else key
+    # bounds[p] at index p + 1 of the array (PostgreSQL arrays start at 1).
+    by_partition = [bounds[p] for p in range(len(bounds))]
     query, args = _candidates(scope)
     last_id = ""
     while True:
         async with con.transaction(readonly=report.dry_run):
-            rows = await con.fetch(query, *args, report.cutoff, report.bound, last_id, batch_size)
+            rows = await con.fetch(query, *args, report.cutoff, by_partition, last_id, batch_size)
             if rows:
                 await _batch(con, report, rows, private)
         if progress is not None and rows:
