@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint",
         help="seal every chain head in a (signed) checkpoint that verify checks",
         description=(
-            "Read every entity's chain head in one snapshot, compute their Merkle root and store a "
-            "checkpoint, signed with audit_signing_key when set. `audit verify` then reports "
-            "truncated chains and invalid checkpoints."
+            "Read every entity's chain head and every journal partition's head in one snapshot, "
+            "compute the heads' Merkle root and store a checkpoint, signed with audit_signing_key "
+            "when set. `audit verify` then reports truncated chains and invalid checkpoints; "
+            "`audit cleanup` removes only events at or below the partition heads it sealed."
         ),
     )
     _common(checkpoint)
@@ -395,8 +396,10 @@ History retention: remove the oldest journal events of things, keeping per thing
 
   * every event written at or after the cutoff (--before TS, --older-than-days N, default
     now minus the history_retention_days setting; unset: keep everything, nothing to do),
-  * every event beyond the journal position sealed by the latest `audit checkpoint` (without
-    a checkpoint nothing is removed) or not yet published by the NATS relay,
+  * every event beyond its partition's head sealed by the latest `audit checkpoint` (without
+    a checkpoint nothing is removed; one made before the journal had partitions seals what
+    was at or below its journal position then) or not yet published by the NATS relay in its
+    partition,
   * its newest event (the chain head), and everything after the first event that stays.
 
 Where events were removed a snapshot of the state at the last removed revision is kept and a
@@ -404,8 +407,10 @@ retention anchor (that revision and its hash) is recorded: history reads, replay
 verify start from it; revisions and times before it answer 404 things:thing.history.notfound.
 Policy events are always kept. A thing whose removed range does not verify (hash chain) is
 left alone and reported. Every run is recorded in journal_cleanups (who, cutoff, checkpoint,
-counts, a digest over its anchors, signed with audit_signing_key when set), which audit verify
-checks. Batches of things, each in one transaction; --dry-run only reports.
+the per-partition bounds it respected, counts, a digest over the bounds and its anchors,
+signed with audit_signing_key when set), which audit verify checks. With audit_signing_key a
+checkpoint that does not verify with it is not relied on (nothing removed). Batches of
+things, each in one transaction; --dry-run only reports; --json lists the bounds.
 
 Exit status: 0 done (or nothing to do), 1 some things were skipped, 2 refused (another cleanup
 is running, or an invalid cutoff).
@@ -890,9 +895,11 @@ def audit_checkpoint(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(cp.as_dict(), indent=2))
     else:
         signed = f", signed by key {cp.key_id}" if cp.key_id else ", unsigned"
+        filled = sum(1 for seq in cp.partition_heads.values() if seq)
         print(
-            f"checkpoint {cp.id}: {cp.heads} chain heads up to journal position "
-            f"{cp.journal_position}, root {cp.root.hex()}{signed}"
+            f"checkpoint {cp.id}: {cp.heads} chain heads, sealing the {cp.events} events up to the "
+            f"heads of {len(cp.partition_heads)} partitions ({filled} with events; --json lists "
+            f"them), root {cp.root.hex()}{signed}"
         )
     return 0
 
@@ -952,10 +959,13 @@ def audit_cleanup(settings: Settings, args: argparse.Namespace) -> int:
         out.print(f"nothing removed: {report.reason}")
         return 0
     verb = "would remove" if report.dry_run else "removed"
+    open_ = sum(1 for seq in report.bounds.values() if seq)
+    legacy = ", made before partitions: up to its journal position" if report.legacy_checkpoint else ""
     summary = (
         f"{verb} {report.events} events of {report.entities} things (of {report.examined}) written "
-        f"before {cutoff.isoformat()} up to journal position {report.bound} (checkpoint "
-        f"{report.checkpoint_id}) in {report.seconds:.2f} s"
+        f"before {cutoff.isoformat()}, sealed by checkpoint {report.checkpoint_id}{legacy} and "
+        f"published, in {open_} of {len(report.bounds)} partitions (--json lists the bounds), "
+        f"in {report.seconds:.2f} s"
     )
     if report.cleanup_id is not None:
         summary += (
