@@ -65,6 +65,7 @@ from twinstore.anomaly import create, step
 from twinstore.anomaly.skab import Confusion, SkabFile, load_skab, run_file
 from twinstore.auth import write_users_file
 from twinstore.bus.ingest import IngestSubjects, Update, initial_seq, telemetry_messages
+from twinstore.bus.relay import CURSOR as RELAY_CURSOR
 
 SOURCE = "bench-plc"
 SUBJECT = "integration:bench-plc"
@@ -346,8 +347,10 @@ async def rate_phase(
             total = len(rows) + len(ids)
             while (
                 await con.fetchval(
-                    "SELECT count(*) FROM journal WHERE entity = 'thing' AND id LIKE 'bench.anomaly:%' "
-                    "AND position <= (SELECT coalesce(max(position), 0) FROM relay_cursor)"
+                    "SELECT count(*) FROM journal j JOIN relay_cursors c ON c.name = $1 "
+                    "AND c.partition = j.partition AND j.seq <= c.seq "
+                    "WHERE j.entity = 'thing' AND j.id LIKE 'bench.anomaly:%'",
+                    RELAY_CURSOR,
                 )
                 < total
             ):

@@ -16,8 +16,12 @@ one event per acknowledged write, gapless per thing, and the projection and NATS
 
 Baseline (same PostgreSQL, same run, no server running): raw asyncpg inserts of the same event
 rows into a copy of the journal table, (a) one row per transaction from ``--clients``
-concurrent connections, (b) the journal's own ``INSERT ... SELECT FROM unnest`` with the batch
-size the server's group commit formed, one transaction at a time.
+concurrent connections, (b) ``INSERT ... SELECT FROM unnest`` of rows of one partition with
+the batch size the server's group commit formed, one transaction at a time. Like the
+journal's, every row has its partition and a ``seq`` numbered under that partition's row lock
+(held until commit, as the recorder's): precomputed under the lock in the insert statement
+itself, on a copy of ``partition_heads`` (``benchlib.insert_events``), so the baseline pays
+the same lock and numbering without the recorder's JSON rows and projection.
 
 Run ``.venv/bin/python bench/api.py --help``; needs ``wrk`` (``apt-get install wrk``).
 """
@@ -49,16 +53,18 @@ import httpx
 import nats
 import psutil
 from benchlib import (
-    INSERT_EVENTS,
     ROOT,
     CpuMeter,
     CpuUse,
     Verdict,
     command_line,
     create_database,
+    create_journal_copy,
     default_database_url,
     default_nats_url,
     drop_database,
+    drop_journal_copy,
+    insert_events,
     machine_notes,
     markdown_table,
     percentile,
@@ -71,6 +77,7 @@ from benchlib import (
 from twinstore.auth import write_users_file
 from twinstore.bus.streams import delete_streams
 from twinstore.bus.subjects import Subjects
+from twinstore.store.recorder import Recorder
 
 USER, PASSWORD = "bench", "bench-password"
 AUTHORIZATION = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -421,28 +428,40 @@ async def _published(server: Server, expected: int, wait: float = 30.0) -> int:
 # ---- the raw asyncpg baseline ---------------------------------------------------------------
 
 RAW_TABLE = "raw_journal"
+# One row, numbered under its partition's row lock (held until commit, as the recorder's) in the
+# same statement: the copy's head row is locked and moved, the row takes the new seq.
 INSERT_RAW_ONE = f"""
-INSERT INTO {RAW_TABLE} (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
-VALUES ('thing', $1, $2, $3, $4, $5, $6, $7, $8, $9)
+WITH head AS (UPDATE {RAW_TABLE}_heads SET seq = seq + 1 WHERE partition = $1 RETURNING seq)
+INSERT INTO {RAW_TABLE} (partition, seq, entity, id, revision, ts, action, path, value, originator,
+                         correlation_id, hash)
+SELECT $1, head.seq, 'thing', $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM head
 """
-INSERT_RAW_BATCH = INSERT_EVENTS.replace("INSERT INTO journal", f"INSERT INTO {RAW_TABLE}")
-assert INSERT_RAW_BATCH != INSERT_EVENTS
+INSERT_RAW_BATCH = insert_events(RAW_TABLE)
 
 
 class RowSource:
     """Event rows as the journal writes them for a single-property PUT, revisions per thing."""
 
-    def __init__(self, things: int) -> None:
+    def __init__(self, things: int, partitions: int) -> None:
         self.things = things
         self.revisions: defaultdict[int, int] = defaultdict(int)
         self.seq = 0
+        recorder = Recorder(partitions)
+        self.partition_of = {n: recorder.partition(f"org.bench:t{n}") for n in range(1, things + 1)}
+        by_partition: defaultdict[int, list[int]] = defaultdict(list)
+        for n, partition in self.partition_of.items():
+            by_partition[partition].append(n)
+        self.by_partition = dict(by_partition)
 
-    def row(self) -> tuple[Any, ...]:
+    def row(self, n: int | None = None) -> tuple[Any, ...]:
+        """(partition, the nine event columns) of a write of thing ``n`` (default: a random one)."""
         self.seq += 1
-        n = 1 + secrets.randbelow(self.things)
+        if n is None:
+            n = 1 + secrets.randbelow(self.things)
         self.revisions[n] += 1
         value = str(self.seq)
         return (
+            self.partition_of[n],
             f"org.bench:t{n}",
             self.revisions[n],
             datetime.now(UTC),
@@ -454,9 +473,13 @@ class RowSource:
             hashlib.sha256(value.encode()).digest(),
         )
 
-    def columns(self, count: int) -> list[list[Any]]:
-        rows = [self.row() for _ in range(count)]
-        return [list(col) for col in zip(*rows, strict=True)]
+    def columns(self, count: int) -> tuple[int, list[list[Any]]]:
+        """A partition (at random) and ``count`` rows of its things as columns: one group commit
+        holds the writes of one partition."""
+        partition = secrets.choice(list(self.by_partition))
+        ns = self.by_partition[partition]
+        rows = [self.row(secrets.choice(ns))[1:] for _ in range(count)]
+        return partition, [list(col) for col in zip(*rows, strict=True)]
 
 
 async def raw_baseline(
@@ -465,14 +488,13 @@ async def raw_baseline(
     """Raw inserts of journal rows: one per transaction from N connections, and batched."""
     con = await asyncpg.connect(database_url)
     try:
-        await con.execute(f"DROP TABLE IF EXISTS {RAW_TABLE}")
-        await con.execute(f"CREATE TABLE {RAW_TABLE} (LIKE journal INCLUDING ALL)")
+        partitions = await create_journal_copy(con, RAW_TABLE)
     finally:
         await con.close()
     results = []
 
     # (a) one row per transaction, ``clients`` connections at once.
-    source = RowSource(things)
+    source = RowSource(things, partitions)
     pool = await asyncpg.create_pool(database_url, min_size=clients, max_size=clients)
     assert pool is not None
     latencies: list[float] = []
@@ -511,7 +533,7 @@ async def raw_baseline(
         )
     )
 
-    # (b) the journal's INSERT ... SELECT FROM unnest, ``batch`` rows per transaction.
+    # (b) ``INSERT ... SELECT FROM unnest``, ``batch`` rows of one partition per transaction.
     latencies = []
     con = await asyncpg.connect(database_url)
     try:
@@ -521,21 +543,21 @@ async def raw_baseline(
         t0 = time.monotonic()
         rows = 0
         while time.monotonic() < t0 + duration:
-            columns = source.columns(batch)
+            partition, columns = source.columns(batch)
             t1 = time.perf_counter()
-            await con.execute(INSERT_RAW_BATCH, *columns)
+            await con.execute(INSERT_RAW_BATCH, partition, *columns)
             latencies.append(time.perf_counter() - t1)
             rows += batch
         elapsed = time.monotonic() - t0
         cpu = meter.stop(begin, time.process_time() - cpu0)
-        await con.execute(f"DROP TABLE {RAW_TABLE}")
+        await drop_journal_copy(con, RAW_TABLE)
     finally:
         await con.close()
     latencies.sort()
     results.append(
         Result(
             0,
-            f"raw INSERT unnest, {batch} rows/txn",
+            f"raw INSERT unnest, {batch} rows/txn (one partition)",
             1,
             rows / elapsed,
             percentile(latencies, 0.5) * 1e3,

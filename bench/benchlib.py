@@ -433,12 +433,53 @@ def write_section(path: Path, key: str, text: str) -> None:
     path.write_text(rebuild_index(updated))
 
 
-# The journal's event insert, for the raw baselines (the same rows and columns as the journal).
-INSERT_EVENTS = """
-INSERT INTO journal (entity, id, revision, ts, action, path, value, originator, correlation_id, hash)
-SELECT 'thing', * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
-                             $6::json[], $7::text[], $8::text[], $9::bytea[])
+# ---- the raw baselines' copy of the journal ------------------------------------------------
+# A table like the journal (same columns, keys and indexes) with its own copy of partition_heads,
+# so a baseline numbers its rows as the recorder does without touching the journal's heads.
+
+
+async def create_journal_copy(con: asyncpg.Connection, table: str) -> int:
+    """Create ``table`` like ``journal`` and ``<table>_heads`` like ``partition_heads`` (one row
+    per partition of the migrated database, at seq 0); the partition count."""
+    heads = f"{table}_heads"
+    await con.execute(f"DROP TABLE IF EXISTS {table}, {heads}")
+    await con.execute(f"CREATE TABLE {table} (LIKE journal INCLUDING ALL)")
+    await con.execute(
+        f"CREATE TABLE {heads} (LIKE partition_heads INCLUDING ALL) WITH (fillfactor = 50)"
+    )
+    await con.execute(f"INSERT INTO {heads} (partition) SELECT partition FROM partition_heads")
+    return int(await con.fetchval("SELECT count(*) FROM partition_heads"))
+
+
+async def drop_journal_copy(con: asyncpg.Connection, table: str) -> None:
+    await con.execute(f"DROP TABLE IF EXISTS {table}, {table}_heads")
+
+
+def insert_events(table: str) -> str:
+    """The raw insert of event rows of one partition into a journal copy, in one statement:
+    partition ``$1``'s head row is locked and moved by the row count (the partition's write lock
+    until commit, as the recorder's: so ``seq`` follows commit order), the rows, given as nine
+    columns ``$2``..``$10`` (id, revision, ts, action, path, value, originator, correlation id,
+    hash), are numbered after it in their order and inserted with ``INSERT ... unnest``."""
+    return f"""
+WITH head AS (
+    UPDATE {table}_heads SET seq = seq + cardinality($2::text[]) WHERE partition = $1
+    RETURNING seq - cardinality($2::text[]) AS seq
+)
+INSERT INTO {table} (partition, seq, entity, id, revision, ts, action, path, value, originator,
+                     correlation_id, hash)
+SELECT $1, head.seq + e.n, 'thing', e.id, e.revision, e.ts, e.action, e.path, e.value, e.originator,
+       e.correlation_id, e.hash
+FROM head, unnest($2::text[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[], $7::json[],
+                  $8::text[], $9::text[], $10::bytea[])
+    WITH ORDINALITY AS e(id, revision, ts, action, path, value, originator, correlation_id, hash, n)
 """
+
+
+def number_events(table: str) -> str:
+    """Lock partition ``$1``'s head row of a journal copy and move it by ``$2`` rows: the seq
+    before them (the rows get the next ``$2`` seqs; the lock is held until commit)."""
+    return f"UPDATE {table}_heads SET seq = seq + $2 WHERE partition = $1 RETURNING seq - $2"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

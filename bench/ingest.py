@@ -12,9 +12,14 @@ serve`` process (one worker; it runs the ingest worker, the journal and the rela
   chains of the ingested things verified). Target: >= 20,000 updates/s. The publisher runs on
   the same 2 cores; so does PostgreSQL.
 * **Baseline in the same run**: the same rows inserted by raw asyncpg into a copy of the
-  journal table (same columns, keys and indexes), 1,000 rows per ``INSERT ... unnest`` and per
-  transaction (the floor of writing these rows durably from Python), and ``COPY`` of the same
-  rows.
+  journal table (same columns, keys and indexes), 1,000 rows of one partition per ``INSERT ...
+  unnest`` and per transaction (the floor of writing these rows durably from Python), and
+  ``COPY`` of the same rows. Like the journal's, each row has its partition and a ``seq``
+  numbered under that partition's row lock, held until commit: precomputed per partition
+  under the lock, on a copy of ``partition_heads`` (``benchlib.insert_events``: one statement
+  locks and moves the head row and inserts the rows numbered after it; for ``COPY``,
+  ``benchlib.number_events`` locks and moves the head, then the rows are copied with their
+  seqs, in one transaction).
 * **Latency**: ``--rate`` updates/s (default 5,000) for ``--seconds`` s, paced in messages of
   ``--latency-rows`` rows; per update the time from its publish to (a) its journal timestamp
   (when the write was decided, just before the commit) and (b) its event arriving on the
@@ -42,12 +47,15 @@ import orjson
 import psutil
 from api import Server
 from benchlib import (
-    INSERT_EVENTS,
     ROOT,
     CpuMeter,
     Verdict,
     add_run_arguments,
+    create_journal_copy,
+    drop_journal_copy,
+    insert_events,
     markdown_table,
+    number_events,
     percentile,
     run_on_fresh_database,
     wait_quiet,
@@ -65,12 +73,15 @@ from twinstore.runtime import Runtime
 from twinstore.settings import load_settings
 from twinstore.store.codec import GENESIS, canonical, chain_hash
 from twinstore.store.journal import WriteRequest
+from twinstore.store.recorder import Recorder
 
 SOURCE = "bench-plc"
 SUBJECT = "integration:bench-plc"
 OWNER = "nginx:bench"
 PATH = "/features/sensor/properties/value"
 SAMPLE_PATH = "/features/sensor/properties"
+COPY = "journal_copy"  # the baseline's copy of the journal table
+BASELINE_ROWS = 1000  # rows per baseline transaction
 COUNT = "SELECT count(*) FROM journal WHERE entity = 'thing' AND path LIKE '/features/sensor/properties%'"
 # A SKAB sample: its eight signals, written as one merge (one event) per pump and time.
 SIGNALS = [
@@ -219,42 +230,52 @@ async def throughput(
 
 
 async def baseline(database_url: str, n: int, things: list[str]) -> dict[str, float]:
-    """The same rows written by raw asyncpg into a copy of the journal table."""
+    """The same rows written by raw asyncpg into a copy of the journal table, 1,000 rows of one
+    partition per transaction (an ingest unit's things are in one partition), each numbered
+    under its partition's row lock (benchlib.insert_events / number_events)."""
     con = await asyncpg.connect(database_url)
     try:
-        await con.execute("DROP TABLE IF EXISTS journal_copy")
-        await con.execute("CREATE TABLE journal_copy (LIKE journal INCLUDING ALL)")
+        recorder = Recorder(await create_journal_copy(con, COPY))
         now = datetime.now(UTC)
-        rows = []
+        by_partition: dict[int, list[tuple[Any, ...]]] = {}
         head = GENESIS
         for i in range(n):
             value = canonical(float(i))
             thing = things[i % len(things)]
             head = chain_hash(head, "thing", thing, 1_000_000 + i, now, "merged", PATH, value, SUBJECT, None)
-            rows.append((thing, 1_000_000 + i, now, "merged", PATH, value.decode(), SUBJECT, None, head))
-        insert = INSERT_EVENTS.replace("INTO journal", "INTO journal_copy")
+            row = (thing, 1_000_000 + i, now, "merged", PATH, value.decode(), SUBJECT, None, head)
+            by_partition.setdefault(recorder.partition(thing), []).append(row)
+        chunks = [
+            (partition, rows[start : start + BASELINE_ROWS])
+            for partition, rows in by_partition.items()
+            for start in range(0, len(rows), BASELINE_ROWS)
+        ]
+        insert = insert_events(COPY)
         started = time.monotonic()
-        for start in range(0, n, 1000):
-            chunk = rows[start : start + 1000]
+        for partition, chunk in chunks:
             async with con.transaction():
-                await con.execute(insert, *[list(col) for col in zip(*chunk, strict=True)])
+                await con.execute(insert, partition, *[list(col) for col in zip(*chunk, strict=True)])
         insert_rate = n / (time.monotonic() - started)
-        await con.execute("TRUNCATE journal_copy")
-        records = [("thing", *r[:5], r[5], *r[6:]) for r in rows]
+        await drop_journal_copy(con, COPY)
+        await create_journal_copy(con, COPY)
+        number = number_events(COPY)
         started = time.monotonic()
-        for start in range(0, n, 1000):
+        for partition, chunk in chunks:
             async with con.transaction():
+                first = int(await con.fetchval(number, partition, len(chunk)))
                 await con.copy_records_to_table(
-                    "journal_copy",
-                    records=records[start : start + 1000],
+                    COPY,
+                    records=[
+                        (partition, first + 1 + i, "thing", *r[:5], r[5], *r[6:]) for i, r in enumerate(chunk)
+                    ],
                     columns=[
-                        "entity", "id", "revision", "ts", "action", "path", "value", "originator",
-                        "correlation_id", "hash",
+                        "partition", "seq", "entity", "id", "revision", "ts", "action", "path", "value",
+                        "originator", "correlation_id", "hash",
                     ],
                 )
         copy_rate = n / (time.monotonic() - started)
-        await con.execute("DROP TABLE journal_copy")
-        return {"insert": insert_rate, "copy": copy_rate}
+        await drop_journal_copy(con, COPY)
+        return {"insert": insert_rate, "copy": copy_rate, "rows_per_txn": n / max(1, len(chunks))}
     finally:
         await con.close()
 
@@ -436,7 +457,7 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str, list[Verdic
                 "",
             ],
             [
-                "raw asyncpg INSERT unnest, 1,000 rows/txn",
+                f"raw asyncpg INSERT unnest, {base['rows_per_txn']:,.0f} rows/txn (one partition)",
                 *["-"] * 4,
                 f"{base['insert']:,.0f}",
                 "1.00x",
@@ -444,7 +465,7 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str, list[Verdic
                 "",
             ],
             [
-                "raw asyncpg COPY, 1,000 rows/txn",
+                f"raw asyncpg COPY, {base['rows_per_txn']:,.0f} rows/txn (one partition)",
                 "-",
                 "-",
                 "-",

@@ -1,20 +1,37 @@
 """Journal appends side by side with the ``eventsourcing`` library's PostgreSQL recorder.
 
-Same PostgreSQL, same fresh database, same batch sizes (events per transaction), one
-transaction at a time for every contender (twinstore's group commit and eventsourcing's
-application recorder both serialise their write transactions by a lock), each for
-``--duration`` seconds:
+Same PostgreSQL, same fresh database (its journal in 64 partitions, twinstore's default), same
+batch sizes (events per transaction), each contender for ``--duration`` seconds, every cell
+``--runs`` times (ratios to the same run's eventsourcing cell; the tables give the median and
+the range over the runs):
 
 * ``twinstore Journal``: :class:`twinstore.store.journal.Journal` itself with ``max_batch`` set
-  to the batch size and twice as many concurrent writers, each writing single-property
-  commands (decide, hash chain, event insert, projection upsert, all in the measurement);
-* ``twinstore journal SQL``: the statements one group-commit transaction runs (advisory lock,
-  read of current state, ``INSERT ... SELECT FROM unnest`` of the events, projection upsert)
-  with rows prepared outside the timing, i.e. the storage cost without the domain logic;
+  to the batch size, writing single-property commands (decide, hash chain, event insert,
+  projection upsert, all in the measurement). A journal transaction holds the writes of one
+  partition and a process commits one batch of a partition at a time, so ``2 * batch``
+  concurrent writers write the things of as many partitions as the journal has commit loops
+  (``writers``, 2; the partitions holding the most things), ``batch`` writers each: every
+  transaction carries up to ``batch`` events, and the two loops commit two partitions at once
+  (what partitioning is for: eventsourcing's application recorder locks its table, one
+  transaction at a time whatever the concurrency). The table gives the events per transaction
+  each contender actually had.
+* ``twinstore journal SQL``: the statements one group-commit transaction runs
+  (``twinstore_lock_and_heads`` locking the batch's one partition and reading its things' heads,
+  the journal's ``APPEND``: the recorder's numbered insert with the projection upsert), rows
+  prepared outside the timing (JSON encoding inside), one connection, one transaction at a time:
+  the storage cost without the domain logic;
+* ``twinstore append SQL (lock + insert)``: what the recorder alone does, with its own code:
+  :meth:`Recorder.lock` of the batch's one partition and :meth:`Recorder.append` (chain-hashed
+  records numbered after the partition's head, the head moved, NOTIFY), one transaction at a
+  time, into the journal itself as entity ``bench-append`` (its own revisions and chains, so the
+  things, their projection and the other contenders' revisions are untouched);
 * ``eventsourcing recorder``: ``PostgresApplicationRecorder.insert_events`` (psycopg 3, table
   lock, NOTIFY, insert returning notification ids: the recorder that gives the global order a
-  relay needs, as twinstore's journal does), with events carrying the same information
-  (thing id, revision, timestamp, action, path, value, originator, correlation id).
+  relay needs, as twinstore's partitions do per partition), with events carrying the same
+  information (thing id, revision, timestamp, action, path, value, originator, correlation id).
+
+The two SQL contenders write ``batch`` events of things of one partition (drawn at random per
+transaction) per transaction, as the journal's transactions are.
 
 Run ``.venv/bin/python bench/journal.py --help``.
 """
@@ -23,12 +40,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import secrets
+import statistics
 import sys
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,10 +58,10 @@ import orjson
 import psycopg
 import uvloop
 from benchlib import (
-    INSERT_EVENTS,
     ROOT,
     CpuMeter,
     CpuUse,
+    Verdict,
     command_line,
     create_database,
     default_database_url,
@@ -61,12 +77,15 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 
 from twinstore.model.thing import Create, Modify
 from twinstore.runtime import create_pool
-from twinstore.store.recorder import Recorder
-from twinstore.store.journal import APPEND, LOCK_AND_HEADS, WRITE_LOCK, Journal, WriteRequest
+from twinstore.store.codec import GENESIS, dumps
+from twinstore.store.journal import APPEND, LOCK_AND_HEADS, Journal, WriteRequest
+from twinstore.store.recorder import Record, Recorder, record
+from twinstore.store.recorder import rows as record_rows
 from twinstore.store.schema import migrate
 
 ORIGINATOR = "nginx:bench"
 PROPERTY = "/features/f/properties/temp"
+APPEND_ENTITY = "bench-append"  # the append-only contender's events (see the module)
 
 
 def thing_id(n: int) -> str:
@@ -90,6 +109,7 @@ class Measurement:
     seconds: float
     transactions: int
     cpu: CpuUse = field(default_factory=CpuUse)
+    run: int = 0
 
     @property
     def rate(self) -> float:
@@ -103,9 +123,9 @@ class Measurement:
 # ---- twinstore -----------------------------------------------------------------------------
 
 
-async def seed_things(pool: asyncpg.Pool, things: int) -> None:
+async def seed_things(pool: asyncpg.Pool, recorder: Recorder, things: int) -> None:
     """Create the things through the journal (not measured)."""
-    journal = Journal(pool, recorder=await Recorder.load(pool))
+    journal = Journal(pool, recorder=recorder)
     journal.start()
     try:
         for start in range(1, things + 1, 500):
@@ -123,23 +143,35 @@ async def seed_things(pool: asyncpg.Pool, things: int) -> None:
         await journal.stop()
 
 
-async def bench_journal(pool: asyncpg.Pool, things: int, batch: int, duration: float) -> Measurement:
-    """``Journal.write`` from ``2 * batch`` concurrent writers, ``max_batch = batch``."""
-    journal = Journal(pool, max_batch=batch, recorder=await Recorder.load(pool))
+def things_by_partition(recorder: Recorder, things: int) -> dict[int, list[str]]:
+    """The thing ids of each partition that holds any."""
+    out: dict[int, list[str]] = {}
+    for n in range(1, things + 1):
+        out.setdefault(recorder.partition(thing_id(n)), []).append(thing_id(n))
+    return out
+
+
+async def bench_journal(
+    pool: asyncpg.Pool, recorder: Recorder, by_partition: dict[int, list[str]], batch: int, duration: float
+) -> Measurement:
+    """``Journal.write`` from ``2 * batch`` concurrent writers, ``max_batch = batch``, spread over
+    as many partitions as the journal has commit loops (see the module)."""
+    journal = Journal(pool, max_batch=batch, recorder=recorder)
+    busiest = sorted(by_partition, key=lambda p: (-len(by_partition[p]), p))
+    partitions = busiest[: journal.writers]
     journal.start()
     try:
         batches0, events0 = journal.batches, journal.events_appended
         stop = time.monotonic() + duration
         counter = 0
 
-        async def writer() -> None:
+        async def writer(ids: list[str]) -> None:
             nonlocal counter
             while time.monotonic() < stop:
                 counter += 1
-                n = 1 + secrets.randbelow(things)
                 await journal.write(
                     WriteRequest(
-                        thing_id=thing_id(n),
+                        thing_id=secrets.choice(ids),
                         command=Modify(path=PROPERTY, value=counter),
                         originator=ORIGINATOR,
                         correlation_id=str(uuid.uuid4()),
@@ -147,7 +179,9 @@ async def bench_journal(pool: asyncpg.Pool, things: int, batch: int, duration: f
                 )
 
         t0 = time.monotonic()
-        await asyncio.gather(*(writer() for _ in range(2 * batch)))
+        await asyncio.gather(
+            *(writer(by_partition[partitions[i % len(partitions)]]) for i in range(2 * batch))
+        )
         elapsed = time.monotonic() - t0
         return Measurement(
             "twinstore Journal",
@@ -160,53 +194,65 @@ async def bench_journal(pool: asyncpg.Pool, things: int, batch: int, duration: f
         await journal.stop()
 
 
-class Revisions:
-    """Next revision per thing for contenders that write rows directly."""
+class Chains:
+    """Revision and chain head per id, for contenders that write rows directly."""
 
-    def __init__(self, start: dict[str, int]) -> None:
-        self.current: defaultdict[str, int] = defaultdict(int, start)
+    def __init__(self, start: dict[str, tuple[int, bytes]] | None = None) -> None:
+        self.current: dict[str, tuple[int, bytes]] = dict(start or {})
 
     def next(self, tid: str) -> int:
-        self.current[tid] += 1
-        return self.current[tid]
+        """The next revision of ``tid`` (no chain: eventsourcing's events)."""
+        revision = self.current.get(tid, (0, GENESIS))[0] + 1
+        self.current[tid] = (revision, GENESIS)
+        return revision
+
+    def record(self, entity: str, partition: int, tid: str, ts: datetime, value: int) -> Record:
+        """The next event of ``tid`` (a single-property modify), chained onto its head."""
+        revision, head = self.current.get(tid, (0, GENESIS))
+        event = record(
+            head, partition, entity, tid, revision + 1, ts, "modified", PROPERTY, orjson.dumps(value),
+            ORIGINATOR, str(uuid.uuid4()),
+        )
+        self.current[tid] = (revision + 1, event.hash)
+        return event
 
 
 async def bench_journal_sql(
-    pool: asyncpg.Pool, things: int, batch: int, duration: float, revisions: Revisions, *, projection: bool
+    pool: asyncpg.Pool,
+    recorder: Recorder,
+    by_partition: dict[int, list[str]],
+    batch: int,
+    duration: float,
+    chains: Chains,
+    *,
+    projection: bool,
 ) -> Measurement:
-    """The group-commit transaction's statements with prepared rows (no domain logic);
-    without ``projection`` only the advisory lock and the event insert (what a recorder does)."""
-    docs = {thing_id(n): seed_doc(n) for n in range(1, things + 1)}
+    """One transaction of ``batch`` events of one partition at a time, rows prepared outside the
+    timing: the journal's statements (lock and heads, numbered insert with the projection) or,
+    without ``projection``, the recorder's lock and append (see the module)."""
+    docs = {thing_id(n): seed_doc(n) for n in range(1, sum(map(len, by_partition.values())) + 1)}
+    partitions = list(by_partition)
+    entity = "thing" if projection else APPEND_ENTITY
     async with pool.acquire() as con:
 
-        def prepare() -> tuple[list[str], list[list[Any]], list[list[Any]]]:
-            ids = [thing_id(1 + secrets.randbelow(things)) for _ in range(batch)]
+        def prepare() -> tuple[int, list[Record], list[dict[str, Any]]]:
+            partition = secrets.choice(partitions)
+            ids = [secrets.choice(by_partition[partition]) for _ in range(batch)]
             now = datetime.now(UTC)
-            events: list[list[Any]] = [[] for _ in range(9)]
-            finals: dict[str, tuple[int, bytes]] = {}
-            for i, tid in enumerate(ids):
-                revision = revisions.next(tid)
-                value = orjson.dumps(i)
-                head = hashlib.sha256(value).digest()
-                row = [
-                    tid,
-                    revision,
-                    now,
-                    "modified",
-                    PROPERTY,
-                    value.decode(),
-                    ORIGINATOR,
-                    str(uuid.uuid4()),
-                    head,
-                ]
-                for column, item in zip(events, row, strict=True):
-                    column.append(item)
-                finals[tid] = (revision, head)
-            upsert: list[list[Any]] = [[] for _ in range(7)]
-            for tid, (revision, head) in finals.items():
-                for column, item in zip(upsert, [tid, revision, now, now, tid, docs[tid], head], strict=True):
-                    column.append(item)
-            return list(set(ids)), events, upsert
+            records = [chains.record(entity, partition, tid, now, i) for i, tid in enumerate(ids)]
+            finals = {r.id: r for r in records}  # the last event of each thing
+            upsert = [
+                {
+                    "id": r.id,
+                    "revision": r.revision,
+                    "created": now,
+                    "modified": now,
+                    "doc": docs[r.id],
+                    "hash": r.hash.hex(),
+                }
+                for r in finals.values()
+            ]
+            return partition, records, upsert
 
         # Rows are prepared in chunks outside the timing; only the transactions are timed.
         transactions = 0
@@ -214,43 +260,34 @@ async def bench_journal_sql(
         while elapsed < duration:
             chunk = [prepare() for _ in range(max(1, 2_000 // batch))]
             t0 = time.monotonic()
-            for ids, events, upsert in chunk:
+            for partition, records, upsert in chunk:
                 async with con.transaction():
                     if projection:  # the journal's two statements (cache hit), no snapshot due
-                        await con.fetch(LOCK_AND_HEADS, ids)
-                        await con.execute(APPEND, *journal_parameters(events, upsert))
+                        await con.fetch(LOCK_AND_HEADS, [partition], [u["id"] for u in upsert])
+                        await con.execute(APPEND, record_rows(records), dumps(upsert), "[]")
                     else:
-                        await con.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
-                        await con.execute(INSERT_APPEND, *events)
+                        await recorder.lock(con, [partition])
+                        await Recorder.append(con, records)
                 transactions += 1
             elapsed += time.monotonic() - t0
     name = "twinstore journal SQL" if projection else "twinstore append SQL (lock + insert)"
     return Measurement(name, batch, transactions * batch, elapsed, transactions)
 
 
-def journal_parameters(events: list[list[Any]], upsert: list[list[Any]]) -> tuple[str, str, str]:
-    """The column lists as the journal's APPEND takes them: one JSON array per table."""
-    event_keys = ("id", "revision", "ts", "action", "path", "value", "originator", "correlation_id", "hash")
-    thing_keys = ("id", "revision", "created", "modified", "policy_id", "doc", "hash")
-    rows = [dict(zip(event_keys, row, strict=True)) for row in zip(*events, strict=True)]
-    things = [dict(zip(thing_keys, row, strict=True)) for row in zip(*upsert, strict=True)]
-    for row in rows + things:
-        row["hash"] = row["hash"].hex()
-    return orjson.dumps(rows).decode(), orjson.dumps(things).decode(), "[]"
-
-
-# The append-only contender writes a copy of the journal table (same keys and indexes), so the
-# journal and its projection stay consistent for the other contenders.
-APPEND_TABLE = "append_journal"
-INSERT_APPEND = INSERT_EVENTS.replace("INSERT INTO journal", f"INSERT INTO {APPEND_TABLE}")
-assert INSERT_APPEND != INSERT_EVENTS
-
-
 async def bench_sql(
-    pool: asyncpg.Pool, args: argparse.Namespace, batch: int, append_revisions: Revisions, *, projection: bool
+    pool: asyncpg.Pool,
+    args: argparse.Namespace,
+    recorder: Recorder,
+    by_partition: dict[int, list[str]],
+    batch: int,
+    append_chains: Chains,
+    *,
+    projection: bool,
 ) -> Measurement:
-    revisions = Revisions(await journal_revisions(pool)) if projection else append_revisions
-    return await bench_journal_sql(pool, args.things, batch, args.duration, revisions, projection=projection)
+    chains = Chains(await journal_heads(pool)) if projection else append_chains
+    return await bench_journal_sql(
+        pool, recorder, by_partition, batch, args.duration, chains, projection=projection
+    )
 
 
 async def measured(cell: Callable[[], Awaitable[Measurement]], quiet_wait: float) -> Measurement:
@@ -264,10 +301,11 @@ async def measured(cell: Callable[[], Awaitable[Measurement]], quiet_wait: float
     return result
 
 
-async def journal_revisions(pool: asyncpg.Pool) -> dict[str, int]:
+async def journal_heads(pool: asyncpg.Pool) -> dict[str, tuple[int, bytes]]:
+    """Revision and chain head of every thing (the projection's)."""
     async with pool.acquire() as con:
-        rows = await con.fetch("SELECT id, revision FROM things")
-    return {r["id"]: int(r["revision"]) for r in rows}
+        found = await con.fetch("SELECT id, revision, hash FROM things")
+    return {r["id"]: (int(r["revision"]), bytes(r["hash"])) for r in found}
 
 
 # ---- eventsourcing --------------------------------------------------------------------------
@@ -287,7 +325,7 @@ def datastore_for(database_url: str) -> PostgresDatastore:
 
 
 def bench_eventsourcing(
-    recorder: PostgresApplicationRecorder, things: int, batch: int, duration: float, versions: Revisions
+    recorder: PostgresApplicationRecorder, things: int, batch: int, duration: float, versions: Chains
 ) -> Measurement:
     """``insert_events`` with ``batch`` stored events per call (one transaction each)."""
     counter = 0
@@ -333,6 +371,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per contender and batch size")
     parser.add_argument("--batches", default="1,10,100", help="comma-separated events per transaction")
+    parser.add_argument("--runs", type=int, default=3, help="runs of every cell (ranges reported)")
     parser.add_argument("--things", type=int, default=1_000, help="distinct things (aggregates) written")
     parser.add_argument(
         "--database-url",
@@ -350,34 +389,94 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-database", action="store_true", help="do not drop the database")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in str(args.batches).split(",") if b.strip()]
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     return args
 
 
+REFERENCE = "eventsourcing recorder"
+JOURNAL = "twinstore Journal"
+TARGET = 1.5  # issue 17, figure 4: Journal.write vs eventsourcing's recorder, every batch size
 HEADERS = [
     "batch (events/txn)",
     "contender",
     "events/s",
     "ms per txn",
+    "events per txn",
     "events",
     "vs eventsourcing",
     "CPU cores bench / rest of machine",
+    "target (issue 17)",
 ]
 
 
-def rows_for(measurements: list[Measurement]) -> list[list[object]]:
-    reference = {m.batch: m.rate for m in measurements if m.contender == "eventsourcing recorder"}
-    out: list[list[object]] = []
+def _spread(values: list[float], fmt: str, unit: str = "") -> str:
+    """The median, and the range when there is more than one run."""
+    middle = format(statistics.median(values), fmt) + unit
+    if len(values) == 1:
+        return middle
+    return f"{middle} ({format(min(values), fmt)} to {format(max(values), fmt)}{unit})"
+
+
+def _cells(measurements: list[Measurement]) -> dict[tuple[int, str], list[Measurement]]:
+    """The runs of each (batch, contender), in the order measured."""
+    cells: dict[tuple[int, str], list[Measurement]] = {}
     for m in measurements:
-        ratio = reference.get(m.batch)
+        cells.setdefault((m.batch, m.contender), []).append(m)
+    return cells
+
+
+def _ratios(measurements: list[Measurement]) -> dict[tuple[int, str], list[float]]:
+    """Each run's rate over the same run's eventsourcing rate, per (batch, contender)."""
+    reference = {(m.batch, m.run): m.rate for m in measurements if m.contender == REFERENCE}
+    out: dict[tuple[int, str], list[float]] = {}
+    for m in measurements:
+        base = reference.get((m.batch, m.run))
+        if base:
+            out.setdefault((m.batch, m.contender), []).append(m.rate / base)
+    return out
+
+
+def verdicts(measurements: list[Measurement]) -> dict[int, Verdict]:
+    """The Journal's target per batch size: at least 1.5x in every run."""
+    out = {}
+    for (batch, contender), ratios in _ratios(measurements).items():
+        if contender == JOURNAL:
+            out[batch] = Verdict(
+                f"{JOURNAL} vs {REFERENCE} at {batch} events/txn",
+                _spread(ratios, ".2f", "x"),
+                f"≥ {TARGET}x in every run",
+                min(ratios) >= TARGET,
+            )
+    return out
+
+
+def _ratio_cell(ratios: list[float] | None, contender: str) -> str:
+    if contender == REFERENCE:
+        return "1.00x"
+    return "-" if not ratios else _spread(ratios, ".2f", "x")
+
+
+def rows_for(measurements: list[Measurement]) -> list[list[object]]:
+    ratios = _ratios(measurements)
+    targets = verdicts(measurements)
+    out: list[list[object]] = []
+    for (batch, contender), runs in _cells(measurements).items():
+        events = sum(m.events for m in runs)
+        transactions = sum(m.transactions for m in runs)
+        target = targets.get(batch) if contender == JOURNAL else None
         out.append(
             [
-                m.batch,
-                m.contender,
-                f"{m.rate:,.0f}",
-                f"{m.per_transaction_ms:.2f}",
-                f"{m.events:,}",
-                "-" if ratio is None else f"{m.rate / ratio:.2f}x",
-                f"{m.cpu.client:.2f} / {m.cpu.postgres + m.cpu.other:.2f}",
+                batch,
+                contender,
+                _spread([m.rate for m in runs], ",.0f"),
+                _spread([m.per_transaction_ms for m in runs], ".2f"),
+                f"{events / max(1, transactions):.1f}",
+                f"{events:,}",
+                _ratio_cell(ratios.get((batch, contender)), contender),
+                f"{statistics.median(m.cpu.client for m in runs):.2f} / "
+                f"{statistics.median(m.cpu.postgres + m.cpu.other for m in runs):.2f}",
+                "" if target is None else target.cell(),
             ]
         )
     return out
@@ -393,31 +492,42 @@ async def main_async(args: argparse.Namespace) -> int:
         try:
             async with pool.acquire() as con:
                 await migrate(con)
-                await con.execute(f"CREATE TABLE {APPEND_TABLE} (LIKE journal INCLUDING ALL)")
+            recorder = await Recorder.load(pool)
+            args.partitions = recorder.partitions
+            by_partition = things_by_partition(recorder, args.things)
             datastore = datastore_for(url)
-            recorder = PostgresApplicationRecorder(datastore, events_table_name="es_events")
-            recorder.create_table()
-            await seed_things(pool, args.things)
-            versions, append_revisions = Revisions({}), Revisions({})
+            es_recorder = PostgresApplicationRecorder(datastore, events_table_name="es_events")
+            es_recorder.create_table()
+            await seed_things(pool, recorder, args.things)
+            versions, append_chains = Chains(), Chains()
             try:
                 for batch in args.batch_sizes:
                     cells: list[Callable[[], Awaitable[Measurement]]] = [
                         partial(
                             asyncio.to_thread,
                             bench_eventsourcing,
-                            recorder,
+                            es_recorder,
                             args.things,
                             batch,
                             args.duration,
                             versions,
                         ),
-                        partial(bench_journal, pool, args.things, batch, args.duration),
-                        partial(bench_sql, pool, args, batch, append_revisions, projection=True),
-                        partial(bench_sql, pool, args, batch, append_revisions, projection=False),
+                        partial(bench_journal, pool, recorder, by_partition, batch, args.duration),
+                        *(
+                            partial(
+                                bench_sql, pool, args, recorder, by_partition, batch, append_chains,
+                                projection=projection,
+                            )
+                            for projection in (True, False)
+                        ),
                     ]
-                    for cell in cells:
-                        measurements.append(await measured(cell, args.quiet_wait))
-                    print(markdown_table(HEADERS, rows_for(measurements[-len(cells) :])), flush=True)
+                    for run in range(args.runs):
+                        for cell in cells:
+                            result = await measured(cell, args.quiet_wait)
+                            result.run = run
+                            measurements.append(result)
+                        print(f"batch {batch}, run {run + 1} of {args.runs}:", flush=True)
+                        print(markdown_table(HEADERS, rows_for(measurements[-len(cells) :])), flush=True)
             finally:
                 datastore.close()
         finally:
@@ -444,28 +554,34 @@ def report(args: argparse.Namespace, notes: list[str], measurements: list[Measur
         *(f"- {n}" for n in notes),
         f"- eventsourcing {_version('eventsourcing')} `PostgresApplicationRecorder` on psycopg "
         f"{psycopg.__version__} ({psycopg.pq.__impl__} implementation); twinstore on asyncpg "
-        f"{_version('asyncpg')}; {args.things:,} things, {args.duration:.0f} s per cell, one write "
-        "transaction at a time for every contender, durable commits (synchronous_commit=on); CPU "
-        "columns: cores busy in this process and in the rest of the machine (PostgreSQL, plus any "
-        "other work on a shared machine; each cell first waits for the machine to be idle)",
+        f"{_version('asyncpg')}; {args.things:,} things in {args.partitions} partitions, "
+        f"{args.duration:g} s per cell, {args.runs} run(s) of every cell (figures: median, range "
+        "over the runs in brackets; ratios against the same run's eventsourcing cell); durable "
+        "commits (synchronous_commit=on); eventsourcing and the SQL contenders one transaction at a "
+        "time, the Journal one transaction per partition at a time on 2 partitions (see the "
+        "script's docstring); CPU columns: cores busy in this process and in the rest of the "
+        "machine (PostgreSQL, plus any other work on a shared machine; each cell first waits for "
+        "the machine to be idle)",
         "",
         markdown_table(HEADERS, rows_for(measurements)),
         "",
-        summary(notes, [], findings(rows_for(measurements))),
+        summary(notes, list(verdicts(measurements).values()), findings(rows_for(measurements))),
         "",
     ]
     return "\n".join(lines) + "\n"
 
 
 def findings(rows: list[list[object]]) -> list[str]:
-    """Each twinstore contender against eventsourcing's recorder, per batch size, as the table's
-    ratio column shows it (no target: the comparison is the finding)."""
+    """Each twinstore SQL contender against eventsourcing's recorder, per batch size, as the
+    table's ratio column shows it (no target: the comparison is the finding; the Journal's is a
+    verdict)."""
+    ratio = HEADERS.index("vs eventsourcing")
     out = []
-    for contender in dict.fromkeys(str(r[1]) for r in rows if r[1] != "eventsourcing recorder"):
+    for contender in dict.fromkeys(str(r[1]) for r in rows if r[1] not in (REFERENCE, JOURNAL)):
         mine = [r for r in rows if r[1] == contender]
         batches = " / ".join(str(r[0]) for r in mine)
-        ratios = " / ".join(str(r[5]) for r in mine)
-        out.append(f"{contender} vs eventsourcing recorder at {batches} events/txn: {ratios}")
+        ratios = " / ".join(str(r[ratio]) for r in mine)
+        out.append(f"{contender} vs {REFERENCE} at {batches} events/txn: {ratios}")
     return out
 
 
