@@ -47,7 +47,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from twinstore.bus.envelope import event_envelope
-from twinstore.bus.partitions import PartitionGroup
+from twinstore.bus.partitions import PartitionGroup, lock_key
 from twinstore.bus.publisher import JetStreamPublisher, PublishError
 from twinstore.bus.streams import ensure_stream
 from twinstore.bus.subjects import Subjects
@@ -63,6 +63,7 @@ __all__ = [
     "check_event_bound",
     "ensure_events_stream",
     "journal_heads",
+    "relay_lock_class",
 ]
 
 log = logging.getLogger("twinstore.relay")
@@ -121,6 +122,16 @@ def check_event_bound(max_payload: int, max_thing_bytes: int, max_header_bytes: 
         )
 
 
+def relay_lock_class(subjects: Subjects) -> int:
+    """The advisory-lock class of the relay group of ``subjects``' prefix: whoever holds the
+    lock ``(class, partition)`` publishes that partition (see :class:`PartitionGroup`)."""
+    return lock_key(_group_name(subjects))
+
+
+def _group_name(subjects: Subjects) -> str:
+    return f"{GROUP}:{subjects.prefix}"
+
+
 async def journal_heads(pool: asyncpg.Pool) -> dict[int, int]:
     """Each partition's highest committed ``seq`` (partitions without events: 0)."""
     async with pool.acquire() as con:
@@ -167,6 +178,11 @@ class Relay:
         """Does this process publish any partition?"""
         return bool(self.cursors)
 
+    @property
+    def partitions(self) -> list[int]:
+        """The journal partitions this process publishes."""
+        return sorted(self.cursors)
+
     def start(self) -> None:
         if not self._tasks:
             self._tasks = [
@@ -197,7 +213,7 @@ class Relay:
         async with self.pool.acquire() as con:
             partitions = await stored_partitions(con)
         self._group = PartitionGroup(
-            f"{GROUP}:{self.subjects.prefix}",
+            _group_name(self.subjects),
             partitions,
             self._hold,
             connect=self.connect,
@@ -208,17 +224,19 @@ class Relay:
         while True:
             self._wake.clear()  # before reading: a commit after this point wakes the next round
             try:
-                async with self._round:
-                    published = await self.publish_pending() if self.cursors else 0
+                published = await self.publish_pending()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("relay round failed; retrying", extra={"error": repr(exc)})
-                published = 0
                 await asyncio.sleep(1.0)
+                continue  # published again at once, not at the next commit or poll
             if published < self.batch:
+                # Not wait_for: on 3.11 it swallows a cancellation that arrives as the event is
+                # set (a commit's NOTIFY during stop()), and this loop would never end.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                    async with asyncio.timeout(self.poll_interval):
+                        await self._wake.wait()
 
     async def _hold(self, partition: int, stop: asyncio.Event) -> None:
         """Publish ``partition`` until ``stop``: join the rounds from its saved cursor; leave them
@@ -284,7 +302,15 @@ class Relay:
 
     async def publish_pending(self) -> int:
         """Publish the next events of every held partition; returns how many rows were read
-        (at most ``batch`` from each partition)."""
+        (at most ``batch`` from each partition).
+
+        One round at a time (also when called from outside the relay's loop, e.g. a flush at
+        shutdown): two rounds reading the same cursors would publish the same events twice and
+        could move a cursor back."""
+        async with self._round:
+            return await self._publish_round()
+
+    async def _publish_round(self) -> int:
         held = dict(self.cursors)
         if not held:
             return 0
