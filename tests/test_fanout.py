@@ -10,9 +10,10 @@ import httpx
 import orjson
 import pytest
 
-from tests.api.helpers import full_access
+from tests.api.helpers import full_access, relay_held
 from tests.conftest import new_thing_id
 from twinstore.bus.envelope import event_envelope
+from twinstore.bus.relay import journal_heads
 from twinstore.fanout import (
     Delivery,
     FanOut,
@@ -26,6 +27,7 @@ from twinstore.fanout import (
 from twinstore.model import rql
 from twinstore.model.thing import Event
 from twinstore.runtime import Runtime
+from twinstore.settings import Settings
 
 DITTO = ("nginx:ditto",)
 OTHER = ("nginx:other",)
@@ -234,7 +236,7 @@ async def test_a_subscription_skips_deliveries_at_or_below_its_start(runtime: Ru
     try:
         view: Any = object()
 
-        def delivery(revision: int, position: int | None) -> Delivery:
+        def delivery(revision: int, position: tuple[int, int] | None) -> Delivery:
             event = Event(
                 thing_id=thing_id,
                 revision=revision,
@@ -245,11 +247,52 @@ async def test_a_subscription_skips_deliveries_at_or_below_its_start(runtime: Ru
             )
             return Delivery(event, view, position)
 
-        assert sub.offer(delivery(1, 10)) and sub.offer(delivery(2, 12))
-        sub.start_after(11)  # queued before the head was known: position 10 goes
-        assert sub.offer(delivery(3, 11)) and sub.offer(delivery(4, 13)) and sub.offer(delivery(5, None))
-        assert [(await next_delivery(sub)).event.revision for _ in range(3)] == [2, 4, 5]
+        assert sub.offer(delivery(1, (0, 10))) and sub.offer(delivery(2, (3, 12)))
+        assert sub.offer(delivery(3, (5, 1)))
+        # queued before the heads were known: (0, 10) goes; positions count per partition
+        sub.start_after({0: 11, 3: 11, 5: 0})
+        assert sub.offer(delivery(4, (0, 11))) and sub.offer(delivery(5, (3, 11)))
+        assert sub.offer(delivery(6, (0, 13))) and sub.offer(delivery(7, None))
+        assert [(await next_delivery(sub)).event.revision for _ in range(4)] == [2, 3, 6, 7]
+        assert not sub._items
     finally:
         sub.close()
-    assert position_of({"Twinstore-Position": "42"}) == 42
-    assert position_of({"Twinstore-Position": "x"}) is None and position_of(None) is None
+    assert position_of({"Twinstore-Partition": "3", "Twinstore-Position": "42"}) == (3, 42)
+    assert position_of({"Twinstore-Position": "42"}) is None  # no partition: no position
+    assert position_of({"Twinstore-Partition": "3", "Twinstore-Position": "x"}) is None
+    assert position_of(None) is None
+
+
+async def test_only_changes_committed_after_a_subscription_reach_it_in_every_partition(
+    client: httpx.AsyncClient, runtime: Runtime, settings: Settings
+) -> None:
+    """Changes of things in several partitions, committed before the subscription but published
+    after it (the relay held back), are not delivered; the changes committed after it are."""
+    assert runtime.pool is not None and runtime.recorder is not None
+    recorder = runtime.recorder
+    things: list[str] = []
+    while len(things) < 8:  # at most two per partition: four partitions or more
+        t = new_thing_id()
+        if sum(recorder.partition(x) == recorder.partition(t) for x in things) < 2:
+            things.append(t)
+    out = fanout(runtime)
+    async with relay_held(runtime, settings):
+        for t in things:
+            assert (await client.put(f"/api/2/things/{t}", json={"attributes": {"n": 0}})).status_code == 201
+            assert (await client.put(f"/api/2/things/{t}/attributes/n", json=1)).status_code == 204
+        sub = out.subscribe(DITTO, thing_ids=frozenset(things))
+        sub.start_after(await journal_heads(runtime.pool))
+        for t in things[:4]:  # after the subscription, the relay still held
+            assert (await client.put(f"/api/2/things/{t}/attributes/n", json=2)).status_code == 204
+    try:
+        for t in things[4:]:  # after the subscription, the relay publishing again
+            assert (await client.put(f"/api/2/things/{t}/attributes/n", json=2)).status_code == 204
+        got = [await next_delivery(sub) for _ in things]
+        assert sorted(d.event.thing_id for d in got) == sorted(things)
+        assert {(d.event.revision, d.event.value) for d in got} == {(3, 2)}
+        for d in got:
+            assert d.position is not None and d.position[0] == recorder.partition(d.event.thing_id)
+        # the backlog (revisions 1 and 2) came before them on each thing's subject: dropped
+        assert not sub._items
+    finally:
+        sub.close()

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import httpx
 import orjson
+
+from twinstore.bus.relay import relay_lock_class
+
+if TYPE_CHECKING:
+    from twinstore.runtime import Runtime
+    from twinstore.settings import Settings
 
 JSON = {"content-type": "application/json"}
 MERGE = {"content-type": "application/merge-patch+json"}
@@ -74,3 +83,25 @@ async def make_policy(client: httpx.AsyncClient, policy_id: str, doc: dict[str, 
         f"/api/2/policies/{policy_id}", json=doc if doc is not None else full_access("nginx:ditto")
     )
     assert r.status_code in (201, 204), r.text
+
+
+@contextlib.asynccontextmanager
+async def relay_held(runtime: Runtime, settings: Settings) -> AsyncIterator[None]:
+    """No relay publishes in the block: this process's is stopped and the test holds the locks
+    of every journal partition a relay needs to publish it (other processes' relays of the same
+    prefix started inside the block get none); afterwards the local relay starts again."""
+    assert runtime.relay is not None and runtime.recorder is not None
+    assert settings.database_url is not None
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await runtime.relay.stop()
+        await con.execute("SET statement_timeout = '15s'")
+        await con.execute(
+            "SELECT pg_advisory_lock($1, p) FROM generate_series(0, $2::int - 1) AS p",
+            relay_lock_class(runtime.subjects),
+            runtime.recorder.partitions,
+        )
+        yield
+    finally:
+        await con.close()  # releases the locks
+        runtime.relay.start()

@@ -10,38 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
+from tests.api.helpers import relay_held
 from tests.api.test_events_ws import next_event, passed, put, start, ws_url
 from tests.api.test_sse import SSE, http_url, next_sse
 from tests.api.test_ws import BASIC
 from tests.conftest import AUTH, new_thing_id
-from twinstore.bus.relay import RELAY_LOCK
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings
 
 __all__ = ["http_url", "ws_url"]  # module fixtures, shared
-
-
-@contextlib.asynccontextmanager
-async def relay_held(runtime: Runtime, settings: Settings) -> AsyncIterator[None]:
-    """No relay publishes in the block: this process's is stopped and the test holds the lock
-    every process's relay needs to lead; afterwards the local relay starts again."""
-    assert runtime.relay is not None and settings.database_url is not None
-    con = await asyncpg.connect(settings.database_url)
-    try:
-        await runtime.relay.stop()
-        await con.execute("SET statement_timeout = '15s'")
-        await con.execute("SELECT pg_advisory_lock($1)", RELAY_LOCK)
-        yield
-    finally:
-        await con.close()  # releases the lock
-        runtime.relay.start()
 
 
 async def many_writes(client: httpx.AsyncClient, thing_id: str, n: int) -> None:
@@ -104,17 +86,26 @@ async def test_across_processes_only_changes_after_the_subscription_arrive(
     """Written through process A, subscribed on process B: B reads the head from the shared journal."""
     from websockets.asyncio.client import connect
 
-    writer, reader = await asyncio.gather(
-        asyncio.to_thread(server_process().start), asyncio.to_thread(server_process().start)
-    )
-    thing_id = new_thing_id()
-    async with (
-        httpx.AsyncClient(base_url=writer.url, auth=AUTH, timeout=10) as http,
-        connect(reader.url.replace("http://", "ws://") + "/ws/2", additional_headers=BASIC) as ws,
-    ):
+    things = [new_thing_id() for _ in range(6)]  # in several journal partitions
+    async with contextlib.AsyncExitStack() as stack:
         async with relay_held(runtime, settings):
-            await many_writes(http, thing_id, 40)
+            # started in the block: their relays get no partition until it ends
+            writer, reader = await asyncio.gather(
+                asyncio.to_thread(server_process().start), asyncio.to_thread(server_process().start)
+            )
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=writer.url, auth=AUTH, timeout=10)
+            )
+            ws = await stack.enter_async_context(
+                connect(reader.url.replace("http://", "ws://") + "/ws/2", additional_headers=BASIC)
+            )
+            await asyncio.gather(*(many_writes(http, t, 10) for t in things))
             await start(ws)
-        await put(http, thing_id, "/attributes/n", 1)
-        event = await next_event(ws, thing_id)
-        assert (event["revision"], event["path"]) == (41, "/attributes/n")
+        for t in things:
+            await put(http, t, "/attributes/n", 1)
+        firsts: dict[str, tuple[int, str]] = {}
+        while len(firsts) < len(things):
+            event = await next_event(ws, *things)
+            thing = ":".join(event["topic"].split("/")[:2])
+            firsts.setdefault(thing, (event["revision"], event["path"]))
+        assert set(firsts.values()) == {(11, "/attributes/n")}
