@@ -22,6 +22,8 @@ from tests.conftest import ROOT
 from tests.test_audit import make_things
 from twinstore.model.policy import default_policy
 from twinstore.settings import Settings
+from twinstore.store.recorder import Recorder
+from twinstore.store.schema import stored_partitions
 
 
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -100,9 +102,33 @@ async def test_export_import_round_trip(
     imported = await docs(scratch_database, namespace)
     assert imported == await docs(settings.database_url, namespace)
     assert imported[ids[2]][1] is None and len(imported) == 3
+    await check_partitions(scratch_database, keys)
 
     # A second import into the now non-empty store is refused and writes nothing.
     done = run_cli(scratch_database, "import", str(path))
     assert done.returncode == 2, done.stdout + done.stderr
     assert "not empty" in done.stderr
     assert await docs(scratch_database, namespace) == imported
+
+
+async def check_partitions(url: str, keys: list[tuple[str, str, int]]) -> None:
+    """Each imported event in its entity's partition, each partition numbered 1..n in the file's
+    order (so each entity's events in revision order), its head at n."""
+    con = await asyncpg.connect(url)
+    try:
+        recorder = Recorder(await stored_partitions(con))
+        rows = await con.fetch(
+            "SELECT partition, seq, entity, id, revision FROM journal ORDER BY partition, seq"
+        )
+        heads = dict(await con.fetch("SELECT partition, seq FROM partition_heads"))
+    finally:
+        await con.close()
+    expected: dict[int, list[tuple[str, str, int]]] = {}
+    for key in keys:
+        expected.setdefault(recorder.partition(key[1]), []).append(key)
+    placed: dict[int, list[tuple[str, str, int]]] = {}
+    for r in rows:
+        assert r["seq"] == len(placed.setdefault(r["partition"], [])) + 1
+        placed[r["partition"]].append((r["entity"], r["id"], r["revision"]))
+    assert placed == expected
+    assert {p: s for p, s in heads.items() if s} == {p: len(k) for p, k in expected.items()}

@@ -45,6 +45,11 @@ __all__ = [
 ]
 
 BATCH = 1000
+SELECT_HEADS = "SELECT partition, seq FROM partition_heads"
+UPDATE_HEADS = """
+UPDATE partition_heads h SET seq = m.seq FROM unnest($1::int[], $2::bigint[]) AS m(partition, seq)
+WHERE h.partition = m.partition
+"""
 COLUMNS = (
     "entity",
     "id",
@@ -320,19 +325,20 @@ async def import_database(
     try:
         await migrate(con)
         recorder = Recorder(await stored_partitions(con))
-        heads: dict[int, int] = {}
         async with con.transaction():
             await recorder.lock_all(con)
             if await con.fetchval("SELECT EXISTS (SELECT 1 FROM journal)"):
                 raise JournalNotEmpty("the journal is not empty: import needs an empty store")
+            # After the partitions' heads (not 0: a store emptied by hand keeps them, and relay
+            # cursors may stand there).
+            heads = {r["partition"]: r["seq"] for r in await con.fetch(SELECT_HEADS)}
             seen: tuple[str, str] | None = None
             async for batch in _batches(lines, batch_size):
-                # Each partition numbers its events in the order of the file (an empty store:
-                # nothing was published from it yet).
+                # Each partition numbers its events in the order of the file.
                 placed = []
                 for row in batch:
                     partition = recorder.partition(row[1])
-                    heads[partition] = heads.get(partition, 0) + 1
+                    heads[partition] += 1
                     placed.append((*row, partition, heads[partition]))
                 await con.copy_records_to_table(
                     "journal", records=placed, columns=(*COLUMNS, "partition", "seq")
@@ -347,12 +353,7 @@ async def import_database(
                 report.events += len(batch)
                 if progress is not None:
                     progress(len(batch))
-            await con.execute(
-                "UPDATE partition_heads h SET seq = m.seq FROM unnest($1::int[], $2::bigint[]) AS m(p, seq) "
-                "WHERE h.partition = m.p",
-                list(heads),
-                list(heads.values()),
-            )
+            await con.execute(UPDATE_HEADS, list(heads), list(heads.values()))
     finally:
         await con.close()
     report.replay = await replay_database(url, repair=True)

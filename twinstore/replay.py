@@ -13,10 +13,10 @@ is folded from the snapshot kept at its newest retention anchor instead of from 
 (the rows come with the anchor and its snapshot merged in front, :data:`SELECT_ROWS_ANCHORED`);
 without that snapshot it cannot be replayed (``unreplayable``, never repaired).
 
-With ``repair`` the differing rows are rewritten from the journal, one transaction per batch,
-under the journal's partition write locks and only while the entity's newest event is still the one
-replayed (a write committed meanwhile already brought its row up to date); projection rows
-without events are deleted.
+With ``repair`` the differing rows are rewritten from the journal, one transaction per batch and
+partition, under that partition's write lock (writes to other partitions go on), and only while
+the entity's newest event is still the one replayed (a write committed meanwhile already brought
+its row up to date); projection rows without events are deleted.
 
 >>> first_difference({"a": {"b": 1, "c": [1, 2]}}, {"a": {"b": 1, "c": [1, 3]}})
 '/a/c/1'
@@ -43,6 +43,7 @@ from twinstore.model.thing import ThingState, evolve
 from twinstore.store.codec import dumps
 from twinstore.store.journal import event_from_row
 from twinstore.store.recorder import Recorder
+from twinstore.store.schema import stored_partitions
 
 __all__ = ["Difference", "Report", "Scope", "first_difference", "replay_database"]
 
@@ -296,33 +297,38 @@ async def _init(con: asyncpg.Connection) -> None:
 
 
 async def _repair(
-    con: asyncpg.Connection, batch: list[tuple[Difference, _Replayed | None]]
+    con: asyncpg.Connection, recorder: Recorder, batch: list[tuple[Difference, _Replayed | None]]
 ) -> list[Difference]:
-    """Rewrite the batch's rows in one transaction; the differences marked as repaired where done."""
-    done: list[Difference] = []
-    async with con.transaction():
-        # Every partition's write lock (a batch spans partitions; repairs are rare).
-        await Recorder.lock_all(con)
-        for diff, r in batch:
-            if r is None:
-                status = await con.execute(
-                    DELETE_EXTRA.format(table=TABLES[diff.entity], entity=diff.entity), diff.id
-                )
-                done.append(replace(diff, repaired=status != "DELETE 0"))
-                continue
-            head = await con.fetchrow(HEAD, r.entity, r.id)
-            if head is None or head["revision"] != r.revision or bytes(head["hash"]) != r.hash:
-                # Written meanwhile: the writer has brought the row up to date itself.
-                done.append(diff)
-                continue
-            doc = None if r.doc is None else dumps(r.doc)
-            _, extra = r.extra()
-            if r.entity == "thing":
-                await con.execute(REPAIR_THING, r.id, r.revision, r.created, r.modified, extra, doc, r.hash)
-            else:
-                await con.execute(REPAIR_POLICY, r.id, r.revision, r.created, r.modified, doc, r.hash, extra)
-            done.append(replace(diff, repaired=True))
-    return done
+    """Rewrite the batch's rows, one transaction per partition under that partition's write lock
+    (writes elsewhere go on); the differences marked as repaired where done, in batch order."""
+    by_partition: dict[int, list[int]] = {}
+    for i, (diff, _) in enumerate(batch):
+        by_partition.setdefault(recorder.partition(diff.id), []).append(i)
+    done: dict[int, Difference] = {}
+    for partition, indexes in sorted(by_partition.items()):
+        async with con.transaction():
+            await recorder.lock(con, [partition])
+            for i in indexes:
+                done[i] = await _repair_one(con, *batch[i])
+    return [done[i] for i in range(len(batch))]
+
+
+async def _repair_one(con: asyncpg.Connection, diff: Difference, r: _Replayed | None) -> Difference:
+    """One row rewritten (its partition locked by the caller's transaction)."""
+    if r is None:
+        delete = DELETE_EXTRA.format(table=TABLES[diff.entity], entity=diff.entity)
+        status = await con.execute(delete, diff.id)
+        return replace(diff, repaired=status != "DELETE 0")
+    head = await con.fetchrow(HEAD, r.entity, r.id)
+    if head is None or head["revision"] != r.revision or bytes(head["hash"]) != r.hash:
+        return diff  # written meanwhile: the writer has brought the row up to date itself
+    doc = None if r.doc is None else dumps(r.doc)
+    _, extra = r.extra()
+    if r.entity == "thing":
+        await con.execute(REPAIR_THING, r.id, r.revision, r.created, r.modified, extra, doc, r.hash)
+    else:
+        await con.execute(REPAIR_POLICY, r.id, r.revision, r.created, r.modified, doc, r.hash, extra)
+    return replace(diff, repaired=True)
 
 
 def _extra_where(scope: Scope, entity: str) -> tuple[str, list[Any]]:
@@ -355,8 +361,10 @@ async def replay_database(
     writer = await asyncpg.connect(url) if repair else None
     try:
         await _init(con)
+        recorder: Recorder | None = None
         if writer is not None:
             await _init(writer)
+            recorder = Recorder(await stored_partitions(writer))
         where, args = scope.where()
         entities = (
             ["thing"] if scope.thing is not None else [scope.entity] if scope.entity else ["thing", "policy"]
@@ -371,8 +379,8 @@ async def replay_database(
                 found = [(d, r) for d, r in found if d.kind != "unreplayable"]
                 if not found:
                     return
-                if writer is not None:
-                    report.differences.extend(await _repair(writer, found))
+                if writer is not None and recorder is not None:
+                    report.differences.extend(await _repair(writer, recorder, found))
                 else:
                     report.differences.extend(d for d, _ in found)
 
