@@ -64,6 +64,7 @@ from twinstore.bus.ingest import (
 )
 from twinstore.bus.ingest import telemetry_messages as _telemetry_messages
 from twinstore.bus.subjects import Subjects
+from twinstore.model.partition import DEFAULT_PARTITIONS, MAX_PARTITIONS
 
 __all__ = [
     "ConfigError",
@@ -72,6 +73,7 @@ __all__ = [
     "desired_values",
     "forwarder_from_config",
     "load_config",
+    "refuse_replaced_keys",
 ]
 
 log = logging.getLogger("adapters.forwarder")
@@ -109,7 +111,7 @@ COMMON_KEYS = frozenset(
     {
         "nats_url",
         "nats_prefix",
-        "ingest_partitions",
+        "partitions",
         "source",
         "spool_dir",
         "spool_max_bytes",
@@ -135,23 +137,40 @@ def config_int(config: dict[str, Any], key: str, default: int, low: int, high: i
     return value
 
 
+#: Keys an adapter's configuration no longer takes -> what replaces them (refused by name).
+REPLACED_KEYS = {"ingest_partitions": "partitions"}
+
+
+def refuse_replaced_keys(config: dict[str, Any]) -> None:
+    """:class:`ConfigError` naming the replacement of a key that was replaced: a forgotten old
+    key must not leave the adapter on a default that the server does not share."""
+    for old, new in REPLACED_KEYS.items():
+        if old in config:
+            raise ConfigError(
+                f"{old}: replaced by `{new}`, twinstore's one partition count (the server's "
+                f"`partitions` setting, the database's; default {DEFAULT_PARTITIONS}): rename the key"
+            )
+
+
 def forwarder_from_config(config: dict[str, Any], default_source: str) -> Forwarder:
     """A :class:`Forwarder` from the keys every adapter shares (:data:`COMMON_KEYS`):
-    ``nats_url``, ``nats_prefix``, ``ingest_partitions``, ``source``, ``spool_dir``,
-    ``spool_max_bytes``, ``nats`` (extra keyword options of ``nats.connect``, e.g. ``user``,
-    ``password``, ``token``) and the bounds ``max_row_bytes``, ``max_json_depth``,
-    ``max_message_bytes`` (:mod:`adapters.limits`)."""
+    ``nats_url``, ``nats_prefix``, ``partitions`` (the server's: an adapter has no database to
+    read it from; default 64 on both sides), ``source``, ``spool_dir``, ``spool_max_bytes``,
+    ``nats`` (extra keyword options of ``nats.connect``, e.g. ``user``, ``password``,
+    ``token``) and the bounds ``max_row_bytes``, ``max_json_depth``, ``max_message_bytes``
+    (:mod:`adapters.limits`)."""
+    refuse_replaced_keys(config)
     source = str(config.get("source", default_source))
     if not source or any(c in source for c in " .*>"):
         raise ConfigError(f"source {source!r}: must be non-empty without spaces, '.', '*' or '>'")
     options = config.get("nats", {})
     if not isinstance(options, dict):
         raise ConfigError("nats: must be a mapping of nats.connect options")
+    partitions = config_int(config, "partitions", DEFAULT_PARTITIONS, 1, MAX_PARTITIONS)
     try:
-        partitions = int(config.get("ingest_partitions", 16))
         max_bytes = int(config.get("spool_max_bytes", 1 << 30))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"ingest_partitions / spool_max_bytes: {exc}") from exc
+        raise ConfigError(f"spool_max_bytes: {exc}") from exc
     message_bytes = config_int(config, "max_message_bytes", limits.MAX_MESSAGE_BYTES, 4096, 64 << 20)
     room = message_bytes - _HEADER_ROOM - TELEMETRY_FRAME_BYTES  # a row must fit in a message
     row_bytes = config_int(config, "max_row_bytes", min(limits.MAX_ROW_BYTES, room), 256, room)
@@ -545,7 +564,7 @@ class Forwarder:
 
         The durable consumer ``adapter-<source>`` starts with the events published after its
         creation and resumes where it was after a restart."""
-        events = Subjects(self.subjects.prefix)
+        events = Subjects(self.subjects.prefix, self.subjects.partitions)
         durable = "adapter-" + _DURABLE_INVALID.sub("_", self.source)
         config = nats.js.api.ConsumerConfig(
             durable_name=durable,

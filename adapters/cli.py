@@ -40,7 +40,11 @@ when NATS is back. Changes of desiredProperties of the mapped things are sent to
 Common configuration keys (adapter-specific ones: see the README):
   nats_url          NATS server (default nats://127.0.0.1:4222)
   nats_prefix       twinstore's nats_prefix (default twinstore)
-  ingest_partitions twinstore's ingest_partitions (default 16)
+  partitions        twinstore's partition count: must equal the server's `partitions` (the
+                    database's; default 64 on both sides). An adapter has no database to read
+                    it from: with another count its rows go to other subjects, where they
+                    are refused (ingest:thing.wrongPartition) or, past the stream's last
+                    subject, stay unpublished in the spool
   source            this adapter's source name (Nats-Msg-Id, Twinstore-Source; unique per adapter)
   spool_dir         spool directory (default ./spool-<source>)
   spool_max_bytes   spool bound in bytes (default 1 GiB); when full the source is held back

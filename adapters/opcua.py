@@ -3,7 +3,7 @@
 
 ``twinstore-adapter opcua --config FILE`` runs :func:`run`. A configuration (YAML; TOML with
 the same keys works too; the keys every adapter shares, ``source``, ``nats_url``,
-``nats_prefix``, ``ingest_partitions``, ``spool_dir``, ``spool_max_bytes``, are in
+``nats_prefix``, ``partitions`` (the server's), ``spool_dir``, ``spool_max_bytes``, are in
 :mod:`adapters.cli`)::
 
     source: plc-1
@@ -81,7 +81,14 @@ from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography import x509
 
 from adapters import limits
-from adapters.base import COMMON_KEYS, ConfigError, Forwarder, desired_values, forwarder_from_config
+from adapters.base import (
+    COMMON_KEYS,
+    ConfigError,
+    Forwarder,
+    desired_values,
+    forwarder_from_config,
+    refuse_replaced_keys,
+)
 from twinstore.bus.ingest import Update
 
 __all__ = ["Connection", "NodeMapping", "OpcUaAdapter", "OpcUaConfig", "Security", "parse_config", "run"]
@@ -145,6 +152,7 @@ class OpcUaConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 def parse_config(config: dict[str, Any]) -> OpcUaConfig:
     """The OPC UA part of the configuration; :class:`~adapters.base.ConfigError` naming what is
     wrong (an unknown key too: a typo must not silently fall back to a default)."""
+    refuse_replaced_keys(config)
     try:
         return msgspec.convert({k: v for k, v in config.items() if k not in COMMON_KEYS}, OpcUaConfig)
     except (msgspec.ValidationError, ValueError) as exc:

@@ -221,7 +221,7 @@ def start_subscriber(
         config = {
             "nats_url": nats_url,
             "nats_prefix": prefix,
-            "ingest_partitions": PARTITIONS,
+            "partitions": PARTITIONS,
             "source": f"bench-{prefix}",
             "spool_dir": str(workdir / "spool"),
             "mqtt": {"url": f"mqtt://127.0.0.1:{port}", "client_id": client_id, "session_expiry": 600},

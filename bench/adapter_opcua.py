@@ -317,7 +317,7 @@ async def run_adapter(plc: Plc, mode: str, variables: int, seconds: float, nats_
         "source": "bench-opcua",
         "nats_url": nats_url,
         "nats_prefix": prefix,
-        "ingest_partitions": PARTITIONS,
+        "partitions": PARTITIONS,
         "spool_dir": str(workdir / "spool"),
         "opcua": {
             "endpoint": f"opc.tcp://127.0.0.1:{plc.port}/plc/",

@@ -476,7 +476,7 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str, list[Verdic
     server = Server(database_url, args.nats_url, users, 1, tmp / "server.log")
     server.env.update(
         TWINSTORE_INGEST_SOURCES=orjson.dumps({SOURCE: [SUBJECT]}).decode(),
-        TWINSTORE_INGEST_PARTITIONS=str(PARTITIONS),
+        TWINSTORE_PARTITIONS=str(PARTITIONS),
         TWINSTORE_INGEST_ENABLED="false",
         TWINSTORE_ANOMALY_ENABLED="false",
     )
@@ -535,7 +535,7 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str, list[Verdic
     ws_p99 = percentile(lat["ws"], 0.99) if lat["ws"] else float("inf")
     facts = [
         "processes: `twinstore serve --no-ingest --no-anomaly`, one `twinstore ingest`, one "
-        f"`twinstore anomaly` ({PARTITIONS} ingest partitions, 16 event partitions); this script "
+        f"`twinstore anomaly` ({PARTITIONS} partitions); this script "
         "publishes telemetry to JetStream "
         "and receives anomalies on a WebSocket (START-SEND-MESSAGES) and NATS; everything shares 2 cores",
         f"SKAB: {skab['files']} files, {skab['rows']:,} rows through the pipeline in "

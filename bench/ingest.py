@@ -122,7 +122,12 @@ def thing_ids(n: int) -> list[str]:
 async def seed(database_url: str, nats_url: str, prefix: str, things: list[str]) -> None:
     """Things whose policy lets the source write the sensor feature (through ThingService)."""
     settings = load_settings(
-        {}, database_url=database_url, nats_url=nats_url, nats_prefix=prefix, ingest_enabled=False
+        {},
+        database_url=database_url,
+        nats_url=nats_url,
+        nats_prefix=prefix,
+        ingest_enabled=False,
+        partitions=16,  # the database's count from here on: the server's and the publisher's
     )
     runtime = Runtime(settings)
     await runtime.open()
@@ -346,7 +351,7 @@ async def run(database_url: str, tmp: Path) -> tuple[list[str], str, list[Verdic
     write_users_file(users, {"bench": "bench"})
     server = Server(database_url, args.nats_url, users, 1, tmp / "server.log")
     server.env["TWINSTORE_INGEST_SOURCES"] = orjson.dumps({SOURCE: [SUBJECT]}).decode()
-    server.env["TWINSTORE_INGEST_PARTITIONS"] = "16"
+    server.env["TWINSTORE_PARTITIONS"] = "16"
     worker: subprocess.Popen[bytes] | None = None
     if args.topology == "separate":
         server.env["TWINSTORE_INGEST_ENABLED"] = "false"

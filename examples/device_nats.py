@@ -1,10 +1,11 @@
 """A device (or gateway) publishing telemetry to twinstore over NATS JetStream.
 
 Each message is a batch of rows ``[thingId, path, value, sourceTimestampMs, quality]`` on the
-ingest partition of the thing (``crc32(thingId) % ingest_partitions``); ``Twinstore-Seq`` grows
-with every message of the source, and ``Nats-Msg-Id`` makes a republish a duplicate. Only
-nats-py is needed; the source's subjects must be allowed to write the thing by its policy
-(``ingest_sources`` / ``ingest_default_subjects``).
+ingest partition of the thing (``crc32(thingId) % partitions``, the server's partition count:
+its ``partitions`` setting, 64 unless set); ``Twinstore-Seq`` grows with every message of the
+source, and ``Nats-Msg-Id`` makes a republish a duplicate. Only nats-py is needed; the source's
+subjects must be allowed to write the thing by its policy (``ingest_sources`` /
+``ingest_default_subjects``).
 
     .venv/bin/python examples/device_nats.py --nats-url nats://127.0.0.1:4222 --source plc-1
 """
@@ -60,7 +61,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument("--prefix", default="twinstore", help="nats_prefix of the server")
-    parser.add_argument("--partitions", type=int, default=16, help="ingest_partitions of the server")
+    parser.add_argument(
+        "--partitions", type=int, default=64, help="the server's partition count (its `partitions`, 64)"
+    )
     parser.add_argument("--source", default="plc-1")
     parser.add_argument("--thing", default="org.acme:pump-1")
     parser.add_argument("--count", type=int, default=10)

@@ -251,7 +251,9 @@ def settings(servers: tuple[str, str], users_file: Path) -> Iterator[Settings]:
         auth_failure_delay_seconds=0.01,
         # NATS ingestion (tests/test_ingest.py): a configured source and a default for others
         ingest_sources=INGEST_SOURCES,
-        ingest_partitions=4,
+        # the session database's partition count (ingest, journal, relay, events, anomaly): few,
+        # so that the few things of a test share partitions and the workers stay light
+        partitions=4,
     )
     drop_database(admin_url, database_url)
 
@@ -361,7 +363,7 @@ class ServerProcess:
             "TWINSTORE_RELAY_POLL_INTERVAL": "0.05",
             "TWINSTORE_SNAPSHOT_EVERY": str(settings.snapshot_every),
             "TWINSTORE_INGEST_SOURCES": json.dumps(settings.ingest_sources),
-            "TWINSTORE_INGEST_PARTITIONS": str(settings.ingest_partitions),
+            "TWINSTORE_PARTITIONS": str(settings.partitions),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

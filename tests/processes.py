@@ -73,7 +73,7 @@ class IngestProcess:
             "TWINSTORE_NATS_PREFIX": prefix,
             "TWINSTORE_INGEST_SOURCES": json.dumps(sources),
             "TWINSTORE_INGEST_DEFAULT_SUBJECTS": "[]",
-            "TWINSTORE_INGEST_PARTITIONS": str(partitions),
+            "TWINSTORE_PARTITIONS": str(partitions),
             "TWINSTORE_INGEST_BATCH": "100",  # many batches: a kill lands between or inside one
             "TWINSTORE_POOL_SIZE": "4",
             "TWINSTORE_RELAY_POLL_INTERVAL": "0.2",

@@ -171,7 +171,7 @@ async def test_kill_9_loses_no_acknowledged_write_and_publishes_every_event(
     """``frozen``: the relay is cut off from NATS before the kill, so a backlog is certain;
     ``flowing``: a plain kill -9 while the relay publishes alongside the writes."""
     s = own_settings
-    subjects = Subjects(s.nats_prefix, s.event_partitions)
+    subjects = Subjects(s.nats_prefix, s.partitions)
     assert s.nats_url is not None and s.database_url is not None
     host, port = s.nats_url.removeprefix("nats://").rsplit(":", 1)
     proxy = FreezableProxy(host, int(port))

@@ -56,7 +56,7 @@ async def test_device_publishes_telemetry_over_nats(live_server: ServerProcess, 
             "--prefix",
             settings.nats_prefix,
             "--partitions",
-            str(settings.ingest_partitions),
+            str(settings.partitions),
             "--source",
             "ditto-user",  # writes as nginx:ditto (tests/conftest.py INGEST_SOURCES)
             "--thing",

@@ -160,7 +160,7 @@ async def test_metrics_move_under_load(settings: Settings, runtime: Runtime) -> 
     assert total(after, "twinstore_ingest_partitions_owned") >= 1
     lagging = {lab for (n, lab) in after if n == "twinstore_ingest_lag_messages"}
     assert lagging, "the lag of the partitions this process owns"
-    assert lagging <= {f'{{partition="{p}"}}' for p in range(settings.ingest_partitions)}
+    assert lagging <= {f'{{partition="{p}"}}' for p in range(settings.partitions)}
     assert (
         total(after, "twinstore_db_pool_connections", state="idle")
         + total(after, "twinstore_db_pool_connections", state="in_use")

@@ -251,7 +251,7 @@ async def cluster(
     ]
     workers = [
         IngestProcess(
-            own.database_url, own.nats_url, own.nats_prefix, tmp_path, SOURCES, own.ingest_partitions
+            own.database_url, own.nats_url, own.nats_prefix, tmp_path, SOURCES, own.partitions
         )
         for _ in range(2)
     ]
@@ -289,7 +289,7 @@ async def test_sigterm_and_kill_mid_load_lose_nothing(
     watchers = [Watcher(s.url, live, http_ns, http_things) for s in servers]
     await asyncio.gather(*(w.ready() for w in watchers))
     nc = await nats.connect(own_settings.nats_url)
-    subjects = IngestSubjects(own_settings.nats_prefix, own_settings.ingest_partitions)
+    subjects = IngestSubjects(own_settings.nats_prefix, own_settings.partitions)
     telemetry = Publisher(nc, subjects, "ditto-user")
     commands = Publisher(nc, subjects, "ditto-cmd")
 

@@ -114,7 +114,7 @@ async def test_ingest_worker_exits_0_on_sigterm(settings: Settings, runtime: Run
         settings.nats_prefix,
         tmp_path,
         INGEST_SOURCES,
-        settings.ingest_partitions,
+        settings.partitions,
     ).start()
     try:
         await worker.ready()

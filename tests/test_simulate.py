@@ -160,7 +160,7 @@ class Plant:
             **os.environ,
             "TWINSTORE_NATS_URL": self.settings.nats_url or "",
             "TWINSTORE_NATS_PREFIX": self.settings.nats_prefix,
-            "TWINSTORE_INGEST_PARTITIONS": str(self.settings.ingest_partitions),
+            "TWINSTORE_PARTITIONS": str(self.settings.partitions),
             "TWINSTORE_LOG_FORMAT": "text",
         }
         command = [
@@ -237,7 +237,7 @@ def plant(settings: Settings, scratch_database: str, tmp_path: Path) -> Iterator
         async def drop_streams() -> None:
             nc = await nats.connect(plant.settings.nats_url)
             js = nc.jetstream()
-            ingest = IngestSubjects(plant.settings.nats_prefix, plant.settings.ingest_partitions)
+            ingest = IngestSubjects(plant.settings.nats_prefix, plant.settings.partitions)
             for stream in (
                 Subjects(plant.settings.nats_prefix).events_stream,
                 ingest.stream,

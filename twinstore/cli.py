@@ -143,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser(
         "migrate",
         help="apply the database schema and exit",
-        description="Apply missing migrations (safe while servers run or start concurrently).",
+        description=(
+            "Apply missing migrations (safe while servers run or start concurrently). A new "
+            "database, or one from before partitions, gets the `partitions` setting's count "
+            "(unset: 64); a database that has its count refuses another one."
+        ),
     )
     _common(migrate)
     audit = sub.add_parser(
@@ -375,7 +379,7 @@ in any number of processes and machines, share the partitions (each applied by o
 time, in order, exactly once). Also runs the journal's relay (standby unless elected). Stops
 on SIGTERM / SIGINT after committing and acknowledging the batches in flight.
 
-Settings: ingest_partitions, ingest_sources, ingest_default_subjects, ingest_batch (README).
+Settings: partitions, ingest_sources, ingest_default_subjects, ingest_batch (README).
 """
 
 
@@ -387,7 +391,7 @@ of them share the event partitions (each scored by one worker at a time, in orde
 its checkpoint). Also runs the journal's relay (standby unless elected). Stops on SIGTERM /
 SIGINT after checkpointing and acknowledging what it scored.
 
-Settings: anomaly_checkpoint_every, anomaly_checkpoint_seconds, event_partitions (README).
+Settings: anomaly_checkpoint_every, anomaly_checkpoint_seconds, partitions (README).
 """
 
 
@@ -811,7 +815,7 @@ def worker(settings: Settings, role: str) -> int:
         if role == "ingest":
             log.info("ingesting", extra={"stream": runtime.ingest_subjects.stream})
         else:
-            log.info("scoring anomalies", extra={"partitions": settings.event_partitions})
+            log.info("scoring anomalies", extra={"partitions": runtime.subjects.partitions})
         try:
             await stop.wait()
         finally:
@@ -835,7 +839,7 @@ async def _migrate(settings: Settings) -> int:
     pool = await create_pool(settings.database_url, 1)
     try:
         async with pool.acquire() as con:
-            return await migrate(con)
+            return await migrate(con, settings.partitions)
     finally:
         await pool.close()
 
@@ -1180,6 +1184,8 @@ def _on_database(settings: Settings, run: Callable[[Settings], int]) -> int:
     its exit status. A database without twinstore's schema is a clear error (2), not a trace."""
     import asyncpg
 
+    from twinstore.store.schema import PartitionsMismatchError
+
     servers = None
     if settings.database_url is None:
         settings, servers = _start_embedded(settings)
@@ -1190,6 +1196,9 @@ def _on_database(settings: Settings, run: Callable[[Settings], int]) -> int:
             f"twinstore: the database has no twinstore schema ({exc}); run `twinstore migrate` first",
             file=sys.stderr,
         )
+        return 2
+    except PartitionsMismatchError as exc:
+        print(f"twinstore: {exc}", file=sys.stderr)
         return 2
     finally:
         if servers is not None:

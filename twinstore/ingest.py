@@ -20,7 +20,11 @@ group and takes a fair share of the partitions ``<prefix>.ingest.<p>``:
   message republished by an adapter after JetStream's duplicate window is dropped too.
 * **Units.** A fetched batch (up to ``ingest_batch`` messages) is committed as few
   transactions as possible: one, unless a message creates, replaces, deletes or re-policies a
-  whole thing (the guards of a unit are prepared from the states before it).
+  whole thing (the guards of a unit are prepared from the states before it). Ingest partition
+  ``p`` is journal partition ``p`` (one partition function and count,
+  :mod:`twinstore.model.partition`), so a unit's things are all in one journal partition: a
+  row whose thing is in another partition (its publisher counts partitions differently) is
+  refused (``ingest:thing.wrongPartition``), never committed with the others.
 * **Refusals never block.** An undecodable message, an unknown source, an invalid thing id
   or command, a policy refusal or a failed precondition is reported on
   ``<prefix>.ingest.errors`` (JSON: reason, Ditto error, stream sequence, subject, message
@@ -74,6 +78,7 @@ from twinstore.model.errors import (
     TooLargeError,
 )
 from twinstore.model.ids import validate_thing_id
+from twinstore.model.partition import partition_of
 from twinstore.model.thing import Merge
 from twinstore.protocol import write_command
 from twinstore.service import ThingService, splits_unit
@@ -221,6 +226,7 @@ class _PartitionRun:
         self.offset = 0
         self.sources: dict[str, int] = {}
         self.valid_ids: set[str] = set()  # thing ids seen valid (telemetry repeats them)
+        self.own_ids: set[str] = set()  # thing ids seen in this partition
 
     async def run(self) -> None:
         w = self.w
@@ -296,6 +302,13 @@ class _PartitionRun:
                 if isinstance(request, DittoError):
                     reports.append(_Report(index, row, None, request))
                     continue
+                if request.thing_id not in self.own_ids:
+                    if (wrong := self._other_partition(request.thing_id)) is not None:
+                        reports.append(_Report(index, row, request.thing_id, wrong))
+                        continue
+                    if len(self.own_ids) > 100_000:
+                        self.own_ids.clear()
+                    self.own_ids.add(request.thing_id)
                 unit.items.append((auth, request, condition))
                 unit.refs.append((index, row))
                 if splits_unit(request.command):
@@ -335,6 +348,22 @@ class _PartitionRun:
                     await msg.ack()
         w.stats.messages += len(msgs)
         w.stats.batches += 1
+
+    def _other_partition(self, thing_id: str) -> DittoError | None:
+        """The refusal of a thing that is not in this partition (None if it is): committed here
+        it would make a unit span journal partitions and be applied beside, not in order with,
+        the thing's messages on its own subject."""
+        partitions = self.w.subjects.partitions
+        partition = partition_of(thing_id, partitions)
+        if partition == self.partition:
+            return None
+        return InvalidInputError(
+            f"The thing {thing_id!r} is in partition {partition} of {partitions}, not in "
+            f"{self.partition} (this subject's): the publisher counts partitions differently.",
+            error="ingest:thing.wrongPartition",
+            description=f"Configure the publisher with the server's partition count ({partitions}; "
+            "adapters: the `partitions` key).",
+        )
 
     def _source_seq(self, units: list[_Unit], source: str) -> int:
         for unit in reversed(units):

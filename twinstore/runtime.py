@@ -79,8 +79,9 @@ class Runtime:
         configure_limits(settings.max_header_bytes, settings.max_json_depth)
         # The RQL and fields parsers run where no settings are at hand (protocol envelopes)
         rql.configure(settings.query_limits)
-        self.subjects = Subjects(settings.nats_prefix, settings.event_partitions)
-        self.ingest_subjects = IngestSubjects(settings.nats_prefix, settings.ingest_partitions)
+        # Set by open() from the database's partition count (see the properties below)
+        self._subjects: Subjects | None = None
+        self._ingest_subjects: IngestSubjects | None = None
         self.ingest: IngestWorker | None = None
         self.anomaly: AnomalyWorker | None = None
         self.pool: asyncpg.Pool | None = None
@@ -106,6 +107,20 @@ class Runtime:
         self.sessions: set[object] = set()
         # /metrics, /health, /ready of a worker process (serve has them on its API port)
         self.listener: OperationsListener | None = None
+
+    @property
+    def subjects(self) -> Subjects:
+        """The events and messages subjects, partitioned by the database's partition count."""
+        if self._subjects is None:
+            raise RuntimeError("Runtime.open() first: the subjects use the database's partition count")
+        return self._subjects
+
+    @property
+    def ingest_subjects(self) -> IngestSubjects:
+        """The ingest subjects, partitioned by the database's partition count."""
+        if self._ingest_subjects is None:
+            raise RuntimeError("Runtime.open() first: the subjects use the database's partition count")
+        return self._ingest_subjects
 
     async def open(
         self,
@@ -135,7 +150,12 @@ class Runtime:
         async with pool.acquire() as con:
             await migrate(con, s.partitions)
             await ensure_search_indexes(con, s.search_index_paths)
-            self.recorder = Recorder(await stored_partitions(con))
+            partitions = await stored_partitions(con)
+        # One partition count end to end: a thing's ingest subject and consumer, its journal
+        # partition, its relay, its events subject and its anomaly scorer (twinstore.model.partition).
+        self.recorder = Recorder(partitions)
+        self._subjects = Subjects(s.nats_prefix, partitions)
+        self._ingest_subjects = IngestSubjects(s.nats_prefix, partitions)
         if nc is None:
             nc = await nats.connect(
                 s.nats_url, name="twinstore", max_reconnect_attempts=-1, reconnect_time_wait=1

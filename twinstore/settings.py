@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from twinstore.model.partition import DEFAULT_PARTITIONS, MAX_PARTITIONS
 from twinstore.model.rql import QueryLimits
 from twinstore.store.rql_sql import indexable
 
@@ -106,7 +107,6 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_url: str | None = None
     users_file: str | None = None
     nats_prefix: str = "twinstore"
-    event_partitions: int = 16
     events_max_age_seconds: float = 7 * 24 * 3600.0
     snapshot_every: int = 100
     # ---- Limits: every resource one request can consume (README "Limits" lists each with the
@@ -172,9 +172,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # with more is terminated and reported 413 ingest:message.tooLarge on the errors stream.
     ingest_max_rows_per_message: int = 10_000
     max_batch: int = 512
-    # The journal's partitions (twinstore.store.recorder): fixed when the database is created
-    # (unset: 64 for a new database, the database's own otherwise); a start with another number
-    # is refused. Writes in different partitions commit in parallel.
+    # The one partition count of the system (twinstore.model.partition): a thing's ingest subject
+    # and consumer, its journal partition, the relay publishing its events, its events subject
+    # and its anomaly scorer are all partition_of(thingId, partitions). Fixed when the database
+    # is created (unset: 64 for a new database, the database's own otherwise); a start with
+    # another number is refused. Adapters have no database: theirs must be set to the same.
     partitions: int | None = None
     # Journal transactions in flight per process, each committing the queued writes of one
     # partition on a pooled connection of its own (the rest of pool_size serves reads).
@@ -205,7 +207,6 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     audit_signing_key: str | None = None
     # NATS ingestion (twinstore.ingest): `serve` runs the ingest workers unless disabled.
     ingest_enabled: bool = True
-    ingest_partitions: int = 16
     # source name (the Twinstore-Source header) -> the subjects it writes as (policies decide);
     # a source not listed writes as ingest_default_subjects, or is refused when that is empty.
     ingest_sources: dict[str, list[str]] = msgspec.field(default_factory=dict)
@@ -261,12 +262,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("metrics_port must be a TCP port 0..65535 (or unset)")
         if self.history_retention_days is not None and not self.history_retention_days > 0:
             raise ValueError("history_retention_days must be a positive number of days (or unset)")
-        if self.partitions is not None and not 1 <= self.partitions <= 1024:
-            raise ValueError("partitions must be 1..1024 (or unset: the database's)")
+        if self.partitions is not None and not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions must be 1..{MAX_PARTITIONS} (or unset: the database's)")
         if not 1 <= self.journal_writers <= 64 or self.journal_writers >= self.pool_size:
             raise ValueError("journal_writers must be 1..64 and less than pool_size")
-        if not 1 <= self.ingest_partitions <= 1024 or not 1 <= self.ingest_batch <= 10_000:
-            raise ValueError("ingest_partitions must be 1..1024 and ingest_batch 1..10000")
+        if not 1 <= self.ingest_batch <= 10_000:
+            raise ValueError("ingest_batch must be 1..10000")
         if not 1 <= self.anomaly_checkpoint_every <= 100_000 or not 0 < self.anomaly_checkpoint_seconds <= 60:
             raise ValueError(
                 "anomaly_checkpoint_every must be 1..100000 and anomaly_checkpoint_seconds in (0, 60]"
@@ -341,6 +342,29 @@ def _coerce(name: str, value: str) -> Any:
     return value
 
 
+# Settings replaced by another one: refused by name with what replaces it (msgspec would say
+# "unknown field", and an environment variable nobody reads would go unnoticed).
+_REPLACED = {
+    "event_partitions": "partitions",
+    "ingest_partitions": "partitions",
+}
+
+
+def _refuse_replaced(where: list[tuple[str, Mapping[str, Any]]], environ: Mapping[str, str]) -> None:
+    for old, new in _REPLACED.items():
+        found = [origin for origin, values in where if old in values]
+        if environ.get(_ENV_PREFIX + old.upper()):
+            found.append(f"the environment variable {_ENV_PREFIX}{old.upper()}")
+        if found:
+            raise SystemExit(
+                f"twinstore: invalid setting: {old} (named in {', '.join(found)}) is replaced by "
+                f"`{new}`, the one partition count of ingest and events subjects, journal, relay and "
+                "anomaly scoring, stored in the database (unset: the database's; "
+                f"{DEFAULT_PARTITIONS} for a new one). Remove {old}; see the README, \"Upgrading: "
+                "one partition count\", before changing the count."
+            )
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     config_file: str | Path | None = None,
@@ -350,10 +374,13 @@ def load_settings(
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     config_file = config_file or environ.get(_ENV_PREFIX + "CONFIG")
+    file_values: dict[str, Any] = {}
     if config_file:
         with open(config_file, "rb") as fh:
             data = tomllib.load(fh)
-        values.update(data.get("twinstore", data))
+        file_values = data.get("twinstore", data)
+        values.update(file_values)
+    _refuse_replaced([(f"the config file {config_file}", file_values), ("the options", overrides)], environ)
     names = {f.name for f in msgspec.structs.fields(Settings)}
     for name in names:
         raw = environ.get(_ENV_PREFIX + name.upper())

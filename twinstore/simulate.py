@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from twinstore.cli import DEV_INGEST_SUBJECT
+from twinstore.model.partition import DEFAULT_PARTITIONS
 from twinstore.settings import Settings
 
 __all__ = ["Pump", "SkabReplay", "Synthetic", "run", "skab_files"]
@@ -609,7 +610,7 @@ class Plan:
     user: str
     nats_url: str
     nats_prefix: str
-    ingest_partitions: int
+    partitions: int
     mqtt_url: str | None
     opcua_host: str
     opcua_port: int
@@ -697,7 +698,8 @@ def plan(settings: Settings, args: argparse.Namespace) -> Plan:
         user=args.user,
         nats_url=nats_url,
         nats_prefix=settings.nats_prefix,
-        ingest_partitions=settings.ingest_partitions,
+        # the server's count: the simulator, like any publisher, has no database to read it from
+        partitions=settings.partitions or DEFAULT_PARTITIONS,
         mqtt_url=None if args.mqtt_url in ("none", "") else args.mqtt_url,
         opcua_host=args.opcua_host,
         opcua_port=args.opcua_port,
@@ -794,7 +796,7 @@ def opcua_config(plan: Plan, plc_url: str) -> dict[str, Any]:
         "source": plan.source("opcua"),
         "nats_url": plan.nats_url,
         "nats_prefix": plan.nats_prefix,
-        "ingest_partitions": plan.ingest_partitions,
+        "partitions": plan.partitions,
         "spool_dir": str(plan.workdir / "spool-opcua"),
         "spool_max_bytes": 64 << 20,
         "opcua": {"endpoint": plc_url, "publishing_interval": 100, "sampling_interval": 0},
@@ -808,7 +810,7 @@ def mqtt_config(plan: Plan) -> dict[str, Any]:
         "source": plan.source("mqtt"),
         "nats_url": plan.nats_url,
         "nats_prefix": plan.nats_prefix,
-        "ingest_partitions": plan.ingest_partitions,
+        "partitions": plan.partitions,
         "spool_dir": str(plan.workdir / "spool-mqtt"),
         "spool_max_bytes": 64 << 20,
         "mqtt": {
@@ -844,7 +846,7 @@ async def _watch_refusals(plan: Plan) -> Any:
 
     from twinstore.bus.ingest import IngestSubjects
 
-    subject = IngestSubjects(plan.nats_prefix, plan.ingest_partitions).errors_subject
+    subject = IngestSubjects(plan.nats_prefix, plan.partitions).errors_subject
     ours = {plan.source("mqtt"), plan.source("opcua")}
     seen: set[str] = set()
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from nats.aio.client import Client as NATS
 
 from tests.adapters.conftest import MqttPeer
@@ -24,7 +25,7 @@ async def test_the_mqtt_adapter_process_forwards_and_stops_on_sigterm(
     nc, subjects = ingest
     config = tmp_path / "adapter.toml"
     config.write_text(
-        f'nats_url = "{nats_url}"\nnats_prefix = "{prefix}"\ningest_partitions = 4\n'
+        f'nats_url = "{nats_url}"\nnats_prefix = "{prefix}"\npartitions = 4\n'
         f'source = "cli-{prefix}"\nspool_dir = "{tmp_path / "spool"}"\n'
         f'[mqtt]\nurl = "{mqtt_url}"\nclient_id = "cli-{prefix}"\nsession_expiry = 5\n'
         f'[[mappings]]\ntopic = "{prefix}/{{thing}}/v"\nthing = "org.acme:{{thing}}"\n'
@@ -61,3 +62,21 @@ def test_a_bad_configuration_is_exit_2(tmp_path: Path) -> None:
     assert b"placeholder must be a whole level" in done.stderr
     done = subprocess.run([*ADAPTER, "mqtt", "--config", str(tmp_path / "missing.yaml")], capture_output=True)
     assert done.returncode == 2
+
+
+@pytest.mark.parametrize("adapter", ["mqtt", "opcua"])
+def test_a_configuration_naming_ingest_partitions_is_refused_with_its_replacement(
+    tmp_path: Path, adapter: str
+) -> None:
+    """An adapter has no database to read the partition count from: a configuration still naming
+    the old key must not leave it on a default the server may not share."""
+    config = tmp_path / "old.yaml"
+    config.write_text("nats_url: nats://127.0.0.1:1\ningest_partitions: 16\n")
+    done = subprocess.run([*ADAPTER, adapter, "--config", str(config)], capture_output=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert b"ingest_partitions: replaced by `partitions`" in done.stderr
+
+
+def test_help_says_the_partition_count_is_the_servers() -> None:
+    done = subprocess.run([*ADAPTER, "--help"], capture_output=True, timeout=60, check=True)
+    assert b"partitions        twinstore's partition count: must equal the server's" in done.stdout

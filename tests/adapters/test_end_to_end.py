@@ -36,7 +36,7 @@ async def test_device_value_reaches_the_twin_within_a_second_and_desired_values_
     config = {
         "nats_url": settings.nats_url,
         "nats_prefix": settings.nats_prefix,
-        "ingest_partitions": settings.ingest_partitions,
+        "partitions": settings.partitions,
         "source": "ditto-user",  # writes as nginx:ditto (tests/conftest.py INGEST_SOURCES)
         "spool_dir": str(tmp_path / "spool"),
         "mqtt": {"url": mqtt_url, "client_id": f"adapter-{prefix}", "session_expiry": 5},
@@ -103,7 +103,7 @@ async def test_a_device_value_for_a_feature_the_twin_lacks_creates_the_feature(
     config = {
         "nats_url": settings.nats_url,
         "nats_prefix": settings.nats_prefix,
-        "ingest_partitions": settings.ingest_partitions,
+        "partitions": settings.partitions,
         "source": "ditto-user",
         "spool_dir": str(tmp_path / "spool"),
         "mqtt": {"url": mqtt_url, "client_id": f"adapter-new-{prefix}", "session_expiry": 5},

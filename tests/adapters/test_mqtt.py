@@ -28,7 +28,7 @@ def adapter_config(prefix: str, nats_url: str, mqtt_url: str, tmp: Path, **extra
     return {
         "nats_url": nats_url,
         "nats_prefix": prefix,
-        "ingest_partitions": 4,
+        "partitions": 4,
         "source": f"mqtt-{prefix}",
         "spool_dir": str(tmp / "spool"),
         "mqtt": mqtt,

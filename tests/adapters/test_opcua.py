@@ -203,7 +203,7 @@ async def adapter(
             "source": source or f"plc-{secrets.token_hex(3)}",
             "nats_url": nats_url,
             "nats_prefix": ingest[1].prefix,
-            "ingest_partitions": ingest[1].partitions,
+            "partitions": ingest[1].partitions,
             "spool_dir": str(tmp_path / f"spool-{len(tasks)}"),
             "opcua": {"endpoint": plc.url, "publishing_interval": 20, **options},
             "nodes": nodes,

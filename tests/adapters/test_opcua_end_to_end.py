@@ -59,7 +59,7 @@ async def test_plc_value_reaches_the_twin_within_a_second_and_desired_values_rea
         "source": "plc",
         "nats_url": settings.nats_url,
         "nats_prefix": settings.nats_prefix,
-        "ingest_partitions": settings.ingest_partitions,
+        "partitions": settings.partitions,
         "spool_dir": str(tmp_path / "spool"),
         "opcua": {"endpoint": plc.url, "publishing_interval": 50},
         "nodes": [

@@ -253,7 +253,7 @@ async def test_the_sparkplug_device_example_becomes_a_twin(
     config = {
         "nats_url": settings.nats_url,
         "nats_prefix": settings.nats_prefix,
-        "ingest_partitions": settings.ingest_partitions,
+        "partitions": settings.partitions,
         "source": "ditto-user",  # writes as nginx:ditto (tests/conftest.py INGEST_SOURCES)
         "spool_dir": str(tmp_path / "spool"),
         "mqtt": {"url": mqtt_url, "client_id": f"adapter-ex-{prefix}", "session_expiry": 5},

@@ -208,6 +208,21 @@ def test_settings_reach_twinstore_as_it_parses_them(rendered: Rendered) -> None:
         assert hasattr(settings, name.removeprefix("TWINSTORE_").lower())
 
 
+def test_one_partition_count_for_server_and_adapters(render: RenderFn) -> None:
+    """The default values give the server and every adapter the same count (64, as twinstore's
+    default for a new database): an adapter has no database to read it from."""
+    adapter = {"name": "plant-mqtt", "type": "mqtt", "config": {"nats_url": "nats://nats:4222"}}
+    r = render({"adapters": [adapter]})
+    assert r.get("ConfigMap", FULLNAME)["data"]["TWINSTORE_PARTITIONS"] == "64"
+    secret = r.get("Secret", f"{FULLNAME}-adapter-plant-mqtt")["data"]["config.yaml"]
+    assert yaml.safe_load(base64.b64decode(secret))["partitions"] == 64
+    # null: the server takes the database's count, the adapters twinstore's default
+    r = render({"adapters": [adapter], "settings": {"partitions": None}})
+    assert "TWINSTORE_PARTITIONS" not in r.get("ConfigMap", FULLNAME)["data"]
+    secret = r.get("Secret", f"{FULLNAME}-adapter-plant-mqtt")["data"]["config.yaml"]
+    assert yaml.safe_load(base64.b64decode(secret))["partitions"] == 64
+
+
 # ---- what particular value sets promise --------------------------------------------------------
 
 
@@ -425,7 +440,8 @@ def test_adapters(render: RenderFn) -> None:
     )
     assert config["source"] == "plant-mqtt" and config["spool_dir"] == "/var/lib/twinstore-adapter"
     assert config["nats_url"] == "nats://adapter:secret@nats:4222"  # the config's own wins
-    assert (config["nats_prefix"], config["ingest_partitions"]) == ("twinstore", 32)  # as the service's
+    assert (config["nats_prefix"], config["partitions"]) == ("twinstore", 32)  # as the service's
+    assert r.get("ConfigMap", FULLNAME)["data"]["TWINSTORE_PARTITIONS"] == "32"  # one value for both
     # the adapter's own configuration code accepts what the chart wrote
     MqttAdapter(config, forwarder_from_config(config, "mqtt"))
     # an existing Secret is mounted as config.yaml whatever its key is called

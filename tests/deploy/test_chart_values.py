@@ -28,7 +28,12 @@ SCHEMA_REFUSES: list[tuple[dict[str, Any], str]] = [
     ({"image": {"digest": "latest"}}, "/image/digest"),
     ({"database": {"existingSecret": {"name": "db", "kee": "uri"}}}, "kee"),
     ({"settings": {"log_level": "verbose"}}, "/settings/log_level"),
-    ({"settings": {"ingest_partitions": 0}}, "/settings/ingest_partitions"),
+    ({"settings": {"partitions": 0}}, "/settings/partitions"),
+    ({"settings": {"partitions": 2048}}, "/settings/partitions"),
+    (
+        {"adapters": [{"name": "plc-1", "type": "opcua", "config": {"partitions": 16}}]},
+        "/adapters/0/config",
+    ),
     ({"settings": {"anomaly_checkpoint_seconds": 61}}, "/settings/anomaly_checkpoint_seconds"),
     ({"settings": {"search_indexes": ["thingId"]}}, "/settings/search_indexes"),
     ({"settings": {"database_url": "postgresql://db/x"}}, "database_url"),  # a secret: not in the ConfigMap

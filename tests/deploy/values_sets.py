@@ -44,7 +44,7 @@ PRODUCTION: dict[str, Any] = {
         "pool_size": 20,
         "max_body_bytes": 2097152,
         "events_max_age_seconds": 1209600,
-        "ingest_partitions": 32,
+        "partitions": 32,
         "ingest_sources": {"plant-mqtt": ["integration:plant-mqtt"], "plc-1": ["integration:plc-1"]},
         "search_indexes": ["attributes/floor", "features/env/properties/temperature"],
         "preauth_trusted": ["10.0.0.0/8"],

@@ -31,6 +31,7 @@ from tests.api.helpers import assert_error, url
 from tests.conftest import ServerProcess, new_thing_id
 from tests.test_ingest import Source, eventually, property_values
 from twinstore.bus.ingest import MAX_ROWS_PER_MESSAGE, TELEMETRY_TYPE, Update, telemetry_messages
+from twinstore.model.partition import partition_of
 from twinstore.runtime import Runtime
 from twinstore.settings import Settings
 
@@ -279,8 +280,11 @@ async def test_websocket_filters_have_the_same_limits(live_server: ServerProcess
 # ---- item 14: NATS ingestion -------------------------------------------------------------------
 
 
-async def _thing(client: httpx.AsyncClient) -> str:
+async def _thing(client: httpx.AsyncClient, partition: tuple[int, int] | None = None) -> str:
+    """A new thing; with ``partition`` (p, count) one in partition p."""
     thing_id = new_thing_id("org.ingestsec")
+    while partition is not None and partition_of(thing_id, partition[1]) != partition[0]:
+        thing_id = new_thing_id("org.ingestsec")
     r = await client.put(url(thing_id), json={"attributes": {"n": 0}})
     assert r.status_code == 201, r.text
     return thing_id
@@ -289,7 +293,11 @@ async def _thing(client: httpx.AsyncClient) -> str:
 async def test_a_bad_row_is_refused_alone_and_the_partition_goes_on(
     client: httpx.AsyncClient, runtime: Runtime, settings: Settings, ingest_reports: list[dict[str, Any]]
 ) -> None:
-    a, b = await _thing(client), await _thing(client)
+    a = await _thing(client)
+    # b in a's partition: the third message carries rows of both on a's subject (a row of a thing
+    # of another partition would be refused as such)
+    count = runtime.ingest_subjects.partitions
+    b = await _thing(client, (partition_of(a, count), count))
     source = Source(runtime, "ditto-user")
     path = "/attributes/n"
     # a source timestamp past the year 9999 raised out of the worker's loop: the partition
@@ -300,7 +308,6 @@ async def test_a_bad_row_is_refused_alone_and_the_partition_goes_on(
     payload = orjson.dumps(
         {"updates": [[a, path, 4], [a, 7, 5], ["x"], [a, path, 6, "yesterday"], [b, path, 3]]}
     )
-    # (a and b may fall on different partitions: each message goes to the subject of its first row)
     subject = runtime.ingest_subjects.subject(a)
     assert runtime.nc is not None
     js = runtime.nc.jetstream()

@@ -3,9 +3,11 @@
 Not in the write path: it reads the events stream (``<PREFIX>_EVENTS``) that the relay fills
 after each commit, so a slow model never slows a write.
 
-* **Partitions.** The processes running it share the event partitions as ingestion shares its
-  own (:class:`~twinstore.bus.partitions.PartitionGroup`: advisory locks, members counted in
-  ``pg_locks``); per partition a durable pull consumer ``anomaly-<p>``. A new consumer starts
+* **Partitions.** The processes running it share the partitions as ingestion does
+  (:class:`~twinstore.bus.partitions.PartitionGroup`: advisory locks, members counted in
+  ``pg_locks``); per partition a durable pull consumer ``anomaly-<p>`` on ``<prefix>.events.<p>``.
+  ``p`` is the thing's one partition (:mod:`twinstore.model.partition`, the database's count):
+  its ingest partition, its journal partition and the relay that publishes its events. A new consumer starts
   at the earliest detector's config time (nothing before it can be scored), or at new events.
 * **Scoring.** For every event touching the properties of a feature with a detector
   (``anomaly_detectors``): the feature's numeric leaves (``properties`` of the config, default

@@ -3,13 +3,18 @@
 Adapters (``adapters/``) import only this module and :mod:`twinstore.bus.subjects`; the ingest
 workers (``twinstore/ingest.py``) decode with it. Nothing here touches the database.
 
-Subjects and streams (``prefix`` is the ``nats_prefix`` setting, ``P`` ``ingest_partitions``):
+Subjects and streams (``prefix`` is the ``nats_prefix`` setting, ``P`` the ``partitions``
+setting, the database's partition count: a publisher has no database, so it is configured with
+the same number, 64 unless set):
 
-* ``<prefix>.ingest.<p>`` with ``p = crc32(thingId) % P``, in the stream ``<PREFIX>_INGEST``
-  whose subjects are exactly ``<prefix>.ingest.0`` … ``<prefix>.ingest.<P-1>`` (a publisher
-  configured with another partition count gets an error, never a silently unread subject).
-  All updates of one thing travel on one subject, so they are applied in publish order;
-  partitions are spread over the ingest workers.
+* ``<prefix>.ingest.<p>`` with ``p = partition_of(thingId, P)`` (crc32 % P, the one partition
+  function: the thing's journal partition, events subject and anomaly scorer are ``p`` too), in
+  the stream ``<PREFIX>_INGEST`` whose subjects are exactly ``<prefix>.ingest.0`` …
+  ``<prefix>.ingest.<P-1>``. A publisher configured with a larger count gets an error (no
+  stream), never a silently unread subject; one with a smaller count has each row whose thing
+  is not in the subject's partition refused (``ingest:thing.wrongPartition``). All updates of
+  one thing travel on one subject, so they are applied in publish order; partitions are spread
+  over the ingest workers.
 * ``<prefix>.ingest.errors`` in the stream ``<PREFIX>_INGEST_ERRORS``: one JSON report per
   refused message or telemetry row (see ``twinstore.ingest``).
 
@@ -55,6 +60,7 @@ from typing import Any
 import msgspec
 
 from twinstore.bus.subjects import partition_of
+from twinstore.model.partition import DEFAULT_PARTITIONS
 
 __all__ = [
     "COMMAND_TYPE",
@@ -137,7 +143,7 @@ def decode_telemetry_rows(payload: bytes) -> list[Update | msgspec.ValidationErr
 
 class IngestSubjects(msgspec.Struct, frozen=True):
     prefix: str = "twinstore"
-    partitions: int = 16
+    partitions: int = DEFAULT_PARTITIONS
 
     @property
     def stream(self) -> str:

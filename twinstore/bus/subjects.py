@@ -1,7 +1,8 @@
 """NATS subjects and streams of twinstore (one place; adapters and workers use it).
 
 Committed events go to ``<prefix>.events.<partition>`` where ``partition`` is
-``crc32(thing_id) % partitions``: all events of one thing land on one subject, in revision
+``partition_of(thing_id, partitions)`` (crc32 % the database's partition count, the thing's
+journal and ingest partition too): all events of one thing land on one subject, in revision
 order, and consumers can spread partitions over workers.
 
 Live messages (Ditto's ``/inbox`` / ``/outbox`` messages) go to ``<prefix>.messages.<partition>``
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import msgspec
 
-from twinstore.model.partition import partition_of
+from twinstore.model.partition import DEFAULT_PARTITIONS, partition_of
 
 __all__ = ["Subjects", "partition_of"]
 
@@ -24,7 +25,7 @@ __all__ = ["Subjects", "partition_of"]
 
 class Subjects(msgspec.Struct, frozen=True):
     prefix: str = "twinstore"
-    partitions: int = 16
+    partitions: int = DEFAULT_PARTITIONS
 
     @property
     def events_stream(self) -> str:
