@@ -181,7 +181,7 @@ class Runtime:
             max_patch_ops=s.max_patch_ops,
             max_header_bytes=s.max_header_bytes,
             on_commit=lambda events: relay.notify(),
-            writers=s.journal_writers,
+            writers=max(1, min(s.journal_writers, s.pool_size // 2)),
             recorder=self.recorder,
         )
         self.journal.start()

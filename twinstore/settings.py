@@ -179,7 +179,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # another number is refused. Adapters have no database: theirs must be set to the same.
     partitions: int | None = None
     # Journal transactions in flight per process, each committing the queued writes of one
-    # partition on a pooled connection of its own (the rest of pool_size serves reads).
+    # partition on a pooled connection of its own; at most half of pool_size (the rest serves
+    # reads): a smaller pool lowers it.
     journal_writers: int = 4
     pool_size: int = 10
     relay_poll_interval: float = 1.0
@@ -264,8 +265,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("history_retention_days must be a positive number of days (or unset)")
         if self.partitions is not None and not 1 <= self.partitions <= MAX_PARTITIONS:
             raise ValueError(f"partitions must be 1..{MAX_PARTITIONS} (or unset: the database's)")
-        if not 1 <= self.journal_writers <= 64 or self.journal_writers >= self.pool_size:
-            raise ValueError("journal_writers must be 1..64 and less than pool_size")
+        if not 1 <= self.journal_writers <= 64:
+            raise ValueError("journal_writers must be 1..64")
         if not 1 <= self.ingest_batch <= 10_000:
             raise ValueError("ingest_batch must be 1..10000")
         if not 1 <= self.anomaly_checkpoint_every <= 100_000 or not 0 < self.anomaly_checkpoint_seconds <= 60:
