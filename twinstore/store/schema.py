@@ -25,10 +25,27 @@ MIGRATION_LOCK = 7_242_001
 Migration = str | Callable[[Connection, int], Awaitable[None]]
 
 
+# The journal's indexes, with the constraint each one backs (the primary key).
+JOURNAL_INDEXES = """
+SELECT c.relname AS name, pg_get_indexdef(i.indexrelid) AS definition, k.conname AS constraint,
+       pg_get_constraintdef(k.oid) AS constraint_definition
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+LEFT JOIN pg_constraint k ON k.conindid = i.indexrelid AND k.conrelid = i.indrelid
+WHERE i.indrelid = 'journal'::regclass
+ORDER BY c.relname
+"""
+
+
 async def _partition_journal(con: Connection, partitions: int) -> None:
     """15: the journal split into partitions, each with its own commit-ordered ``seq``
     (twinstore.store.recorder); existing events keep their order within each partition, and the
-    relay's global cursor becomes one cursor per partition at the same place."""
+    relay's global cursor becomes one cursor per partition at the same place.
+
+    Before partitions ``position`` was handed out under one write lock, so it is the commit
+    order: numbering each partition's events by it gives the order a per-partition lock would
+    have. Every row is rewritten once (one UPDATE sets both columns, the indexes are built
+    again after it): on a large journal this is the long part of the upgrade.
+    """
     await con.execute(
         """
         CREATE TABLE twinstore_meta (key text PRIMARY KEY, value jsonb NOT NULL);
@@ -49,11 +66,9 @@ async def _partition_journal(con: Connection, partitions: int) -> None:
     await con.execute(
         "INSERT INTO twinstore_meta (key, value) VALUES ('partitions', $1::text::jsonb)", str(partitions)
     )
-    await con.execute(
-        "INSERT INTO partition_heads (partition) SELECT generate_series(0, $1 - 1)", partitions
-    )
     ids = await con.fetch("SELECT DISTINCT entity, id FROM journal")
     if ids:
+        # crc32 (partition_of) has no SQL counterpart: each id's partition is computed here.
         await con.execute(
             "CREATE TEMPORARY TABLE journal_partitions (entity text, id text, partition integer) "
             "ON COMMIT DROP"
@@ -62,28 +77,49 @@ async def _partition_journal(con: Connection, partitions: int) -> None:
             "journal_partitions",
             records=[(r["entity"], r["id"], partition_of(partition_key(r["id"]), partitions)) for r in ids],
         )
+        # Every row gets a new version: updating the journal's indexes row by row took 3x as
+        # long as dropping them and building them again after (1M events: 62 s against 22 s).
+        indexes = await con.fetch(JOURNAL_INDEXES)
+        for index in indexes:
+            if index["constraint"] is not None:
+                await con.execute(f'ALTER TABLE journal DROP CONSTRAINT "{index["constraint"]}"')
+            else:
+                await con.execute(f'DROP INDEX "{index["name"]}"')
         await con.execute(
             """
-            UPDATE journal j SET partition = p.partition
-            FROM journal_partitions p WHERE p.entity = j.entity AND p.id = j.id;
-            UPDATE journal j SET seq = n.seq
-            FROM (SELECT entity, id, revision,
-                         row_number() OVER (PARTITION BY partition ORDER BY position) AS seq
-                  FROM journal) n
-            WHERE n.entity = j.entity AND n.id = j.id AND n.revision = j.revision;
-            UPDATE partition_heads h SET seq = m.seq
-            FROM (SELECT partition, max(seq) AS seq FROM journal GROUP BY partition) m
-            WHERE h.partition = m.partition;
+            ANALYZE journal_partitions;  -- temporary tables are never analyzed on their own
+            UPDATE journal j SET partition = n.partition, seq = n.seq
+            FROM (SELECT j.position, p.partition,
+                         row_number() OVER (PARTITION BY p.partition ORDER BY j.position) AS seq
+                  FROM journal j JOIN journal_partitions p ON p.entity = j.entity AND p.id = j.id) n
+            WHERE j.position = n.position;
             """
         )
+        for index in indexes:
+            if index["constraint"] is not None:
+                constraint, definition = index["constraint"], index["constraint_definition"]
+                await con.execute(f'ALTER TABLE journal ADD CONSTRAINT "{constraint}" {definition}')
+            else:
+                await con.execute(index["definition"])
+    # One scan of the journal each, not a lookup per partition: the (partition, seq) index, built
+    # in the transaction that updated the rows, may not be usable before it commits.
+    await con.execute(
+        """
+        INSERT INTO partition_heads (partition, seq)
+        SELECT g, coalesce(m.seq, 0) FROM generate_series(0, $1 - 1) AS g
+        LEFT JOIN (SELECT partition, max(seq) AS seq FROM journal GROUP BY partition) m ON m.partition = g
+        """,
+        partitions,
+    )
     # The relay had published every position up to its cursor: per partition, every seq of those.
     await con.execute(
         """
         INSERT INTO relay_cursors (name, partition, seq)
-        SELECT c.name, h.partition,
-               coalesce((SELECT max(j.seq) FROM journal j
-                         WHERE j.partition = h.partition AND j.position <= c.position), 0)
-        FROM relay_cursor c CROSS JOIN partition_heads h;
+        SELECT c.name, h.partition, coalesce(m.seq, 0)
+        FROM relay_cursor c CROSS JOIN partition_heads h
+        LEFT JOIN (SELECT r.name, j.partition, max(j.seq) AS seq
+                   FROM relay_cursor r JOIN journal j ON j.position <= r.position
+                   GROUP BY r.name, j.partition) m ON m.name = c.name AND m.partition = h.partition;
         DROP TABLE relay_cursor;
         ALTER TABLE journal ALTER COLUMN partition SET NOT NULL, ALTER COLUMN seq SET NOT NULL;
         CREATE UNIQUE INDEX journal_partition_seq ON journal (partition, seq);
