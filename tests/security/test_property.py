@@ -51,8 +51,8 @@ from twinstore.model.errors import DittoError
 from twinstore.model.fields import parse_fields
 from twinstore.model.thing import Command, Delete, Event, JsonPatch, Merge, Modify, ThingState, replay
 from twinstore.service import ThingService
-from twinstore.store.recorder import Recorder
 from twinstore.store.journal import Committed, Journal, WriteRequest
+from twinstore.store.recorder import Recorder
 
 EXAMPLES = int(os.environ.get("TWINSTORE_PROPERTY_EXAMPLES", "10000"))
 
