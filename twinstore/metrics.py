@@ -206,6 +206,15 @@ class _RuntimeCollector(Collector):
             [],
             journal.commit_seconds,
         )
+        yield _histogram(
+            HistogramMetricFamily(
+                "twinstore_journal_lock_seconds",
+                "Seconds per journal transaction waiting for its partition's write lock (and reading "
+                "its things' heads): the time writes in one partition queue behind each other",
+            ),
+            [],
+            journal.lock_seconds,
+        )
 
     def _relay(self, rt: Runtime) -> Iterator[Metric]:
         relay = rt.relay
@@ -216,6 +225,12 @@ class _RuntimeCollector(Collector):
             "Committed events the relay could never publish (over NATS' max_payload, not encodable, "
             "refused by JetStream): logged and passed over, kept in the journal",
             value=relay.skipped,
+        )
+        yield GaugeMetricFamily(
+            "twinstore_relay_partitions",
+            "Journal partitions this process's relay publishes (the others are published by other "
+            "processes: the sum over the processes is the partition count)",
+            value=len(relay.partitions),
         )
 
     def _pool(self, rt: Runtime) -> Iterator[Metric]:
