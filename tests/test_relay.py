@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import random
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import asyncpg
 import nats
 import nats.js
 
-from tests.conftest import bounded, eventually, new_thing_id
+from tests.conftest import ROOT, bounded, eventually, kill_process, new_thing_id
 from twinstore.bus.relay import (
     CURSOR,
     PARTITION_HEADER,
@@ -30,6 +32,7 @@ from twinstore.bus.relay import (
     Relay,
     ensure_events_stream,
     journal_heads,
+    relay_lock_class,
 )
 from twinstore.bus.subjects import Subjects
 from twinstore.model.thing import Modify
@@ -259,6 +262,40 @@ async def test_each_partition_is_published_in_seq_order_and_its_cursor_ends_at_i
         assert {p: s or 0 for p, s in saved.items()} == heads
 
 
+class Load:
+    """Writers changing 24 things one revision at a time, until stopped."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.writing = asyncio.Event()
+        self.tasks: list[asyncio.Task[int]] = []
+
+    def start(self) -> None:
+        self.writing.set()
+        self.tasks = [asyncio.create_task(self._write(new_thing_id())) for _ in range(24)]
+
+    async def _write(self, thing_id: str) -> int:
+        await write(self.journal, thing_id, "/", {"attributes": {}})
+        n = 1
+        while self.writing.is_set():
+            n += 1
+            await write(self.journal, thing_id, "/attributes/n", n)
+            await asyncio.sleep(random.uniform(0.005, 0.03))
+        return n
+
+    async def stop(self, pool: asyncpg.Pool) -> dict[int, int]:
+        """Stop writing; the partitions' heads, which hold every event written."""
+        self.writing.clear()
+        counts = await bounded(asyncio.gather(*self.tasks), 20, "the writers")
+        heads = await journal_heads(pool)
+        assert sum(heads.values()) == sum(counts)
+        return heads
+
+    async def cancel(self) -> None:
+        self.writing.clear()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 async def test_two_relays_split_the_partitions_and_publish_every_event_once_in_order(
     settings: Settings, scratch_database: str
 ) -> None:
@@ -269,25 +306,12 @@ async def test_two_relays_split_the_partitions_and_publish_every_event_once_in_o
         first = b.relay(poll_interval=0.2, batch=20, rebalance_seconds=0.2)
         second = b.relay(other_nc, poll_interval=0.2, batch=20, rebalance_seconds=0.2)
         journal = b.journal()
-        things = [new_thing_id() for _ in range(24)]
-        writing = asyncio.Event()
-        writing.set()
-
-        async def writer(thing_id: str) -> int:
-            await write(journal, thing_id, "/", {"attributes": {}})
-            n = 1
-            while writing.is_set():
-                n += 1
-                await write(journal, thing_id, "/attributes/n", n)
-                await asyncio.sleep(random.uniform(0.005, 0.03))
-            return n
-
-        writers: list[asyncio.Task[int]] = []
+        load = Load(journal)
         try:
             journal.start()
             first.start()
             await eventually(lambda: len(first.partitions) == 8, 10, "the first relay holding them all")
-            writers = [asyncio.create_task(writer(t)) for t in things]
+            load.start()
             await asyncio.sleep(0.5)
             second.start()
 
@@ -301,10 +325,7 @@ async def test_two_relays_split_the_partitions_and_publish_every_event_once_in_o
             await bounded(first.stop(), 40, "stopping the first relay")  # mid-stream
             await eventually(lambda: len(second.partitions) == 8, 15, "the second relay taking over")
             await asyncio.sleep(0.5)
-            writing.clear()
-            counts = await asyncio.gather(*writers)
-            heads = await journal_heads(b.pool)
-            assert sum(heads.values()) == sum(counts)
+            heads = await load.stop(b.pool)
             await eventually(lambda: second.cursors == heads, 20, "the second relay at every head")
             async with b.pool.acquire() as con:
                 events = await con.fetch(SELECT_THING_EVENTS)
@@ -312,12 +333,104 @@ async def test_two_relays_split_the_partitions_and_publish_every_event_once_in_o
             # handed over at the saved cursor: nothing was even published twice
             assert first.published + second.published == len(events)
         finally:
-            writing.clear()
-            await asyncio.gather(*writers, return_exceptions=True)
+            await load.cancel()
             await bounded(journal.stop(), 20, "stopping the journal")
             await bounded(first.stop(), 40, "stopping the first relay")
             await bounded(second.stop(), 40, "stopping the second relay")
             await other_nc.close()
+
+
+# A relay process of its own: kill -9 ends it with no round finished and no cursor saved.
+RELAY_PROCESS = """
+import asyncio, sys
+import asyncpg, nats
+from twinstore.bus import relay as module
+from twinstore.bus.relay import Relay
+from twinstore.bus.subjects import Subjects
+from twinstore.runtime import create_pool
+
+async def main(url, nats_url, prefix, name, save_seconds):
+    module.CURSOR_SAVE_SECONDS = float(save_seconds)
+    pool = await create_pool(url, 2)
+    nc = await nats.connect(nats_url)
+    connect = lambda: asyncpg.connect(url, server_settings={"application_name": name})
+    relay = Relay(pool, nc, Subjects(prefix, 4), connect=connect, poll_interval=0.2, batch=20,
+                  rebalance_seconds=0.2)
+    relay.start()
+    await asyncio.Event().wait()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+# Partitions held, with the application_name of the holding connection.
+SELECT_HOLDERS = """
+SELECT a.application_name AS name, l.objid::int AS partition
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::bigint::oid AND l.objsubid = 2
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+SELECT_CURSORS = "SELECT partition, seq FROM relay_cursors WHERE name = $1"
+
+
+async def test_a_relay_process_killed_mid_stream_loses_nothing_and_its_republish_is_dropped(
+    settings: Settings, scratch_database: str
+) -> None:
+    """Two relay processes share the partitions; one is killed with SIGKILL while writes go on:
+    the other takes its partitions over from their last saved cursors (behind what was
+    published), republishes from there, and JetStream keeps each event once."""
+    async with bus(settings, scratch_database, partitions=8) as b:
+        journal = b.journal()
+        load = Load(journal)
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        lock_class = relay_lock_class(b.subjects)
+
+        async def holders() -> dict[str, set[int]]:
+            found: dict[str, set[int]] = {}
+            async with b.pool.acquire() as con:
+                for r in await con.fetch(SELECT_HOLDERS, lock_class):
+                    found.setdefault(r["name"], set()).add(r["partition"])
+            return found
+
+        async def held(expected: dict[str, int]) -> bool:
+            return {name: len(held) for name, held in (await holders()).items()} == expected
+
+        async def saved() -> dict[int, int]:
+            async with b.pool.acquire() as con:
+                cursors = {r["partition"]: r["seq"] for r in await con.fetch(SELECT_CURSORS, CURSOR)}
+            return {p: cursors.get(p, 0) for p in range(8)}
+
+        try:
+            journal.start()
+            load.start()
+            # relay-a saves its cursors only when it hands a partition over: when it is killed,
+            # what it published since it took its partitions is certainly republished
+            for name, save_seconds in (("relay-a", "3600"), ("relay-b", "0.1")):
+                args = [b.url, str(settings.nats_url), b.subjects.prefix, name, save_seconds]
+                procs[name] = subprocess.Popen([sys.executable, "-c", RELAY_PROCESS, *args], cwd=ROOT)
+            await eventually(lambda: held({"relay-a": 4, "relay-b": 4}), 30, "the partitions split")
+            await asyncio.sleep(1.0)
+            of_a = (await holders())["relay-a"]
+            kill_process(procs["relay-a"])  # mid-stream
+            cursors = await saved()
+            published: dict[int, int] = {}
+            for h in await b.stored():
+                published[int(h[PARTITION_HEADER])] = int(h[POSITION_HEADER])
+            assert any(published.get(p, 0) > cursors[p] for p in of_a), "relay-a published beyond its cursors"
+            await eventually(lambda: held({"relay-b": 8}), 15, "relay-b taking every partition over")
+            await asyncio.sleep(0.5)
+            heads = await load.stop(b.pool)
+
+            async def at_heads() -> bool:
+                return await saved() == heads
+
+            await eventually(at_heads, 20, "relay-b's saved cursors at every head")
+            async with b.pool.acquire() as con:
+                events = await con.fetch(SELECT_THING_EVENTS)
+            _check_stream(await b.stored(), events)
+        finally:
+            for proc in procs.values():
+                kill_process(proc)
+            await load.cancel()
+            await bounded(journal.stop(), 20, "stopping the journal")
 
 
 async def test_an_event_that_cannot_be_published_is_passed_over_and_the_next_one_delivered(
