@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from litestar import Litestar
 
 from tests.api.helpers import assert_error, full_access
 from tests.conftest import new_thing_id
-from twinstore.api.app import create_app
 
 DETECTOR = {"algorithm": "mahalanobis", "parameters": {"warmup": 20, "k": 1}, "properties": ["t"]}
 
@@ -87,7 +87,7 @@ async def test_detector_validation(client: httpx.AsyncClient, thing_id: str) -> 
     assert_error(r, 404, "things:anomaly.notfound")
 
 
-async def test_permissions(client: httpx.AsyncClient, settings: Any, runtime: Any) -> None:
+async def test_permissions(client: httpx.AsyncClient, app: Litestar) -> None:
     """READ on the feature to get, WRITE to put or delete; unreadable looks absent (404)."""
     policy_id = new_thing_id("org.policy")
     policy = full_access("nginx:ditto")
@@ -105,7 +105,6 @@ async def test_permissions(client: httpx.AsyncClient, settings: Any, runtime: An
     await make_thing(client, private)
     for thing_id, feature in ((shared, "f"), (shared, "secret"), (private, "f")):
         assert (await client.put(detector_url(thing_id, feature), json=DETECTOR)).status_code == 201
-    app = create_app(settings, runtime)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://twinstore", auth=("other", "secret")
     ) as other:

@@ -9,20 +9,19 @@ from typing import Any
 
 import httpx
 import pytest_asyncio
+from litestar import Litestar
 
 from tests.anomaly.test_worker import normal, until, write
 from tests.api.helpers import assert_error, full_access
 from tests.conftest import new_thing_id
-from twinstore.api.app import create_app
 from twinstore.runtime import Runtime
-from twinstore.settings import Settings
 
 DETECTOR = {"algorithm": "mahalanobis", "parameters": {"warmup": 20, "k": 1}, "properties": ["t"]}
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def other_client(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(settings, runtime))
+async def other_client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport, base_url="http://twinstore", auth=("other", "secret")
     ) as c:

@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+from litestar import Litestar
 
 from tests.api.helpers import JSON_PATCH, MERGE, assert_error, body, create, full_access, revision, thing, url
 from tests.conftest import new_thing_id
@@ -44,8 +45,8 @@ THING = {
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def other(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(settings, runtime))
+async def other(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://twinstore", auth=OTHER) as c:
         yield c
 

@@ -13,20 +13,18 @@ from typing import Any
 
 import httpx
 import pytest_asyncio
+from litestar import Litestar
 
 from tests.api.helpers import MERGE, assert_error, create, full_access, url
 from tests.conftest import new_thing_id
-from twinstore.api.app import create_app
-from twinstore.runtime import Runtime
-from twinstore.settings import Settings
 
 OTHER = ("other", "secret")
 HISTORY_NOT_FOUND = "things:thing.history.notfound"
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def other(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(settings, runtime))
+async def other(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://twinstore", auth=OTHER) as c:
         yield c
 

@@ -11,12 +11,11 @@ import httpx
 import orjson
 import pytest
 import pytest_asyncio
+from litestar import Litestar
 
 from tests.api.helpers import assert_error, full_access
 from tests.conftest import verify_chain
-from twinstore.api.app import create_app
 from twinstore.runtime import Runtime
-from twinstore.settings import Settings
 
 OTHER = ("other", "secret")
 RW = {"grant": ["READ", "WRITE"], "revoke": []}
@@ -28,8 +27,8 @@ FROM journal WHERE entity = 'policy' AND id = $1 ORDER BY revision
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def other(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(settings, runtime))
+async def other(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://twinstore", auth=OTHER) as c:
         yield c
 

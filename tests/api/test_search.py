@@ -19,16 +19,15 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 import pytest_asyncio
+from litestar import Litestar
 
 import policies
 from tests.api.helpers import assert_error, create, full_access, make_policy, url
 from tests.conftest import bounded, eventually
-from twinstore.api.app import create_app
 from twinstore.enforcement import readable_thing
 from twinstore.model import rql
 from twinstore.model.thing import ThingState
 from twinstore.runtime import Runtime
-from twinstore.settings import Settings
 
 OTHER = ("other", "secret")
 SEARCH = "/api/2/search/things"
@@ -53,8 +52,8 @@ def b64(value: Any) -> str:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def other(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(settings, runtime))
+async def other(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://twinstore", auth=OTHER) as c:
         yield c
 

@@ -202,9 +202,11 @@ class HttpRunner:
         for part in PATHS[index]:
             node = node.get(part) if isinstance(node, dict) else None
         guessed = "eve-guess" if node is None else node
-        if isinstance(guessed, dict) and not PATHS[index]:
-            # The document less its ids: they differ between the worlds by construction (a
-            # value holding them would hash, and name a policy, differently in each world).
+        if not PATHS[index] and isinstance(guessed, dict):
+            # The whole thing as ditto reads it in world 1 carries world 1's thingId and policyId,
+            # which world 2 would get verbatim (an id mismatch there, world 1's ids stored as data
+            # and shown back unnormalized): ids are no hidden values, and both worlds must get the
+            # same input up to their own ids. Every hidden value (marker) stays in the guess.
             guessed = {k: v for k, v in guessed.items() if k not in ("thingId", "policyId")}
         self.sent.update(MARKER.findall(orjson.dumps(guessed).decode()))
         return guessed
