@@ -230,10 +230,18 @@ class Cluster:
     """``twinstore serve`` processes on one database and one NATS prefix."""
 
     def __init__(
-        self, database_url: str, args: argparse.Namespace, users: Path, tmp: Path, root: Path = ROOT
+        self,
+        database_url: str,
+        args: argparse.Namespace,
+        users: Path,
+        tmp: Path,
+        root: Path = ROOT,
+        env: dict[str, str] | None = None,
     ) -> None:
-        """``root``: the source tree the processes run (another checkout runs a baseline)."""
+        """``root``: the source tree the processes run (another checkout runs a baseline);
+        ``env``: more settings of the processes (``TWINSTORE_...``)."""
         self.database_url, self.args, self.users, self.tmp, self.root = database_url, args, users, tmp, root
+        self.extra_env = env or {}
         self.prefix = ""
         self.servers: list[Server] = []
         self.started = 0
@@ -258,6 +266,7 @@ class Cluster:
                 TWINSTORE_INGEST_ENABLED="false",  # = serve --no-ingest
                 TWINSTORE_ANOMALY_ENABLED="false",  # = serve --no-anomaly
             )
+            server.env.update(self.extra_env)
             self.servers.append(server)
             servers.append(server)
         for server in servers:

@@ -177,9 +177,10 @@ async def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[l
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False
             )
-    cluster = Cluster(database_url, args, users, tmp)
+    settings = {f"TWINSTORE_{k.upper()}": v for k, _, v in (kv.partition("=") for kv in args.set)}
+    cluster = Cluster(database_url, args, users, tmp, env=settings)
     try:
-        rows += await measure(args, cluster, tmp, "this tree")
+        rows += await measure(args, cluster, tmp, "this tree" + "".join(f", {kv}" for kv in args.set))
     finally:
         await cluster.close()
     verdicts: list[Verdict] = []
@@ -189,7 +190,7 @@ async def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[l
             if row.tree != tree or base is None or row.processes == 1:
                 continue
             row.ratio = row.rate / base.rate
-            if tree == "this tree":
+            if tree.startswith("this tree"):
                 row.verdict = Verdict(
                     f"PUT with {row.processes} processes vs 1",
                     f"{row.rate:,.0f}/s vs {base.rate:,.0f}/s = {row.ratio:.2f}x",
@@ -219,6 +220,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="2c95477",
         help="git ref of the tree to compare with in the same run ('' for none; default: the last "
         "commit before the partitioned journal)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="a setting of this tree's processes"
     )
     parser.add_argument("--connections", type=int, default=64, help="wrk connections")
     parser.add_argument("--things", type=int, default=10_000, help="things the PUTs address")

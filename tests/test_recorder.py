@@ -141,8 +141,17 @@ async def test_an_event_lands_in_its_partition_with_the_next_seq_and_its_chain_h
     for r in events:
         value = None if r["value"] is None else storable(canonical(orjson.loads(r["value"])))
         previous = chain_hash(
-            previous, entity, entity_id, r["revision"], r["ts"], r["action"], r["path"], value,
-            r["originator"], r["correlation_id"], None,
+            previous,
+            entity,
+            entity_id,
+            r["revision"],
+            r["ts"],
+            r["action"],
+            r["path"],
+            value,
+            r["originator"],
+            r["correlation_id"],
+            None,
         )
         assert bytes(r["hash"]) == previous
 
@@ -256,3 +265,31 @@ def test_partition_of_is_crc32_and_stable() -> None:
     assert partition_of("org.acme:pump-1", 64) == 15
     assert partition_of("org.acme:pump-2", 64) == 53
     assert all(0 <= partition_of(new_thing_id(), 64) < 64 for _ in range(100))
+
+
+async def test_with_groups_a_transaction_stays_within_its_group_of_partitions(store: Store) -> None:
+    """journal_partitions_per_transaction = 4: transactions hold several partitions, all of one
+    group (partition // 4), never two groups."""
+    grouped = Journal(store.pool, recorder=store.recorder, writers=2, group_size=4)
+    grouped.start()
+    try:
+        keys = [new_thing_id("org.grouped") for _ in range(200)]
+        await asyncio.gather(
+            *(
+                grouped.write(
+                    WriteRequest(
+                        thing_id=k, command=Modify(path="/", value={"attributes": {}}), originator="nginx:t"
+                    )
+                )
+                for k in keys
+            )
+        )
+    finally:
+        await bounded(grouped.stop(), 20, "stopping the journal")
+    async with store.pool.acquire() as con:
+        spans = await con.fetch(
+            "SELECT xmin::text AS tx, array_agg(DISTINCT partition) AS parts FROM journal "
+            "WHERE id LIKE 'org.grouped:%' GROUP BY 1"
+        )
+    assert any(len(r["parts"]) > 1 for r in spans)  # groups do share transactions
+    assert all(len({p // 4 for p in r["parts"]}) == 1 for r in spans), [r["parts"] for r in spans]

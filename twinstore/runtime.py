@@ -182,6 +182,7 @@ class Runtime:
             max_header_bytes=s.max_header_bytes,
             on_commit=lambda events: relay.notify(),
             writers=max(1, min(s.journal_writers, s.pool_size // 2)),
+            group_size=s.journal_partitions_per_transaction,
             recorder=self.recorder,
         )
         self.journal.start()

@@ -182,6 +182,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # partition on a pooled connection of its own; at most half of pool_size (the rest serves
     # reads): a smaller pool lowers it.
     journal_writers: int = 4
+    # Consecutive partitions committed together (partition // N): 1 makes every write
+    # transaction single-partition (single-shard on a database distributed by partition); more
+    # gives bigger group commits on one database, and more lock overlap between processes.
+    journal_partitions_per_transaction: int = 1
     pool_size: int = 10
     relay_poll_interval: float = 1.0
     log_level: str = "info"
@@ -265,6 +269,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("history_retention_days must be a positive number of days (or unset)")
         if self.partitions is not None and not 1 <= self.partitions <= MAX_PARTITIONS:
             raise ValueError(f"partitions must be 1..{MAX_PARTITIONS} (or unset: the database's)")
+        if not 1 <= self.journal_partitions_per_transaction <= 1024:
+            raise ValueError("journal_partitions_per_transaction must be 1..1024")
         if not 1 <= self.journal_writers <= 64:
             raise ValueError("journal_writers must be 1..64")
         if not 1 <= self.ingest_batch <= 10_000:

@@ -358,6 +358,7 @@ class Journal:
         writers: int = 2,
         cache_size: int = 10_000,
         recorder: Recorder,
+        group_size: int = 1,
     ) -> None:
         self.pool = pool
         self.recorder = recorder
@@ -374,9 +375,13 @@ class Journal:
         # ``writers`` commit loops, each committing one partition's queued requests at a time
         # (see the module): up to ``writers`` transactions in flight, on as many connections.
         self.writers = writers
-        self._pending: dict[int, deque[_Pending]] = {}  # partition -> its queued units
-        self._ready: asyncio.Queue[int] = asyncio.Queue()  # partitions with units, none committing
-        self._scheduled: set[int] = set()  # partitions in _ready or being committed
+        # Queued by group of ``group_size`` consecutive partitions (partition // group_size): a
+        # transaction commits the queued writes of one group. 1: one partition per transaction
+        # (single-shard); more: bigger group commits, more overlap between processes.
+        self.group_size = max(1, group_size)
+        self._pending: dict[int, deque[_Pending]] = {}  # group -> its queued units
+        self._ready: asyncio.Queue[int] = asyncio.Queue()  # groups with units, none committing
+        self._scheduled: set[int] = set()  # groups in _ready or being committed
         # The last batch's things and an event set once its plans are in the cache (_transaction).
         self._planned: tuple[frozenset[str], asyncio.Event] = (frozenset(), asyncio.Event())
         self._tasks: list[asyncio.Task[None]] = []
@@ -437,29 +442,29 @@ class Journal:
         if not self._tasks:
             raise UnavailableError("The journal is not running.")
         pending = _Pending(requests, mark)
-        partition = self.recorder.partition(requests[0].thing_id) if requests else 0
-        self._pending.setdefault(partition, deque()).append(pending)
-        if partition not in self._scheduled:
-            self._scheduled.add(partition)
-            self._ready.put_nowait(partition)
+        group = self.recorder.partition(requests[0].thing_id) // self.group_size if requests else 0
+        self._pending.setdefault(group, deque()).append(pending)
+        if group not in self._scheduled:
+            self._scheduled.add(group)
+            self._ready.put_nowait(group)
         return await pending.future
 
-    def _take(self, partition: int) -> list[_Pending]:
-        """The next batch of ``partition``: its queued units, up to max_batch requests."""
-        queue = self._pending[partition]
+    def _take(self, group: int) -> list[_Pending]:
+        """The next batch of a group of partitions: its queued units, up to max_batch requests."""
+        queue = self._pending[group]
         batch = [queue.popleft()]
         size = len(batch[0].requests)
         while queue and size + len(queue[0].requests) <= self.max_batch:
             batch.append(queue.popleft())
             size += len(batch[-1].requests)
         if not queue:
-            del self._pending[partition]
+            del self._pending[group]
         return batch
 
     async def _run(self) -> None:
         while True:
-            partition = await self._ready.get()
-            batch = self._take(partition)
+            group = await self._ready.get()
+            batch = self._take(group)
             self._in_flight += 1
             try:
                 await self._commit(batch)
@@ -475,12 +480,12 @@ class Journal:
                         )
             finally:
                 self._in_flight -= 1
-                # One batch of a partition at a time in this process: the next one is decided on
+                # One batch of a group at a time in this process: the next one is decided on
                 # this one's outcome (in the cache), its things' writes stay in order.
-                if partition in self._pending:
-                    self._ready.put_nowait(partition)
+                if group in self._pending:
+                    self._ready.put_nowait(group)
                 else:
-                    self._scheduled.discard(partition)
+                    self._scheduled.discard(group)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
