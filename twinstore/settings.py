@@ -185,7 +185,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Consecutive partitions committed together (partition // N): 1 makes every write
     # transaction single-partition (single-shard on a database distributed by partition); more
     # gives bigger group commits on one database, and more lock overlap between processes.
-    journal_partitions_per_transaction: int = 1
+    journal_partitions_per_transaction: int = 8
     pool_size: int = 10
     relay_poll_interval: float = 1.0
     log_level: str = "info"
