@@ -48,6 +48,22 @@ AUTH = ("ditto", "ditto")
 INGEST_SOURCES = {"plc": ["integration:plc"], "ditto-user": ["nginx:ditto"]}
 
 
+# ---- collection ---------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Schemathesis names an operation's item ``test[GET /api/2/things]``, but pytest 9.2 builds a
+    node id from the item's original name and parametrization only, so every operation of a test
+    had the bare test name as its id. Each gets its operation back: reports and durations name it,
+    and pytest-xdist's per-file scheduling, which keys items by node id, runs all 67 operations
+    (with duplicate ids it ran the first of each test only)."""
+    for item in items:
+        label = getattr(item, "operation_label", None)
+        node_id = getattr(item, "_id", None)
+        if isinstance(label, str) and not item.nodeid.endswith("]") and hasattr(node_id, "with_params"):
+            item._id = node_id.with_params(label)
+
+
 # ---- environment, waiting, teardown -----------------------------------------------------
 
 

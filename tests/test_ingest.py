@@ -20,7 +20,7 @@ import pytest
 
 from tests.api.helpers import create, url
 from tests.conftest import bounded, cancel_and_wait, new_thing_id
-from twinstore.audit import verify_database
+from twinstore.audit import Scope, verify_database
 from twinstore.bus.ingest import (
     COMMAND_TYPE,
     IngestSubjects,
@@ -379,7 +379,10 @@ async def test_ingested_headers_survive_export_and_import(
     (the imported chains verify) and the exported envelopes show them."""
     from twinstore.export import export_database, import_database
 
-    thing_id = new_thing_id("org.ingest")
+    # A namespace of its own, exported alone: an import verifies every chain it is given, and other
+    # tests of the session leave theirs in any state (retention's cleaned-up things, say).
+    namespace = f"org.ingest{secrets.token_hex(4)}"
+    thing_id = new_thing_id(namespace)
     await create(client, thing_id, {"features": {"t": {"properties": {"v": 0}}}})
     source = Source(runtime, "ditto-user")
     await source.values([Update(thing_id, "/features/t/properties/v", 7, 1_767_225_600_000, "Uncertain")])
@@ -390,7 +393,8 @@ async def test_ingested_headers_survive_export_and_import(
     await eventually(landed)
     out = tmp_path / "export.ndjson"
     with out.open("wb") as fh:
-        await export_database(settings.database_url or "", fh)
+        exported = await export_database(settings.database_url or "", fh, Scope(namespace=namespace))
+    assert exported.entities == 2  # the thing and its policy
     lines = out.read_bytes().splitlines()
     mine = [orjson.loads(line) for line in lines if thing_id.replace(":", "/", 1) in line.decode()]
     ingested = next(e for e in mine if e["path"] == "/features/t/properties/v")

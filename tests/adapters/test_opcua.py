@@ -71,6 +71,8 @@ class Plc:
         self.server: Server | None = None
         self.nodes: dict[str, Any] = {}
         self.ns = 0
+        self.ns_uri = NS_URI
+        self.shared = False
 
     async def start(self, flow: float = 1.0) -> Plc:
         users = Users(*self.secure["user"]) if self.secure else None
@@ -88,7 +90,13 @@ class Plc:
             server.set_certificate_validator(CertificateValidator(options, store))
         else:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
-        self.ns = await server.register_namespace(NS_URI)
+        await self._add_pump(server, flow)
+        await server.start()
+        self.server = server
+        return self
+
+    async def _add_pump(self, server: Server, flow: float) -> None:
+        self.ns = await server.register_namespace(self.ns_uri)
         pump = await server.nodes.objects.add_object(
             ua.NodeId("Pump1", self.ns), ua.QualifiedName("Pump1", self.ns)
         )
@@ -102,11 +110,20 @@ class Plc:
             )
             await node.set_writable()
             self.nodes[name] = node
-        await server.start()
-        self.server = server
-        return self
+
+    async def new_pump(self) -> Plc:
+        """A fresh ``Pump1`` (initial values) in a namespace of its own on this running PLC: what
+        a test sees of a PLC of its own that it never stops. Starting an asyncua server loads its
+        whole standard address space, seconds of CPU per start."""
+        assert self.server is not None
+        view = Plc.__new__(Plc)
+        view.url, view.secure, view.server, view.nodes = self.url, None, self.server, {}
+        view.ns_uri, view.shared = f"{NS_URI}:{secrets.token_hex(4)}", True
+        await view._add_pump(self.server, 1.0)
+        return view
 
     async def stop(self) -> None:
+        assert not self.shared, "a pump on the module's PLC: a test that stops its PLC takes own_plc"
         if self.server is not None:
             server, self.server = self.server, None
             await bounded(server.stop(), 15, "stopping the test PLC")
@@ -176,8 +193,24 @@ async def events(ingest: tuple[NATS, IngestSubjects]) -> AsyncIterator[Subjects]
             await nc.jetstream().delete_stream(events.events_stream)
 
 
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def module_plc() -> AsyncIterator[Plc]:
+    plc = await Plc(free_port()).start()
+    try:
+        yield plc
+    finally:
+        await plc.stop()
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def plc() -> AsyncIterator[Plc]:
+async def plc(module_plc: Plc) -> Plc:
+    """A PLC pump of the test's own (fresh nodes and values) on the module's running PLC."""
+    return await module_plc.new_pump()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_plc() -> AsyncIterator[Plc]:
+    """A PLC server of the test's own, which the test may stop and start again."""
     plc = await Plc(free_port()).start()
     try:
         yield plc
@@ -274,11 +307,11 @@ async def test_browse_paths_and_several_mappings(plc: Plc, adapter: Runner, rece
         [
             {"browse_path": f"/{plc.ns}:Pump1/{plc.ns}:Speed", "thing_id": THING, "path": SPEED},
             {
-                "node_id": f"nsu={NS_URI};s=Pump1.Temp",
+                "node_id": f"nsu={plc.ns_uri};s=Pump1.Temp",
                 "thing_id": THING,
                 "path": "/features/temp/properties/value",
             },
-            {"node_id": f"nsu={NS_URI};s=Pump1.Temp", "thing_id": other, "path": "/attributes/temp"},
+            {"node_id": f"nsu={plc.ns_uri};s=Pump1.Temp", "thing_id": other, "path": "/attributes/temp"},
             {
                 "browse_path": f"/{plc.ns}:Pump1/{plc.ns}:Nothing",
                 "thing_id": THING,
@@ -314,8 +347,9 @@ async def test_many_changes_arrive_in_order_batched(plc: Plc, adapter: Runner, r
 
 
 async def test_reconnects_and_resubscribes_after_the_server_restarts(
-    plc: Plc, adapter: Runner, received: Received
+    own_plc: Plc, adapter: Runner, received: Received
 ) -> None:
+    plc = own_plc
     await adapter(plc, [flow_node(plc)])
     await received.wait_for(lambda r: r.value == 1.0)
     await plc.set("Flow", 5.0)
@@ -547,8 +581,9 @@ async def test_desired_properties_are_written_to_the_node_and_come_back(
 
 
 async def test_a_desired_change_while_the_plc_is_away_is_written_after_the_reconnect(
-    plc: Plc, adapter: Runner, received: Received, ingest: tuple[NATS, IngestSubjects], events: Subjects
+    own_plc: Plc, adapter: Runner, received: Received, ingest: tuple[NATS, IngestSubjects], events: Subjects
 ) -> None:
+    plc = own_plc
     nc, prefix = ingest[0], ingest[1].prefix
     js = nc.jetstream()
     await adapter(

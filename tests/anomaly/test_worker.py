@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -182,7 +183,11 @@ async def test_restart_scores_every_revision_once(client: httpx.AsyncClient, run
 async def test_false_alarm_label_is_a_journal_event_and_teaches_the_detector(
     client: httpx.AsyncClient, runtime: Runtime, settings: Settings, scratch_database: str, tmp_path: Any
 ) -> None:
-    thing_id = new_thing_id()
+    # A namespace of its own: the export below is of this test's thing, policy and anomaly chain,
+    # not of whatever other tests of the session left in the database (retention's cleaned-up
+    # things, say), which an import of the whole database would verify too.
+    namespace = f"org.label{secrets.token_hex(4)}"
+    thing_id = new_thing_id(namespace)
     body = {"features": {"f": {"properties": {"t": 20.0}}}}
     assert (await client.put(f"/api/2/things/{thing_id}", json=body)).status_code == 201
     r = await client.put(f"/api/2/things/{thing_id}/features/f/anomaly/detector", json=DETECTOR)
@@ -227,8 +232,9 @@ async def test_false_alarm_label_is_a_journal_event_and_teaches_the_detector(
     assert replayed.ok, replayed.differences
     out = tmp_path / "export.ndjson"
     with out.open("wb") as fh:
-        await export_database(settings.database_url, fh)
+        exported = await export_database(settings.database_url, fh, Scope(namespace=namespace))
     lines = out.read_bytes().splitlines()
+    assert exported.entities == 3  # the thing, its policy and its anomaly chain (the label)
     imported = await import_database(scratch_database, lines)
     assert imported.audit is not None and imported.audit.ok and imported.replay is not None
     assert imported.replay.ok

@@ -298,10 +298,10 @@ def test_copies_share_values_and_growth_is_refused_at_the_op_that_crosses_the_li
 
     doc = {"pad": "p" * 1000}
     ops = [{"op": "copy", "from": "", "path": f"/c{n}"} for n in range(40)]
-    started = time.monotonic()
+    started = time.thread_time()  # CPU time of this thread: the patch's own work
     with pytest.raises(TooLargeError) as caught:
         jp.apply_json_patch(doc, ops, max_bytes=100_000)
-    assert time.monotonic() - started < 0.5
+    assert time.thread_time() - started < 0.5
     assert caught.value.message.startswith("Operation 6 ('copy')"), caught.value.message
     # without a bound the work is still per path, not per byte (values are shared)
     grown = jp.apply_json_patch(doc, ops[:20])

@@ -41,6 +41,10 @@ SECRET = "a-shared-secret-of-at-least-32-bytes!"
 HMAC_ISS = "https://hmac.example"
 URL_ISS = "https://hanging.example"
 AUTH_FAILED = "gateway:authentication.failed"
+# The failed-login delay of the servers whose tests count refusals (the limits, not the delay: that
+# one has its own test with a delay of its own); at the default 1 s each refusal only made the test
+# a second longer.
+QUICK_FAILURES = "0.05"
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -75,7 +79,12 @@ def start(settings: Settings, runtime: Any) -> Iterator[Callable[..., ServerProc
 async def test_forwarded_for_does_not_make_a_client_a_trusted_proxy(
     start: Callable[..., ServerProcess],
 ) -> None:
-    server = start(preauth_enabled="true", preauth_trusted='["10.9.9.9/32"]', auth_failures_per_client="3")
+    server = start(
+        preauth_enabled="true",
+        preauth_trusted='["10.9.9.9/32"]',
+        auth_failures_per_client="3",
+        auth_failure_delay_seconds=QUICK_FAILURES,
+    )
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as c:
         r = await c.get("/api/2/whoami", headers={"x-forwarded-for": "10.9.9.9", PRE: "nginx:a"})
         assert_error(r, 401, AUTH_FAILED)
@@ -100,6 +109,7 @@ async def test_a_trusted_proxy_names_the_client_and_preauth_is_judged_on_the_pee
         preauth_trusted='["127.0.0.1/32"]',
         trusted_proxies='["127.0.0.1/32"]',
         auth_failures_per_client="3",
+        auth_failure_delay_seconds=QUICK_FAILURES,
     )
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as c:
         # The proxy (the peer, 127.0.0.1) is trusted for pre-auth, whatever client it forwards for.
@@ -161,7 +171,9 @@ async def test_unknown_user_takes_as_long_to_refuse_as_a_known_one(
 async def test_failed_logins_are_limited_per_user_and_a_logged_in_client_is_not(
     start: Callable[..., ServerProcess],
 ) -> None:
-    server = start(auth_failures_per_client="1000", auth_failures_per_user="3")
+    server = start(
+        auth_failures_per_client="1000", auth_failures_per_user="3", auth_failure_delay_seconds=QUICK_FAILURES
+    )
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as c:
         assert (await c.get("/api/2/whoami", headers=basic("ditto", "ditto"))).status_code == 200
         for _ in range(3):
@@ -268,20 +280,30 @@ async def test_a_failed_login_is_answered_late_so_a_guesser_is_slowed(
     ids=["exp-huge", "exp-inf", "nbf-huge", "iat-huge", "iat-inf", "exp-string", "nbf-nan"],
 )
 async def test_jwt_with_an_overflowing_numeric_claim_is_401(
-    start: Callable[..., ServerProcess], claim: dict[str, Any]
+    jwt_server: ServerProcess, claim: dict[str, Any]
 ) -> None:
-    server = _jwt_server(start)
     now = int(time.time())
     body = {"iss": HMAC_ISS, "sub": "alice", "iat": now, "exp": now + 300, **claim}
     token = jwt.encode(body, SECRET, algorithm="HS256")
-    async with httpx.AsyncClient(base_url=server.url, timeout=15) as c:
+    async with httpx.AsyncClient(base_url=jwt_server.url, timeout=15) as c:
         r = await c.get("/api/2/whoami", headers={"authorization": f"Bearer {token}"})
         assert_error(r, 401, AUTH_FAILED)
+        # the server is alive and still accepts a valid token after the bad one
+        good = jwt.encode({"iss": HMAC_ISS, "sub": "alice", "exp": now + 300}, SECRET, algorithm="HS256")
+        r = await c.get("/api/2/whoami", headers={"authorization": f"Bearer {good}"})
+        assert r.status_code == 200, r.text
 
 
-def _jwt_server(start: Callable[..., ServerProcess]) -> ServerProcess:
+@pytest.fixture(scope="module")
+def jwt_server(settings: Settings, runtime: Any) -> Iterator[ServerProcess]:
+    """One server with an HMAC issuer for all the claim cases (each sends one token and gets its
+    answer; nothing of one case carries into the next): a server start per case cost ~3 s."""
     issuers = [{"issuer": HMAC_ISS, "prefix": "shared", "secret": SECRET}]
-    return start(jwt_issuers=json.dumps(issuers))
+    server = ServerProcess(settings, TWINSTORE_JWT_ISSUERS=json.dumps(issuers)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # -- item 14: a JWKS endpoint that accepts and never answers ------------------------------------
