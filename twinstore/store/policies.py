@@ -210,7 +210,13 @@ class PolicyStore:
                 while not stop.is_set() and not con.is_closed():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # InternalClientError: a connection left unusable ("another operation is in progress")
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ) as exc:
                 log.warning("policy change listener lost its connection", extra={"error": str(exc)})
                 on_change(None)
                 with contextlib.suppress(TimeoutError):
