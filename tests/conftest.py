@@ -465,7 +465,7 @@ async def own_settings(servers: tuple[str, str], settings: Settings) -> AsyncIte
     await nc.close()
     con = await asyncpg.connect(servers[0])
     try:
-        name = database_url.rsplit("/", 1)[1].split("?")[0]
+        name = urlsplit(database_url).path.lstrip("/")  # (an embedded URL has a path in its query)
         await con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await con.close()

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections import Counter
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 import httpx
@@ -219,7 +219,8 @@ async def test_connections_dropped_and_database_gone_mid_load_answer_503_not_500
     is renamed away for a while (other tests' PostgreSQL keeps running): every answer is a
     success, a 4xx, or 503 things:persistence.unavailable; the service recovers afterwards."""
     assert own_settings.database_url is not None
-    database = own_settings.database_url.rsplit("/", 1)[1].split("?")[0]
+    # (the embedded servers' URLs have a socket path in their query: ?host=/tmp/.../postgres)
+    database = urlsplit(own_settings.database_url).path.lstrip("/")
     away = database + "_away"
     server = await asyncio.to_thread(lambda: ServerProcess(own_settings).start())
     auth = USERS["ditto"]
