@@ -99,7 +99,7 @@ HEADERS = [
     "tree",
     "processes",
     "PUT/s",
-    "vs 1 process",
+    "vs one process",
     "p50 ms",
     "p99 ms",
     "errors",
@@ -107,7 +107,7 @@ HEADERS = [
     "writes per transaction",
     "decided again under the lock",
     "lock wait ms per transaction",
-    "target (issue 17)",
+    "target",
 ]
 
 
