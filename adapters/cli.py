@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 import yaml
@@ -82,16 +83,53 @@ def _runner(adapter: str) -> Callable[[dict[str, Any]], Awaitable[None]]:
     return cast(Callable[[dict[str, Any]], Awaitable[None]], module.run)
 
 
-async def _serve(adapter: str, config: dict[str, Any]) -> None:
+# A stop (SIGTERM/SIGINT) flushes for at most this long in all: flushing the batcher, the OPC UA
+# disconnect, publishing the spool and closing NATS each have their own bound, but together,
+# on a loaded machine and with the plant gone, they could outlast a supervisor's patience
+# (Kubernetes' grace period, a parent's kill). Rows not published stay in the fsynced spool.
+STOP_TIMEOUT = 10.0
+
+
+async def _serve(adapter: str, config: dict[str, Any]) -> bool:
+    """Run the adapter until it ends or a signal stops it; False when its stop outlasted
+    ``STOP_TIMEOUT`` (or left tasks behind that would not end), so the caller exits at once."""
     task = asyncio.ensure_future(_runner(adapter)(config))
     loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        stopping.set()
+        task.cancel()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, stop)
+    signalled = asyncio.ensure_future(stopping.wait())
     try:
-        await task
-    except asyncio.CancelledError:
-        log.info("stopped", extra={"adapter": adapter})
+        await asyncio.wait({task, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+        if not task.done():
+            log.error(
+                "stop took longer than %.0f s; exiting (unpublished rows stay in the spool)",
+                STOP_TIMEOUT,
+                extra={"adapter": adapter},
+            )
+            return False
+        if task.cancelled():
+            log.info("stopped", extra={"adapter": adapter})
+        else:
+            task.result()  # the adapter's own error (e.g. ConfigError) reaches main
+        # What a stop abandons (a disconnect still waiting for a dead server) must not keep
+        # the process alive: asyncio.run would wait for it without a bound.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for other in others:
+            other.cancel()
+        if others:
+            _, pending = await asyncio.wait(others, timeout=1.0)
+            return not pending
+        return True
     finally:
+        signalled.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
@@ -107,11 +145,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("starting", extra={"adapter": args.adapter, "config": args.config})
     try:
-        asyncio.run(_serve(args.adapter, config))
+        clean = _run_bounded(_serve(args.adapter, config))
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc, extra={"adapter": args.adapter})
         return 2
+    if not clean:
+        logging.shutdown()
+        os._exit(1)  # leftover tasks or threads (asyncua, nats) must not hold the process
     return 0
+
+
+def _run_bounded(main_coro: Coroutine[Any, Any, bool]) -> bool:
+    """``asyncio.run`` without its unbounded wait for tasks left behind: those were already
+    given their second in ``_serve``; here the loop is closed whatever they do."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main_coro)
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 1.0))
+        leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if not leftovers:
+            loop.close()
 
 
 if __name__ == "__main__":

@@ -80,3 +80,46 @@ def test_a_configuration_naming_ingest_partitions_is_refused_with_its_replacemen
 def test_help_says_the_partition_count_is_the_servers() -> None:
     done = subprocess.run([*ADAPTER, "--help"], capture_output=True, timeout=60, check=True)
     assert b"partitions        twinstore's partition count: must equal the server's" in done.stdout
+
+
+# An adapter whose clean-up ignores cancellation (as a disconnect waiting on a dead OPC UA server
+# can): the stop is bounded by STOP_TIMEOUT all the same, and says so.
+_STUCK_ADAPTER = """
+import asyncio, sys
+import adapters.cli as cli
+
+async def stuck(config):
+    print("running", file=sys.stderr, flush=True)  # _serve installed its handlers before this
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            print("cancelled", file=sys.stderr, flush=True)
+
+cli.STOP_TIMEOUT = 1.0
+cli._runner = lambda adapter: stuck
+print("ready", file=sys.stderr, flush=True)
+sys.exit(cli.main(["mqtt", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_stop_that_hangs_ends_the_process_after_stop_timeout(tmp_path: Path) -> None:
+    config = tmp_path / "adapter.yaml"
+    config.write_text("source: stuck\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STUCK_ADAPTER, str(config)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.strip() == "running":
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=15)  # 1 s budget; hangs without the bound
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 1, stderr
+    assert "cancelled" in stderr
+    assert "stop took longer than 1 s" in stderr
