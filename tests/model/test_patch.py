@@ -106,6 +106,28 @@ def test_set_then_get(doc: dict[str, Any], parts: list[str], value: Any) -> None
     assert jp.get_at(jp.remove_at(after, parts), parts) is jp.MISSING
 
 
+@given(objects, st.lists(keys | st.just("é\"/"), min_size=1, max_size=3), json_values | st.just({}))
+def test_resized_is_the_size_of_the_written_document(
+    doc: dict[str, Any], parts: list[str], value: Any
+) -> None:
+    """The journal's size check from the changed member only (jp.resized) must equal an
+    encoding of the whole document: set, merge (None removes) and remove at any path, with
+    keys that need escaping, into empty and non-empty parents; None when it cannot tell."""
+    size = len(orjson.dumps(doc))
+    merged = jp.merge_patch(jp.get_at(doc, parts), value)
+    for after in (
+        jp.set_at(doc, parts, value),
+        jp.remove_at(doc, parts),
+        jp.remove_at(doc, parts) if merged is None else jp.set_at(doc, parts, merged),
+    ):
+        got = jp.resized(size, doc, after, parts)
+        parent = jp.get_at(doc, parts[:-1])
+        if isinstance(parent, dict) and isinstance(jp.get_at(after, parts[:-1]), dict):
+            assert got == len(orjson.dumps(after))
+        else:
+            assert got is None
+
+
 # ---- our RFC 6902 applier (issue 15: reads checked, size bounded, no values in errors) ------
 
 # RFC 6902 Appendix A (the examples with a defined result): (document, patch, result or None = error)

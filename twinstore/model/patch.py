@@ -33,6 +33,7 @@ __all__ = [
     "merge_patch",
     "parse_json_pointer",
     "remove_at",
+    "resized",
     "set_at",
 ]
 
@@ -65,14 +66,42 @@ def set_at(doc: dict[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise PatchInvalidError("The root of a document must be a JSON object.")
         return value
-    head, rest = parts[0], parts[1:]
+    # Iterative: the spine copy runs on every write (no slices, no recursion).
     result = dict(doc)
-    if rest:
-        child = doc.get(head)
-        result[head] = set_at(child if isinstance(child, dict) else {}, rest, value)
-    else:
-        result[head] = value
+    node = result
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = child = dict(child) if isinstance(child, dict) else {}
+        node = child
+    node[parts[-1]] = value
     return result
+
+
+def resized(size: int, before: dict[str, Any], after: dict[str, Any], parts: list[str]) -> int | None:
+    """The compact-JSON size of ``after`` from ``size``, that of ``before``, when the two differ
+    only in the member at ``parts`` (a write there): computed from that member alone, not the
+    whole document. None when it cannot be (the root, or a parent created or removed).
+
+    >>> before = {"a": {"x": 1}}
+    >>> after = set_at(before, ["a", "y"], [1, 2])
+    >>> resized(len(orjson.dumps(before)), before, after, ["a", "y"]) == len(orjson.dumps(after))
+    True
+    """
+    if not parts:
+        return None
+    parent_before, parent_after = get_at(before, parts[:-1]), get_at(after, parts[:-1])
+    if not isinstance(parent_before, dict) or not isinstance(parent_after, dict):
+        return None
+    key = parts[-1]
+    old, new = parent_before.get(key, MISSING), parent_after.get(key, MISSING)
+    if old is MISSING and new is MISSING:
+        return size
+    if old is not MISSING and new is not MISSING:
+        return size - len(orjson.dumps(old)) + len(orjson.dumps(new))
+    member = len(orjson.dumps(key)) + 1  # "key": (and a comma when the object has others)
+    if new is MISSING:
+        return size - len(orjson.dumps(old)) - member - (1 if parent_after else 0)
+    return size + len(orjson.dumps(new)) + member + (1 if parent_before else 0)
 
 
 def remove_at(doc: dict[str, Any], parts: list[str]) -> dict[str, Any]:

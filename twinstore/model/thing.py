@@ -353,12 +353,7 @@ def decide(
             current = _require_parent(state, parts)
             validate_value(parts, value, state.thing_id)
             existed = jp.get_at(current, parts) is not jp.MISSING
-            return Event(
-                **common._asdict(),
-                action="modified" if existed else "created",
-                path=command.path,
-                value=value,
-            )
+            return _event(common, action="modified" if existed else "created", path=command.path, value=value)
         case Merge(value=value):
             if not parts:
                 # As Ditto: null or {} cannot be merged into a thing, nor can its ids be removed.

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 import msgspec
+import orjson
 
 from twinstore.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
 from twinstore.model import etag
@@ -58,6 +59,7 @@ from twinstore.model.errors import (
     history_not_found,
 )
 from twinstore.model.ids import parse_pointer
+from twinstore.model.patch import resized
 from twinstore.model.thing import Command, Event, ThingState, decide, evolve, replay
 from twinstore.store import Connection, is_unavailable
 from twinstore.store.codec import GENESIS, canonical, dumps, loads, storable
@@ -253,6 +255,7 @@ class _Plan:
     rows: list[_Row]
     final: ThingState
     head: bytes
+    size: int | None = None  # of final.doc (compact JSON), when known
 
 
 class _Row(NamedTuple):
@@ -389,7 +392,9 @@ class Journal:
         # Last known (state, chain head) of things this process wrote: plans are made from it
         # and checked against the heads under the lock (never trusted without that check).
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[ThingState, bytes]] = OrderedDict()
+        # The third member is the document's compact-JSON size (None: not known yet), kept so a
+        # write's size check costs the changed member, not an encoding of the whole document.
+        self._cache: OrderedDict[str, tuple[ThingState, bytes, int | None]] = OrderedDict()
         self.replans = 0
         # Reads queue here first, in arrival order: asyncpg's pool hands a released connection
         # to whichever acquire runs next, which under load starves some requests (p99).
@@ -581,13 +586,17 @@ class Journal:
             return exc
         return None
 
-    def _plan(self, state: ThingState, head: bytes, items: list[tuple[int, WriteRequest]]) -> _Plan:
-        """Decide one thing's writes of a batch in order, from ``state`` (pure, no I/O)."""
-        plan = _Plan(start=state, start_head=head, outcomes=[], rows=[], final=state, head=head)
+    def _plan(
+        self, state: ThingState, head: bytes, items: list[tuple[int, WriteRequest]], size: int | None = None
+    ) -> _Plan:
+        """Decide one thing's writes of a batch in order, from ``state`` (pure, no I/O);
+        ``size``: that of ``state.doc`` if known."""
+        plan = _Plan(start=state, start_head=head, outcomes=[], rows=[], final=state, head=head, size=size)
+        partition = self.recorder.partition(state.thing_id)
         for index, req in items:
             before = plan.final
             try:
-                event, after = self._decide(before, req)
+                event, after, after_size = self._decide(before, req, plan.size)
                 value = None if event.action == "deleted" else storable(canonical(event.value))
                 self._check_event(event, value)
             except DittoError as exc:
@@ -599,7 +608,7 @@ class Journal:
                 continue
             row = record(
                 plan.head,
-                self.recorder.partition(event.thing_id),
+                partition,
                 ENTITY,
                 event.thing_id,
                 event.revision,
@@ -613,6 +622,7 @@ class Journal:
             )
             plan.head = row.hash
             plan.final = after
+            plan.size = after_size
             plan.rows.append(_Row(event, row, after))
             plan.outcomes.append((index, Committed(event=event, before=before, after=after, guard=req.guard)))
         return plan
@@ -684,12 +694,12 @@ class Journal:
         rollback: bool = False,
     ) -> tuple[list[list[Outcome]], list[Event]]:
         plans: dict[str, _Plan] = {}
-        entered: dict[str, tuple[ThingState, bytes]] = {}  # what this batch put in the cache
+        entered: dict[str, tuple[ThingState, bytes, int | None]] = {}  # what this batch put in the cache
         for thing_id, items in groups.items():
             cached = self._cache.get(thing_id)
             if cached is not None:
-                plans[thing_id] = plan = self._plan(cached[0], cached[1], items)
-                self._cache[thing_id] = entered[thing_id] = (plan.final, plan.head)
+                plans[thing_id] = plan = self._plan(cached[0], cached[1], items, cached[2])
+                self._cache[thing_id] = entered[thing_id] = (plan.final, plan.head, plan.size)
         ids = list(groups)
         if len(plans) == len(ids):
             planned.set()  # the next batch may plan on these now
@@ -716,7 +726,7 @@ class Journal:
                         head = bytes(row["hash"]) if row is not None else GENESIS
                         plans[i] = plan = self._plan(_state(i, row), head, groups[i])
                         # at once, so the other commit loop plans its next batch on this one
-                        self._cache[i] = entered[i] = (plan.final, plan.head)
+                        self._cache[i] = entered[i] = (plan.final, plan.head, plan.size)
                 planned.set()
                 self._check_units(batch, owner, plans)
                 appended = [r for i in ids for r in plans[i].rows]
@@ -736,7 +746,8 @@ class Journal:
             # the lock.
             current = self._cache.get(thing_id)
             if current is None or current is entered.get(thing_id):
-                self._cache[thing_id] = (plans[thing_id].final, plans[thing_id].head)
+                plan = plans[thing_id]
+                self._cache[thing_id] = (plan.final, plan.head, plan.size)
                 self._cache.move_to_end(thing_id)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -784,7 +795,11 @@ class Journal:
                 if pending.mark is not None and isinstance(outcome, ConflictError):
                     raise _Drop(pending, outcome)
 
-    def _decide(self, before: ThingState, req: WriteRequest) -> tuple[Event, ThingState]:
+    def _decide(
+        self, before: ThingState, req: WriteRequest, size: int | None = None
+    ) -> tuple[Event, ThingState, int | None]:
+        """The event of ``req`` on ``before``, the state after it and that state's document size
+        (``size``: that of ``before.doc`` if known)."""
         guard = req.guard
         if guard is not None:
             guard(before, req.command)
@@ -816,12 +831,19 @@ class Journal:
         if req.headers:
             event = msgspec.structs.replace(event, headers=req.headers)
         after = evolve(before, event)
-        if after.doc is not None and len(dumps(after.doc)) > self.max_thing_bytes:
+        if after.doc is None:
+            return event, after, None
+        after_size = None
+        if size is not None and before.doc is not None:
+            after_size = resized(size, before.doc, after.doc, parse_pointer(event.path))
+        if after_size is None:
+            after_size = len(orjson.dumps(after.doc))
+        if after_size > self.max_thing_bytes:
             raise TooLargeError(
                 f"The size of the Thing with ID '{before.thing_id}' would exceed the limit of "
                 f"{self.max_thing_bytes} bytes."
             )
-        return event, after
+        return event, after, after_size
 
     async def _append(
         self,
