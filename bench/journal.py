@@ -15,6 +15,11 @@ the range over the runs):
   (what partitioning is for: eventsourcing's application recorder locks its table, one
   transaction at a time whatever the concurrency). The table gives the events per transaction
   each contender actually had.
+* ``twinstore Journal.write_unit``: the same Journal, ``batch`` requests per call (one
+  transaction each, as ``insert_events`` takes ``batch`` events per call; ingestion writes
+  this way), two callers per commit loop (one builds its next unit while the other's commits),
+  each loop on its own partition: the per-request future and
+  wake-up of ``Journal.write`` are not in it.
 * ``twinstore journal SQL``: the statements one group-commit transaction runs
   (``twinstore_lock_and_heads`` locking the batch's one partition and reading its things' heads,
   the journal's ``APPEND``: the recorder's numbered insert with the projection upsert), rows
@@ -189,6 +194,47 @@ async def bench_journal(
             journal.events_appended - events0,
             elapsed,
             journal.batches - batches0,
+        )
+    finally:
+        await journal.stop()
+
+
+async def bench_journal_unit(
+    pool: asyncpg.Pool, recorder: Recorder, by_partition: dict[int, list[str]], batch: int, duration: float
+) -> Measurement:
+    """``Journal.write_unit`` with ``batch`` requests per call, as ``insert_events`` takes
+    ``batch`` events per call (ingestion writes this way): two callers per commit loop, each
+    loop on its own partition's things (the partitions holding the most things)."""
+    journal = Journal(pool, max_batch=batch, recorder=recorder)
+    busiest = sorted(by_partition, key=lambda p: (-len(by_partition[p]), p))
+    journal.start()
+    try:
+        batches0, events0 = journal.batches, journal.events_appended
+        stop = time.monotonic() + duration
+        counter = 0
+
+        async def caller(ids: list[str]) -> None:
+            nonlocal counter
+            while time.monotonic() < stop:
+                requests = []
+                for _ in range(batch):
+                    counter += 1
+                    requests.append(
+                        WriteRequest(
+                            thing_id=secrets.choice(ids),
+                            command=Modify(path=PROPERTY, value=counter),
+                            originator=ORIGINATOR,
+                            correlation_id=str(uuid.uuid4()),
+                        )
+                    )
+                await journal.write_unit(requests)
+
+        t0 = time.monotonic()
+        # two callers per partition: one builds its next unit while the other's commits
+        await asyncio.gather(*(caller(by_partition[p]) for p in busiest[: journal.writers] for _ in range(2)))
+        elapsed = time.monotonic() - t0
+        return Measurement(
+            UNIT, batch, journal.events_appended - events0, elapsed, journal.batches - batches0
         )
     finally:
         await journal.stop()
@@ -396,6 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 REFERENCE = "eventsourcing recorder"
 JOURNAL = "twinstore Journal"
+UNIT = "twinstore Journal.write_unit"
 TARGET = 1.5  # issue 17, figure 4: Journal.write vs eventsourcing's recorder, every batch size
 HEADERS = [
     "batch (events/txn)",
@@ -437,13 +484,14 @@ def _ratios(measurements: list[Measurement]) -> dict[tuple[int, str], list[float
     return out
 
 
-def verdicts(measurements: list[Measurement]) -> dict[int, Verdict]:
-    """The Journal's target per batch size: at least 1.5x in every run."""
+def verdicts(measurements: list[Measurement]) -> dict[tuple[int, str], Verdict]:
+    """The Journal's target per batch size, for concurrent single writes (``Journal.write``, group
+    commit) and for batches per call (``write_unit``): at least 1.5x in every run."""
     out = {}
     for (batch, contender), ratios in _ratios(measurements).items():
-        if contender == JOURNAL:
-            out[batch] = Verdict(
-                f"{JOURNAL} vs {REFERENCE} at {batch} events/txn",
+        if contender in (JOURNAL, UNIT):
+            out[(batch, contender)] = Verdict(
+                f"{contender} vs {REFERENCE} at {batch} events/txn",
                 _spread(ratios, ".2f", "x"),
                 f"≥ {TARGET}x in every run",
                 min(ratios) >= TARGET,
@@ -464,7 +512,7 @@ def rows_for(measurements: list[Measurement]) -> list[list[object]]:
     for (batch, contender), runs in _cells(measurements).items():
         events = sum(m.events for m in runs)
         transactions = sum(m.transactions for m in runs)
-        target = targets.get(batch) if contender == JOURNAL else None
+        target = targets.get((batch, contender))
         out.append(
             [
                 batch,
@@ -513,6 +561,7 @@ async def main_async(args: argparse.Namespace) -> int:
                             versions,
                         ),
                         partial(bench_journal, pool, recorder, by_partition, batch, args.duration),
+                        partial(bench_journal_unit, pool, recorder, by_partition, batch, args.duration),
                         *(
                             partial(
                                 bench_sql, pool, args, recorder, by_partition, batch, append_chains,
@@ -577,7 +626,7 @@ def findings(rows: list[list[object]]) -> list[str]:
     verdict)."""
     ratio = HEADERS.index("vs eventsourcing")
     out = []
-    for contender in dict.fromkeys(str(r[1]) for r in rows if r[1] not in (REFERENCE, JOURNAL)):
+    for contender in dict.fromkeys(str(r[1]) for r in rows if r[1] not in (REFERENCE, JOURNAL, UNIT)):
         mine = [r for r in rows if r[1] == contender]
         batches = " / ".join(str(r[0]) for r in mine)
         ratios = " / ".join(str(r[ratio]) for r in mine)

@@ -175,7 +175,12 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing_running(tmp_path:
             assert time.monotonic() < deadline, "the start never reached PostgreSQL"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        status = proc.wait(60)
+        try:
+            status = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # its threads' stacks, to see where it waits
+            time.sleep(1)
+            raise AssertionError(f"no exit 60 s after Ctrl-C:\n{log.read_text()}") from None
         output = log.read_text()
         assert status == EXIT_INTERRUPTED, output
         assert "Traceback" not in output, output

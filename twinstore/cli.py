@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -1121,6 +1122,8 @@ def import_file(settings: Settings, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     """The command line; a start that cannot go on is one line on stderr and an exit status
     (``serve --help`` lists them), never a traceback."""
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: for a process that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         _main(argv)
     except StartError as exc:

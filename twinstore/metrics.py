@@ -190,6 +190,12 @@ class _RuntimeCollector(Collector):
             "Writes decided again under the lock (the cached state was stale)",
             value=journal.replans,
         )
+        yield CounterMetricFamily(
+            "twinstore_journal_prefetches",
+            "Things a write transaction read and decided before taking the lock (not in this "
+            "process's cache, or stale in it)",
+            value=journal.prefetches,
+        )
         yield _histogram(
             HistogramMetricFamily(
                 "twinstore_journal_commit_batch_size",

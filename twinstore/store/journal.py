@@ -87,6 +87,16 @@ LOCK_AND_HEADS = "SELECT id, revision, hash FROM twinstore_lock_and_heads($1::in
 SELECT_FOR_WRITE = """
 SELECT id, revision, created, modified, doc, hash FROM things WHERE id = any($1::text[])
 """
+# Before the lock: the heads of a batch's things, with the document only where this process's
+# cached revision ($2, NULL if none) is not the stored one (a miss, or another process wrote).
+PREFETCH = """
+SELECT t.id, t.revision, t.created, t.modified, t.hash,
+       CASE WHEN c.revision IS DISTINCT FROM t.revision THEN t.doc END AS doc
+FROM unnest($1::text[], $2::bigint[]) AS c(id, revision) JOIN things t ON t.id = c.id
+"""
+# Prefetch while more than this share of a batch's things were found stale (moving average):
+# a process that is the only writer of its things skips the extra round trip.
+PREFETCH_STALE_RATE = 0.02
 
 # Projection rows and due snapshots of a batch, appended with its events in one statement (one
 # round trip, see Recorder.append), each set as one JSON array parameter: one orjson call per
@@ -396,6 +406,8 @@ class Journal:
         # write's size check costs the changed member, not an encoding of the whole document.
         self._cache: OrderedDict[str, tuple[ThingState, bytes, int | None]] = OrderedDict()
         self.replans = 0
+        self.prefetches = 0  # things planned before the lock from a fresh read (PREFETCH)
+        self._stale_rate = 0.0  # moving average of the share of a batch's things found stale
         # Reads queue here first, in arrival order: asyncpg's pool hands a released connection
         # to whichever acquire runs next, which under load starves some requests (p99).
         self._readers = asyncio.Semaphore(max(1, pool.get_max_size() - writers))
@@ -701,11 +713,21 @@ class Journal:
                 plans[thing_id] = plan = self._plan(cached[0], cached[1], items, cached[2])
                 self._cache[thing_id] = entered[thing_id] = (plan.final, plan.head, plan.size)
         ids = list(groups)
-        if len(plans) == len(ids):
+        # Things not planned from the cache, or a cache that other processes' writes keep making
+        # stale: read their current state first and plan before the lock, so that the lock is
+        # held for a comparison of heads, not for reads and decisions.
+        prefetch = len(plans) < len(ids) or self._stale_rate > PREFETCH_STALE_RATE
+        if not prefetch:
             planned.set()  # the next batch may plan on these now
         stale: list[str] = []
+        found_stale = 0
         try:
             async with self.pool.acquire() as con, con.transaction():
+                if prefetch:
+                    known = [p.start.revision if (p := plans.get(i)) else None for i in ids]
+                    fetched = await con.fetch(PREFETCH, ids, known)
+                    found_stale = self._prefetched(fetched, ids, groups, plans, entered)
+                    planned.set()
                 locking = time.perf_counter()
                 locked = await con.fetch(LOCK_AND_HEADS, self._partitions(ids), ids)
                 self.lock_seconds.observe(time.perf_counter() - locking)
@@ -728,6 +750,8 @@ class Journal:
                         # at once, so the other commit loop plans its next batch on this one
                         self._cache[i] = entered[i] = (plan.final, plan.head, plan.size)
                 planned.set()
+                if ids:  # (a unit may carry only its progress mark)
+                    self._stale_rate += 0.1 * ((found_stale + len(stale)) / len(ids) - self._stale_rate)
                 self._check_units(batch, owner, plans)
                 appended = [r for i in ids for r in plans[i].rows]
                 if appended:
@@ -761,6 +785,31 @@ class Journal:
         for index, unit in enumerate(owner):
             outcomes[unit][slots[index]] = flat[index]
         return outcomes, [r.event for r in appended]
+
+    def _prefetched(
+        self,
+        rows: list[asyncpg.Record],
+        ids: list[str],
+        groups: dict[str, list[tuple[int, WriteRequest]]],
+        plans: dict[str, _Plan],
+        entered: dict[str, tuple[ThingState, bytes, int | None]],
+    ) -> int:
+        """Plan, from :data:`PREFETCH`'s ``rows``, every thing of ``ids`` whose plan is missing
+        or started from another revision than the stored one; how many had a stale plan."""
+        found = {r["id"]: r for r in rows}
+        stale = 0
+        for i in ids:
+            row, plan = found.get(i), plans.get(i)
+            revision = row["revision"] if row is not None else 0
+            if plan is not None and plan.start.revision == revision:
+                continue  # its head is compared under the lock as always
+            if plan is not None:
+                stale += 1
+            self.prefetches += 1
+            head = bytes(row["hash"]) if row is not None else GENESIS
+            plans[i] = plan = self._plan(_state(i, row), head, groups[i])
+            self._cache[i] = entered[i] = (plan.final, plan.head, plan.size)
+        return stale
 
     def _partitions(self, thing_ids: list[str]) -> list[int]:
         """The partitions of ``thing_ids`` (ascending, once each): the locks of a batch."""
