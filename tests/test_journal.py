@@ -135,6 +135,8 @@ async def test_two_journals_on_one_database_lose_no_update(runtime: Runtime) -> 
         assert state.revision == 41
         assert state.doc is not None and len(state.doc["attributes"]) == 41  # n and k1..k40
         assert redecided() - replans >= 39  # every switch found a moved head
+        # once switches are frequent, they are found before the lock (the lock only compares)
+        assert first.prefetches + second.prefetches >= 20
         # both caches are current again: the next write of each plans without a re-read
         before = first.replans + first.prefetches
         await first.write(put(thing_id, "/attributes/n", 1))
