@@ -9,8 +9,13 @@ target is 2 and 3 processes each at least 1.2x its writes/s, in the same run.
 Per count it reports writes/s, p50/p99, where the CPU goes (server processes / PostgreSQL / wrk
 / the rest), and from the processes' /metrics: write requests per transaction, the share of
 writes decided again under the lock (another process wrote the thing since this one's cached
-state) and the mean wait for the partition lock per transaction
-(``twinstore_journal_lock_seconds``).
+state), the mean wait for the partition lock per transaction
+(``twinstore_journal_lock_seconds``) and the mean time it is held
+(``twinstore_journal_lock_held_seconds``: the serial section of a partition).
+
+From this tree's one-process row it projects the writes/s of 8, 32 and 128 cores (figure 5):
+CPU per write (twinstore and PostgreSQL) is the parallel part, the lock held per transaction the
+serial part of each partition; see :func:`projection`.
 
 Run ``.venv/bin/python bench/write_scale.py --help``; needs ``wrk`` (``apt-get install wrk``).
 """
@@ -49,7 +54,13 @@ COUNTERS = (
     "twinstore_journal_replans_total",
     "twinstore_journal_lock_seconds_sum",
     "twinstore_journal_lock_seconds_count",
+    "twinstore_journal_lock_held_seconds_sum",
+    "twinstore_journal_lock_held_seconds_count",
 )
+PARTITIONS = 64  # the default `partitions` every run's database has
+# Ditto's published figure the issue compares with: modify commands per second per instance.
+DITTO_MODIFIES_PER_INSTANCE = 800
+CORES = (8, 32, 128)
 
 
 def counters(urls: list[str]) -> dict[str, float]:
@@ -75,6 +86,7 @@ class Row:
     per_commit: float
     replanned: float
     lock_ms: float | None  # None: the tree does not measure it
+    held_ms: float | None
     ratio: float = 1.0
     verdict: Verdict | None = None
 
@@ -91,6 +103,7 @@ class Row:
             f"{self.per_commit:.1f}",
             f"{self.replanned:.1%}",
             "-" if self.lock_ms is None else f"{self.lock_ms:.2f}",
+            "-" if self.held_ms is None else f"{self.held_ms:.2f}",
             self.verdict.cell() if self.verdict else "",
         ]
 
@@ -107,6 +120,7 @@ HEADERS = [
     "writes per transaction",
     "decided again under the lock",
     "lock wait ms per transaction",
+    "lock held ms per transaction",
     "target",
 ]
 
@@ -134,6 +148,7 @@ async def measure(args: argparse.Namespace, cluster: Cluster, tmp: Path, tree: s
             events = d["twinstore_journal_events_appended_total"]
             commits = d["twinstore_journal_commits_total"]
             locks = d["twinstore_journal_lock_seconds_count"]
+            held = d["twinstore_journal_lock_held_seconds_count"]
             rows.append(
                 Row(
                     tree,
@@ -146,6 +161,7 @@ async def measure(args: argparse.Namespace, cluster: Cluster, tmp: Path, tree: s
                     events / max(1.0, commits),
                     d["twinstore_journal_replans_total"] / max(1.0, events),
                     1e3 * d["twinstore_journal_lock_seconds_sum"] / locks if locks else None,
+                    1e3 * d["twinstore_journal_lock_held_seconds_sum"] / held if held else None,
                 )
             )
             print(markdown_table(HEADERS, [rows[-1].cells()]).splitlines()[-1], flush=True)
@@ -203,7 +219,53 @@ async def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[l
         "The baseline tree runs on its own database with its own schema, in the same run, before this tree.",
     ]
     body = markdown_table(HEADERS, [r.cells() for r in rows])
+    one = next((r for r in rows if r.tree.startswith("this tree") and r.processes == 1), None)
+    if one is not None and one.held_ms is not None:
+        body += "\n\n" + projection(one)
     return facts, body  # the summary is generated from the table's target column
+
+
+PROJECTION_HEADERS = [
+    "cores",
+    "CPU bound writes/s",
+    "partition bound writes/s",
+    "projected writes/s",
+    "per core",
+]
+
+
+def projection(one: Row) -> str:
+    """Writes/s beyond this machine from the one-process row's measurements (see the module):
+    CPU per write (twinstore + PostgreSQL, both spread over processes and backends) bounds
+    N cores at N / cpu; the partitions' serial sections bound the whole at partitions x
+    (writes per transaction / lock held per transaction)."""
+    cpu = (one.cpu.server + one.cpu.postgres) / one.rate  # core-seconds per write
+    assert one.held_ms is not None
+    partition_rate = one.per_commit / (one.held_ms / 1e3)  # one partition's writes/s, serially
+    rows = []
+    for cores in CORES:
+        cpu_bound = cores / cpu
+        serial_bound = PARTITIONS * partition_rate
+        rate = min(cpu_bound, serial_bound)
+        rows.append(
+            [str(cores), f"{cpu_bound:,.0f}", f"{serial_bound:,.0f}", f"{rate:,.0f}", f"{rate / cores:,.0f}"]
+        )
+    return "\n".join(
+        [
+            f"Scale beyond this machine, projected from the one-process row above: CPU per write "
+            f"{1e3 * one.cpu.server / one.rate:.2f} ms in twinstore + "
+            f"{1e3 * one.cpu.postgres / one.rate:.2f} ms "
+            f"in PostgreSQL (parallel: more processes and backends on more cores); serial per partition "
+            f"{one.held_ms:.2f} ms of lock held per transaction of {one.per_commit:.1f} writes "
+            f"({partition_rate:,.0f} writes/s per partition, {PARTITIONS} partitions). Projected writes/s "
+            "= min(cores / CPU per write, partitions x writes/s per partition), i.e. Amdahl's law with "
+            "no cluster-wide serial section left but each partition's; the WAL's fsyncs, network hops "
+            f"and a sharded database's coordinator are not in it. Ditto publishes "
+            f"{DITTO_MODIFIES_PER_INSTANCE} modifies/s per instance.",
+            "",
+            markdown_table(PROJECTION_HEADERS, rows),
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

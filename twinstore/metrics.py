@@ -221,6 +221,15 @@ class _RuntimeCollector(Collector):
             [],
             journal.lock_seconds,
         )
+        yield _histogram(
+            HistogramMetricFamily(
+                "twinstore_journal_lock_held_seconds",
+                "Seconds a journal transaction holds its partitions' write locks (granted to "
+                "committed): the serial section of a partition, what bounds one partition's writes/s",
+            ),
+            [],
+            journal.lock_held_seconds,
+        )
 
     def _relay(self, rt: Runtime) -> Iterator[Metric]:
         relay = rt.relay

@@ -418,6 +418,8 @@ class Journal:
         self.commit_seconds = Histogram(SECONDS_BUCKETS)
         # seconds per transaction waiting for its partition's lock (and reading the heads)
         self.lock_seconds = Histogram(SECONDS_BUCKETS)
+        # From the partition locks granted to the commit: the serial section of a partition
+        self.lock_held_seconds = Histogram(SECONDS_BUCKETS)
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -730,7 +732,8 @@ class Journal:
                     planned.set()
                 locking = time.perf_counter()
                 locked = await con.fetch(LOCK_AND_HEADS, self._partitions(ids), ids)
-                self.lock_seconds.observe(time.perf_counter() - locking)
+                granted = time.perf_counter()
+                self.lock_seconds.observe(granted - locking)
                 heads = {r["id"]: (r["revision"], bytes(r["hash"])) for r in locked}
                 if marks:
                     await self._mark(con, marks)
@@ -759,6 +762,7 @@ class Journal:
                     await self._append(con, appended, finals, {i: plans[i].head for i in finals})
                 if rollback:
                     raise _Rollback()
+            self.lock_held_seconds.observe(time.perf_counter() - granted)
         except BaseException:
             for thing_id in ids:
                 self._cache.pop(thing_id, None)
