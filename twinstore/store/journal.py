@@ -643,7 +643,9 @@ class Journal:
 
     def _check_event(self, event: Event, value: bytes | None) -> None:
         """Refuse an event whose envelope could exceed what the bus carries (see __init__)."""
-        size = len(value or b"") + len(canonical(event.path))
+        size = len(value or b"") + 6 * len(event.path) + 2  # JSON escapes: at most 6 bytes a character
+        if size > self.max_thing_bytes:
+            size = len(value or b"") + len(canonical(event.path))
         if size > self.max_thing_bytes:
             raise TooLargeError(
                 f"The change (its value and path) has {size} bytes; at most {self.max_thing_bytes} "
