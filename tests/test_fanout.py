@@ -79,6 +79,7 @@ async def test_decode_event_round_trips_the_envelope() -> None:
 async def test_events_arrive_in_revision_order(client: httpx.AsyncClient, runtime: Runtime) -> None:
     thing_id = new_thing_id()
     sub = fanout(runtime).subscribe(DITTO, thing_ids=frozenset([thing_id]))
+    await fanout(runtime).listening()
     try:
         assert (await client.put(f"/api/2/things/{thing_id}", json={})).status_code == 201
         for i in range(5):
@@ -93,6 +94,7 @@ async def test_events_arrive_in_revision_order(client: httpx.AsyncClient, runtim
 async def test_a_republished_envelope_is_delivered_once(client: httpx.AsyncClient, runtime: Runtime) -> None:
     thing_id = new_thing_id()
     sub = fanout(runtime).subscribe(DITTO, thing_ids=frozenset([thing_id]))
+    await fanout(runtime).listening()
     try:
         # The relay publishes the creation (revision 1) whenever it gets to it: waited for, so
         # it cannot arrive among the envelopes below (a run once counted it there).
@@ -126,6 +128,7 @@ async def test_partial_events_and_unreadable_things(client: httpx.AsyncClient, r
     assert (await client.put(f"/api/2/policies/{policy_id}", json=policy)).status_code == 201
     shared, private = new_thing_id("org.fanout"), new_thing_id("org.fanout")
     sub = fanout(runtime).subscribe(OTHER, thing_ids=frozenset([shared, private]))
+    await fanout(runtime).listening()
     try:
         r = await client.put(f"/api/2/things/{private}", json={"attributes": {"secret": 0}})
         assert r.status_code == 201  # default policy: only nginx:ditto
@@ -158,7 +161,9 @@ async def test_a_slow_subscriber_is_dropped_and_others_keep_receiving(
     thing_id = new_thing_id()
     assert (await client.put(f"/api/2/things/{thing_id}", json={})).status_code == 201
     slow = fanout(runtime).subscribe(DITTO, thing_ids=frozenset([thing_id]), maxsize=3)
+    await fanout(runtime).listening()
     fast = fanout(runtime).subscribe(DITTO, namespaces=frozenset([thing_id.split(":")[0]]))
+    await fanout(runtime).listening()
     try:
         for revision in range(1000, 1010):
             await publish(runtime, thing_id, revision, "/attributes/n", revision)
@@ -215,6 +220,7 @@ async def test_a_change_reaches_only_the_sessions_whose_filter_names_its_thing(
         namespaces=frozenset([namespace]),
         filter=rql.parse_filter(f'and(eq(thingId,"{thing_id}"),gt(attributes/n,0))'),
     )
+    await out.listening()
     try:
         assert len(out._all) == all_before  # none of them is asked about every event
         assert [mine] == list(out._by_thing[thing_id]) and namespace not in out._by_namespace
@@ -233,6 +239,7 @@ async def test_a_change_reaches_only_the_sessions_whose_filter_names_its_thing(
 async def test_a_subscription_skips_deliveries_at_or_below_its_start(runtime: Runtime) -> None:
     thing_id = new_thing_id()
     sub = fanout(runtime).subscribe(DITTO, thing_ids=frozenset([thing_id]))
+    await fanout(runtime).listening()
     try:
         view: Any = object()
 
@@ -281,6 +288,7 @@ async def test_only_changes_committed_after_a_subscription_reach_it_in_every_par
             assert (await client.put(f"/api/2/things/{t}", json={"attributes": {"n": 0}})).status_code == 201
             assert (await client.put(f"/api/2/things/{t}/attributes/n", json=1)).status_code == 204
         sub = out.subscribe(DITTO, thing_ids=frozenset(things))
+        await out.listening()
         sub.start_after(await journal_heads(runtime.pool))
         for t in things[:4]:  # after the subscription, the relay still held
             assert (await client.put(f"/api/2/things/{t}/attributes/n", json=2)).status_code == 204
@@ -296,3 +304,43 @@ async def test_only_changes_committed_after_a_subscription_reach_it_in_every_par
         assert not sub._items
     finally:
         sub.close()
+
+
+async def test_the_nats_subscription_is_held_only_while_someone_listens(
+    client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Receiving every event costs a process about as much as deciding it: without live
+    subscribers it does not subscribe; the first subscriber's from_now waits until it does
+    (every later change reaches it), and IDLE_SECONDS after the last one left it stops."""
+    from twinstore import fanout as fanout_module
+    from twinstore.api.live import from_now
+
+    monkeypatch.setattr(fanout_module, "IDLE_SECONDS", 0.3)
+    out = fanout(runtime)
+    await out._quiet()  # whatever earlier tests of the session left
+    assert not out.listening_now
+    thing_id = new_thing_id()
+    assert (await client.put(f"/api/2/things/{thing_id}", json={"attributes": {"n": 0}})).status_code == 201
+    assert runtime.pool is not None
+    sub = await from_now(out.subscribe(DITTO, thing_ids=frozenset([thing_id])), runtime.pool)
+    try:
+        assert out.listening_now
+        assert (await client.put(f"/api/2/things/{thing_id}/attributes/n", json=1)).status_code == 204
+        delivery = await next_delivery(sub)
+        assert (delivery.event.revision, delivery.event.value) == (2, 1)  # not the creation
+    finally:
+        sub.close()
+    assert out.listening_now  # for IDLE_SECONDS yet
+    for _ in range(100):
+        if not out.listening_now:
+            break
+        await asyncio.sleep(0.05)
+    assert not out.listening_now
+    # a subscriber arriving later gets the subscription back
+    again = await from_now(out.subscribe(DITTO, thing_ids=frozenset([thing_id])), runtime.pool)
+    try:
+        assert out.listening_now
+        assert (await client.put(f"/api/2/things/{thing_id}/attributes/n", json=2)).status_code == 204
+        assert (await next_delivery(again)).event.revision == 3
+    finally:
+        again.close()

@@ -110,6 +110,7 @@ async def test_metrics_move_under_load(settings: Settings, runtime: Runtime) -> 
         # a live subscriber that reads nothing is dropped as too slow
         assert runtime.fanout is not None
         slow = runtime.fanout.subscribe(("nginx:ditto",), thing_ids=frozenset([thing_id]), maxsize=1)
+        await runtime.fanout.listening()
         for i in range(3):
             await http.put(f"/api/2/things/{thing_id}/attributes/n", json=i)
 

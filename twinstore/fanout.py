@@ -1,8 +1,12 @@
 """Fan-out: committed thing events from NATS to this process's live subscribers (WS, SSE).
 
 One :class:`FanOut` per process holds one core NATS subscription on ``<prefix>.events.>``
-(the relay's JetStream publishes reach core subscribers too), so every process sees every
-event and scale-out needs nothing more. Each message is decoded once to an
+(the relay's JetStream publishes reach core subscribers too) while it has live subscribers, so
+every such process sees every event and scale-out needs nothing more. The subscription is
+made for the first subscriber (:meth:`FanOut.listening`, awaited before a subscription reads
+its starting heads) and ended :data:`IDLE_SECONDS` after the last one left: receiving every
+event of the deployment costs a process about as much as deciding it, and an API process
+without live clients (or one busy ingesting) has nothing to do with them. Each message is decoded once to an
 :class:`~twinstore.model.thing.Event`; revisions at or below the last one seen for the thing
 are dropped (a relay republish after a crash never reaches a client twice), and NATS keeps
 one thing's events in order (one subject per partition, one reader task).
@@ -37,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +59,7 @@ from twinstore.model.ids import parse_pointer
 from twinstore.model.thing import Event, ThingState
 
 __all__ = [
+    "IDLE_SECONDS",
     "Delivery",
     "FanOut",
     "Scope",
@@ -241,6 +246,11 @@ class Subscription(Mailbox[Delivery]):
         self.fanout.unsubscribe(self)
 
 
+# How long the NATS subscription outlives the last live subscriber (a reconnecting client, or
+# the next test of a session, finds it still there).
+IDLE_SECONDS = 30.0
+
+
 class FanOut:
     """The process's NATS event subscription and its subscribers."""
 
@@ -265,25 +275,89 @@ class FanOut:
         self._policy_ids: OrderedDict[str, str | None] = OrderedDict()
         self._sub: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._started = False
+        self._switching = asyncio.Lock()  # listening() and _quiet() one at a time
+        self._idle: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.received = 0
         self.delivered = 0
         self.dropped = 0
 
     async def start(self) -> None:
-        if self._task is None:
-            self._sub = await self.nc.subscribe(self.subjects.events_wildcard)
-            self._task = asyncio.create_task(self._run(), name="twinstore-fanout")
+        """Ready for subscribers (the NATS subscription follows the first, see the module)."""
+        self._started = True
 
     async def stop(self) -> None:
-        if self._task is None:
+        if not self._started:
             return
-        task, self._task = self._task, None
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        self._started = False
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        async with self._switching:
+            await self._unlisten()
         self.drop_all("server shutting down")
+
+    @property
+    def listening_now(self) -> bool:
+        """Whether the process holds its NATS subscription (for tests and /metrics)."""
+        return self._sub is not None
+
+    async def listening(self) -> None:
+        """Hold the NATS subscription, registered at the server: every event published from
+        now on reaches this process. A live subscription awaits this before it reads the
+        journal heads it starts after (:func:`~twinstore.api.live.from_now`)."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._sub is not None or not self._started:
+            return
+        async with self._switching:
+            if self._sub is None and self._started:
+                sub = await self.nc.subscribe(self.subjects.events_wildcard)
+                await self.nc.flush()  # the server has the subscription once this returns
+                self._sub = sub
+                self._task = asyncio.create_task(self._run(sub), name="twinstore-fanout")
+        if not self._subscribed():  # the subscriber it was for left meanwhile
+            self._when_idle()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work, name="twinstore-fanout-switch")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _subscribed(self) -> bool:
+        return bool(self._all or self._by_thing or self._by_namespace)
+
+    def _when_idle(self) -> None:
+        """After the last subscriber left: end the NATS subscription in IDLE_SECONDS, unless
+        another subscriber came by then."""
+        if self._idle is not None or self._sub is None:
+            return
+        def quiet() -> None:
+            self._idle = None
+            if not self._subscribed():
+                self._spawn(self._quiet())
+
+        self._idle = asyncio.get_running_loop().call_later(IDLE_SECONDS, quiet)
+
+    async def _quiet(self) -> None:
+        async with self._switching:
+            if not self._subscribed():
+                await self._unlisten()
+
+    async def _unlisten(self) -> None:
+        sub, task = self._sub, self._task
+        self._sub = self._task = None
+        # Policy ids learnt from events go stale while events are not received.
+        self._policy_ids.clear()
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def drop_all(self, reason: str) -> None:
         """End every subscription (their readers see :class:`SlowConsumerError` with ``reason``)."""
@@ -320,11 +394,15 @@ class FanOut:
         )
         if scope is None:
             self._all.add(sub)
-            return sub
-        for thing_id in scope[0]:
-            self._by_thing.setdefault(thing_id, set()).add(sub)
-        for namespace in scope[1]:
-            self._by_namespace.setdefault(namespace, set()).add(sub)
+        else:
+            for thing_id in scope[0]:
+                self._by_thing.setdefault(thing_id, set()).add(sub)
+            for namespace in scope[1]:
+                self._by_namespace.setdefault(namespace, set()).add(sub)
+        if self._sub is None or self._idle is not None:
+            # Start listening now; a live subscription still awaits listening() before it
+            # reads its starting heads (from_now).
+            self._spawn(self.listening())
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -336,11 +414,13 @@ class FanOut:
                     group.discard(sub)
                     if not group:
                         del index[key]
+        if not self._subscribed():
+            self._when_idle()
 
     # ---- events ---------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        async for msg in self._sub.messages:
+    async def _run(self, nats_sub: Any) -> None:
+        async for msg in nats_sub.messages:
             try:
                 await self.handle(msg)
             except asyncio.CancelledError:

@@ -103,6 +103,7 @@ async def passed(runtime: Runtime, writes: Any, *thing_ids: str) -> None:
     """Run ``writes`` and wait until their events went through this process's fan-out."""
     assert runtime.fanout is not None
     watcher = runtime.fanout.subscribe(("nginx:ditto",), thing_ids=frozenset(thing_ids))
+    await runtime.fanout.listening()
     try:
         await writes
         pending = set(thing_ids)
@@ -167,6 +168,7 @@ async def test_stop_send_events_stops(ws_url: str, client: httpx.AsyncClient, ru
     thing_id = new_thing_id()
     assert runtime.fanout is not None
     watcher = runtime.fanout.subscribe(("nginx:ditto",), thing_ids=frozenset([thing_id]))
+    await runtime.fanout.listening()
     try:
         async with connect(ws_url, additional_headers=BASIC) as ws:
             await start(ws)

@@ -143,6 +143,7 @@ async def from_now(sub: Subscription, pool: asyncpg.Pool) -> Subscription:
     was read reaches the subscription, nothing committed before it does.
     """
     try:
+        await sub.fanout.listening()  # the process receives every event published from here on
         sub.start_after(await journal_heads(pool))
     except Exception as exc:  # any failure to read the head: the subscription cannot start
         sub.close()
