@@ -340,7 +340,10 @@ class Relay:
                 continue
             # The server counts the header block too, and closes the connection of a client
             # that sends more than max_payload: such an event could never be published.
-            size = len(payload) + _header_bytes(headers)
+            # (characters bound UTF-8 bytes from above by 4: the exact count only near the limit)
+            size = len(payload) + 12 + sum(4 * (len(k) + len(v)) + 4 for k, v in headers.items())
+            if size > max_payload:
+                size = len(payload) + _header_bytes(headers)
             if size > max_payload:
                 skipped.append((row, f"{size} bytes exceed the NATS server's max_payload of {max_payload}"))
                 continue
