@@ -60,8 +60,10 @@ class GracefulServer(uvicorn.Server):
             self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.stop.signal(sig)  # the second signal exits at once
+        # First: the handler runs inside whatever the main thread was doing (a log write, say),
+        # and if what follows fails there the signal must not be lost.
         self.should_exit = True
+        self.stop.signal(sig)  # the second signal exits at once
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
