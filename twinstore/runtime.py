@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from twinstore.search import SearchService
 from twinstore.service import ThingService
 from twinstore.settings import Settings
 from twinstore.shutdown import phase
+from twinstore.store import connection
 from twinstore.store.codec import dumps
 from twinstore.store.journal import Journal
 from twinstore.store.policies import PolicyStore
@@ -47,6 +49,8 @@ from twinstore.store.schema import (
 __all__ = ["Runtime", "connect", "create_pool"]
 
 log = logging.getLogger("twinstore")
+
+CONNECT_TIMEOUT = 60.0  # asyncpg's own, when no bound is given
 
 
 async def _init_connection(con: asyncpg.Connection) -> None:
@@ -64,11 +68,13 @@ async def _keep_session(con: asyncpg.Connection) -> None:
 
 async def create_pool(url: str, size: int = 10, timeout: float | None = None) -> asyncpg.Pool:
     """One pool per process; JSON codecs set once per connection; every statement (a commit
-    included) bounded by ``timeout`` seconds (``database_timeout_seconds``).
+    included) and every host's connection attempt bounded by ``timeout`` seconds
+    (``database_timeout_seconds``).
 
-    ``url`` goes to asyncpg unchanged: a multi-host URL with ``target_session_attrs=read-write``
-    (README "High availability: PostgreSQL") makes every new connection find the writable host.
-    A connection that breaks (its server gone) is closed by asyncpg and replaced at the next
+    ``url`` keeps its meaning: a multi-host URL with ``target_session_attrs=read-write``
+    (README "High availability: PostgreSQL") makes every new connection find the writable host,
+    each host tried for at most ``timeout`` (:func:`twinstore.store.connection.connect`). A
+    connection that breaks (its server gone) is closed by asyncpg and replaced at the next
     acquire, so after a failover the pool refills from the promoted server.
 
     A statement past ``timeout`` is cancelled and raises :class:`TimeoutError`, which
@@ -83,6 +89,7 @@ async def create_pool(url: str, size: int = 10, timeout: float | None = None) ->
         init=_init_connection,
         reset=_keep_session,
         command_timeout=timeout,
+        connect=functools.partial(connection.connect, timeout=timeout or CONNECT_TIMEOUT),
     )
     assert pool is not None
     return pool
@@ -90,11 +97,11 @@ async def create_pool(url: str, size: int = 10, timeout: float | None = None) ->
 
 def connect(url: str, timeout: float | None = None) -> Callable[[], Awaitable[asyncpg.Connection]]:
     """How the workers open connections of their own (relay LISTEN, partition locks, policy
-    listener): the pool's URL and statement bound, a new connection per call (so a lost one is
-    replaced by one to whichever host is writable now)."""
+    listener): the pool's URL and bounds, a new connection per call (so a lost one is replaced
+    by one to whichever host is writable now)."""
 
     def open_connection() -> Awaitable[asyncpg.Connection]:
-        return asyncpg.connect(url, command_timeout=timeout)
+        return connection.connect(url, timeout=timeout or CONNECT_TIMEOUT, command_timeout=timeout)
 
     return open_connection
 
@@ -177,7 +184,7 @@ class Runtime:
             self._owned.append("pool")
         self.pool = pool
         # Not on the pool: migrations are not bounded by database_timeout_seconds.
-        con = await asyncpg.connect(s.database_url)
+        con = await connection.connect(s.database_url, timeout=s.database_timeout_seconds)
         try:
             await _init_connection(con)
             await migrate(con, s.partitions)

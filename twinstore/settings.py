@@ -190,7 +190,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A database statement (a commit included) not answered within this many seconds is
     # abandoned (cancelled) and its request answered 503, its outcome unknown and so never
     # acknowledged: what bounds a request while the database hangs (a synchronous standby lost,
-    # a failover in progress) instead of letting it wait forever. Migrations at start are not
+    # a primary gone silent) instead of letting it wait forever. Also the connection timeout of
+    # each host of a multi-host URL (twinstore.store.connection). Migrations at start are not
     # bounded (they may rebuild indexes of a large journal).
     database_timeout_seconds: float = 30.0
     relay_poll_interval: float = 1.0

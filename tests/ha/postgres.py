@@ -129,11 +129,12 @@ class PgPair:
 
     # -- the pair --------------------------------------------------------------------------
 
-    def url(self, database: str = DATABASE) -> str:
-        """The multi-host URL an HA client uses: whichever host accepts writes."""
+    def url(self, database: str = DATABASE, primary_port: int | None = None) -> str:
+        """The multi-host URL an HA client uses: whichever host accepts writes (the primary
+        reached through ``primary_port`` when given: a proxy's)."""
         return (
-            f"postgresql://postgres@127.0.0.1:{self.primary_port},127.0.0.1:{self.standby_port}"
-            f"/{database}?target_session_attrs=read-write"
+            f"postgresql://postgres@127.0.0.1:{primary_port or self.primary_port},"
+            f"127.0.0.1:{self.standby_port}/{database}?target_session_attrs=read-write"
         )
 
     def start(self) -> PgPair:

@@ -4,11 +4,16 @@ Topology (:class:`tests.ha.postgres.PgPair`): a primary with a synchronous strea
 reached through the multi-host URL ``postgresql://…@primary,standby/db?target_session_attrs=
 read-write``; a real ``twinstore serve`` process on it and on the machine's NATS.
 
-Under a load of concurrent HTTP writers the primary is killed with SIGKILL (postmaster and all
-its backends, as when its machine is lost) and the standby promoted, without touching twinstore.
+Under a load of concurrent HTTP writers, without touching twinstore:
+
+* the primary is killed with SIGKILL (postmaster and all its backends) and the standby promoted;
+* the synchronous standby is lost (every commit waits for it) and started again later;
+* the primary vanishes without a reset (a :class:`tests.ha.blackhole.BlackHole` between twinstore
+  and it swallows everything, as a lost machine or a partition does) and the standby is promoted.
+
 Then:
 
-* every write answered 2xx is in the journal of the promoted server, with the value it wrote;
+* every write answered 2xx is in the journal (of the promoted server), with the value it wrote;
 * every write answered otherwise got a 503 in Ditto's error format, never a 500, and no request
   took longer than ``REQUEST_BOUND``;
 * writes are acknowledged again without restarting twinstore, within ``RECOVERY_BOUND`` of the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import subprocess
@@ -36,6 +42,7 @@ import nats
 import pytest
 
 from tests.conftest import AUTH, ROOT, ServerProcess, bounded, eventually, new_thing_id
+from tests.ha.blackhole import BlackHole
 from tests.ha.postgres import PgPair
 from twinstore.bus.streams import delete_streams
 from twinstore.settings import Settings
@@ -138,20 +145,33 @@ async def journal_by_correlation(url: str, ids: list[str]) -> dict[str, tuple[st
     return {r["correlation_id"]: (r["id"], r["path"], r["value"]) for r in rows}
 
 
+@dataclasses.dataclass
+class Setup:
+    pair: PgPair
+    server: ServerProcess
+    things: list[str]
+    hole: BlackHole | None  # between twinstore and the primary, when asked for
+
+
 @contextlib.asynccontextmanager
-async def pair_and_server(
-    settings: Settings, **env: str
-) -> AsyncIterator[tuple[PgPair, ServerProcess, list[str]]]:
+async def pair_and_server(settings: Settings, *, hole: bool = False, **env: str) -> AsyncIterator[Setup]:
     """A synchronous pair, ``twinstore serve`` on its multi-host URL (and NATS, a prefix of its
-    own) and THINGS things; the logs of both printed when the test fails, all removed after."""
+    own) and THINGS things; with ``hole``, twinstore reaches the primary through a
+    :class:`BlackHole`. The logs of both printed when the test fails, all removed after."""
     pair = PgPair()
     server: ServerProcess | None = None
+    proxy: BlackHole | None = None
     prefix = f"ha{secrets.token_hex(4)}"
     try:
         await asyncio.to_thread(pair.start)
         await pair.create_database()
         await eventually(lambda: _is_sync(pair), 30, "the standby streaming synchronously")
-        own = msgspec.structs.replace(settings, database_url=pair.url(), nats_prefix=prefix)
+        if hole:
+            proxy = BlackHole("127.0.0.1", pair.primary_port)
+            url = pair.url(primary_port=await proxy.start())
+        else:
+            url = pair.url()
+        own = msgspec.structs.replace(settings, database_url=url, nats_prefix=prefix)
         server = ServerProcess(own, TWINSTORE_POOL_SIZE="8", **env)
         await asyncio.to_thread(server.start, 60)
         things = [new_thing_id("org.ha") for _ in range(THINGS)]
@@ -159,7 +179,7 @@ async def pair_and_server(
             for thing_id in things:
                 r = await c.put(f"/api/2/things/{thing_id}", json={"features": {"f": {"properties": {}}}})
                 assert r.status_code == 201, r.text
-        yield pair, server, things
+        yield Setup(pair, server, things, proxy)
     except BaseException:
         print(pair.logs())
         if server is not None and server.proc is not None:
@@ -168,6 +188,8 @@ async def pair_and_server(
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+        if proxy is not None:
+            await proxy.close()
         await asyncio.to_thread(pair.stop)
         nc = await nats.connect(settings.nats_url)
         with contextlib.suppress(Exception):
@@ -218,9 +240,10 @@ def first_ack_after(load: Load, instant: float) -> float | None:
 
 
 async def test_primary_lost_mid_load_standby_promoted_no_acknowledged_write_lost(settings: Settings) -> None:
-    async with pair_and_server(settings) as (pair, server, things):
-        load = Load(server.url, things)
-        probes = Probes(server.url)
+    async with pair_and_server(settings) as setup:
+        pair = setup.pair
+        load = Load(setup.server.url, setup.things)
+        probes = Probes(setup.server.url)
         async with running(load, probes):
             await load.wait_for(
                 "writes acknowledged before the kill", lambda: len(load.acked) >= ACKS_BEFORE_KILL, 30
@@ -275,13 +298,10 @@ async def test_synchronous_standby_lost_writes_answered_503_in_bounded_time(sett
     standby confirms it (it has committed locally, but must not be reported as durable). Such a
     write is answered 503 after ``database_timeout_seconds`` (not acknowledged: its outcome is
     unknown), never left hanging; when the standby is back, writes are acknowledged again."""
-    async with pair_and_server(settings, TWINSTORE_DATABASE_TIMEOUT_SECONDS=str(DATABASE_TIMEOUT)) as (
-        pair,
-        server,
-        things,
-    ):
-        load = Load(server.url, things)
-        probes = Probes(server.url)
+    async with pair_and_server(settings, TWINSTORE_DATABASE_TIMEOUT_SECONDS=str(DATABASE_TIMEOUT)) as setup:
+        pair = setup.pair
+        load = Load(setup.server.url, setup.things)
+        probes = Probes(setup.server.url)
         async with running(load, probes):
             await load.wait_for(
                 "writes acknowledged before the kill", lambda: len(load.acked) >= ACKS_BEFORE_KILL, 30
@@ -321,6 +341,59 @@ async def test_synchronous_standby_lost_writes_answered_503_in_bounded_time(sett
         assert not acked_while_lost, f"acknowledged without a standby: {acked_while_lost[:5]}"
         check_refusals(load)
         assert set(probes.statuses("/health")) == {200}
+        await check_acknowledged(load, pair.url())
+
+
+async def test_primary_vanished_without_a_reset_standby_promoted(settings: Settings) -> None:
+    """The primary's machine is lost rather than its server crashed: twinstore's connections to
+    it go silent (no RST, no FIN; new ones are never answered), as through a network partition.
+    The writes in flight are answered 503 after ``database_timeout_seconds`` (their outcome is
+    unknown), and after the promotion new connections reach the standby, the second host of the
+    URL, because each host gets a connection timeout of its own: asyncpg alone gives the silent
+    first host its whole 60 s and never tries the second."""
+    async with pair_and_server(
+        settings, hole=True, TWINSTORE_DATABASE_TIMEOUT_SECONDS=str(DATABASE_TIMEOUT)
+    ) as setup:
+        pair, hole = setup.pair, setup.hole
+        assert hole is not None
+        load = Load(setup.server.url, setup.things)
+        probes = Probes(setup.server.url)
+        async with running(load, probes):
+            await load.wait_for(
+                "writes acknowledged before the loss", lambda: len(load.acked) >= ACKS_BEFORE_KILL, 30
+            )
+            lost = time.monotonic()
+            hole.swallow()
+            await asyncio.to_thread(pair.kill_primary)
+            await asyncio.to_thread(pair.promote)
+            promoted = time.monotonic()
+            acked_at_promotion = len(load.acked)
+            await load.wait_for(
+                "a write acknowledged after the promotion",
+                lambda: first_ack_after(load, promoted) is not None,
+                RECOVERY_BOUND + 15,
+            )
+            await load.wait_for(
+                "writes acknowledged after the recovery",
+                lambda: len(load.acked) >= acked_at_promotion + ACKS_AFTER_RECOVERY,
+                30,
+            )
+            await eventually(
+                lambda: probes.statuses("/ready")[-1:] == [200], 15, "/ready 200 after the promotion"
+            )
+        recovered = first_ack_after(load, promoted)
+        assert recovered is not None
+        outage = recovered - promoted
+        print(
+            f"\nprimary vanished: first write acknowledged {outage:.2f} s after the promotion "
+            f"({recovered - lost:.2f} s after the loss; database_timeout_seconds {DATABASE_TIMEOUT:g}); "
+            f"{len(load.acked)} acknowledged, {len(load.refused)} refused (503); "
+            f"slowest request {load.slowest:.2f} s"
+        )
+        check_refusals(load)
+        assert outage <= RECOVERY_BOUND, f"writes acknowledged again only {outage:.1f} s after the promotion"
+        assert set(probes.statuses("/health")) == {200}, probes.statuses("/health")
+        # (read directly: asyncpg alone would wait on the silent first host of twinstore's URL)
         await check_acknowledged(load, pair.url())
 
 
