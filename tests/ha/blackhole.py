@@ -16,6 +16,9 @@ __all__ = ["BlackHole"]
 
 
 class BlackHole:
+    """Listens on a free loopback port; forwards to ``target_host:target_port`` (a directory:
+    PostgreSQL's unix socket in it) until :meth:`swallow`."""
+
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.swallowing = asyncio.Event()
@@ -37,7 +40,11 @@ class BlackHole:
         if self.swallowing.is_set():
             return  # accepted, never answered (the socket is closed only by close())
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            host, port = self.target
+            if host.startswith("/"):  # a PostgreSQL unix socket directory (the embedded server's)
+                up_reader, up_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+            else:
+                up_reader, up_writer = await asyncio.open_connection(host, port)
         except OSError:
             writer.close()
             return
