@@ -44,7 +44,11 @@ import pytest
 from tests.conftest import AUTH, ROOT, ServerProcess, bounded, eventually, new_thing_id
 from tests.ha.blackhole import BlackHole
 from tests.ha.postgres import PgPair
+from tests.processes import Publisher
+from tests.test_crash import journal_ids, read_stream
+from twinstore.bus.ingest import IngestSubjects, Update
 from twinstore.bus.streams import delete_streams
+from twinstore.bus.subjects import Subjects
 from twinstore.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -151,6 +155,8 @@ class Setup:
     server: ServerProcess
     things: list[str]
     hole: BlackHole | None  # between twinstore and the primary, when asked for
+    prefix: str  # twinstore's NATS prefix
+    partitions: int
 
 
 @contextlib.asynccontextmanager
@@ -179,7 +185,7 @@ async def pair_and_server(settings: Settings, *, hole: bool = False, **env: str)
             for thing_id in things:
                 r = await c.put(f"/api/2/things/{thing_id}", json={"features": {"f": {"properties": {}}}})
                 assert r.status_code == 201, r.text
-        yield Setup(pair, server, things, proxy)
+        yield Setup(pair, server, things, proxy, prefix, own.partitions or 4)
     except BaseException:
         print(pair.logs())
         if server is not None and server.proc is not None:
@@ -234,6 +240,50 @@ async def check_acknowledged(load: Load, url: str) -> None:
         assert found[cid] == (thing_id, f"/features/f/properties/{prop}", str(value)), (cid, found[cid])
 
 
+async def check_workers(setup: Setup, settings: Settings) -> None:
+    """The workers reconnected to the promoted server: NATS ingestion applies a new update, and
+    the relay has published every journal event, once (Nats-Msg-Id), none the journal lacks."""
+    url = setup.pair.url()
+    subjects = Subjects(setup.prefix, setup.partitions)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        publisher = Publisher(nc, IngestSubjects(setup.prefix, setup.partitions), "ditto-user")
+        thing_id = setup.things[0]
+        await publisher.values([Update(thing_id, "/features/f/properties/ingested", 42)])
+
+        async def ingested() -> bool:
+            con = await asyncpg.connect(url)
+            try:
+                return bool(
+                    await con.fetchval(
+                        "SELECT count(*) FROM journal WHERE entity = 'thing' AND id = $1 AND path = $2",
+                        thing_id,
+                        "/features/f/properties/ingested",
+                    )
+                )
+            finally:
+                await con.close()
+
+        await eventually(ingested, 30, "an update ingested from NATS after the failover", interval=0.2)
+        js = nc.jetstream()
+        committed = await journal_ids(url)
+        published: list[str] = []
+
+        async def caught_up() -> bool:
+            published[:] = [
+                m for m, _ in await read_stream(js, subjects.events_stream, subjects.events_wildcard)
+            ]
+            return set(published) >= committed
+
+        await eventually(caught_up, 30, "every journal event published after the failover", interval=0.3)
+        assert len(published) == len(set(published)), "duplicate Nats-Msg-Id in the stream"
+        assert set(published) == committed, (
+            f"events the journal lacks: {sorted(set(published) - committed)[:5]}"
+        )
+    finally:
+        await nc.close()
+
+
 def first_ack_after(load: Load, instant: float) -> float | None:
     done = [answered for _, _, _, sent, answered in load.acked.values() if sent >= instant]
     return min(done) if done else None
@@ -284,6 +334,7 @@ async def test_primary_lost_mid_load_standby_promoted_no_acknowledged_write_lost
         assert outage <= RECOVERY_BOUND, f"writes acknowledged again only {outage:.1f} s after the promotion"
         assert set(probes.statuses("/health")) == {200}, probes.statuses("/health")
         await check_acknowledged(load, pair.url())
+        await check_workers(setup, settings)
         # The CLIs take the same URL (its first host dead now): the chains verify, the
         # projections match a replay, the journal exports.
         for command in (["audit", "verify"], ["replay", "--all"], ["export", "--all", "--output", "-"]):
@@ -342,6 +393,7 @@ async def test_synchronous_standby_lost_writes_answered_503_in_bounded_time(sett
         check_refusals(load)
         assert set(probes.statuses("/health")) == {200}
         await check_acknowledged(load, pair.url())
+        await check_workers(setup, settings)
 
 
 async def test_primary_vanished_without_a_reset_standby_promoted(settings: Settings) -> None:
@@ -395,6 +447,7 @@ async def test_primary_vanished_without_a_reset_standby_promoted(settings: Setti
         assert set(probes.statuses("/health")) == {200}, probes.statuses("/health")
         # (read directly: asyncpg alone would wait on the silent first host of twinstore's URL)
         await check_acknowledged(load, pair.url())
+        await check_workers(setup, settings)
 
 
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
