@@ -123,6 +123,7 @@ import asyncpg
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from twinstore.store import connection
 from twinstore.store.codec import GENESIS, chain_hash
 
 __all__ = [
@@ -482,7 +483,7 @@ async def verify_database(
     (their heads within ``scope``); ``signing_key`` (PEM Ed25519 private key path) checks
     their signatures.
     """
-    con = await asyncpg.connect(url)
+    con = await connection.connect(url)
     try:
         where, args = scope.where()
         async with con.transaction(isolation="repeatable_read", readonly=True):
@@ -662,7 +663,7 @@ async def checkpoint_database(url: str, *, signing_key: str | None = None) -> Ch
     """Seal the chain heads and partition heads of the journal at ``url`` (one snapshot) in a
     new checkpoint."""
     private = load_signing_key(signing_key) if signing_key else None
-    con = await asyncpg.connect(url)
+    con = await connection.connect(url)
     try:
         async with con.transaction(isolation="repeatable_read"):
             # One snapshot: the partition heads are the cut, the chain heads what it contains.

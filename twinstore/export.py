@@ -32,6 +32,7 @@ from twinstore.audit import Report as AuditReport
 from twinstore.audit import Scope, verify_database
 from twinstore.replay import Report as ReplayReport
 from twinstore.replay import replay_database
+from twinstore.store import connection
 from twinstore.store.recorder import Recorder
 from twinstore.store.schema import migrate, stored_partitions
 
@@ -245,7 +246,7 @@ async def export_database(
     report = ExportReport()
     started = time.monotonic()
     where, args = _where(scope, since, until)
-    con = await asyncpg.connect(url)
+    con = await connection.connect(url)
     try:
         async with con.transaction(isolation="repeatable_read", readonly=True):
             if on_total is not None:
@@ -321,7 +322,7 @@ async def import_database(
     """
     report = ImportReport()
     started = time.monotonic()
-    con = await asyncpg.connect(url)
+    con = await connection.connect(url)
     try:
         await migrate(con)
         recorder = Recorder(await stored_partitions(con))

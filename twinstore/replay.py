@@ -40,6 +40,7 @@ import orjson
 from twinstore.audit import NEWEST_ANCHOR, Scope, has_retention
 from twinstore.model.policy import PolicyEvent, PolicyState, evolve_policy, thing_readers
 from twinstore.model.thing import ThingState, evolve
+from twinstore.store import connection
 from twinstore.store.codec import dumps
 from twinstore.store.journal import event_from_row
 from twinstore.store.recorder import Recorder
@@ -357,8 +358,8 @@ async def replay_database(
     scope = scope or Scope()
     report = Report(repair=repair)
     started = time.monotonic()
-    con = await asyncpg.connect(url)
-    writer = await asyncpg.connect(url) if repair else None
+    con = await connection.connect(url)
+    writer = await connection.connect(url) if repair else None
     try:
         await _init(con)
         recorder: Recorder | None = None

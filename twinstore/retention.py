@@ -100,6 +100,7 @@ from twinstore.audit import (
     snapshot_digest,
 )
 from twinstore.model.thing import ThingState, evolve
+from twinstore.store import connection
 from twinstore.store.codec import GENESIS, dumps
 from twinstore.store.journal import event_from_row
 from twinstore.store.schema import stored_partitions
@@ -438,7 +439,7 @@ async def cleanup_database(
     report = CleanupReport(cutoff=cutoff, dry_run=dry_run)
     started = time.monotonic()
     key = load_signing_key(signing_key) if signing_key else None
-    con = await asyncpg.connect(url)
+    con = await connection.connect(url)
     try:
         if not await con.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
             raise CleanupBusy("another cleanup is running")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -31,6 +33,7 @@ from twinstore.search import SearchService
 from twinstore.service import ThingService
 from twinstore.settings import Settings
 from twinstore.shutdown import phase
+from twinstore.store import connection
 from twinstore.store.codec import dumps
 from twinstore.store.journal import Journal
 from twinstore.store.policies import PolicyStore
@@ -43,9 +46,11 @@ from twinstore.store.schema import (
     stored_partitions,
 )
 
-__all__ = ["Runtime", "create_pool"]
+__all__ = ["Runtime", "connect", "create_pool"]
 
 log = logging.getLogger("twinstore")
+
+CONNECT_TIMEOUT = 60.0  # asyncpg's own, when no bound is given
 
 
 async def _init_connection(con: asyncpg.Connection) -> None:
@@ -61,13 +66,44 @@ async def _keep_session(con: asyncpg.Connection) -> None:
     """
 
 
-async def create_pool(url: str, size: int = 10) -> asyncpg.Pool:
-    """One pool per process; JSON codecs set once per connection."""
+async def create_pool(url: str, size: int = 10, timeout: float | None = None) -> asyncpg.Pool:
+    """One pool per process; JSON codecs set once per connection; every statement (a commit
+    included) and every host's connection attempt bounded by ``timeout`` seconds
+    (``database_timeout_seconds``).
+
+    ``url`` keeps its meaning: a multi-host URL with ``target_session_attrs=read-write``
+    (README "High availability: PostgreSQL") makes every new connection find the writable host,
+    each host tried for at most ``timeout`` (:func:`twinstore.store.connection.connect`). A
+    connection that breaks (its server gone) is closed by asyncpg and replaced at the next
+    acquire, so after a failover the pool refills from the promoted server.
+
+    A statement past ``timeout`` is cancelled and raises :class:`TimeoutError`, which
+    :func:`twinstore.store.is_unavailable` makes a 503. For a COMMIT this is the one safe answer:
+    PostgreSQL may have committed it locally (a cancelled wait for a synchronous standby still
+    commits), so the write is reported as not done, never acknowledged.
+    """
     pool = await asyncpg.create_pool(
-        url, min_size=1, max_size=size, init=_init_connection, reset=_keep_session
+        url,
+        min_size=1,
+        max_size=size,
+        init=_init_connection,
+        reset=_keep_session,
+        command_timeout=timeout,
+        connect=functools.partial(connection.connect, timeout=timeout or CONNECT_TIMEOUT),
     )
     assert pool is not None
     return pool
+
+
+def connect(url: str, timeout: float | None = None) -> Callable[[], Awaitable[asyncpg.Connection]]:
+    """How the workers open connections of their own (relay LISTEN, partition locks, policy
+    listener): the pool's URL and bounds, a new connection per call (so a lost one is replaced
+    by one to whichever host is writable now)."""
+
+    def open_connection() -> Awaitable[asyncpg.Connection]:
+        return connection.connect(url, timeout=timeout or CONNECT_TIMEOUT, command_timeout=timeout)
+
+    return open_connection
 
 
 class Runtime:
@@ -144,13 +180,18 @@ class Runtime:
             self.listener = OperationsListener(self, "0.0.0.0", s.metrics_port)
             await self.listener.start()
         if pool is None:
-            pool = await create_pool(s.database_url, s.pool_size)
+            pool = await create_pool(s.database_url, s.pool_size, s.database_timeout_seconds)
             self._owned.append("pool")
         self.pool = pool
-        async with pool.acquire() as con:
+        # Not on the pool: migrations are not bounded by database_timeout_seconds.
+        con = await connection.connect(s.database_url, timeout=s.database_timeout_seconds)
+        try:
+            await _init_connection(con)
             await migrate(con, s.partitions)
             await ensure_search_indexes(con, s.search_index_paths)
             partitions = await stored_partitions(con)
+        finally:
+            await con.close()
         # One partition count end to end: a thing's ingest subject and consumer, its journal
         # partition, its relay, its events subject and its anomaly scorer (twinstore.model.partition).
         self.recorder = Recorder(partitions)
@@ -165,12 +206,13 @@ class Runtime:
         check_event_bound(nc.max_payload, s.max_thing_bytes, s.max_header_bytes)
         await ensure_events_stream(nc.jetstream(), self.subjects, s.events_max_age_seconds)
         database_url = s.database_url
+        own_connection = connect(database_url, s.database_timeout_seconds)
         self.relay = Relay(
             pool,
             nc,
             self.subjects,
             poll_interval=s.relay_poll_interval,
-            connect=lambda: asyncpg.connect(database_url),
+            connect=own_connection,
         )
         relay = self.relay
         self.journal = Journal(
@@ -202,7 +244,7 @@ class Runtime:
             await self.fanout.start()
             await self.messages.start()
         self._listener = asyncio.create_task(
-            store.listen(lambda: asyncpg.connect(database_url), cache.invalidate, self._stop_listener),
+            store.listen(own_connection, cache.invalidate, self._stop_listener),
             name="twinstore-policy-listener",
         )
         await ensure_ingest_streams(nc.jetstream(), self.ingest_subjects, s.ingest_max_age_seconds)
@@ -211,7 +253,7 @@ class Runtime:
                 nc,
                 self.service,
                 self.ingest_subjects,
-                connect=lambda: asyncpg.connect(database_url),
+                connect=own_connection,
                 pool=pool,
                 sources=s.ingest_sources,
                 default_subjects=s.ingest_default_subjects,
@@ -240,7 +282,7 @@ class Runtime:
             self.journal,
             self.subjects,
             pool=self.pool,
-            connect=lambda: asyncpg.connect(database_url),
+            connect=connect(database_url, s.database_timeout_seconds),
             send=send,
             cache=self.service.cache if self.service is not None else None,
             checkpoint_every=s.anomaly_checkpoint_every,

@@ -187,6 +187,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # gives bigger group commits on one database, and more lock overlap between processes.
     journal_partitions_per_transaction: int = 8
     pool_size: int = 10
+    # A database statement (a commit included) not answered within this many seconds is
+    # abandoned (cancelled) and its request answered 503, its outcome unknown and so never
+    # acknowledged: what bounds a request while the database hangs (a synchronous standby lost,
+    # a primary gone silent) instead of letting it wait forever. Also the connection timeout of
+    # each host of a multi-host URL (twinstore.store.connection). Migrations at start are not
+    # bounded (they may rebuild indexes of a large journal).
+    database_timeout_seconds: float = 30.0
     relay_poll_interval: float = 1.0
     log_level: str = "info"
     # auto: text lines on a terminal, JSON lines otherwise (files, pipes, log collectors); text; json.
@@ -245,6 +252,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "auth_cache_seconds",
             "jwks_fetch_timeout_seconds",
             "credentials_recheck_seconds",
+            "database_timeout_seconds",
         ):
             if not 0 < getattr(self, name) <= 3600:
                 raise ValueError(f"{name} must be a number of seconds in (0, 3600]")

@@ -29,6 +29,8 @@ log = logging.getLogger("twinstore.store")
 
 ENTITY = "policy"
 POLICY_CHANNEL = "twinstore_policies"
+# The policy listener checks its connection every second; an answer later than this ends it.
+HEARTBEAT_TIMEOUT = 5.0
 
 SELECT_POLICY = "SELECT revision, created, modified, doc FROM policies WHERE id = $1"
 SELECT_POLICIES = "SELECT id, revision, created, modified, doc FROM policies WHERE id = any($1::text[])"
@@ -210,6 +212,11 @@ class PolicyStore:
                 while not stop.is_set() and not con.is_closed():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
+                    if not stop.is_set():
+                        # A connection gone silent (its server's machine lost, a partition)
+                        # is never closed: only a statement finds out, and notifications it
+                        # misses meanwhile would leave revoked permissions in the cache.
+                        await con.fetchval("SELECT 1", timeout=HEARTBEAT_TIMEOUT)
             # InternalClientError: a connection left unusable ("another operation is in progress")
             except (
                 OSError,
@@ -224,4 +231,4 @@ class PolicyStore:
             finally:
                 if con is not None and not con.is_closed():
                     with contextlib.suppress(Exception):
-                        await con.close()
+                        await con.close(timeout=HEARTBEAT_TIMEOUT)  # (a silent one is aborted)
