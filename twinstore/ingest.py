@@ -103,11 +103,11 @@ SELECT_PROGRESS = "SELECT source, seq FROM ingest_progress WHERE consumer = $1"
 
 
 async def ensure_ingest_streams(
-    js: nats.js.JetStreamContext, subjects: IngestSubjects, max_age_seconds: float
+    js: nats.js.JetStreamContext, subjects: IngestSubjects, max_age_seconds: float, replicas: int = 1
 ) -> None:
     """Create or update the ingest stream (exactly the partition subjects) and the errors stream."""
-    await ensure_stream(js, subjects.stream, subjects.all_subjects, max_age_seconds)
-    await ensure_stream(js, subjects.errors_stream, [subjects.errors_subject], max_age_seconds)
+    await ensure_stream(js, subjects.stream, subjects.all_subjects, max_age_seconds, replicas)
+    await ensure_stream(js, subjects.errors_stream, [subjects.errors_subject], max_age_seconds, replicas)
 
 
 class _Lost(Exception):

@@ -103,10 +103,10 @@ ON CONFLICT (name, partition) DO UPDATE SET seq = greatest(relay_cursors.seq, ex
 
 
 async def ensure_events_stream(
-    js: nats.js.JetStreamContext, subjects: Subjects, max_age_seconds: float
+    js: nats.js.JetStreamContext, subjects: Subjects, max_age_seconds: float, replicas: int = 1
 ) -> None:
     """Create or update the events stream (file storage, dedup window 2 minutes)."""
-    await ensure_stream(js, subjects.events_stream, [subjects.events_wildcard], max_age_seconds)
+    await ensure_stream(js, subjects.events_stream, [subjects.events_wildcard], max_age_seconds, replicas)
 
 
 def check_event_bound(max_payload: int, max_thing_bytes: int, max_header_bytes: int) -> None:
