@@ -67,7 +67,7 @@ from twinstore.bus.ingest import (
     Update,
     decode_telemetry_rows,
 )
-from twinstore.bus.partitions import PartitionGroup, fetch_available, lock_key
+from twinstore.bus.partitions import PartitionGroup, PullReader, lock_key
 from twinstore.bus.streams import ensure_stream
 from twinstore.model import rql
 from twinstore.model.errors import (
@@ -112,6 +112,10 @@ async def ensure_ingest_streams(
 
 class _Lost(Exception):
     pass
+
+
+class _Gap(Exception):
+    """Deliveries of the consumer went missing (see :meth:`_PartitionRun.contiguous`)."""
 
 
 @dataclass
@@ -224,6 +228,7 @@ class _PartitionRun:
         self.consumer = f"{worker.subjects.stream}/{partition}"
         self.durable = f"ingest-{partition}"
         self.offset = 0
+        self.delivered = 0  # the consumer sequence of the last delivery seen
         self.sources: dict[str, int] = {}
         self.valid_ids: set[str] = set()  # thing ids seen valid (telemetry repeats them)
         self.own_ids: set[str] = set()  # thing ids seen in this partition
@@ -254,14 +259,41 @@ class _PartitionRun:
         )
         await w.js.add_consumer(stream, config)
         sub = await w.js.pull_subscribe_bind(self.durable, stream)
+        reader = PullReader(sub, w.batch, FETCH_TIMEOUT)
         try:
             while not self.stop.is_set():
-                msgs = await fetch_available(sub, w.batch, FETCH_TIMEOUT)
+                msgs = await reader.next()
                 if msgs:
-                    await self.apply(msgs)
+                    whole = self.contiguous(msgs)
+                    if whole:
+                        await self.apply(msgs[:whole])
+                    if whole < len(msgs):
+                        raise _Gap(
+                            f"deliveries {self.delivered + 1}..{msgs[whole].metadata.sequence.consumer - 1} "
+                            "of the consumer never arrived: made again from the applied offset"
+                        )
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    def contiguous(self, msgs: list[Msg]) -> int:
+        """How many of ``msgs`` follow the deliveries seen so far without a gap.
+
+        JetStream numbers a consumer's deliveries 1, 2, 3, ... (redeliveries too). A gap means
+        deliveries were lost on their way: their connection died, or their consumer's leader
+        died as it sent them (a replicated stream's election). JetStream counts them delivered
+        and sends them again only after ``ack_wait``; applying what came after them meanwhile
+        would apply a thing's updates out of order, and the offset would then drop the late
+        ones. So the partition applies up to the gap and makes its consumer again from the
+        applied offset. A number lower than expected (a new leader numbering from the state it
+        had) is taken as is: what it repeats is at or below the offset, and dropped.
+        """
+        for index, msg in enumerate(msgs):
+            number = msg.metadata.sequence.consumer
+            if number > self.delivered + 1:
+                return index
+            self.delivered = number
+        return len(msgs)
 
     # ---- a batch ------------------------------------------------------------------------
 
