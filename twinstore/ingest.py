@@ -92,6 +92,7 @@ REBALANCE_SECONDS = 2.0
 ACK_WAIT_SECONDS = 60.0
 IN_PROGRESS_SECONDS = 10.0
 FETCH_TIMEOUT = 1.0
+CONSUMER_API_TIMEOUT = 20.0  # longer than a JetStream cluster's elections (4-9 s each)
 MAX_PAYLOAD_IN_REPORT = 1024
 
 _key = lock_key  # the group's advisory-lock classes (tests look at the locks with it)
@@ -168,6 +169,11 @@ class IngestWorker:
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        # Making a partition's consumer (delete, create) is a request to the cluster's meta
+        # leader, answered once the consumer's own leader is elected: during a server loss that
+        # takes an election or two. Timed out sooner, the next attempt would delete the consumer
+        # the server was still making and start over, again and again.
+        self.admin = nc.jetstream(timeout=CONSUMER_API_TIMEOUT)
         self.service = service
         self.subjects = subjects
         self.connect = connect
@@ -204,13 +210,19 @@ class IngestWorker:
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
         """Apply one partition until stopped or taken over (a fence); the group restarts it
         after a failure (NATS or database trouble)."""
-        try:
-            await _PartitionRun(self, partition, stop).run()
-        except _Lost:
-            log.warning("ingest: partition taken over elsewhere", extra={"partition": partition})
-        except Exception:
-            self.stats.retries += 1
-            raise
+        while True:
+            try:
+                await _PartitionRun(self, partition, stop).run()
+                return
+            except _Gap as gap:  # at once: the consumer is made again from the applied offset
+                self.stats.retries += 1
+                log.warning("ingest: %s", gap, extra={"partition": partition})
+            except _Lost:
+                log.warning("ingest: partition taken over elsewhere", extra={"partition": partition})
+                return
+            except Exception:
+                self.stats.retries += 1
+                raise
 
     def auth_of(self, source: str | None) -> AuthContext | None:
         if source is not None and source in self.auths:
@@ -244,7 +256,7 @@ class _PartitionRun:
                     self.sources[row["source"]] = int(row["seq"])
         stream = w.subjects.stream
         with contextlib.suppress(nats.js.errors.NotFoundError):
-            await w.js.delete_consumer(stream, self.durable)
+            await w.admin.delete_consumer(stream, self.durable)
         config = nats.js.api.ConsumerConfig(
             durable_name=self.durable,
             filter_subject=w.subjects.partition_subject(self.partition),
@@ -257,7 +269,7 @@ class _PartitionRun:
             max_ack_pending=max(4 * w.batch, 1000),
             max_deliver=-1,
         )
-        await w.js.add_consumer(stream, config)
+        await w.admin.add_consumer(stream, config)
         sub = await w.js.pull_subscribe_bind(self.durable, stream)
         reader = PullReader(sub, w.batch, FETCH_TIMEOUT)
         try:
