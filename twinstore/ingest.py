@@ -18,6 +18,11 @@ group and takes a fair share of the partitions ``<prefix>.ingest.<p>``:
   partition without noticing fails its next commit (:class:`FencedError`) instead of
   applying anything twice. Each source's ``Twinstore-Seq`` is kept the same way, so a
   message republished by an adapter after JetStream's duplicate window is dropped too.
+  Deliveries lost on their way (their connection, or their consumer's leader in a cluster,
+  died) leave a gap in the consumer's delivery numbers: the partition is applied up to the
+  gap and its consumer made again from the applied sequence, so nothing is applied before
+  an earlier message of its partition. A pull answered 503 (the consumer's leader is being
+  elected) is waited out (:class:`~twinstore.bus.partitions.PullReader`).
 * **Units.** A fetched batch (up to ``ingest_batch`` messages) is committed as few
   transactions as possible: one, unless a message creates, replaces, deletes or re-policies a
   whole thing (the guards of a unit are prepared from the states before it). Ingest partition

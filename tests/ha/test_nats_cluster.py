@@ -26,9 +26,11 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
+import msgspec
 import nats
 import nats.errors
 import nats.js.api
@@ -52,7 +54,8 @@ from twinstore.bus.relay import PARTITION_HEADER, POSITION_HEADER
 from twinstore.bus.streams import ensure_stream
 from twinstore.bus.subjects import Subjects
 from twinstore.embedded import _nats_binary
-from twinstore.settings import load_settings
+from twinstore.runtime import Runtime
+from twinstore.settings import Settings, load_settings
 
 ASYNC = pytest.mark.asyncio(loop_scope="session")
 
@@ -325,6 +328,22 @@ async def test_replicated_stream_on_a_single_server_is_refused_with_the_reason(
         await nc.close()
 
 
+@ASYNC
+async def test_a_comma_separated_nats_url_is_served_by_any_live_server(own_settings: Settings) -> None:
+    """twinstore starts while a server of its list is down (here: the first; the client
+    shuffles the list, so either order is tried)."""
+    live = own_settings.nats_url or ""
+    dead = f"nats://127.0.0.1:{free_port()}"
+    s = msgspec.structs.replace(own_settings, nats_url=f"{dead}, {live}")
+    rt = Runtime(s)
+    try:
+        await bounded(rt.open(ingest=False, anomaly=False), 30, "opening the runtime")
+        assert rt.nc is not None and rt.nc.is_connected
+        assert rt.nc.connected_url is not None and rt.nc.connected_url.port == urlsplit(live).port
+    finally:
+        await bounded(rt.close(), 30, "closing the runtime")
+
+
 @pytest.mark.slow
 @ASYNC
 async def test_stream_replicas_are_raised_on_an_existing_stream(cluster_nc: NATS) -> None:
@@ -384,15 +403,23 @@ async def test_node_killed_mid_ingest_and_mid_relay_loses_duplicates_and_stalls_
 
         elections: dict[str, float] = {}
 
-        async def kill_leader(stream: str, consumers: list[str], what: str) -> None:
+        consumers = [f"ingest-{p}" for p in range(PARTITIONS)]
+
+        async def kill_leader(stream: str, what: str) -> None:
+            """SIGKILL the stream's leader; the election this costs is the time until the
+            ingest stream, its consumers and the events stream all have a leader again (the
+            node may have led any of them)."""
             victim = cluster.node(await leader(js, stream))
+            led = [s for s in (ingest.stream, events.events_stream) if await leader(js, s) == victim.name]
             killed = time.monotonic()
             victim.kill()
-            new = await leader(probe, stream, consumers)
+            new = await leader(probe, stream)
+            await leader(probe, ingest.stream, consumers)
+            await leader(probe, events.events_stream)
             elections[what] = time.monotonic() - killed
             print(
-                f"{what}: killed {victim.name} (leader of {stream}); "
-                f"{new} leads after {elections[what]:.1f} s"
+                f"{what}: killed {victim.name} (leader of {', '.join(led)}); {new} leads {stream}, "
+                f"everything elected after {elections[what]:.1f} s"
             )
             await progressed(feed.steps + 25)  # flowing again without the node
             cluster.restart(victim)
@@ -400,9 +427,9 @@ async def test_node_killed_mid_ingest_and_mid_relay_loses_duplicates_and_stalls_
                 await all_current(js, s)  # rejoined and caught up: the next kill leaves a quorum
 
         await progressed(25)
-        await kill_leader(ingest.stream, [f"ingest-{p}" for p in range(PARTITIONS)], "mid-ingest")
+        await kill_leader(ingest.stream, "mid-ingest")
         await progressed(feed.steps + 25)
-        await kill_leader(events.events_stream, [], "mid-relay")
+        await kill_leader(events.events_stream, "mid-relay")
         await progressed(feed.steps + 25)
         sent = await feed.stop()
         ended = datetime.now().astimezone()

@@ -78,6 +78,7 @@ CURSOR_SAVE_SECONDS = 0.1
 # answering; waiting longer than a JetStream cluster's leader election would make the relay
 # stall beyond it. While acks keep coming (a big round on a slow server) the round waits.
 ACK_IDLE_SECONDS = 5.0
+ACK_POLL_SECONDS = 0.25
 # A failed round is published again after a pause that doubles from the first to the most:
 # short while a stream's leader election answers 503 (it ends any moment, and every second
 # waited past it is a second of stall), rare enough not to hammer a database or NATS that is down.
@@ -336,6 +337,7 @@ class Relay:
         skipped: list[tuple[asyncpg.Record, str]] = []
         publish = self.publisher.publish
         max_payload = self.nc.max_payload
+        reconnects = self.nc.stats["reconnects"]
         for row in rows:
             if row["entity"] != "thing":
                 continue
@@ -362,7 +364,7 @@ class Relay:
         # All or nothing for the cursors: on a failure that may pass the round is republished
         # (dedup ids); a message JetStream refuses for itself (4xx) is passed over.
         try:
-            results = await _acks(futures)
+            results = await _acks(futures, lambda: self.nc.stats["reconnects"] != reconnects)
         finally:
             self.publisher.forget(futures)
         for row, result in zip(sent, results, strict=True):
@@ -390,13 +392,18 @@ class Relay:
         return len(rows)
 
 
-async def _acks(futures: list[asyncio.Future[Any]]) -> list[Any]:
-    """Each future's result or exception, in order; TimeoutError when none of those still
-    pending completes for ``ACK_IDLE_SECONDS``."""
+async def _acks(futures: list[asyncio.Future[Any]], reconnected: Callable[[], bool]) -> list[Any]:
+    """Each future's result or exception, in order. TimeoutError when none of those still
+    pending completes for ``ACK_IDLE_SECONDS``, or at once when the connection was made again
+    meanwhile: acks due on the old one never come (the round is published again)."""
     pending: set[asyncio.Future[Any]] = set(futures)
+    idle = 0.0
     while pending:
-        done, pending = await asyncio.wait(pending, timeout=ACK_IDLE_SECONDS)
-        if not done:
+        done, pending = await asyncio.wait(pending, timeout=ACK_POLL_SECONDS)
+        idle = 0.0 if done else idle + ACK_POLL_SECONDS
+        if pending and reconnected():
+            raise TimeoutError(f"reconnected to NATS with {len(pending)} of {len(futures)} acks pending")
+        if idle >= ACK_IDLE_SECONDS:
             raise TimeoutError(
                 f"no JetStream ack for {ACK_IDLE_SECONDS:g} s ({len(pending)} of {len(futures)} pending)"
             )
