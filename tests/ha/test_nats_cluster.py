@@ -350,7 +350,15 @@ async def test_stream_replicas_are_raised_on_an_existing_stream(cluster_nc: NATS
     """A stream made with 1 replica gets 3 at the next ensure (e.g. nats_replicas changed)."""
     js = cluster_nc.jetstream()
     await ensure_stream(js, "RAISE", ["raise.x"], 600, replicas=1)
-    await js.publish("raise.x", b"kept", timeout=5)
+
+    async def stored() -> bool:  # the new stream's interest reaches the other nodes a moment later
+        try:
+            await js.publish("raise.x", b"kept", timeout=1, headers={"Nats-Msg-Id": "kept"})
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            return False
+        return True
+
+    await eventually(stored, 10, "a message stored in the new stream", interval=0.1)
     await ensure_stream(js, "RAISE", ["raise.x"], 600, replicas=3)
     info = await js.stream_info("RAISE")
     assert info.config.num_replicas == 3 and info.state.messages == 1
