@@ -259,6 +259,22 @@ async def test_an_ack_that_never_comes_is_given_up_after_the_idle_time_and_the_r
             await bounded(relay.stop(), 20, "stopping the relay")
 
 
+async def test_acks_due_on_a_connection_made_again_are_given_up_at_once() -> None:
+    """Acks are replies to the connection that published: after a reconnect (its server died)
+    they never come, so the round is given up at once, not after the idle time."""
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[Any] = loop.create_future()
+    answered.set_result(b"{}")
+    lost: asyncio.Future[Any] = loop.create_future()
+    reconnects = [0]
+    loop.call_later(0.3, lambda: reconnects.__setitem__(0, 1))
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="reconnected"):
+        await relay_module._acks([answered, lost], lambda: reconnects[0] != 0)
+    assert time.monotonic() - started < 1.5  # not ACK_IDLE_SECONDS (5 s)
+    assert await relay_module._acks([answered], lambda: True) == [b"{}"]  # nothing pending
+
+
 def _check_stream(stored: list[dict[str, str]], events: list[asyncpg.Record]) -> None:
     """The stream holds every thing event of the journal once; each partition's events in its
     seq order, so each thing's in revision order."""
