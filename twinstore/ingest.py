@@ -215,7 +215,7 @@ class IngestWorker:
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
         """Apply one partition until stopped or taken over (a fence); the group restarts it
         after a failure (NATS or database trouble)."""
-        while True:
+        while not stop.is_set():
             try:
                 await _PartitionRun(self, partition, stop).run()
                 return
