@@ -50,6 +50,7 @@ from nats.aio.client import Client as NATS
 
 from adapters import limits
 from adapters.spool import Spool, SpoolFullError
+from twinstore.bus.connection import servers
 from twinstore.bus.ingest import (
     SEQ_HEADER,
     TELEMETRY_FRAME_BYTES,
@@ -475,7 +476,7 @@ class Forwarder:
             "error_cb": error,
             **self.nats_options,
         }
-        nc = await nats.connect(self.nats_url, **options)
+        nc = await nats.connect(servers(self.nats_url), **options)
         log.info("NATS connected", extra={"source": self.source, "pending": self.pending})
         return nc
 

@@ -22,8 +22,10 @@ from typing import Any
 import asyncpg
 import nats
 import nats.js
+import pytest
 
 from tests.conftest import ROOT, bounded, eventually, kill_process, new_thing_id
+from twinstore.bus import relay as relay_module
 from twinstore.bus.relay import (
     CURSOR,
     PARTITION_HEADER,
@@ -210,6 +212,67 @@ async def test_a_lost_ack_republishes_from_the_last_acknowledged_batch_and_loses
         finally:
             await bounded(journal.stop(), 20, "stopping the journal")
             await bounded(relay.stop(), 20, "stopping the relay")
+
+
+async def test_an_ack_that_never_comes_is_given_up_after_the_idle_time_and_the_round_republished(
+    settings: Settings, scratch_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ack lost without an answer (its connection or the stream's leader died) must not hold
+    the relay longer than a leader election: the round is given up once no ack came for
+    ACK_IDLE_SECONDS (it was 30 s in all), republished, and JetStream drops the duplicates."""
+    monkeypatch.setattr(relay_module, "ACK_IDLE_SECONDS", 0.5)
+    async with bus(settings, scratch_database, partitions=1) as b:
+        relay = b.relay(poll_interval=60.0, batch=5)
+        journal = b.journal()
+        try:
+            journal.start()
+            things = [new_thing_id() for _ in range(10)]
+            await asyncio.gather(*(write(journal, t, "/", {"attributes": {}}) for t in things))
+            async with b.pool.acquire() as con:
+                positions = [r["seq"] for r in await con.fetch("SELECT seq FROM journal ORDER BY seq")]
+            silent = positions[7]  # its first publish gets no ack at all, ever
+            real_publish = relay.publisher.publish
+            tries: list[int] = []
+
+            async def publish(subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future[Any]:
+                position = int(headers[POSITION_HEADER])
+                tries.append(position)
+                future = await real_publish(subject, payload, headers)
+                if position == silent and tries.count(silent) == 1:
+                    return asyncio.get_running_loop().create_future()  # never resolved
+                return future
+
+            relay.publisher.publish = publish  # type: ignore[method-assign]
+            started = time.monotonic()
+            relay.start()
+
+            async def done() -> bool:
+                return relay.cursors.get(0) == positions[-1]
+
+            await eventually(done, 10, "every event acknowledged")
+            assert time.monotonic() - started < 5  # the idle time and one retry, not 30 s
+            assert tries.count(silent) == 2
+            stored = await b.stored()
+            assert [int(h[POSITION_HEADER]) for h in stored] == positions
+        finally:
+            await bounded(journal.stop(), 20, "stopping the journal")
+            await bounded(relay.stop(), 20, "stopping the relay")
+
+
+async def test_acks_due_on_a_connection_made_again_are_given_up_at_once() -> None:
+    """Acks are replies to the connection that published: after a reconnect (its server died)
+    they never come, so the round is given up at once, not after the idle time."""
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[Any] = loop.create_future()
+    answered.set_result(b"{}")
+    lost: asyncio.Future[Any] = loop.create_future()
+    reconnects = [0]
+    loop.call_later(0.3, lambda: reconnects.__setitem__(0, 1))
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="reconnected"):
+        await relay_module._acks([answered, lost], lambda: reconnects[0] != 0)
+    assert time.monotonic() - started < 1.5  # not ACK_IDLE_SECONDS (5 s)
+    assert await relay_module._acks([answered], lambda: True) == [b"{}"]  # nothing pending
 
 
 def _check_stream(stored: list[dict[str, str]], events: list[asyncpg.Record]) -> None:

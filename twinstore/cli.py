@@ -645,6 +645,9 @@ def _shown_url(url: str | None) -> str:
 
     if not url:
         return "-"
+    several = [part.strip() for part in url.split(",")]
+    if len(several) > 1 and all("://" in part for part in several):  # NATS: one URL per server
+        return ",".join(_shown_url(part) for part in several)
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -18,6 +18,11 @@ group and takes a fair share of the partitions ``<prefix>.ingest.<p>``:
   partition without noticing fails its next commit (:class:`FencedError`) instead of
   applying anything twice. Each source's ``Twinstore-Seq`` is kept the same way, so a
   message republished by an adapter after JetStream's duplicate window is dropped too.
+  Deliveries lost on their way (their connection, or their consumer's leader in a cluster,
+  died) leave a gap in the consumer's delivery numbers: the partition is applied up to the
+  gap and its consumer made again from the applied sequence, so nothing is applied before
+  an earlier message of its partition. A pull answered 503 (the consumer's leader is being
+  elected) is waited out (:class:`~twinstore.bus.partitions.PullReader`).
 * **Units.** A fetched batch (up to ``ingest_batch`` messages) is committed as few
   transactions as possible: one, unless a message creates, replaces, deletes or re-policies a
   whole thing (the guards of a unit are prepared from the states before it). Ingest partition
@@ -67,7 +72,7 @@ from twinstore.bus.ingest import (
     Update,
     decode_telemetry_rows,
 )
-from twinstore.bus.partitions import PartitionGroup, fetch_available, lock_key
+from twinstore.bus.partitions import PartitionGroup, PullReader, lock_key
 from twinstore.bus.streams import ensure_stream
 from twinstore.model import rql
 from twinstore.model.errors import (
@@ -92,6 +97,7 @@ REBALANCE_SECONDS = 2.0
 ACK_WAIT_SECONDS = 60.0
 IN_PROGRESS_SECONDS = 10.0
 FETCH_TIMEOUT = 1.0
+CONSUMER_API_TIMEOUT = 20.0  # longer than a JetStream cluster's elections (4-9 s each)
 MAX_PAYLOAD_IN_REPORT = 1024
 
 _key = lock_key  # the group's advisory-lock classes (tests look at the locks with it)
@@ -103,15 +109,19 @@ SELECT_PROGRESS = "SELECT source, seq FROM ingest_progress WHERE consumer = $1"
 
 
 async def ensure_ingest_streams(
-    js: nats.js.JetStreamContext, subjects: IngestSubjects, max_age_seconds: float
+    js: nats.js.JetStreamContext, subjects: IngestSubjects, max_age_seconds: float, replicas: int = 1
 ) -> None:
     """Create or update the ingest stream (exactly the partition subjects) and the errors stream."""
-    await ensure_stream(js, subjects.stream, subjects.all_subjects, max_age_seconds)
-    await ensure_stream(js, subjects.errors_stream, [subjects.errors_subject], max_age_seconds)
+    await ensure_stream(js, subjects.stream, subjects.all_subjects, max_age_seconds, replicas)
+    await ensure_stream(js, subjects.errors_stream, [subjects.errors_subject], max_age_seconds, replicas)
 
 
 class _Lost(Exception):
     pass
+
+
+class _Gap(Exception):
+    """Deliveries of the consumer went missing (see :meth:`_PartitionRun.contiguous`)."""
 
 
 @dataclass
@@ -164,6 +174,11 @@ class IngestWorker:
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        # Making a partition's consumer (delete, create) is a request to the cluster's meta
+        # leader, answered once the consumer's own leader is elected: during a server loss that
+        # takes an election or two. Timed out sooner, the next attempt would delete the consumer
+        # the server was still making and start over, again and again.
+        self.admin = nc.jetstream(timeout=CONSUMER_API_TIMEOUT)
         self.service = service
         self.subjects = subjects
         self.connect = connect
@@ -200,13 +215,19 @@ class IngestWorker:
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
         """Apply one partition until stopped or taken over (a fence); the group restarts it
         after a failure (NATS or database trouble)."""
-        try:
-            await _PartitionRun(self, partition, stop).run()
-        except _Lost:
-            log.warning("ingest: partition taken over elsewhere", extra={"partition": partition})
-        except Exception:
-            self.stats.retries += 1
-            raise
+        while not stop.is_set():
+            try:
+                await _PartitionRun(self, partition, stop).run()
+                return
+            except _Gap as gap:  # at once: the consumer is made again from the applied offset
+                self.stats.retries += 1
+                log.warning("ingest: %s", gap, extra={"partition": partition})
+            except _Lost:
+                log.warning("ingest: partition taken over elsewhere", extra={"partition": partition})
+                return
+            except Exception:
+                self.stats.retries += 1
+                raise
 
     def auth_of(self, source: str | None) -> AuthContext | None:
         if source is not None and source in self.auths:
@@ -224,6 +245,7 @@ class _PartitionRun:
         self.consumer = f"{worker.subjects.stream}/{partition}"
         self.durable = f"ingest-{partition}"
         self.offset = 0
+        self.delivered = 0  # the consumer sequence of the last delivery seen
         self.sources: dict[str, int] = {}
         self.valid_ids: set[str] = set()  # thing ids seen valid (telemetry repeats them)
         self.own_ids: set[str] = set()  # thing ids seen in this partition
@@ -239,7 +261,7 @@ class _PartitionRun:
                     self.sources[row["source"]] = int(row["seq"])
         stream = w.subjects.stream
         with contextlib.suppress(nats.js.errors.NotFoundError):
-            await w.js.delete_consumer(stream, self.durable)
+            await w.admin.delete_consumer(stream, self.durable)
         config = nats.js.api.ConsumerConfig(
             durable_name=self.durable,
             filter_subject=w.subjects.partition_subject(self.partition),
@@ -252,16 +274,43 @@ class _PartitionRun:
             max_ack_pending=max(4 * w.batch, 1000),
             max_deliver=-1,
         )
-        await w.js.add_consumer(stream, config)
+        await w.admin.add_consumer(stream, config)
         sub = await w.js.pull_subscribe_bind(self.durable, stream)
+        reader = PullReader(sub, w.batch, FETCH_TIMEOUT)
         try:
             while not self.stop.is_set():
-                msgs = await fetch_available(sub, w.batch, FETCH_TIMEOUT)
+                msgs = await reader.next()
                 if msgs:
-                    await self.apply(msgs)
+                    whole = self.contiguous(msgs)
+                    if whole:
+                        await self.apply(msgs[:whole])
+                    if whole < len(msgs):
+                        raise _Gap(
+                            f"deliveries {self.delivered + 1}..{msgs[whole].metadata.sequence.consumer - 1} "
+                            "of the consumer never arrived: made again from the applied offset"
+                        )
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    def contiguous(self, msgs: list[Msg]) -> int:
+        """How many of ``msgs`` follow the deliveries seen so far without a gap.
+
+        JetStream numbers a consumer's deliveries 1, 2, 3, ... (redeliveries too). A gap means
+        deliveries were lost on their way: their connection died, or their consumer's leader
+        died as it sent them (a replicated stream's election). JetStream counts them delivered
+        and sends them again only after ``ack_wait``; applying what came after them meanwhile
+        would apply a thing's updates out of order, and the offset would then drop the late
+        ones. So the partition applies up to the gap and makes its consumer again from the
+        applied offset. A number lower than expected (a new leader numbering from the state it
+        had) is taken as is: what it repeats is at or below the offset, and dropped.
+        """
+        for index, msg in enumerate(msgs):
+            number = msg.metadata.sequence.consumer
+            if number > self.delivered + 1:
+                return index
+            self.delivered = number
+        return len(msgs)
 
     # ---- a batch ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 
 from twinstore.anomaly.worker import AnomalyWorker
 from twinstore.auth import Authenticator
+from twinstore.bus.connection import servers
 from twinstore.bus.ingest import IngestSubjects
 from twinstore.bus.relay import Relay, check_event_bound, ensure_events_stream
 from twinstore.bus.subjects import Subjects
@@ -199,12 +200,12 @@ class Runtime:
         self._ingest_subjects = IngestSubjects(s.nats_prefix, partitions)
         if nc is None:
             nc = await nats.connect(
-                s.nats_url, name="twinstore", max_reconnect_attempts=-1, reconnect_time_wait=1
+                servers(s.nats_url), name="twinstore", max_reconnect_attempts=-1, reconnect_time_wait=1
             )
             self._owned.append("nats")
         self.nc = nc
         check_event_bound(nc.max_payload, s.max_thing_bytes, s.max_header_bytes)
-        await ensure_events_stream(nc.jetstream(), self.subjects, s.events_max_age_seconds)
+        await ensure_events_stream(nc.jetstream(), self.subjects, s.events_max_age_seconds, s.nats_replicas)
         database_url = s.database_url
         own_connection = connect(database_url, s.database_timeout_seconds)
         self.relay = Relay(
@@ -247,7 +248,9 @@ class Runtime:
             store.listen(own_connection, cache.invalidate, self._stop_listener),
             name="twinstore-policy-listener",
         )
-        await ensure_ingest_streams(nc.jetstream(), self.ingest_subjects, s.ingest_max_age_seconds)
+        await ensure_ingest_streams(
+            nc.jetstream(), self.ingest_subjects, s.ingest_max_age_seconds, s.nats_replicas
+        )
         if s.ingest_enabled if ingest is None else ingest:
             self.ingest = IngestWorker(
                 nc,

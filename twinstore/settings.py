@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from twinstore.bus.connection import servers
 from twinstore.model.partition import DEFAULT_PARTITIONS, MAX_PARTITIONS
 from twinstore.model.rql import QueryLimits
 from twinstore.store.rql_sql import indexable
@@ -107,6 +108,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_url: str | None = None
     users_file: str | None = None
     nats_prefix: str = "twinstore"
+    # Servers of a JetStream cluster that keep each of twinstore's streams (and their durable
+    # consumers): 3 survives the loss of any one server. Needs a cluster of at least that many.
+    nats_replicas: int = 1
     events_max_age_seconds: float = 7 * 24 * 3600.0
     snapshot_every: int = 100
     # ---- Limits: every resource one request can consume (README "Limits" lists each with the
@@ -279,6 +283,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"partitions must be 1..{MAX_PARTITIONS} (or unset: the database's)")
         if not 1 <= self.journal_partitions_per_transaction <= 1024:
             raise ValueError("journal_partitions_per_transaction must be 1..1024")
+        if not 1 <= self.nats_replicas <= 5:  # JetStream's own bound
+            raise ValueError("nats_replicas must be 1..5 (JetStream keeps a stream on at most 5 servers)")
+        if self.nats_url is not None:
+            servers(self.nats_url)  # comma-separated servers of one cluster; refuses an empty list
         if not 1 <= self.journal_writers <= 64:
             raise ValueError("journal_writers must be 1..64")
         if not 1 <= self.ingest_batch <= 10_000:

@@ -53,6 +53,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from twinstore.bus.connection import servers
 from twinstore.cli import DEV_INGEST_SUBJECT
 from twinstore.model.partition import DEFAULT_PARTITIONS
 from twinstore.settings import Settings
@@ -871,7 +872,7 @@ async def _watch_refusals(plan: Plan) -> Any:
             )
         log.error("twinstore refuses the simulated values: %s%s", report.get("reason"), hint)
 
-    nc = await nats.connect(plan.nats_url, max_reconnect_attempts=-1)
+    nc = await nats.connect(servers(plan.nats_url), max_reconnect_attempts=-1)
     await nc.subscribe(subject, cb=on_report)
     return nc
 

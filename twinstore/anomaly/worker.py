@@ -52,7 +52,7 @@ from twinstore.anomaly import rules as rules_module
 from twinstore.anomaly import store
 from twinstore.anomaly.base import Explainer, Filter, Teachable, checkpoint, restore
 from twinstore.anomaly.detectors import create
-from twinstore.bus.partitions import PartitionGroup, fetch_available
+from twinstore.bus.partitions import PartitionGroup, PullReader
 from twinstore.bus.subjects import Subjects, partition_of
 from twinstore.enforcement import PolicyCache
 from twinstore.fanout import decode_event
@@ -287,9 +287,10 @@ class _Scorer:
             await self._consumer()
             dropped = False
             sub = await self.w.js.pull_subscribe_bind(self.durable, self.w.subjects.events_stream)
+            reader = PullReader(sub, self.w.batch, FETCH_TIMEOUT)
             try:
                 while not self.stop.is_set():
-                    msgs = await fetch_available(sub, self.w.batch, FETCH_TIMEOUT)
+                    msgs = await reader.next()
                     if msgs:
                         await self.score(msgs)
                         self.unacked.extend(msgs)

@@ -28,11 +28,12 @@ from typing import Any
 
 import asyncpg
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 
 from twinstore.logs import bind
 
-__all__ = ["PartitionGroup", "fetch_available", "lock_key"]
+__all__ = ["PartitionGroup", "PullReader", "fetch_available", "lock_key"]
 
 log = logging.getLogger("twinstore.partitions")
 
@@ -226,3 +227,47 @@ async def fetch_available(sub: Any, batch: int, timeout: float) -> list[Msg]:
     except (TimeoutError, nats.errors.TimeoutError):
         rest = []
     return [*first, *rest]
+
+
+# How long a durable consumer may answer "no responders" (503) before its reader gives up and
+# the partition makes the consumer again: longer than a JetStream cluster's elections (meta
+# leader, then the consumer's own leader: 4-9 s each) take.
+UNAVAILABLE_SECONDS = 30.0
+UNAVAILABLE_PAUSE = 0.25
+
+
+class PullReader:
+    """Reads a durable pull consumer with :func:`fetch_available`, riding out its leader
+    elections.
+
+    A consumer of a replicated stream lives on while its leader's server dies: JetStream elects
+    another, and until then answers each pull with 503 "no responders". Making the consumer
+    again then (delete and create, each a request to the meta leader, which may be electing
+    too) would take longer than the election itself; so a 503 is waited out, pulling again every
+    ``UNAVAILABLE_PAUSE`` seconds, for at most ``UNAVAILABLE_SECONDS`` in a row, then raised
+    (the caller makes the consumer again: it may really be gone).
+    """
+
+    def __init__(self, sub: Any, batch: int, timeout: float) -> None:
+        self.sub = sub
+        self.batch = batch
+        self.timeout = timeout
+        self.unavailable_since: float | None = None
+
+    async def next(self) -> list[Msg]:
+        """The next messages (``[]`` when none came within the timeout, or during an election)."""
+        try:
+            msgs = await fetch_available(self.sub, self.batch, self.timeout)
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+            now = asyncio.get_running_loop().time()
+            if self.unavailable_since is None:
+                self.unavailable_since = now
+                log.warning("consumer unavailable (leader election?), waiting")
+            elif now - self.unavailable_since > UNAVAILABLE_SECONDS:
+                raise
+            await asyncio.sleep(UNAVAILABLE_PAUSE)
+            return []
+        if self.unavailable_since is not None:
+            log.info("consumer available again")
+            self.unavailable_since = None
+        return msgs

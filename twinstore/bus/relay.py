@@ -73,6 +73,17 @@ CURSOR = "events"
 POSITION_HEADER = "Twinstore-Position"
 PARTITION_HEADER = "Twinstore-Partition"
 CURSOR_SAVE_SECONDS = 0.1
+# A round whose acks stop coming for this long is published again. Acks are lost with the
+# connection they were due on (its server died) or with a stream leader that died before
+# answering; waiting longer than a JetStream cluster's leader election would make the relay
+# stall beyond it. While acks keep coming (a big round on a slow server) the round waits.
+ACK_IDLE_SECONDS = 5.0
+ACK_POLL_SECONDS = 0.25
+# A failed round is published again after a pause that doubles from the first to the most:
+# short while a stream's leader election answers 503 (it ends any moment, and every second
+# waited past it is a second of stall), rare enough not to hammer a database or NATS that is down.
+RETRY_FIRST_SECONDS = 0.25
+RETRY_MAX_SECONDS = 1.0
 
 # An event's message beyond its value+path (<= max_thing_bytes) and originator+correlation-id+
 # kept headers (<= max_header_bytes, see Journal._check_event): the topic and the NATS headers
@@ -103,10 +114,10 @@ ON CONFLICT (name, partition) DO UPDATE SET seq = greatest(relay_cursors.seq, ex
 
 
 async def ensure_events_stream(
-    js: nats.js.JetStreamContext, subjects: Subjects, max_age_seconds: float
+    js: nats.js.JetStreamContext, subjects: Subjects, max_age_seconds: float, replicas: int = 1
 ) -> None:
     """Create or update the events stream (file storage, dedup window 2 minutes)."""
-    await ensure_stream(js, subjects.events_stream, [subjects.events_wildcard], max_age_seconds)
+    await ensure_stream(js, subjects.events_stream, [subjects.events_wildcard], max_age_seconds, replicas)
 
 
 def check_event_bound(max_payload: int, max_thing_bytes: int, max_header_bytes: int) -> None:
@@ -221,6 +232,7 @@ class Relay:
             label="relay",
         )
         self._group.start()
+        backoff = RETRY_FIRST_SECONDS
         while True:
             self._wake.clear()  # before reading: a commit after this point wakes the next round
             try:
@@ -228,9 +240,11 @@ class Relay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("relay round failed; retrying", extra={"error": repr(exc)})
-                await asyncio.sleep(1.0)
+                log.warning("relay round failed; retrying", extra={"error": repr(exc), "after": backoff})
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, RETRY_MAX_SECONDS)
                 continue  # published again at once, not at the next commit or poll
+            backoff = RETRY_FIRST_SECONDS
             if published < self.batch:
                 # Not wait_for: on 3.11 it swallows a cancellation that arrives as the event is
                 # set (a commit's NOTIFY during stop()), and this loop would never end.
@@ -323,6 +337,7 @@ class Relay:
         skipped: list[tuple[asyncpg.Record, str]] = []
         publish = self.publisher.publish
         max_payload = self.nc.max_payload
+        reconnects = self.nc.stats["reconnects"]
         for row in rows:
             if row["entity"] != "thing":
                 continue
@@ -352,7 +367,7 @@ class Relay:
         # All or nothing for the cursors: on a failure that may pass the round is republished
         # (dedup ids); a message JetStream refuses for itself (4xx) is passed over.
         try:
-            results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=30)
+            results = await _acks(futures, lambda: self.nc.stats["reconnects"] != reconnects)
         finally:
             self.publisher.forget(futures)
         for row, result in zip(sent, results, strict=True):
@@ -378,6 +393,24 @@ class Relay:
         refused = {id(r) for r, _ in skipped}
         self.published += sum(1 for r in sent if id(r) not in refused)
         return len(rows)
+
+
+async def _acks(futures: list[asyncio.Future[Any]], reconnected: Callable[[], bool]) -> list[Any]:
+    """Each future's result or exception, in order. TimeoutError when none of those still
+    pending completes for ``ACK_IDLE_SECONDS``, or at once when the connection was made again
+    meanwhile: acks due on the old one never come (the round is published again)."""
+    pending: set[asyncio.Future[Any]] = set(futures)
+    idle = 0.0
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=ACK_POLL_SECONDS)
+        idle = 0.0 if done else idle + ACK_POLL_SECONDS
+        if pending and reconnected():
+            raise TimeoutError(f"reconnected to NATS with {len(pending)} of {len(futures)} acks pending")
+        if idle >= ACK_IDLE_SECONDS:
+            raise TimeoutError(
+                f"no JetStream ack for {ACK_IDLE_SECONDS:g} s ({len(pending)} of {len(futures)} pending)"
+            )
+    return [f.exception() if f.exception() is not None else f.result() for f in futures]
 
 
 def _header_bytes(headers: dict[str, str]) -> int:

@@ -1,7 +1,11 @@
 """JetStream streams of twinstore: one way to declare them (created, or updated, at start).
 
-Every stream is file-stored, limits-retained for ``max_age`` seconds and deduplicates
-``Nats-Msg-Id`` over two minutes.
+Every stream is file-stored, limits-retained for ``max_age`` seconds, deduplicates
+``Nats-Msg-Id`` over two minutes and is kept on ``replicas`` servers of a JetStream cluster
+(the ``nats_replicas`` setting). The durable consumers twinstore creates on them leave their
+own replica count unset (0), which JetStream reads as the stream's: they survive a server
+loss as the stream does. An existing stream is brought to the configured count (JetStream
+adds or removes peers).
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ DUPLICATE_WINDOW = 120.0
 
 
 async def ensure_stream(
-    js: nats.js.JetStreamContext, name: str, subjects: list[str], max_age_seconds: float
+    js: nats.js.JetStreamContext,
+    name: str,
+    subjects: list[str],
+    max_age_seconds: float,
+    replicas: int = 1,
 ) -> None:
     """Create the stream ``name`` over ``subjects``, or bring an existing one to this config."""
     config = nats.js.api.StreamConfig(
@@ -26,11 +34,20 @@ async def ensure_stream(
         retention=nats.js.api.RetentionPolicy.LIMITS,
         max_age=max_age_seconds,
         duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas,
     )
     try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        await js.update_stream(config)
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(config)
+    except nats.js.errors.APIError as exc:
+        if replicas > 1:  # the usual cause: a single server, or a cluster smaller than replicas
+            raise RuntimeError(
+                f"JetStream refused the stream {name} with {replicas} replicas ({exc}); note that "
+                f"nats_replicas={replicas} needs a JetStream cluster of at least {replicas} servers"
+            ) from exc
+        raise
 
 
 async def delete_streams(js: nats.js.JetStreamContext, prefix: str) -> list[str]:
