@@ -23,8 +23,8 @@ from twinstore.model.policy import default_policy
 from twinstore.replay import Scope, replay_database
 from twinstore.settings import Settings
 
-THINGS = "id, revision, created, modified, policy_id, doc, hash"
-POLICIES = "id, revision, created, modified, doc, hash, readers"
+THINGS = "id, revision, created, modified, policy_id, doc, hash, partition"
+POLICIES = "id, revision, created, modified, doc, hash, readers, partition"
 
 
 async def copy_all(settings: Settings, scratch: str, namespace: str) -> None:
@@ -107,7 +107,7 @@ async def test_tampered_projection_is_named_and_repaired(
         f"UPDATE things SET revision = revision + 1 WHERE id = '{c}'",
         f"UPDATE policies SET doc = doc - 'entries', readers = '{{}}' WHERE id = '{policy_id}'",
         f"INSERT INTO things ({THINGS}) SELECT '{namespace}:ghost', revision, created, modified,"
-        f" policy_id, doc, hash FROM things WHERE id = '{a}'",
+        f" policy_id, doc, hash, partition FROM things WHERE id = '{a}'",
     )
     report = await replay_database(scratch_database)
     assert not report.ok

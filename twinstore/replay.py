@@ -82,16 +82,16 @@ SELECT p.id FROM {table} p{where}{glue}NOT EXISTS (
 """
 HEAD = "SELECT revision, hash FROM journal WHERE entity = $1 AND id = $2 ORDER BY revision DESC LIMIT 1"
 REPAIR_THING = """
-INSERT INTO things (id, revision, created, modified, policy_id, doc, hash)
-VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7)
-ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+INSERT INTO things (id, revision, created, modified, policy_id, doc, hash, partition)
+VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8)
+ON CONFLICT (id, partition) DO UPDATE SET revision = excluded.revision, created = excluded.created,
     modified = excluded.modified, policy_id = excluded.policy_id, doc = excluded.doc, hash = excluded.hash
 """
 # The generated columns of policies (full_readers, ...) follow doc by themselves.
 REPAIR_POLICY = """
-INSERT INTO policies (id, revision, created, modified, doc, hash, readers)
-VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7::text[])
-ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+INSERT INTO policies (id, revision, created, modified, doc, hash, readers, partition)
+VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7::text[], $8)
+ON CONFLICT (id, partition) DO UPDATE SET revision = excluded.revision, created = excluded.created,
     modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers
 """
 DELETE_EXTRA = """
@@ -309,11 +309,13 @@ async def _repair(
         async with con.transaction():
             await recorder.lock(con, [partition])
             for i in indexes:
-                done[i] = await _repair_one(con, *batch[i])
+                done[i] = await _repair_one(con, partition, *batch[i])
     return [done[i] for i in range(len(batch))]
 
 
-async def _repair_one(con: asyncpg.Connection, diff: Difference, r: _Replayed | None) -> Difference:
+async def _repair_one(
+    con: asyncpg.Connection, partition: int, diff: Difference, r: _Replayed | None
+) -> Difference:
     """One row rewritten (its partition locked by the caller's transaction)."""
     if r is None:
         delete = DELETE_EXTRA.format(table=TABLES[diff.entity], entity=diff.entity)
@@ -325,9 +327,13 @@ async def _repair_one(con: asyncpg.Connection, diff: Difference, r: _Replayed | 
     doc = None if r.doc is None else dumps(r.doc)
     _, extra = r.extra()
     if r.entity == "thing":
-        await con.execute(REPAIR_THING, r.id, r.revision, r.created, r.modified, extra, doc, r.hash)
+        await con.execute(
+            REPAIR_THING, r.id, r.revision, r.created, r.modified, extra, doc, r.hash, partition
+        )
     else:
-        await con.execute(REPAIR_POLICY, r.id, r.revision, r.created, r.modified, doc, r.hash, extra)
+        await con.execute(
+            REPAIR_POLICY, r.id, r.revision, r.created, r.modified, doc, r.hash, extra, partition
+        )
     return replace(diff, repaired=True)
 
 

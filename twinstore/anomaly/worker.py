@@ -457,6 +457,7 @@ class _Scorer:
                 d.threshold,
                 contributions,
                 x,
+                self.partition,
             )
         )
         value = {
@@ -530,6 +531,7 @@ class _Scorer:
                 w.anomalous,
                 w.scored_at,
                 w.modified,
+                self.partition,
             )
             for (thing_id, feature_id), w in dirty
         ]

@@ -83,46 +83,49 @@ ENTITY = "thing"
 # trip; see schema migration 16). Documents are read only for things the cache does not hold.
 LOCK_AND_HEADS = "SELECT id, revision, hash FROM twinstore_lock_and_heads($1::int[], $2::text[])"
 SELECT_FOR_WRITE = """
-SELECT id, revision, created, modified, doc, hash FROM things WHERE id = any($1::text[])
+SELECT id, revision, created, modified, doc, hash FROM things
+WHERE id = any($1::text[]) AND partition = any($2::int[])
 """
 
 # Projection rows and due snapshots of a batch, appended with its events in one statement (one
 # round trip, see Recorder.append), each set as one JSON array parameter: one orjson call per
-# set instead of asyncpg encoding every element of many arrays.
+# set instead of asyncpg encoding every element of many arrays. Every row names its partition
+# (the thing's), part of each table's key: see schema migration 17.
 PROJECT = """
 projected AS (
-    INSERT INTO things (id, revision, created, modified, policy_id, doc, hash)
-    SELECT p.id, p.revision, p.created, p.modified, p.doc ->> 'policyId', p.doc, decode(p.hash, 'hex')
-    FROM jsonb_to_recordset($2::text::jsonb) AS p(id text, revision bigint, created timestamptz,
-        modified timestamptz, doc jsonb, hash text)
-    ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+    INSERT INTO things (partition, id, revision, created, modified, policy_id, doc, hash)
+    SELECT p.partition, p.id, p.revision, p.created, p.modified, p.doc ->> 'policyId', p.doc,
+           decode(p.hash, 'hex')
+    FROM jsonb_to_recordset($2::text::jsonb) AS p(partition int, id text, revision bigint,
+        created timestamptz, modified timestamptz, doc jsonb, hash text)
+    ON CONFLICT (id, partition) DO UPDATE SET revision = excluded.revision, created = excluded.created,
         modified = excluded.modified, policy_id = excluded.policy_id, doc = excluded.doc,
         hash = excluded.hash
 )"""
 SNAPSHOT = """
 snapshotted AS (
-    INSERT INTO snapshots (entity, id, revision, created, modified, doc)
-    SELECT 'thing', s.id, s.revision, s.created, s.modified, s.doc
-    FROM jsonb_to_recordset($3::text::jsonb) AS s(id text, revision bigint, created timestamptz,
-        modified timestamptz, doc jsonb)
+    INSERT INTO snapshots (partition, entity, id, revision, created, modified, doc)
+    SELECT s.partition, 'thing', s.id, s.revision, s.created, s.modified, s.doc
+    FROM jsonb_to_recordset($3::text::jsonb) AS s(partition int, id text, revision bigint,
+        created timestamptz, modified timestamptz, doc jsonb)
     ON CONFLICT DO NOTHING
 )"""
 APPEND = append_statement(PROJECT, SNAPSHOT)
 
 # A unit's progress mark (ingestion): the partition's stream sequence moves only from the value
 # its writer last saw (a fence: a second writer of the partition fails instead of applying
-# twice), each source's sequence only grows.
+# twice), each source's sequence only grows. Rows are in the mark's partition (the unit's).
 MARK = """
 WITH moved AS (
     UPDATE ingest_progress p SET seq = m.seq, updated = now()
-    FROM json_to_recordset($1::text::json) AS m(consumer text, expected bigint, seq bigint)
-    WHERE p.consumer = m.consumer AND p.source = '' AND p.seq = m.expected
+    FROM json_to_recordset($1::text::json) AS m(partition int, consumer text, expected bigint, seq bigint)
+    WHERE p.consumer = m.consumer AND p.source = '' AND p.partition = m.partition AND p.seq = m.expected
     RETURNING p.consumer
 ), sourced AS (
-    INSERT INTO ingest_progress (consumer, source, seq)
-    SELECT s.consumer, s.source, s.seq
-    FROM json_to_recordset($2::text::json) AS s(consumer text, source text, seq bigint)
-    ON CONFLICT (consumer, source) DO UPDATE
+    INSERT INTO ingest_progress (partition, consumer, source, seq)
+    SELECT s.partition, s.consumer, s.source, s.seq
+    FROM json_to_recordset($2::text::json) AS s(partition int, consumer text, source text, seq bigint)
+    ON CONFLICT (consumer, source, partition) DO UPDATE
         SET seq = greatest(ingest_progress.seq, excluded.seq), updated = now()
 )
 SELECT consumer FROM moved
@@ -219,6 +222,7 @@ class Mark(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     consumer: str
+    partition: int  # the consumer's partition: the unit's things are all in it
     expected: int
     seq: int
     sources: dict[str, int] = msgspec.field(default_factory=dict)
@@ -710,7 +714,9 @@ class Journal:
                 ]
                 if stale:
                     self.replans += len(stale)
-                    rows = {r["id"]: r for r in await con.fetch(SELECT_FOR_WRITE, stale)}
+                    rows = {
+                        r["id"]: r for r in await con.fetch(SELECT_FOR_WRITE, stale, self._partitions(stale))
+                    }
                     for i in stale:
                         row = rows.get(i)
                         head = bytes(row["hash"]) if row is not None else GENESIS
@@ -759,9 +765,12 @@ class Journal:
         """Write the units' marks (under the lock); a fenced one drops its unit (rolled back)."""
         moved = await con.fetch(
             MARK,
-            dumps([{"consumer": m.consumer, "expected": m.expected, "seq": m.seq} for _, m in marks]),
             dumps([
-                {"consumer": m.consumer, "source": source, "seq": seq}
+                {"partition": m.partition, "consumer": m.consumer, "expected": m.expected, "seq": m.seq}
+                for _, m in marks
+            ]),
+            dumps([
+                {"partition": m.partition, "consumer": m.consumer, "source": source, "seq": seq}
                 for _, m in marks
                 for source, seq in m.sources.items()
             ]),
@@ -831,8 +840,10 @@ class Journal:
         heads: dict[str, bytes],
     ) -> None:
         every = self.snapshot_every
+        partition = self.recorder.partition
         projection = [
             {
+                "partition": partition(s.thing_id),
                 "id": s.thing_id,
                 "revision": s.revision,
                 "created": s.created,
@@ -844,6 +855,7 @@ class Journal:
         ]
         snapshots = [
             {
+                "partition": partition(s.thing_id),
                 "id": s.thing_id,
                 "revision": s.revision,
                 "created": s.created,

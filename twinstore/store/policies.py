@@ -32,7 +32,9 @@ POLICY_CHANNEL = "twinstore_policies"
 
 SELECT_POLICY = "SELECT revision, created, modified, doc FROM policies WHERE id = $1"
 SELECT_POLICIES = "SELECT id, revision, created, modified, doc FROM policies WHERE id = any($1::text[])"
-SELECT_FOR_WRITE = "SELECT revision, created, modified, doc, hash FROM policies WHERE id = $1"
+SELECT_FOR_WRITE = (
+    "SELECT revision, created, modified, doc, hash FROM policies WHERE id = $1 AND partition = $2"
+)
 # The policy and the journal position of the creation that began its current life (one
 # statement: one snapshot, so the two agree even while the policy is deleted and created again).
 SELECT_POLICY_ORIGIN = """
@@ -44,14 +46,15 @@ SELECT p.revision, p.created, p.modified, p.doc,
 FROM policies p WHERE p.id = $1
 """
 
-# The projection row ($2, a JSON object), appended with the event (Recorder.append).
+# The projection row ($2, a JSON object), appended with the event (Recorder.append), in the
+# policy's partition (part of the key: schema migration 17).
 PROJECT = """
 projected AS (
-    INSERT INTO policies (id, revision, created, modified, doc, hash, readers)
-    SELECT p.id, p.revision, p.created, p.modified, p.doc, decode(p.hash, 'hex'), p.readers
-    FROM jsonb_to_record($2::text::jsonb) AS p(id text, revision bigint, created timestamptz,
-        modified timestamptz, doc jsonb, hash text, readers text[])
-    ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+    INSERT INTO policies (partition, id, revision, created, modified, doc, hash, readers)
+    SELECT p.partition, p.id, p.revision, p.created, p.modified, p.doc, decode(p.hash, 'hex'), p.readers
+    FROM jsonb_to_record($2::text::jsonb) AS p(partition int, id text, revision bigint,
+        created timestamptz, modified timestamptz, doc jsonb, hash text, readers text[])
+    ON CONFLICT (id, partition) DO UPDATE SET revision = excluded.revision, created = excluded.created,
         modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers
 )"""
 
@@ -146,7 +149,7 @@ class PolicyStore:
                 await recorder.lock_all(con)
             else:
                 await recorder.lock(con, [partition])
-            row = await con.fetchrow(SELECT_FOR_WRITE, policy_id)
+            row = await con.fetchrow(SELECT_FOR_WRITE, policy_id, partition)
             before = _state(policy_id, row)
             head = bytes(row["hash"]) if row is not None else GENESIS
             event = decide(before, datetime.now(UTC))
@@ -178,6 +181,7 @@ class PolicyStore:
                 event.correlation_id,
             )
             projection = {
+                "partition": partition,
                 "id": policy_id,
                 "revision": event.revision,
                 "created": after.created,
