@@ -171,6 +171,7 @@ class Runtime:
             self.subjects,
             poll_interval=s.relay_poll_interval,
             connect=lambda: asyncpg.connect(database_url),
+            group_size=s.journal_partitions_per_transaction,
         )
         relay = self.relay
         self.journal = Journal(

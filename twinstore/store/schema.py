@@ -153,7 +153,7 @@ def consumer_partition(consumer: str, partitions: int) -> int:
     another form: a stable place, no writer of the ingest path uses it).
 
     >>> consumer_partition("twinstore-ingest/3", 64), consumer_partition("ingest-3", 64)
-    (3, 28)
+    (3, 25)
     """
     _, _, tail = consumer.rpartition("/")
     if tail.isdigit() and int(tail) < partitions:
