@@ -131,8 +131,14 @@ WITH moved AS (
 SELECT consumer FROM moved
 """
 
-SELECT_THING = "SELECT revision, created, modified, doc FROM things WHERE id = $1"
-SELECT_THINGS = "SELECT id, revision, created, modified, doc FROM things WHERE id = any($1::text[])"
+# Reads name the partition of what they read (the last parameter) besides its id: on one
+# database a condition more on the key's index; on a database distributed by partition (README,
+# "Running on Citus") what routes the read to the one shard that holds the row.
+SELECT_THING = "SELECT revision, created, modified, doc FROM things WHERE id = $1 AND partition = $2"
+SELECT_THINGS = """
+SELECT id, revision, created, modified, doc FROM things
+WHERE id = any($1::text[]) AND partition = any($2::int[])
+"""
 
 SELECT_ALL = """
 SELECT id, revision, created, modified, doc FROM things WHERE doc IS NOT NULL ORDER BY id LIMIT $1
@@ -140,24 +146,24 @@ SELECT id, revision, created, modified, doc FROM things WHERE doc IS NOT NULL OR
 
 SELECT_SNAPSHOT = """
 SELECT revision, created, modified, doc FROM snapshots
-WHERE entity = 'thing' AND id = $1 AND revision <= $2 ORDER BY revision DESC LIMIT 1
+WHERE entity = 'thing' AND id = $1 AND revision <= $2 AND partition = $3 ORDER BY revision DESC LIMIT 1
 """
 
 SELECT_EVENTS = """
 SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
-FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3
+FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3 AND partition = $4
 ORDER BY revision
 """
 
 SELECT_EVENTS_PAGE = """
 SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
-FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3
+FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3 AND partition = $5
 ORDER BY revision LIMIT $4
 """
 
 SELECT_EVENT = """
 SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
-FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2
+FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2 AND partition = $3
 """
 
 # The last revision at or before a time: one descent of the index journal_ts (entity, id, ts,
@@ -170,9 +176,11 @@ ORDER BY ts DESC, revision DESC LIMIT 1
 """
 # After a snapshot, the first event left (to tell a revision removed by retention from one
 # beyond the newest).
-SELECT_FIRST_REVISION = "SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1"
+SELECT_FIRST_REVISION = """
+SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1 AND partition = $2
+"""
 SELECT_NEXT_REVISION = """
-SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2
+SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND partition = $3
 """
 # The deletions of the whole thing (path "/", or "//": empty segments are ignored), which end its
 # lives: partial index journal_thing_deletions (migration 13), however long the history.
@@ -911,11 +919,12 @@ class Journal:
     async def load(self, thing_id: str) -> ThingState:
         """The current state (reads see every acknowledged write)."""
         async with self._reader() as con:
-            return _state(thing_id, await con.fetchrow(SELECT_THING, thing_id))
+            row = await con.fetchrow(SELECT_THING, thing_id, self.recorder.partition(thing_id))
+        return _state(thing_id, row)
 
     async def load_many(self, thing_ids: list[str]) -> dict[str, ThingState]:
         async with self._reader() as con:
-            rows = await con.fetch(SELECT_THINGS, thing_ids)
+            rows = await con.fetch(SELECT_THINGS, thing_ids, self._partitions(thing_ids))
         return {r["id"]: _state(r["id"], r) for r in rows}
 
     async def load_all(self, limit: int) -> list[ThingState]:
@@ -933,11 +942,12 @@ class Journal:
         con: Connection | None = None,
     ) -> list[Event]:
         """Events of one thing with ``after_revision < revision <= to_revision``."""
+        partition = self.recorder.partition(thing_id)
         if con is None:
             async with self._reader() as c:
-                rows = await c.fetch(SELECT_EVENTS, thing_id, after_revision, to_revision)
+                rows = await c.fetch(SELECT_EVENTS, thing_id, after_revision, to_revision, partition)
         else:
-            rows = await con.fetch(SELECT_EVENTS, thing_id, after_revision, to_revision)
+            rows = await con.fetch(SELECT_EVENTS, thing_id, after_revision, to_revision, partition)
         return [event_from_row(r) for r in rows]
 
     async def load_at(self, thing_id: str, revision: int, *, con: Connection | None = None) -> ThingState:
@@ -951,8 +961,9 @@ class Journal:
         if con is None:
             async with self._reader() as c:
                 return await self.load_at(thing_id, revision, con=c)
+        partition = self.recorder.partition(thing_id)
         for _ in range(2):
-            row = await con.fetchrow(SELECT_SNAPSHOT, thing_id, revision)
+            row = await con.fetchrow(SELECT_SNAPSHOT, thing_id, revision, partition)
             base = _state(thing_id, row)
             events = await self.events(thing_id, base.revision, revision, con=con)
             if events:
@@ -960,7 +971,7 @@ class Journal:
                     return replay(base, events)
             elif base.revision >= revision:
                 return base  # exactly a snapshot
-            elif await con.fetchval(SELECT_NEXT_REVISION, thing_id, base.revision) is None:
+            elif await con.fetchval(SELECT_NEXT_REVISION, thing_id, base.revision, partition) is None:
                 return base  # nothing after it: beyond the newest event
         raise history_not_found(thing_id, revision=revision)
 
@@ -968,7 +979,7 @@ class Journal:
         """The oldest revision of ``thing_id`` still in the journal (above 1 after a history
         cleanup; 0: no events)."""
         async with self._reader() as con:
-            first = await con.fetchval(SELECT_FIRST_REVISION, thing_id)
+            first = await con.fetchval(SELECT_FIRST_REVISION, thing_id, self.recorder.partition(thing_id))
         return 0 if first is None else int(first)
 
     async def deletions(self, thing_id: str) -> list[tuple[int, int]]:
@@ -987,7 +998,7 @@ class Journal:
     async def load_historical(self, thing_id: str, revision: int) -> tuple[ThingState, Event | None]:
         """The state at ``revision`` and the event that produced it (``None``: no such revision)."""
         async with self._reader() as con:
-            row = await con.fetchrow(SELECT_EVENT, thing_id, revision)
+            row = await con.fetchrow(SELECT_EVENT, thing_id, revision, self.recorder.partition(thing_id))
             if row is None:
                 return ThingState.absent(thing_id), None
             return await self.load_at(thing_id, revision, con=con), event_from_row(row)
@@ -998,9 +1009,10 @@ class Journal:
         """Events with ``after_revision < revision <= to_revision`` in revision order, ``page`` at a
         time; each page on its own pooled connection (none is held between pages)."""
         after = after_revision
+        partition = self.recorder.partition(thing_id)
         while after < to_revision:
             async with self._reader() as con:
-                rows = await con.fetch(SELECT_EVENTS_PAGE, thing_id, after, to_revision, page)
+                rows = await con.fetch(SELECT_EVENTS_PAGE, thing_id, after, to_revision, page, partition)
             if not rows:
                 return
             events = [event_from_row(r) for r in rows]
