@@ -69,10 +69,12 @@ LEFT JOIN snapshots s ON s.entity = r.entity AND s.id = r.id AND s.revision = r.
 ORDER BY entity, id, revision
 """
 SELECT_THINGS = (
-    "SELECT id, revision, created, modified, doc, hash, policy_id FROM things WHERE id = any($1::text[])"
+    "SELECT id, revision, created, modified, doc, hash, policy_id, partition FROM things "
+    "WHERE id = any($1::text[])"
 )
 SELECT_POLICIES = (
-    "SELECT id, revision, created, modified, doc, hash, readers FROM policies WHERE id = any($1::text[])"
+    "SELECT id, revision, created, modified, doc, hash, readers, partition FROM policies "
+    "WHERE id = any($1::text[])"
 )
 # Projection rows of no entity in the journal ({table} and {entity} are fixed strings).
 SELECT_EXTRA = """
@@ -94,6 +96,9 @@ VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7::text[], $8)
 ON CONFLICT (id, partition) DO UPDATE SET revision = excluded.revision, created = excluded.created,
     modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers
 """
+# A row in another partition than its id's (written by hand: every reader looks in the id's own
+# partition, so for them the entity has no row) goes before the row is written where it belongs.
+DELETE_MISPLACED = "DELETE FROM {table} WHERE id = $1 AND partition <> $2"
 DELETE_EXTRA = """
 DELETE FROM {table} p WHERE p.id = $1
 AND NOT EXISTS (SELECT 1 FROM journal j WHERE j.entity = '{entity}' AND j.id = p.id)
@@ -203,7 +208,7 @@ class _Replayed:
         return "readers", thing_readers(self.doc)
 
 
-def _compare(r: _Replayed, row: asyncpg.Record | None) -> Difference | None:
+def _compare(r: _Replayed, row: asyncpg.Record | None, partition: int) -> Difference | None:
     if r.problem is not None:
         return Difference(r.entity, r.id, "unreplayable", (), r.problem)
     if row is None:
@@ -231,6 +236,9 @@ def _compare(r: _Replayed, row: asyncpg.Record | None) -> Difference | None:
     if bytes(row["hash"]) != r.hash:
         fields.append("hash")
         details.append("chain head hash differs")
+    if row["partition"] != partition:
+        fields.append("partition")
+        details.append(f"partition {row['partition']} in the projection, {partition} for its id")
     if not fields:
         return None
     return Difference(r.entity, r.id, "mismatch", tuple(fields), "; ".join(details))
@@ -326,6 +334,7 @@ async def _repair_one(
         return diff  # written meanwhile: the writer has brought the row up to date itself
     doc = None if r.doc is None else dumps(r.doc)
     _, extra = r.extra()
+    await con.execute(DELETE_MISPLACED.format(table=TABLES[r.entity]), r.id, partition)
     if r.entity == "thing":
         await con.execute(
             REPAIR_THING, r.id, r.revision, r.created, r.modified, extra, doc, r.hash, partition
@@ -367,10 +376,11 @@ async def replay_database(
     writer = await asyncpg.connect(url) if repair else None
     try:
         await _init(con)
+        placing = Recorder(await stored_partitions(con))  # where each id's rows belong
         recorder: Recorder | None = None
         if writer is not None:
             await _init(writer)
-            recorder = Recorder(await stored_partitions(writer))
+            recorder = placing
         where, args = scope.where()
         entities = (
             ["thing"] if scope.thing is not None else [scope.entity] if scope.entity else ["thing", "policy"]
@@ -399,7 +409,7 @@ async def replay_database(
                     query = SELECT_THINGS if entity == "thing" else SELECT_POLICIES
                     rows = {row["id"]: row for row in await con.fetch(query, [r.id for r in group])}
                     for r in group:
-                        diff = _compare(r, rows.get(r.id))
+                        diff = _compare(r, rows.get(r.id), placing.partition(r.id))
                         if diff is not None:
                             found.append((diff, r))
                 pending.clear()
