@@ -86,12 +86,17 @@ INSERT_ANOMALY = """
 INSERT INTO anomalies (thing_id, feature_id, revision, ts, score, threshold, contributions, x, partition)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING
 """
-# False alarms no detector has learnt yet (served by the partial index anomalies_feedback).
+# False alarms of a partition no detector has learnt yet (served by the partial index
+# anomalies_feedback), and the mark that one was (in the scorer's checkpoint of that partition:
+# every statement of it names the partition, so it stays on one shard when distributed).
 SELECT_FEEDBACK = """
-SELECT thing_id, feature_id, revision, x FROM anomalies WHERE label = 'false-alarm' AND NOT fed
+SELECT thing_id, feature_id, revision, x FROM anomalies
+WHERE label = 'false-alarm' AND NOT fed AND partition = $1
 ORDER BY thing_id, feature_id, revision
 """
-MARK_FED = "UPDATE anomalies SET fed = true WHERE thing_id = $1 AND feature_id = $2 AND revision = $3"
+MARK_FED = """
+UPDATE anomalies SET fed = true WHERE thing_id = $1 AND feature_id = $2 AND revision = $3 AND partition = $4
+"""
 SELECT_ANOMALIES = """
 SELECT revision, ts, score, threshold, contributions, label, labelled_by, labelled_at FROM anomalies
 WHERE thing_id = $1 AND feature_id = $2 AND revision < $3
