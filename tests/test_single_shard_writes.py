@@ -6,8 +6,9 @@ trigger on every table, the transaction id, the table and the partition of each 
 then real writes go through the in-process API, the ingest consumers, the relay and the anomaly
 store of a runtime with ``journal_partitions_per_transaction = 1``: things created, replaced,
 merged, patched and deleted concurrently in many partitions, policies created, changed and
-deleted, telemetry ingested with its progress mark, detectors attached and an anomaly labelled.
-Each transaction must have written rows of one partition, and no row of a table without one.
+deleted, telemetry ingested with its progress mark, detectors attached, an anomaly labelled a
+false alarm and learnt in the scorer's checkpoint. Each transaction must have written rows of
+one partition, and no row of a table without one.
 
 The one case of two partitions, a new thing bringing a new policy of another id, is two
 transactions, each of one partition; when the thing's then fails, the policy is deleted again
@@ -102,6 +103,7 @@ async def recorded_runtime(
         partitions=PARTITIONS,
         journal_partitions_per_transaction=per_transaction,
         snapshot_every=3,
+        anomaly_checkpoint_seconds=0.2,
     )
     con = await asyncpg.connect(s.database_url)
     try:
@@ -193,9 +195,21 @@ async def test_every_write_transaction_writes_one_partition(own_settings: Settin
             labelled,
             partition_of(labelled, PARTITIONS),
         )
-        await all_ok(
-            client.put(f"/api/2/things/{labelled}/features/flow/anomaly/anomalies/2/label", json="confirmed")
-        )
+        label = f"/api/2/things/{labelled}/features/flow/anomaly/anomalies/2/label"
+        await all_ok(client.put(label, json="false-alarm"))
+        # the scorer of its partition scores new values and checkpoints: its detector's state,
+        # and the false alarm marked as learnt, in one transaction
+        for n in range(5):
+            await all_ok(client.put(f"/api/2/things/{labelled}/features/flow/properties/value", json=n))
+
+        async def checkpointed() -> bool:
+            saved = await con.fetchval("SELECT count(*) FROM anomaly_state WHERE thing_id = $1", labelled)
+            fed = await con.fetchval(
+                "SELECT fed FROM anomalies WHERE thing_id = $1 AND revision = 2", labelled
+            )
+            return bool(saved) and bool(fed)
+
+        await eventually(checkpointed, 30, "the scorer's checkpoint with the false alarm learnt")
         # deleted concurrently, in every partition
         await all_ok(*(client.delete(f"/api/2/things/{t}") for t in things[:PARTITIONS]))
 
@@ -219,6 +233,7 @@ async def test_every_write_transaction_writes_one_partition(own_settings: Settin
             "policies",
             "ingest_progress",
             "anomaly_detectors",
+            "anomaly_state",
             "anomalies",
             "relay_cursors",
         } <= written, written
