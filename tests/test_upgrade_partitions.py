@@ -7,7 +7,9 @@ its ``twinstore`` shadows this checkout's) with this venv's interpreter: it migr
 database to its schema (migrations 1..14) and fills it through its own stores - things with
 snapshots, policies, ingest progress, anomaly labels, two signed audit checkpoints, a history
 cleanup and a relay cursor in the middle of the journal. Then this code migrates it and the
-test compares every row with what the old code left.
+test compares every row with what the old code left; the tables that got a partition in their
+key (migration 17: projection, snapshots, policies, anomaly tables, ingest progress) hold the
+partition their writers compute.
 """
 
 from __future__ import annotations
