@@ -289,6 +289,7 @@ async def bench_journal_sql(
             finals = {r.id: r for r in records}  # the last event of each thing
             upsert = [
                 {
+                    "partition": partition,
                     "id": r.id,
                     "revision": r.revision,
                     "created": now,

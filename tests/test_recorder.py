@@ -90,10 +90,11 @@ async def write_label(s: Store, key: str) -> tuple[str, str]:
     async with s.pool.acquire() as con:
         revision = 1 + int(await con.fetchval("SELECT count(*) FROM anomalies WHERE thing_id = $1", key))
         await con.execute(
-            "INSERT INTO anomalies (thing_id, feature_id, revision, ts, score, threshold, contributions) "
-            "VALUES ($1, 'f', $2, now(), 9, 1, '{}')",
+            "INSERT INTO anomalies (thing_id, feature_id, revision, ts, score, threshold, contributions, "
+            "partition) VALUES ($1, 'f', $2, now(), 9, 1, '{}', $3)",
             key,
             revision,
+            s.recorder.partition(key),
         )
     assert await anomaly_store.label_anomaly(s.pool, s.recorder, key, "f", revision, "confirmed", "nginx:t")
     return "anomaly", f"{key}/f"

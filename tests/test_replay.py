@@ -19,9 +19,11 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.test_audit import copy_namespace, make_things, sql
+from twinstore.model.partition import partition_of
 from twinstore.model.policy import default_policy
 from twinstore.replay import Scope, replay_database
 from twinstore.settings import Settings
+from twinstore.store.schema import stored_partitions
 
 THINGS = "id, revision, created, modified, policy_id, doc, hash"
 POLICIES = "id, revision, created, modified, doc, hash, readers"
@@ -34,13 +36,15 @@ async def copy_all(settings: Settings, scratch: str, namespace: str) -> None:
     src = await asyncpg.connect(settings.database_url)
     dst = await asyncpg.connect(scratch)
     try:
+        partitions = await stored_partitions(dst)  # the scratch database's own count
         for table, columns in (("things", THINGS), ("policies", POLICIES)):
             rows = await src.fetch(
                 f"SELECT {columns} FROM {table} WHERE id >= $1 AND id < $2", namespace + ":", namespace + ";"
             )
-            marks = ", ".join(f"${i + 1}" for i in range(len(columns.split(", "))))
+            marks = ", ".join(f"${i + 1}" for i in range(len(columns.split(", ")) + 1))
             await dst.executemany(
-                f"INSERT INTO {table} ({columns}) VALUES ({marks})", [tuple(r) for r in rows]
+                f"INSERT INTO {table} ({columns}, partition) VALUES ({marks})",
+                [(*r, partition_of(r["id"], partitions)) for r in rows],
             )
     finally:
         await src.close()
@@ -104,10 +108,11 @@ async def test_tampered_projection_is_named_and_repaired(
         scratch_database,
         f"UPDATE things SET doc = jsonb_set(doc, '{{attributes,n}}', '99') WHERE id = '{a}'",
         f"DELETE FROM things WHERE id = '{b}'",
-        f"UPDATE things SET revision = revision + 1 WHERE id = '{c}'",
+        # a row in another partition than its id's: readers of the id do not find it there
+        f"UPDATE things SET revision = revision + 1, partition = (partition + 1) % 64 WHERE id = '{c}'",
         f"UPDATE policies SET doc = doc - 'entries', readers = '{{}}' WHERE id = '{policy_id}'",
-        f"INSERT INTO things ({THINGS}) SELECT '{namespace}:ghost', revision, created, modified,"
-        f" policy_id, doc, hash FROM things WHERE id = '{a}'",
+        f"INSERT INTO things ({THINGS}, partition) SELECT '{namespace}:ghost', revision, created, modified,"
+        f" policy_id, doc, hash, partition FROM things WHERE id = '{a}'",
     )
     report = await replay_database(scratch_database)
     assert not report.ok
@@ -122,7 +127,7 @@ async def test_tampered_projection_is_named_and_repaired(
     assert found["thing", a].kind == "mismatch" and found["thing", a].fields == ("doc",)
     assert "/attributes/n" in found["thing", a].detail
     assert found["thing", b].kind == "missing"
-    assert found["thing", c].fields == ("revision",)
+    assert found["thing", c].fields == ("revision", "partition")
     assert set(found["policy", policy_id].fields) == {"doc", "readers"}
     assert found["thing", f"{namespace}:ghost"].kind == "extra"
 
@@ -146,5 +151,8 @@ async def test_tampered_projection_is_named_and_repaired(
         assert await con.fetchval("SELECT count(*) FROM things WHERE id = $1", f"{namespace}:ghost") == 0
         assert await con.fetchval("SELECT readers FROM policies WHERE id = $1", policy_id) == ["nginx:ditto"]
         assert await con.fetchval("SELECT policy_id FROM things WHERE id = $1", b) == b
+        # one row per id again, in its partition
+        placed = await con.fetch("SELECT partition FROM things WHERE id = $1", c)
+        assert [r["partition"] for r in placed] == [partition_of(c, await stored_partitions(con))]
     finally:
         await con.close()

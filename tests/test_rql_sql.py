@@ -41,8 +41,8 @@ from twinstore.store.schema import ensure_search_indexes
 
 CREATE = "CREATE TEMP TABLE things_t (LIKE things) ON COMMIT DROP"
 INSERT = """
-INSERT INTO things_t (id, revision, created, modified, policy_id, doc, hash)
-VALUES ($1, $2, $3, $4, $5, $6, '')
+INSERT INTO things_t (id, revision, created, modified, policy_id, doc, hash, partition)
+VALUES ($1, $2, $3, $4, $5, $6, '', 0)
 """
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

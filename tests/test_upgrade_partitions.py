@@ -7,7 +7,9 @@ its ``twinstore`` shadows this checkout's) with this venv's interpreter: it migr
 database to its schema (migrations 1..14) and fills it through its own stores - things with
 snapshots, policies, ingest progress, anomaly labels, two signed audit checkpoints, a history
 cleanup and a relay cursor in the middle of the journal. Then this code migrates it and the
-test compares every row with what the old code left.
+test compares every row with what the old code left; the tables that got a partition in their
+key (migration 17: projection, snapshots, policies, anomaly tables, ingest progress) hold the
+partition their writers compute.
 """
 
 from __future__ import annotations
@@ -258,14 +260,36 @@ KEPT = {
     "journal_cleanups": "SELECT id, started, finished, cutoff, checkpoint_id, journal_position, scope, "
     "run_by, entities, events, snapshots, digest, signature, key_id FROM journal_cleanups ORDER BY id",
     "journal_retention": "SELECT * FROM journal_retention ORDER BY entity, id, revision",
-    "ingest_progress": "SELECT * FROM ingest_progress ORDER BY consumer, source",
-    "anomaly_detectors": "SELECT * FROM anomaly_detectors ORDER BY thing_id, feature_id",
-    "anomaly_state": "SELECT * FROM anomaly_state ORDER BY thing_id, feature_id",
-    "anomalies": "SELECT * FROM anomalies ORDER BY thing_id, feature_id, revision",
+    "ingest_progress": "SELECT consumer, source, seq, updated FROM ingest_progress ORDER BY consumer, source",
+    "anomaly_detectors": "SELECT thing_id, feature_id, config, created, modified, rule, rule_owner "
+    "FROM anomaly_detectors ORDER BY thing_id, feature_id",
+    "anomaly_state": "SELECT thing_id, feature_id, revision, state, score, threshold, anomalous, scored_at "
+    "FROM anomaly_state ORDER BY thing_id, feature_id",
+    "anomalies": "SELECT thing_id, feature_id, revision, ts, score, threshold, contributions, label, "
+    "labelled_by, labelled_at, x, fed FROM anomalies ORDER BY thing_id, feature_id, revision",
 }
 
+# The tables that got a partition in their key (migration 17): table -> the id column partitioned
+# by; ingest_progress by its consumer's name, the journal already had it.
+PARTITIONED = {
+    "things": "id",
+    "snapshots": "id",
+    "policies": "id",
+    "anomaly_detectors": "thing_id",
+    "anomaly_state": "thing_id",
+    "anomalies": "thing_id",
+}
 
-JOURNAL_INDEXES = "SELECT indexdef FROM pg_indexes WHERE tablename = 'journal'"
+# The journal's secondary indexes (its primary key takes the partition, see check_upgraded).
+JOURNAL_INDEXES = (
+    "SELECT indexdef FROM pg_indexes WHERE tablename = 'journal' AND indexname <> 'journal_pkey'"
+)
+PRIMARY_KEY = """
+SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_constraint c
+CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)
+JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+WHERE c.conrelid = $1::regclass AND c.contype = 'p'
+"""
 
 
 async def contents(con: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -315,6 +339,33 @@ async def check_upgraded(
     assert any(0 < cursors[p] < heads[p] for p in range(partitions))  # a cursor mid-partition
     assert await con.fetchval("SELECT count(*) FROM relay_cursors WHERE name <> 'events'") == 0
     assert await con.fetchval("SELECT to_regclass('relay_cursor')") is None
+    # every table a write transaction writes holds its rows' partition, in its primary key
+    # (after the columns it had: lookups by id keep their index), as the writers compute it
+    for table, column in PARTITIONED.items():
+        rows = await con.fetch(f"SELECT {column} AS id, partition FROM {table}")
+        assert rows, table
+        for r in rows:
+            assert r["partition"] == partition_of(partition_key(r["id"]), partitions), (table, r["id"])
+    rows = await con.fetch("SELECT consumer, partition FROM ingest_progress")
+    progress = {r["consumer"]: r["partition"] for r in rows}
+    assert progress == {
+        "ingest-3": partition_of("ingest-3", partitions),  # not an ingest consumer's name: its own
+        f"{NAMESPACE}.ingest/{partitions - 1}": partitions - 1,  # an ingest consumer's: its partition
+    }
+    keys = {
+        table: await con.fetchval(PRIMARY_KEY, table)
+        for table in (*PARTITIONED, "journal", "ingest_progress")
+    }
+    assert keys == {
+        "things": ["id", "partition"],
+        "snapshots": ["entity", "id", "revision", "partition"],
+        "policies": ["id", "partition"],
+        "anomaly_detectors": ["thing_id", "feature_id", "partition"],
+        "anomaly_state": ["thing_id", "feature_id", "partition"],
+        "anomalies": ["thing_id", "feature_id", "revision", "partition"],
+        "journal": ["entity", "id", "revision", "partition"],
+        "ingest_progress": ["consumer", "source", "partition"],
+    }
 
 
 async def cleanup_after(
@@ -377,9 +428,11 @@ async def write_after(url: str) -> None:
                 "ORDER BY entity, id, revision DESC"
             )
         }
+        partitions = await stored_partitions(con)
         await con.execute(
-            "INSERT INTO anomalies (thing_id, feature_id, revision, ts, score, threshold, contributions) "
-            f"VALUES ('{NAMESPACE}:thing-0', 'flow', 11, now(), 5, 3, '{{}}')"
+            "INSERT INTO anomalies (thing_id, feature_id, revision, ts, score, threshold, contributions, "
+            f"partition) VALUES ('{NAMESPACE}:thing-0', 'flow', 11, now(), 5, 3, '{{}}', $1)",
+            partition_of(f"{NAMESPACE}:thing-0", partitions),
         )
     finally:
         await con.close()
@@ -473,6 +526,11 @@ async def test_upgrade_in_place(
             con = await asyncpg.connect(url)
             try:
                 assert await con.fetchval("SELECT max(version) FROM twinstore_migrations") == OLD_VERSION
+                # the progress of an ingest consumer named as they are (``<stream>/<partition>``)
+                await con.execute(
+                    "INSERT INTO ingest_progress (consumer, source, seq) VALUES ($1, '', 12)",
+                    f"{NAMESPACE}.ingest/{partitions - 1}",
+                )
                 before = await contents(con)
                 assert len(before["journal"]) == summary["events"]
                 # what the old code left: every kind of entity, snapshots, a cleanup with its anchors

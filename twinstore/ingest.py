@@ -103,9 +103,9 @@ MAX_PAYLOAD_IN_REPORT = 1024
 _key = lock_key  # the group's advisory-lock classes (tests look at the locks with it)
 
 INIT_PROGRESS = """
-INSERT INTO ingest_progress (consumer, source, seq) VALUES ($1, '', 0) ON CONFLICT DO NOTHING
+INSERT INTO ingest_progress (consumer, source, seq, partition) VALUES ($1, '', 0, $2) ON CONFLICT DO NOTHING
 """
-SELECT_PROGRESS = "SELECT source, seq FROM ingest_progress WHERE consumer = $1"
+SELECT_PROGRESS = "SELECT source, seq FROM ingest_progress WHERE consumer = $1 AND partition = $2"
 
 
 async def ensure_ingest_streams(
@@ -253,8 +253,8 @@ class _PartitionRun:
     async def run(self) -> None:
         w = self.w
         async with w.pool.acquire() as con:
-            await con.execute(INIT_PROGRESS, self.consumer)
-            for row in await con.fetch(SELECT_PROGRESS, self.consumer):
+            await con.execute(INIT_PROGRESS, self.consumer, self.partition)
+            for row in await con.fetch(SELECT_PROGRESS, self.consumer, self.partition):
                 if row["source"] == "":
                     self.offset = int(row["seq"])
                 else:
@@ -465,7 +465,13 @@ class _PartitionRun:
     async def _commit(self, unit: _Unit) -> list[Outcome]:
         """Commit a unit and its mark, waiting out outages; :class:`_Lost` when fenced."""
         delay = 0.2
-        mark = Mark(consumer=self.consumer, expected=self.offset, seq=unit.last_seq, sources=unit.sources)
+        mark = Mark(
+            consumer=self.consumer,
+            partition=self.partition,
+            expected=self.offset,
+            seq=unit.last_seq,
+            sources=unit.sources,
+        )
         while True:
             try:
                 outcomes = await self.w.service.write_unit(unit.items, mark)

@@ -23,11 +23,13 @@ from twinstore.model import patch as jp
 from twinstore.model.errors import (
     ForbiddenError,
     PolicyConflictError,
+    PolicyInUseError,
     policy_not_found,
 )
 from twinstore.model.ids import validate_policy_id
 from twinstore.model.policy import (
     PolicyCommand,
+    PolicyDelete,
     PolicyEvent,
     PolicyModify,
     PolicyState,
@@ -76,6 +78,10 @@ def _visible(view: SubjectView | None) -> Any:
         return jp.MISSING if shown is MISSING else shown
 
     return visible
+
+
+class _Changed(Exception):
+    """The policy to undo is no longer the one created: it stays."""
 
 
 class PolicyService:
@@ -133,6 +139,33 @@ class PolicyService:
         finally:
             self.cache.invalidate(request.policy_id)
         return PolicyWritten(event=event, before=before, after=after, subjects=request.auth.subjects)
+
+    async def undo_creation(self, created: PolicyWritten, correlation_id: str | None = None) -> bool:
+        """Delete the policy ``created`` for a new thing whose own creation then failed, as
+        Ditto's ``RollbackCreatedPolicy`` does: the policy and the thing live in different
+        partitions (unless they share the id), so they are two transactions, and this undoes the
+        first when the second fails. Only while the policy is still as created (its revision)
+        and no thing uses it (see ``policy_delete_in_use``); True when deleted."""
+        policy_id = created.after.policy_id
+
+        def decide(before: PolicyState, now: datetime) -> PolicyEvent:
+            if before.doc is None or before.revision != created.after.revision:
+                raise _Changed()
+            return decide_policy(
+                before,
+                PolicyDelete(parts=[]),
+                now,
+                originator=created.event.originator,
+                correlation_id=correlation_id,
+            )
+
+        try:
+            await self.store.write(policy_id, decide)
+        except (_Changed, PolicyInUseError):
+            return False
+        finally:
+            self.cache.invalidate(policy_id)
+        return True
 
     def _decide(self, request: PolicyWrite, before: PolicyState, now: datetime) -> PolicyEvent:
         parts = request.command.parts

@@ -70,10 +70,12 @@ LEFT JOIN snapshots s ON s.entity = r.entity AND s.id = r.id AND s.revision = r.
 ORDER BY entity, id, revision
 """
 SELECT_THINGS = (
-    "SELECT id, revision, created, modified, doc, hash, policy_id FROM things WHERE id = any($1::text[])"
+    "SELECT id, revision, created, modified, doc, hash, policy_id, partition FROM things "
+    "WHERE id = any($1::text[])"
 )
 SELECT_POLICIES = (
-    "SELECT id, revision, created, modified, doc, hash, readers FROM policies WHERE id = any($1::text[])"
+    "SELECT id, revision, created, modified, doc, hash, readers, partition FROM policies "
+    "WHERE id = any($1::text[])"
 )
 # Projection rows of no entity in the journal ({table} and {entity} are fixed strings).
 SELECT_EXTRA = """
@@ -83,18 +85,21 @@ SELECT p.id FROM {table} p{where}{glue}NOT EXISTS (
 """
 HEAD = "SELECT revision, hash FROM journal WHERE entity = $1 AND id = $2 ORDER BY revision DESC LIMIT 1"
 REPAIR_THING = """
-INSERT INTO things (id, revision, created, modified, policy_id, doc, hash)
-VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7)
-ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+INSERT INTO things (id, revision, created, modified, policy_id, doc, hash, partition)
+VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8)
+ON CONFLICT (id, partition) DO UPDATE SET revision = excluded.revision, created = excluded.created,
     modified = excluded.modified, policy_id = excluded.policy_id, doc = excluded.doc, hash = excluded.hash
 """
 # The generated columns of policies (full_readers, ...) follow doc by themselves.
 REPAIR_POLICY = """
-INSERT INTO policies (id, revision, created, modified, doc, hash, readers)
-VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7::text[])
-ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+INSERT INTO policies (id, revision, created, modified, doc, hash, readers, partition)
+VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7::text[], $8)
+ON CONFLICT (id, partition) DO UPDATE SET revision = excluded.revision, created = excluded.created,
     modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers
 """
+# A row in another partition than its id's (written by hand: every reader looks in the id's own
+# partition, so for them the entity has no row) goes before the row is written where it belongs.
+DELETE_MISPLACED = "DELETE FROM {table} WHERE id = $1 AND partition <> $2"
 DELETE_EXTRA = """
 DELETE FROM {table} p WHERE p.id = $1
 AND NOT EXISTS (SELECT 1 FROM journal j WHERE j.entity = '{entity}' AND j.id = p.id)
@@ -204,7 +209,7 @@ class _Replayed:
         return "readers", thing_readers(self.doc)
 
 
-def _compare(r: _Replayed, row: asyncpg.Record | None) -> Difference | None:
+def _compare(r: _Replayed, row: asyncpg.Record | None, partition: int) -> Difference | None:
     if r.problem is not None:
         return Difference(r.entity, r.id, "unreplayable", (), r.problem)
     if row is None:
@@ -232,6 +237,9 @@ def _compare(r: _Replayed, row: asyncpg.Record | None) -> Difference | None:
     if bytes(row["hash"]) != r.hash:
         fields.append("hash")
         details.append("chain head hash differs")
+    if row["partition"] != partition:
+        fields.append("partition")
+        details.append(f"partition {row['partition']} in the projection, {partition} for its id")
     if not fields:
         return None
     return Difference(r.entity, r.id, "mismatch", tuple(fields), "; ".join(details))
@@ -310,11 +318,13 @@ async def _repair(
         async with con.transaction():
             await recorder.lock(con, [partition])
             for i in indexes:
-                done[i] = await _repair_one(con, *batch[i])
+                done[i] = await _repair_one(con, partition, *batch[i])
     return [done[i] for i in range(len(batch))]
 
 
-async def _repair_one(con: asyncpg.Connection, diff: Difference, r: _Replayed | None) -> Difference:
+async def _repair_one(
+    con: asyncpg.Connection, partition: int, diff: Difference, r: _Replayed | None
+) -> Difference:
     """One row rewritten (its partition locked by the caller's transaction)."""
     if r is None:
         delete = DELETE_EXTRA.format(table=TABLES[diff.entity], entity=diff.entity)
@@ -325,10 +335,15 @@ async def _repair_one(con: asyncpg.Connection, diff: Difference, r: _Replayed | 
         return diff  # written meanwhile: the writer has brought the row up to date itself
     doc = None if r.doc is None else dumps(r.doc)
     _, extra = r.extra()
+    await con.execute(DELETE_MISPLACED.format(table=TABLES[r.entity]), r.id, partition)
     if r.entity == "thing":
-        await con.execute(REPAIR_THING, r.id, r.revision, r.created, r.modified, extra, doc, r.hash)
+        await con.execute(
+            REPAIR_THING, r.id, r.revision, r.created, r.modified, extra, doc, r.hash, partition
+        )
     else:
-        await con.execute(REPAIR_POLICY, r.id, r.revision, r.created, r.modified, doc, r.hash, extra)
+        await con.execute(
+            REPAIR_POLICY, r.id, r.revision, r.created, r.modified, doc, r.hash, extra, partition
+        )
     return replace(diff, repaired=True)
 
 
@@ -362,10 +377,11 @@ async def replay_database(
     writer = await connection.connect(url) if repair else None
     try:
         await _init(con)
+        placing = Recorder(await stored_partitions(con))  # where each id's rows belong
         recorder: Recorder | None = None
         if writer is not None:
             await _init(writer)
-            recorder = Recorder(await stored_partitions(writer))
+            recorder = placing
         where, args = scope.where()
         entities = (
             ["thing"] if scope.thing is not None else [scope.entity] if scope.entity else ["thing", "policy"]
@@ -394,7 +410,7 @@ async def replay_database(
                     query = SELECT_THINGS if entity == "thing" else SELECT_POLICIES
                     rows = {row["id"]: row for row in await con.fetch(query, [r.id for r in group])}
                     for r in group:
-                        diff = _compare(r, rows.get(r.id))
+                        diff = _compare(r, rows.get(r.id), placing.partition(r.id))
                         if diff is not None:
                             found.append((diff, r))
                 pending.clear()

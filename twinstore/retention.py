@@ -135,7 +135,7 @@ RELAY_CURSORS = "SELECT partition, seq FROM relay_cursors WHERE name = 'events'"
 # the first revision that must stay (too new, or beyond its partition's sealed and published
 # seq: ${bounds} is indexed by partition + 1, a partition without a bound keeps everything).
 CANDIDATES = """
-SELECT id, min(revision) AS first, max(revision) AS newest,
+SELECT id, min(partition) AS partition, min(revision) AS first, max(revision) AS newest,
        min(revision) FILTER (
            WHERE ts >= ${cutoff} OR seq > coalesce((${bounds}::bigint[])[partition + 1], 0)
        ) AS first_kept
@@ -151,8 +151,8 @@ SELECT revision, created, modified, doc::text AS doc FROM snapshots
 WHERE entity = 'thing' AND id = $1 AND revision <= $2 ORDER BY revision DESC LIMIT 1
 """
 WRITE_SNAPSHOT = """
-INSERT INTO snapshots (entity, id, revision, created, modified, doc)
-VALUES ('thing', $1, $2, $3, $4, $5::text::jsonb) ON CONFLICT DO NOTHING
+INSERT INTO snapshots (entity, id, revision, created, modified, doc, partition)
+VALUES ('thing', $1, $2, $3, $4, $5::text::jsonb, $6) ON CONFLICT DO NOTHING
 """
 KEPT_SNAPSHOT = """
 SELECT created, modified, doc::text AS doc FROM snapshots WHERE entity = 'thing' AND id = $1 AND revision = $2
@@ -302,7 +302,13 @@ def _cut_at(newest: int, first_kept: int | None) -> int:
 
 
 async def _plan(
-    con: asyncpg.Connection, thing_id: str, anchor: int, anchor_hash: bytes, cut: int, dry_run: bool
+    con: asyncpg.Connection,
+    thing_id: str,
+    partition: int,
+    anchor: int,
+    anchor_hash: bytes,
+    cut: int,
+    dry_run: bool,
 ) -> _Cut | str:
     """Check the chain from the anchor to the first retained event and, unless ``dry_run``,
     make sure the state at ``cut`` is kept as a snapshot; the cut, or why the thing is skipped."""
@@ -346,7 +352,7 @@ async def _plan(
         return f"the state at revision {cut} could not be rebuilt: run replay"
     if snap is None or snap["revision"] != cut:
         doc = None if state.doc is None else dumps(state.doc)
-        await con.execute(WRITE_SNAPSHOT, thing_id, cut, state.created, state.modified, doc)
+        await con.execute(WRITE_SNAPSHOT, thing_id, cut, state.created, state.modified, doc, partition)
         planned.wrote_snapshot = True
     kept = await con.fetchrow(KEPT_SNAPSHOT, thing_id, cut)
     assert kept is not None
@@ -372,7 +378,7 @@ async def _batch(
         cut = _cut_at(int(r["newest"]), r["first_kept"])
         if cut <= anchor:
             continue
-        planned = await _plan(con, r["id"], anchor, anchor_hash, cut, report.dry_run)
+        planned = await _plan(con, r["id"], r["partition"], anchor, anchor_hash, cut, report.dry_run)
         if isinstance(planned, str):
             report.skipped.append(Skipped(r["id"], planned))
         else:

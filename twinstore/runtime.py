@@ -214,6 +214,7 @@ class Runtime:
             self.subjects,
             poll_interval=s.relay_poll_interval,
             connect=own_connection,
+            group_size=s.journal_partitions_per_transaction,
         )
         relay = self.relay
         self.journal = Journal(

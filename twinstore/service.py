@@ -7,6 +7,7 @@ the caller may read) or :class:`~twinstore.model.errors.DittoError` back.
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,7 @@ from twinstore.model.errors import (
     NotFoundError,
     PolicyConflictError,
     ThingNotCreatableError,
+    UnavailableError,
     history_not_found,
     not_found,
     policy_not_found,
@@ -44,10 +46,12 @@ from twinstore.model.ids import parse_pointer, validate_policy_id, validate_thin
 from twinstore.model.limits import check_depth
 from twinstore.model.policy import PolicyModify, default_policy
 from twinstore.model.thing import Command, Create, Event, Merge, Modify, ThingState, decide, validate_path
-from twinstore.policy_service import PolicyService, PolicyWrite
+from twinstore.policy_service import PolicyService, PolicyWrite, PolicyWritten
 from twinstore.store.journal import Committed, Journal, Mark, Outcome, WriteRequest
 
 __all__ = ["HistoryAccess", "Retrieved", "ThingService", "view_of"]
+
+log = logging.getLogger("twinstore.service")
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -340,16 +344,22 @@ class ThingService:
         check_depth(getattr(request.command, "value", None), request.command.path)
         for _attempt in range(5):
             state = await self.journal.peek(request.thing_id)
+            created: PolicyWritten | None = None
             if state.exists:
                 guard = await self._guard_existing(auth, state, request.command, condition)
             elif creates_thing(request.command):
-                guard = await self._prepare_creation(auth, request, allow_lockout)
+                guard, created = await self._prepare_creation(auth, request, allow_lockout)
             else:
                 raise not_found(request.thing_id, [])
             try:
                 return await self.journal.write(msgspec.structs.replace(request, guard=guard))
             except PolicyMovedError:
+                await self._undo(created, request)
                 continue
+            except DittoError as exc:
+                if refused(exc):
+                    await self._undo(created, request)
+                raise
         raise ConflictError("The Thing's policy kept changing during the write; retry.")
 
     async def write_unit(
@@ -365,6 +375,7 @@ class ThingService:
         preparing it again is the caller's retry.
         """
         outcomes: list[Outcome | None] = [None] * len(items)
+        created: dict[int, PolicyWritten] = {}  # index -> the policy its thing's creation created
         states = await self.journal.peek_many([r.thing_id for _, r, _ in items])
         # every policy of the unit in one query (a cold cache would otherwise load them one by one)
         await self.cache.enforcers(
@@ -393,7 +404,9 @@ class ThingService:
                 elif state.exists:
                     guard = await self._guard_existing(auth, state, request.command, condition)
                 elif creates_thing(request.command):
-                    guard = await self._prepare_creation(auth, request, False)
+                    guard, policy = await self._prepare_creation(auth, request, False)
+                    if policy is not None:
+                        created[index] = policy
                 else:
                     raise not_found(request.thing_id, [])
             except DittoError as exc:
@@ -401,10 +414,40 @@ class ThingService:
                 continue
             guarded.append(msgspec.structs.replace(request, guard=guard))
             where.append(index)
-        if guarded or mark is not None:
-            for index, outcome in zip(where, await self.journal.write_unit(guarded, mark), strict=True):
-                outcomes[index] = outcome
+        try:
+            if guarded or mark is not None:
+                for index, outcome in zip(where, await self.journal.write_unit(guarded, mark), strict=True):
+                    outcomes[index] = outcome
+        except DittoError as exc:
+            if refused(exc):  # the whole unit, nothing of it written
+                for index, policy in created.items():
+                    await self._undo(policy, items[index][1])
+            raise
+        for index, policy in created.items():
+            result = outcomes[index]
+            if isinstance(result, DittoError) and refused(result):
+                await self._undo(policy, items[index][1])
         return [o if o is not None else ConflictError("not decided") for o in outcomes]
+
+    async def _undo(self, created: PolicyWritten | None, request: WriteRequest) -> None:
+        """The policy created for a thing whose creation failed is deleted again (Ditto's
+        rollback of an implicitly created policy; see PolicyService.undo_creation). A failure to
+        undo leaves it (logged): the thing's own failure is what the caller gets."""
+        if created is None:
+            return
+        try:
+            undone = await self.policies.undo_creation(created, request.correlation_id)
+        except Exception as exc:  # the database may be what failed the thing too
+            log.warning(
+                "policy created for a failed thing creation not deleted",
+                extra={"policy_id": created.after.policy_id, "thing_id": request.thing_id, "error": str(exc)},
+            )
+            return
+        if not undone:
+            log.info(
+                "policy created for a failed thing creation kept: changed or used meanwhile",
+                extra={"policy_id": created.after.policy_id, "thing_id": request.thing_id},
+            )
 
     async def _guard_existing(
         self, auth: AuthContext, state: ThingState, command: Command, condition: rql.Node | None
@@ -470,8 +513,12 @@ class ThingService:
             raise policy_not_found(source)
         return {**state.doc, "policyId": policy_id}
 
-    async def _prepare_creation(self, auth: AuthContext, request: WriteRequest, allow_lockout: bool) -> Any:
-        """Create or find the policy of a new thing, as Ditto does; the guard checks WRITE on ``thing:/``.
+    async def _prepare_creation(
+        self, auth: AuthContext, request: WriteRequest, allow_lockout: bool
+    ) -> tuple[Any, PolicyWritten | None]:
+        """Create or find the policy of a new thing, as Ditto does: the guard that checks WRITE on
+        ``thing:/``, and the policy created (``None``: an existing one), which the caller deletes
+        again if the thing's creation fails (:meth:`_undo`).
 
         * an inline ``"_policy"``, or no ``policyId`` at all: the thing's policy is created now
           (the inline one, else Ditto's default policy, granting the creating subject READ and
@@ -494,6 +541,7 @@ class ThingService:
         if not isinstance(policy_id, str):
             raise InvalidInputError("'policyId' must be a JSON string.", error="json.invalid")
         inline = await self._initial_policy(auth, body, policy_id)
+        created: PolicyWritten | None = None
         if inline is None and "policyId" in body:
             if await self.cache.enforcer(policy_id) is None:
                 raise ThingNotCreatableError(
@@ -512,7 +560,7 @@ class ThingService:
                     guard(absent, command)
             initial = inline if inline is not None else default_policy(policy_id, auth.subject)
             try:
-                await self.policies.write(
+                created = await self.policies.write(
                     PolicyWrite(
                         policy_id=policy_id,
                         command=PolicyModify(parts=[], value=initial),
@@ -530,7 +578,7 @@ class ThingService:
                     "Thing JSON you create.",
                 ) from None
         view = await self.cache.view(policy_id, auth.subjects)
-        return thing_guard(request.thing_id, policy_id, view, creating=True)
+        return thing_guard(request.thing_id, policy_id, view, creating=True), created
 
 
 _POLICY_REF = re.compile(r"\{\{\s*ref:things/([^/\s]+)/policyId\s*\}\}")
@@ -540,6 +588,14 @@ def splits_unit(command: Command) -> bool:
     """True for a command after which :meth:`ThingService.write_unit` needs a new unit: it
     creates, replaces or deletes the whole thing or moves it to another policy."""
     return command.path in ("", "/", "/policyId")
+
+
+def refused(exc: DittoError) -> bool:
+    """Was the write refused, nothing of it written? Not so for 503 (the database was lost, maybe
+    while committing it): the policy a new thing brought is undone only after a refusal, never
+    when the thing may exist after all (a cancelled request likewise leaves it: its queued write
+    may still commit)."""
+    return not isinstance(exc, UnavailableError)
 
 
 def _inline_view(inline: Any, policy_id: str, auth: AuthContext) -> SubjectView | None:

@@ -58,20 +58,24 @@ ON CONFLICT (definition, owner) DO UPDATE SET config = excluded.config, subjects
     modified = clock_timestamp()
 RETURNING (xmax = 0) AS created
 """
-# The rule's detectors get the new config: their state goes (a new detector), as on a PUT.
+# The rule's detectors get the new config: their state goes (a new detector), as on a PUT. (Joined
+# on the partition too: on a database distributed by partition, a join of two tables must be.)
 RECONFIGURE = """
 WITH changed AS (
     UPDATE anomaly_detectors SET config = $2, modified = clock_timestamp() WHERE rule = $1 AND rule_owner = $3
-    RETURNING thing_id, feature_id
+    RETURNING thing_id, feature_id, partition
 )
-DELETE FROM anomaly_state s USING changed c WHERE s.thing_id = c.thing_id AND s.feature_id = c.feature_id
+DELETE FROM anomaly_state s USING changed c
+WHERE s.thing_id = c.thing_id AND s.feature_id = c.feature_id AND s.partition = c.partition
 """
 DELETE_RULE = "DELETE FROM anomaly_rules WHERE definition = $1 AND owner = $2"
 DELETE_RULE_DETECTORS = """
 WITH gone AS (
-    DELETE FROM anomaly_detectors WHERE rule = $1 AND rule_owner = $2 RETURNING thing_id, feature_id
+    DELETE FROM anomaly_detectors WHERE rule = $1 AND rule_owner = $2
+    RETURNING thing_id, feature_id, partition
 )
-DELETE FROM anomaly_state s USING gone g WHERE s.thing_id = g.thing_id AND s.feature_id = g.feature_id
+DELETE FROM anomaly_state s USING gone g
+WHERE s.thing_id = g.thing_id AND s.feature_id = g.feature_id AND s.partition = g.partition
 """
 # Things with a feature of the definition (a scan: rules are put rarely).
 SELECT_CANDIDATES = """
@@ -79,11 +83,14 @@ SELECT id, doc FROM things
 WHERE doc IS NOT NULL
   AND jsonb_path_exists(doc, '$.features.*.definition[*] ? (@ == $d)', jsonb_build_object('d', $1::text))
 """
+# Each detector in its thing's partition (read from the thing's row: a thing deleted meanwhile
+# keeps it, and one no longer there gets no detector).
 ATTACH = """
-INSERT INTO anomaly_detectors (thing_id, feature_id, config, rule, rule_owner)
-SELECT t, f, c::jsonb, d, o
+INSERT INTO anomaly_detectors (thing_id, feature_id, config, rule, rule_owner, partition)
+SELECT r.t, r.f, r.c::jsonb, r.d, r.o, th.partition
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS r(t, f, c, d, o)
-ON CONFLICT (thing_id, feature_id) DO NOTHING
+JOIN things th ON th.id = r.t
+ON CONFLICT (thing_id, feature_id, partition) DO NOTHING
 RETURNING 1
 """
 

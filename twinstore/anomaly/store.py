@@ -1,6 +1,7 @@
 """Anomaly detection in PostgreSQL: detector configs, detector state, the anomalies found.
 
-Tables (migration 10, keys lead with the thing id):
+Tables (migration 10, keys lead with the thing id; each row holds the thing's partition, part of
+its key since migration 17, so the scorer of a partition and a label write one partition):
 
 * ``anomaly_detectors``: one config per (thing, feature) — ``{"algorithm", "parameters",
   "properties"}``; ``modified`` changes on every PUT and fences checkpoints of older configs.
@@ -44,17 +45,18 @@ __all__ = [
 LABELS = ("confirmed", "false-alarm")
 
 UPSERT_DETECTOR = """
-INSERT INTO anomaly_detectors (thing_id, feature_id, config) VALUES ($1, $2, $3)
-ON CONFLICT (thing_id, feature_id) DO UPDATE SET config = excluded.config, modified = clock_timestamp(),
+INSERT INTO anomaly_detectors (thing_id, feature_id, config, partition) VALUES ($1, $2, $3, $4)
+ON CONFLICT (thing_id, feature_id, partition) DO UPDATE
+    SET config = excluded.config, modified = clock_timestamp(),
     rule = NULL  -- the feature's own detector now, not a definition rule's
 RETURNING (xmax = 0) AS created
 """
 # A new config starts a new detector: the old one's state is dropped with it (same transaction).
-DELETE_STATE = "DELETE FROM anomaly_state WHERE thing_id = $1 AND feature_id = $2"
+DELETE_STATE = "DELETE FROM anomaly_state WHERE thing_id = $1 AND feature_id = $2 AND partition = $3"
 SELECT_DETECTOR = """
 SELECT config, created, modified FROM anomaly_detectors WHERE thing_id = $1 AND feature_id = $2
 """
-DELETE_DETECTOR = "DELETE FROM anomaly_detectors WHERE thing_id = $1 AND feature_id = $2"
+DELETE_DETECTOR = "DELETE FROM anomaly_detectors WHERE thing_id = $1 AND feature_id = $2 AND partition = $3"
 SELECT_DETECTORS = "SELECT thing_id, feature_id, config, modified FROM anomaly_detectors"
 # Changes with every PUT (a newer ``modified``) and DELETE (fewer rows) of a detector or rule.
 SELECT_DETECTORS_FINGERPRINT = """
@@ -64,30 +66,37 @@ SELECT (SELECT count(*) FROM anomaly_detectors), (SELECT max(modified) FROM anom
 SELECT_EARLIEST_DETECTOR = "SELECT min(modified) FROM anomaly_detectors"
 SELECT_LATEST = """
 SELECT s.revision, s.score, s.threshold, s.anomalous, s.scored_at, d.config
-FROM anomaly_state s JOIN anomaly_detectors d USING (thing_id, feature_id)
+FROM anomaly_state s JOIN anomaly_detectors d USING (thing_id, feature_id, partition)
 WHERE s.thing_id = $1 AND s.feature_id = $2 AND s.scored_at IS NOT NULL
 """
 SELECT_STATE = "SELECT revision, state FROM anomaly_state WHERE thing_id = $1 AND feature_id = $2"
 # Written only while the detector is still the one configured at ``modified`` ($9): a replaced
-# or deleted detector's last checkpoint never comes back.
+# or deleted detector's last checkpoint never comes back. ``$10``: the thing's partition.
 SAVE_STATE = """
-INSERT INTO anomaly_state (thing_id, feature_id, revision, state, score, threshold, anomalous, scored_at)
-SELECT $1, $2, $3, $4, $5, $6, $7, $8
-WHERE EXISTS (SELECT 1 FROM anomaly_detectors WHERE thing_id = $1 AND feature_id = $2 AND modified = $9)
-ON CONFLICT (thing_id, feature_id) DO UPDATE SET
+INSERT INTO anomaly_state (thing_id, feature_id, revision, state, score, threshold, anomalous, scored_at,
+                           partition)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, $10
+WHERE EXISTS (SELECT 1 FROM anomaly_detectors
+              WHERE thing_id = $1 AND feature_id = $2 AND partition = $10 AND modified = $9)
+ON CONFLICT (thing_id, feature_id, partition) DO UPDATE SET
     revision = excluded.revision, state = excluded.state, score = excluded.score,
     threshold = excluded.threshold, anomalous = excluded.anomalous, scored_at = excluded.scored_at
 """
 INSERT_ANOMALY = """
-INSERT INTO anomalies (thing_id, feature_id, revision, ts, score, threshold, contributions, x)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING
+INSERT INTO anomalies (thing_id, feature_id, revision, ts, score, threshold, contributions, x, partition)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING
 """
-# False alarms no detector has learnt yet (served by the partial index anomalies_feedback).
+# False alarms of a partition no detector has learnt yet (served by the partial index
+# anomalies_feedback), and the mark that one was (in the scorer's checkpoint of that partition:
+# every statement of it names the partition, so it stays on one shard when distributed).
 SELECT_FEEDBACK = """
-SELECT thing_id, feature_id, revision, x FROM anomalies WHERE label = 'false-alarm' AND NOT fed
+SELECT thing_id, feature_id, revision, x FROM anomalies
+WHERE label = 'false-alarm' AND NOT fed AND partition = $1
 ORDER BY thing_id, feature_id, revision
 """
-MARK_FED = "UPDATE anomalies SET fed = true WHERE thing_id = $1 AND feature_id = $2 AND revision = $3"
+MARK_FED = """
+UPDATE anomalies SET fed = true WHERE thing_id = $1 AND feature_id = $2 AND revision = $3 AND partition = $4
+"""
 SELECT_ANOMALIES = """
 SELECT revision, ts, score, threshold, contributions, label, labelled_by, labelled_at FROM anomalies
 WHERE thing_id = $1 AND feature_id = $2 AND revision < $3
@@ -96,13 +105,14 @@ ORDER BY revision DESC LIMIT $6
 """
 LABEL_ANOMALY = """
 UPDATE anomalies SET label = $4, labelled_by = $5, labelled_at = $6
-WHERE thing_id = $1 AND feature_id = $2 AND revision = $3
+WHERE thing_id = $1 AND feature_id = $2 AND revision = $3 AND partition = $7
 """
 # Labels are journal events of their own entity, ``anomaly`` with id ``<thingId>/<featureId>``,
 # hash-chained like every other entity (audit verify and checkpoints cover them).
 LABEL_ENTITY = "anomaly"
 SELECT_LABEL_HEAD = """
-SELECT revision, hash FROM journal WHERE entity = 'anomaly' AND id = $1 ORDER BY revision DESC LIMIT 1
+SELECT revision, hash FROM journal WHERE entity = 'anomaly' AND id = $1 AND partition = $2
+ORDER BY revision DESC LIMIT 1
 """
 
 
@@ -193,11 +203,14 @@ def decode_cursor(cursor: str) -> int:
     raise InvalidInputError(f"The cursor {cursor!r} is not one this API handed out.")
 
 
-async def put_detector(pool: asyncpg.Pool, thing_id: str, feature_id: str, config: Mapping[str, Any]) -> bool:
-    """Store the config (a new detector: its old state goes); True when it was created."""
+async def put_detector(
+    pool: asyncpg.Pool, partition: int, thing_id: str, feature_id: str, config: Mapping[str, Any]
+) -> bool:
+    """Store the config (a new detector: its old state goes); True when it was created.
+    ``partition``: the thing's."""
     async with pool.acquire() as con, con.transaction():
-        created = bool(await con.fetchval(UPSERT_DETECTOR, thing_id, feature_id, dict(config)))
-        await con.execute(DELETE_STATE, thing_id, feature_id)
+        created = bool(await con.fetchval(UPSERT_DETECTOR, thing_id, feature_id, dict(config), partition))
+        await con.execute(DELETE_STATE, thing_id, feature_id, partition)
     return created
 
 
@@ -206,11 +219,12 @@ async def get_detector(pool: asyncpg.Pool, thing_id: str, feature_id: str) -> as
         return await con.fetchrow(SELECT_DETECTOR, thing_id, feature_id)
 
 
-async def delete_detector(pool: asyncpg.Pool, thing_id: str, feature_id: str) -> bool:
-    """Drop the detector and its state (the anomalies found stay listed); False when none."""
+async def delete_detector(pool: asyncpg.Pool, partition: int, thing_id: str, feature_id: str) -> bool:
+    """Drop the detector and its state (the anomalies found stay listed); False when none.
+    ``partition``: the thing's."""
     async with pool.acquire() as con, con.transaction():
-        status = await con.execute(DELETE_DETECTOR, thing_id, feature_id)
-        await con.execute(DELETE_STATE, thing_id, feature_id)
+        status = await con.execute(DELETE_DETECTOR, thing_id, feature_id, partition)
+        await con.execute(DELETE_STATE, thing_id, feature_id, partition)
     return bool(status != "DELETE 0")
 
 
@@ -255,10 +269,10 @@ async def label_anomaly(
     async with pool.acquire() as con, con.transaction():
         await recorder.lock(con, [partition])
         now = datetime.now(UTC)
-        status = await con.execute(LABEL_ANOMALY, thing_id, feature_id, revision, label, who, now)
+        status = await con.execute(LABEL_ANOMALY, thing_id, feature_id, revision, label, who, now, partition)
         if status == "UPDATE 0":
             return False
-        head = await con.fetchrow(SELECT_LABEL_HEAD, entity_id)
+        head = await con.fetchrow(SELECT_LABEL_HEAD, entity_id, partition)
         previous, number = (bytes(head["hash"]), head["revision"] + 1) if head else (GENESIS, 1)
         entry = record(
             previous, partition, LABEL_ENTITY, entity_id, number, now, "labelled", path, value, who,

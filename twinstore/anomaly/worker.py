@@ -53,7 +53,7 @@ from twinstore.anomaly import store
 from twinstore.anomaly.base import Explainer, Filter, Teachable, checkpoint, restore
 from twinstore.anomaly.detectors import create
 from twinstore.bus.partitions import PartitionGroup, PullReader
-from twinstore.bus.subjects import Subjects, partition_of
+from twinstore.bus.subjects import Subjects
 from twinstore.enforcement import PolicyCache
 from twinstore.fanout import decode_event
 from twinstore.histogram import SCORE_BUCKETS, Histogram
@@ -458,6 +458,7 @@ class _Scorer:
                 d.threshold,
                 contributions,
                 x,
+                self.partition,
             )
         )
         value = {
@@ -487,11 +488,9 @@ class _Scorer:
     async def _pending_feedback(self) -> list[asyncpg.Record]:
         """The false alarms of this partition's things that no detector has learnt yet."""
         async with self.w.pool.acquire() as con:
-            rows = await con.fetch(store.SELECT_FEEDBACK)
-        partitions = self.w.subjects.partitions
-        return [r for r in rows if partition_of(r["thing_id"], partitions) == self.partition]
+            return list(await con.fetch(store.SELECT_FEEDBACK, self.partition))
 
-    async def _feedback(self, rows: list[asyncpg.Record]) -> list[tuple[str, str, int]]:
+    async def _feedback(self, rows: list[asyncpg.Record]) -> list[tuple[str, str, int, int]]:
         """Teach the detectors the false alarms ``rows`` (unless their config says
         ``"feedback": false``); the labels learnt, to mark in the same transaction as the
         checkpoints that hold them."""
@@ -499,7 +498,7 @@ class _Scorer:
         fed = []
         for r in rows:
             thing_id, feature_id = r["thing_id"], r["feature_id"]
-            fed.append((thing_id, feature_id, r["revision"]))
+            fed.append((thing_id, feature_id, r["revision"], self.partition))
             config, modified = configs.get(thing_id, {}).get(feature_id, (None, None))
             if config is None or modified is None or config.get("feedback") is False or r["x"] is None:
                 continue  # no detector (any more) or none that wants it: marked all the same
@@ -531,6 +530,7 @@ class _Scorer:
                 w.anomalous,
                 w.scored_at,
                 w.modified,
+                self.partition,
             )
             for (thing_id, feature_id), w in dirty
         ]
@@ -552,7 +552,7 @@ class _Scorer:
         self,
         states: list[tuple[Any, ...]],
         found: list[tuple[Any, ...]],
-        fed: list[tuple[str, str, int]],
+        fed: list[tuple[str, str, int, int]],
         msgs: list[Msg],
     ) -> None:
         if states or found or fed:

@@ -90,7 +90,9 @@ def _pool(runtime: Runtime) -> Any:
 async def put_detector(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime, _, thing_id, feature_id = await _access(request, write=True)
     config = store.validate_config(await read_json(request, (JSON,)))
-    created = await store.put_detector(_pool(runtime), thing_id, feature_id, config)
+    assert runtime.recorder is not None
+    partition = runtime.recorder.partition(thing_id)
+    created = await store.put_detector(_pool(runtime), partition, thing_id, feature_id, config)
     if runtime.anomaly is not None:
         runtime.anomaly.invalidate()  # this process's scorers watch the thing from now on
     if created:
@@ -112,7 +114,9 @@ async def get_detector(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 async def delete_detector(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime, _, thing_id, feature_id = await _access(request, write=True)
-    if not await store.delete_detector(_pool(runtime), thing_id, feature_id):
+    assert runtime.recorder is not None
+    partition = runtime.recorder.partition(thing_id)
+    if not await store.delete_detector(_pool(runtime), partition, thing_id, feature_id):
         raise _detector_not_found(thing_id, feature_id)
     if runtime.anomaly is not None:
         runtime.anomaly.invalidate()

@@ -162,8 +162,13 @@ class Relay:
         poll_interval: float = 0.2,
         batch: int = 1000,
         rebalance_seconds: float = 2.0,
+        group_size: int = 1,
     ) -> None:
         self.pool = pool
+        # Cursors are saved by group of ``group_size`` consecutive partitions, a statement each:
+        # the journal's grouping (journal_partitions_per_transaction), so that with 1 every
+        # transaction of the relay, like every journal write, writes one partition.
+        self.group_size = max(1, group_size)
         # Locks and LISTEN are session state: they live on connections of their own, never on
         # pooled ones (pooled connections are not reset on release).
         self.connect = connect
@@ -307,12 +312,17 @@ class Relay:
     async def save_cursor(self) -> None:
         """Store the cursors published so far (those that moved since the last save)."""
         moved = {p: s for p, s in self.cursors.items() if self._saved.get(p) != s}
-        if moved:
-            async with self.pool.acquire() as con:
-                await con.execute(SAVE_CURSORS, CURSOR, list(moved), list(moved.values()))
-            for partition, seq in moved.items():
-                if partition in self._saved:
-                    self._saved[partition] = seq
+        if not moved:
+            return
+        groups: dict[int, dict[int, int]] = {}
+        for partition, seq in moved.items():
+            groups.setdefault(partition // self.group_size, {})[partition] = seq
+        async with self.pool.acquire() as con:
+            for group in groups.values():
+                await con.execute(SAVE_CURSORS, CURSOR, list(group), list(group.values()))
+                for partition, seq in group.items():
+                    if partition in self._saved:
+                        self._saved[partition] = seq
 
     async def publish_pending(self) -> int:
         """Publish the next events of every held partition; returns how many rows were read

@@ -85,14 +85,17 @@ ENTITY = "thing"
 # trip; see schema migration 16). Documents are read only for things the cache does not hold.
 LOCK_AND_HEADS = "SELECT id, revision, hash FROM twinstore_lock_and_heads($1::int[], $2::text[])"
 SELECT_FOR_WRITE = """
-SELECT id, revision, created, modified, doc, hash FROM things WHERE id = any($1::text[])
+SELECT id, revision, created, modified, doc, hash FROM things
+WHERE id = any($1::text[]) AND partition = any($2::int[])
 """
 # Before the lock: the heads of a batch's things, with the document only where this process's
-# cached revision ($2, NULL if none) is not the stored one (a miss, or another process wrote).
+# cached revision ($2, NULL if none) is not the stored one (a miss, or another process wrote);
+# $3: their partitions (part of the key, see migration 17).
 PREFETCH = """
 SELECT t.id, t.revision, t.created, t.modified, t.hash,
        CASE WHEN c.revision IS DISTINCT FROM t.revision THEN t.doc END AS doc
-FROM unnest($1::text[], $2::bigint[]) AS c(id, revision) JOIN things t ON t.id = c.id
+FROM unnest($1::text[], $2::bigint[]) AS c(id, revision)
+JOIN things t ON t.id = c.id AND t.partition = any($3::int[])
 """
 # Prefetch while more than this share of a batch's things were found stale (moving average):
 # a process that is the only writer of its things skips the extra round trip.
@@ -100,48 +103,56 @@ PREFETCH_STALE_RATE = 0.02
 
 # Projection rows and due snapshots of a batch, appended with its events in one statement (one
 # round trip, see Recorder.append), each set as one JSON array parameter: one orjson call per
-# set instead of asyncpg encoding every element of many arrays.
+# set instead of asyncpg encoding every element of many arrays. Every row names its partition
+# (the thing's), part of each table's key: see schema migration 17.
 PROJECT = """
 projected AS (
-    INSERT INTO things (id, revision, created, modified, policy_id, doc, hash)
-    SELECT p.id, p.revision, p.created, p.modified, p.doc ->> 'policyId', p.doc, decode(p.hash, 'hex')
-    FROM jsonb_to_recordset($2::text::jsonb) AS p(id text, revision bigint, created timestamptz,
-        modified timestamptz, doc jsonb, hash text)
-    ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+    INSERT INTO things (partition, id, revision, created, modified, policy_id, doc, hash)
+    SELECT p.partition, p.id, p.revision, p.created, p.modified, p.doc ->> 'policyId', p.doc,
+           decode(p.hash, 'hex')
+    FROM jsonb_to_recordset($2::text::jsonb) AS p(partition int, id text, revision bigint,
+        created timestamptz, modified timestamptz, doc jsonb, hash text)
+    ON CONFLICT (id, partition) DO UPDATE SET revision = excluded.revision, created = excluded.created,
         modified = excluded.modified, policy_id = excluded.policy_id, doc = excluded.doc,
         hash = excluded.hash
 )"""
 SNAPSHOT = """
 snapshotted AS (
-    INSERT INTO snapshots (entity, id, revision, created, modified, doc)
-    SELECT 'thing', s.id, s.revision, s.created, s.modified, s.doc
-    FROM jsonb_to_recordset($3::text::jsonb) AS s(id text, revision bigint, created timestamptz,
-        modified timestamptz, doc jsonb)
+    INSERT INTO snapshots (partition, entity, id, revision, created, modified, doc)
+    SELECT s.partition, 'thing', s.id, s.revision, s.created, s.modified, s.doc
+    FROM jsonb_to_recordset($3::text::jsonb) AS s(partition int, id text, revision bigint,
+        created timestamptz, modified timestamptz, doc jsonb)
     ON CONFLICT DO NOTHING
 )"""
 APPEND = append_statement(PROJECT, SNAPSHOT)
 
 # A unit's progress mark (ingestion): the partition's stream sequence moves only from the value
 # its writer last saw (a fence: a second writer of the partition fails instead of applying
-# twice), each source's sequence only grows.
+# twice), each source's sequence only grows. Rows are in the mark's partition (the unit's).
 MARK = """
 WITH moved AS (
     UPDATE ingest_progress p SET seq = m.seq, updated = now()
-    FROM json_to_recordset($1::text::json) AS m(consumer text, expected bigint, seq bigint)
-    WHERE p.consumer = m.consumer AND p.source = '' AND p.seq = m.expected
+    FROM json_to_recordset($1::text::json) AS m(partition int, consumer text, expected bigint, seq bigint)
+    WHERE p.consumer = m.consumer AND p.source = '' AND p.partition = m.partition AND p.seq = m.expected
     RETURNING p.consumer
 ), sourced AS (
-    INSERT INTO ingest_progress (consumer, source, seq)
-    SELECT s.consumer, s.source, s.seq
-    FROM json_to_recordset($2::text::json) AS s(consumer text, source text, seq bigint)
-    ON CONFLICT (consumer, source) DO UPDATE
+    INSERT INTO ingest_progress (partition, consumer, source, seq)
+    SELECT s.partition, s.consumer, s.source, s.seq
+    FROM json_to_recordset($2::text::json) AS s(partition int, consumer text, source text, seq bigint)
+    ON CONFLICT (consumer, source, partition) DO UPDATE
         SET seq = greatest(ingest_progress.seq, excluded.seq), updated = now()
 )
 SELECT consumer FROM moved
 """
 
-SELECT_THING = "SELECT revision, created, modified, doc FROM things WHERE id = $1"
-SELECT_THINGS = "SELECT id, revision, created, modified, doc FROM things WHERE id = any($1::text[])"
+# Reads name the partition of what they read (the last parameter) besides its id: on one
+# database a condition more on the key's index; on a database distributed by partition (README,
+# "Running on Citus") what routes the read to the one shard that holds the row.
+SELECT_THING = "SELECT revision, created, modified, doc FROM things WHERE id = $1 AND partition = $2"
+SELECT_THINGS = """
+SELECT id, revision, created, modified, doc FROM things
+WHERE id = any($1::text[]) AND partition = any($2::int[])
+"""
 
 SELECT_ALL = """
 SELECT id, revision, created, modified, doc FROM things WHERE doc IS NOT NULL ORDER BY id LIMIT $1
@@ -149,24 +160,24 @@ SELECT id, revision, created, modified, doc FROM things WHERE doc IS NOT NULL OR
 
 SELECT_SNAPSHOT = """
 SELECT revision, created, modified, doc FROM snapshots
-WHERE entity = 'thing' AND id = $1 AND revision <= $2 ORDER BY revision DESC LIMIT 1
+WHERE entity = 'thing' AND id = $1 AND revision <= $2 AND partition = $3 ORDER BY revision DESC LIMIT 1
 """
 
 SELECT_EVENTS = """
 SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
-FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3
+FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3 AND partition = $4
 ORDER BY revision
 """
 
 SELECT_EVENTS_PAGE = """
 SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
-FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3
+FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND revision <= $3 AND partition = $5
 ORDER BY revision LIMIT $4
 """
 
 SELECT_EVENT = """
 SELECT id, revision, ts, action, path, value::text AS value, originator, correlation_id, headers
-FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2
+FROM journal WHERE entity = 'thing' AND id = $1 AND revision = $2 AND partition = $3
 """
 
 # The last revision at or before a time: one descent of the index journal_ts (entity, id, ts,
@@ -179,9 +190,11 @@ ORDER BY ts DESC, revision DESC LIMIT 1
 """
 # After a snapshot, the first event left (to tell a revision removed by retention from one
 # beyond the newest).
-SELECT_FIRST_REVISION = "SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1"
+SELECT_FIRST_REVISION = """
+SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1 AND partition = $2
+"""
 SELECT_NEXT_REVISION = """
-SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2
+SELECT min(revision) FROM journal WHERE entity = 'thing' AND id = $1 AND revision > $2 AND partition = $3
 """
 # The deletions of the whole thing (path "/", or "//": empty segments are ignored), which end its
 # lives: partial index journal_thing_deletions (migration 13), however long the history.
@@ -231,6 +244,7 @@ class Mark(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     consumer: str
+    partition: int  # the consumer's partition: the unit's things are all in it
     expected: int
     seq: int
     sources: dict[str, int] = msgspec.field(default_factory=dict)
@@ -729,7 +743,7 @@ class Journal:
             async with self.pool.acquire() as con, con.transaction():
                 if prefetch:
                     known = [p.start.revision if (p := plans.get(i)) else None for i in ids]
-                    fetched = await con.fetch(PREFETCH, ids, known)
+                    fetched = await con.fetch(PREFETCH, ids, known, self._partitions(ids))
                     found_stale = self._prefetched(fetched, ids, groups, plans, entered)
                     planned.set()
                 locking = time.perf_counter()
@@ -747,7 +761,9 @@ class Journal:
                 ]
                 if stale:
                     self.replans += len(stale)
-                    rows = {r["id"]: r for r in await con.fetch(SELECT_FOR_WRITE, stale)}
+                    rows = {
+                        r["id"]: r for r in await con.fetch(SELECT_FOR_WRITE, stale, self._partitions(stale))
+                    }
                     for i in stale:
                         row = rows.get(i)
                         head = bytes(row["hash"]) if row is not None else GENESIS
@@ -825,9 +841,12 @@ class Journal:
         """Write the units' marks (under the lock); a fenced one drops its unit (rolled back)."""
         moved = await con.fetch(
             MARK,
-            dumps([{"consumer": m.consumer, "expected": m.expected, "seq": m.seq} for _, m in marks]),
             dumps([
-                {"consumer": m.consumer, "source": source, "seq": seq}
+                {"partition": m.partition, "consumer": m.consumer, "expected": m.expected, "seq": m.seq}
+                for _, m in marks
+            ]),
+            dumps([
+                {"partition": m.partition, "consumer": m.consumer, "source": source, "seq": seq}
                 for _, m in marks
                 for source, seq in m.sources.items()
             ]),
@@ -908,8 +927,10 @@ class Journal:
         heads: dict[str, bytes],
     ) -> None:
         every = self.snapshot_every
+        partition = self.recorder.partition
         projection = [
             {
+                "partition": partition(s.thing_id),
                 "id": s.thing_id,
                 "revision": s.revision,
                 "created": s.created,
@@ -921,6 +942,7 @@ class Journal:
         ]
         snapshots = [
             {
+                "partition": partition(s.thing_id),
                 "id": s.thing_id,
                 "revision": s.revision,
                 "created": s.created,
@@ -976,11 +998,12 @@ class Journal:
     async def load(self, thing_id: str) -> ThingState:
         """The current state (reads see every acknowledged write)."""
         async with self._reader() as con:
-            return _state(thing_id, await con.fetchrow(SELECT_THING, thing_id))
+            row = await con.fetchrow(SELECT_THING, thing_id, self.recorder.partition(thing_id))
+        return _state(thing_id, row)
 
     async def load_many(self, thing_ids: list[str]) -> dict[str, ThingState]:
         async with self._reader() as con:
-            rows = await con.fetch(SELECT_THINGS, thing_ids)
+            rows = await con.fetch(SELECT_THINGS, thing_ids, self._partitions(thing_ids))
         return {r["id"]: _state(r["id"], r) for r in rows}
 
     async def load_all(self, limit: int) -> list[ThingState]:
@@ -998,11 +1021,12 @@ class Journal:
         con: Connection | None = None,
     ) -> list[Event]:
         """Events of one thing with ``after_revision < revision <= to_revision``."""
+        partition = self.recorder.partition(thing_id)
         if con is None:
             async with self._reader() as c:
-                rows = await c.fetch(SELECT_EVENTS, thing_id, after_revision, to_revision)
+                rows = await c.fetch(SELECT_EVENTS, thing_id, after_revision, to_revision, partition)
         else:
-            rows = await con.fetch(SELECT_EVENTS, thing_id, after_revision, to_revision)
+            rows = await con.fetch(SELECT_EVENTS, thing_id, after_revision, to_revision, partition)
         return [event_from_row(r) for r in rows]
 
     async def load_at(self, thing_id: str, revision: int, *, con: Connection | None = None) -> ThingState:
@@ -1016,8 +1040,9 @@ class Journal:
         if con is None:
             async with self._reader() as c:
                 return await self.load_at(thing_id, revision, con=c)
+        partition = self.recorder.partition(thing_id)
         for _ in range(2):
-            row = await con.fetchrow(SELECT_SNAPSHOT, thing_id, revision)
+            row = await con.fetchrow(SELECT_SNAPSHOT, thing_id, revision, partition)
             base = _state(thing_id, row)
             events = await self.events(thing_id, base.revision, revision, con=con)
             if events:
@@ -1025,7 +1050,7 @@ class Journal:
                     return replay(base, events)
             elif base.revision >= revision:
                 return base  # exactly a snapshot
-            elif await con.fetchval(SELECT_NEXT_REVISION, thing_id, base.revision) is None:
+            elif await con.fetchval(SELECT_NEXT_REVISION, thing_id, base.revision, partition) is None:
                 return base  # nothing after it: beyond the newest event
         raise history_not_found(thing_id, revision=revision)
 
@@ -1033,7 +1058,7 @@ class Journal:
         """The oldest revision of ``thing_id`` still in the journal (above 1 after a history
         cleanup; 0: no events)."""
         async with self._reader() as con:
-            first = await con.fetchval(SELECT_FIRST_REVISION, thing_id)
+            first = await con.fetchval(SELECT_FIRST_REVISION, thing_id, self.recorder.partition(thing_id))
         return 0 if first is None else int(first)
 
     async def deletions(self, thing_id: str) -> list[tuple[int, int]]:
@@ -1052,7 +1077,7 @@ class Journal:
     async def load_historical(self, thing_id: str, revision: int) -> tuple[ThingState, Event | None]:
         """The state at ``revision`` and the event that produced it (``None``: no such revision)."""
         async with self._reader() as con:
-            row = await con.fetchrow(SELECT_EVENT, thing_id, revision)
+            row = await con.fetchrow(SELECT_EVENT, thing_id, revision, self.recorder.partition(thing_id))
             if row is None:
                 return ThingState.absent(thing_id), None
             return await self.load_at(thing_id, revision, con=con), event_from_row(row)
@@ -1063,9 +1088,10 @@ class Journal:
         """Events with ``after_revision < revision <= to_revision`` in revision order, ``page`` at a
         time; each page on its own pooled connection (none is held between pages)."""
         after = after_revision
+        partition = self.recorder.partition(thing_id)
         while after < to_revision:
             async with self._reader() as con:
-                rows = await con.fetch(SELECT_EVENTS_PAGE, thing_id, after, to_revision, page)
+                rows = await con.fetch(SELECT_EVENTS_PAGE, thing_id, after, to_revision, page, partition)
             if not rows:
                 return
             events = [event_from_row(r) for r in rows]

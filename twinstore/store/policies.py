@@ -32,28 +32,35 @@ POLICY_CHANNEL = "twinstore_policies"
 # The policy listener checks its connection every second; an answer later than this ends it.
 HEARTBEAT_TIMEOUT = 5.0
 
-SELECT_POLICY = "SELECT revision, created, modified, doc FROM policies WHERE id = $1"
-SELECT_POLICIES = "SELECT id, revision, created, modified, doc FROM policies WHERE id = any($1::text[])"
-SELECT_FOR_WRITE = "SELECT revision, created, modified, doc, hash FROM policies WHERE id = $1"
+# Reads name the policy's partition too (see twinstore.store.journal: routed to its shard).
+SELECT_POLICY = "SELECT revision, created, modified, doc FROM policies WHERE id = $1 AND partition = $2"
+SELECT_POLICIES = """
+SELECT id, revision, created, modified, doc FROM policies
+WHERE id = any($1::text[]) AND partition = any($2::int[])
+"""
+SELECT_FOR_WRITE = (
+    "SELECT revision, created, modified, doc, hash FROM policies WHERE id = $1 AND partition = $2"
+)
 # The policy and the journal position of the creation that began its current life (one
 # statement: one snapshot, so the two agree even while the policy is deleted and created again).
 SELECT_POLICY_ORIGIN = """
 SELECT p.revision, p.created, p.modified, p.doc,
        (SELECT j.position FROM journal j
-        WHERE j.entity = 'policy' AND j.id = p.id AND j.action = 'created' AND j.path ~ '^/*$'
-          AND j.revision <= p.revision
+        WHERE j.entity = 'policy' AND j.id = p.id AND j.partition = p.partition AND j.action = 'created'
+          AND j.path ~ '^/*$' AND j.revision <= p.revision
         ORDER BY j.revision DESC LIMIT 1) AS origin
-FROM policies p WHERE p.id = $1
+FROM policies p WHERE p.id = $1 AND p.partition = $2
 """
 
-# The projection row ($2, a JSON object), appended with the event (Recorder.append).
+# The projection row ($2, a JSON object), appended with the event (Recorder.append), in the
+# policy's partition (part of the key: schema migration 17).
 PROJECT = """
 projected AS (
-    INSERT INTO policies (id, revision, created, modified, doc, hash, readers)
-    SELECT p.id, p.revision, p.created, p.modified, p.doc, decode(p.hash, 'hex'), p.readers
-    FROM jsonb_to_record($2::text::jsonb) AS p(id text, revision bigint, created timestamptz,
-        modified timestamptz, doc jsonb, hash text, readers text[])
-    ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, created = excluded.created,
+    INSERT INTO policies (partition, id, revision, created, modified, doc, hash, readers)
+    SELECT p.partition, p.id, p.revision, p.created, p.modified, p.doc, decode(p.hash, 'hex'), p.readers
+    FROM jsonb_to_record($2::text::jsonb) AS p(partition int, id text, revision bigint,
+        created timestamptz, modified timestamptz, doc jsonb, hash text, readers text[])
+    ON CONFLICT (id, partition) DO UPDATE SET revision = excluded.revision, created = excluded.created,
         modified = excluded.modified, doc = excluded.doc, hash = excluded.hash, readers = excluded.readers
 )"""
 
@@ -94,16 +101,17 @@ class PolicyStore:
     async def load(self, policy_id: str) -> PolicyState:
         try:
             async with self.pool.acquire() as con:
-                return _state(policy_id, await con.fetchrow(SELECT_POLICY, policy_id))
+                row = await con.fetchrow(SELECT_POLICY, policy_id, self.recorder.partition(policy_id))
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
             raise UnavailableError("The database is not reachable; retry later.") from exc
+        return _state(policy_id, row)
 
     async def load_with_origin(self, policy_id: str) -> tuple[PolicyState, int]:
         """The policy and the journal position of the creation its current life began with (0: that
         creation lies before the retained history, or there is no policy)."""
         try:
             async with self.pool.acquire() as con:
-                row = await con.fetchrow(SELECT_POLICY_ORIGIN, policy_id)
+                row = await con.fetchrow(SELECT_POLICY_ORIGIN, policy_id, self.recorder.partition(policy_id))
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
             raise UnavailableError("The database is not reachable; retry later.") from exc
         origin = 0 if row is None or row["origin"] is None else int(row["origin"])
@@ -112,7 +120,8 @@ class PolicyStore:
     async def load_many(self, policy_ids: list[str]) -> dict[str, PolicyState]:
         try:
             async with self.pool.acquire() as con:
-                rows = await con.fetch(SELECT_POLICIES, policy_ids)
+                partitions = sorted({self.recorder.partition(i) for i in policy_ids})
+                rows = await con.fetch(SELECT_POLICIES, policy_ids, partitions)
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
             raise UnavailableError("The database is not reachable; retry later.") from exc
         return {r["id"]: _state(r["id"], r) for r in rows}
@@ -148,7 +157,7 @@ class PolicyStore:
                 await recorder.lock_all(con)
             else:
                 await recorder.lock(con, [partition])
-            row = await con.fetchrow(SELECT_FOR_WRITE, policy_id)
+            row = await con.fetchrow(SELECT_FOR_WRITE, policy_id, partition)
             before = _state(policy_id, row)
             head = bytes(row["hash"]) if row is not None else GENESIS
             event = decide(before, datetime.now(UTC))
@@ -180,6 +189,7 @@ class PolicyStore:
                 event.correlation_id,
             )
             projection = {
+                "partition": partition,
                 "id": policy_id,
                 "revision": event.revision,
                 "created": after.created,

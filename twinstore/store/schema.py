@@ -1,7 +1,9 @@
 """Database schema and migrations; safe when several processes migrate at once.
 
-Every table's key leads with the entity id so journal and projection can be distributed by
-id (Citus) without change; no query in the write path joins across things.
+Every table a write transaction writes holds the journal partition of its rows, in its primary
+key (after the entity id, which keys lead with: lookups by id use them), so journal, projection
+and their companions can be distributed by partition (Citus, README "Running on Citus") with
+every single-partition write on one shard; no query in the write path joins across things.
 """
 
 from __future__ import annotations
@@ -123,6 +125,117 @@ async def _partition_journal(con: Connection, partitions: int) -> None:
         DROP TABLE relay_cursor;
         ALTER TABLE journal ALTER COLUMN partition SET NOT NULL, ALTER COLUMN seq SET NOT NULL;
         CREATE UNIQUE INDEX journal_partition_seq ON journal (partition, seq);
+        """
+    )
+
+
+# The tables written with journal events (or by the writer of one partition) that lacked a
+# partition: table -> (the column holding the id partitioned by, its key columns). Their key
+# becomes the old key plus ``partition`` (it still leads with the id: lookups by id use it).
+PARTITIONED = {
+    "things": ("id", ("id",)),
+    "snapshots": ("id", ("entity", "id", "revision")),
+    "policies": ("id", ("id",)),
+    "anomaly_detectors": ("thing_id", ("thing_id", "feature_id")),
+    "anomaly_state": ("thing_id", ("thing_id", "feature_id")),
+    "anomalies": ("thing_id", ("thing_id", "feature_id", "revision")),
+}
+# Tables that had a partition but whose key lacked it.
+REKEYED = {
+    "journal": ("entity", "id", "revision"),
+    "ingest_progress": ("consumer", "source"),
+}
+
+
+def consumer_partition(consumer: str, partitions: int) -> int:
+    """The partition of an ingest consumer's progress row: the number its name ends with
+    (``<stream>/<partition>``, twinstore.ingest), else its name's own partition (a name of
+    another form: a stable place, no writer of the ingest path uses it).
+
+    >>> consumer_partition("twinstore-ingest/3", 64), consumer_partition("ingest-3", 64)
+    (3, 25)
+    """
+    _, _, tail = consumer.rpartition("/")
+    if tail.isdigit() and int(tail) < partitions:
+        return int(tail)
+    return partition_of(consumer, partitions)
+
+
+async def _swap_key(con: Connection, table: str, columns: tuple[str, ...]) -> None:
+    """Make ``columns`` + ``partition`` the primary key of ``table`` (same constraint name; the
+    index is built once, before the old one is dropped)."""
+    constraint = await con.fetchval(
+        "SELECT conname FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'p'", table
+    )
+    key = ", ".join((*columns, "partition"))
+    await con.execute(
+        f"""
+        CREATE UNIQUE INDEX {table}_key_new ON {table} ({key});
+        ALTER TABLE {table} DROP CONSTRAINT "{constraint}",
+            ADD CONSTRAINT "{constraint}" PRIMARY KEY USING INDEX {table}_key_new;
+        """
+    )
+
+
+async def _partition_keys(con: Connection, partitions: int) -> None:
+    """17: every table a write transaction writes carries the partition of what it holds, in
+    its primary key, so that a database distributed by partition (Citus, see the README's
+    "Running on Citus") runs every write transaction on one shard: ``things``, ``snapshots``,
+    ``policies`` and the anomaly tables get a ``partition`` column (of the thing, or of the
+    policy), ``ingest_progress`` the partition of its consumer; their keys and the journal's
+    take ``partition`` after the columns they had, so every lookup by id keeps its index.
+
+    Existing rows get the partition the writers compute (crc32 of the id, as migration 15 placed
+    the journal's events); the rows are updated in place, the journal's are not touched (only
+    its primary key index is built again).
+    """
+    partitions = await stored_partitions(con)  # placed by migration 15 (the database's count)
+    await con.execute(
+        "\n".join(f"ALTER TABLE {table} ADD COLUMN partition integer;" for table in PARTITIONED)
+        + "ALTER TABLE ingest_progress ADD COLUMN partition integer;"
+    )
+    ids = await con.fetch(
+        " UNION ".join(f"SELECT {column} AS id FROM {table}" for table, (column, _) in PARTITIONED.items())
+    )
+    if ids:
+        # crc32 (partition_of) has no SQL counterpart: each id's partition is computed here.
+        await con.execute("CREATE TEMPORARY TABLE key_partitions (id text, partition integer) ON COMMIT DROP")
+        await con.copy_records_to_table(
+            "key_partitions",
+            records=[(r["id"], partition_of(partition_key(r["id"]), partitions)) for r in ids],
+        )
+        await con.execute("ANALYZE key_partitions")  # temporary tables are never analyzed on their own
+        for table, (column, _) in PARTITIONED.items():
+            await con.execute(
+                f"UPDATE {table} t SET partition = k.partition FROM key_partitions k WHERE k.id = t.{column}"
+            )
+    consumers = await con.fetch("SELECT DISTINCT consumer FROM ingest_progress")
+    if consumers:
+        await con.execute(
+            "UPDATE ingest_progress p SET partition = c.partition "
+            "FROM unnest($1::text[], $2::int[]) AS c(consumer, partition) WHERE p.consumer = c.consumer",
+            [r["consumer"] for r in consumers],
+            [consumer_partition(r["consumer"], partitions) for r in consumers],
+        )
+    for table, (_, key) in PARTITIONED.items():
+        await con.execute(f"ALTER TABLE {table} ALTER COLUMN partition SET NOT NULL")
+        await _swap_key(con, table, key)
+    await con.execute("ALTER TABLE ingest_progress ALTER COLUMN partition SET NOT NULL")
+    for table, key in REKEYED.items():
+        await _swap_key(con, table, key)
+    # The heads are read in the partitions locked (a distributed database routes the read to
+    # their shard); by id within them, the primary key's first column.
+    await con.execute(
+        """
+        CREATE OR REPLACE FUNCTION twinstore_lock_and_heads(parts integer[], ids text[])
+        RETURNS TABLE (id text, revision bigint, hash bytea)
+        LANGUAGE plpgsql VOLATILE AS $$
+        BEGIN
+            PERFORM 1 FROM partition_heads h WHERE h.partition = any(parts) ORDER BY h.partition FOR UPDATE;
+            RETURN QUERY SELECT t.id, t.revision, t.hash FROM things t
+                WHERE t.id = any(ids) AND t.partition = any(parts);
+        END
+        $$;
         """
     )
 
@@ -405,6 +518,8 @@ MIGRATIONS: list[Migration] = [
     END
     $$;
     """,
+    # 17: partitions in the keys of every table a write transaction writes (see _partition_keys)
+    _partition_keys,
 ]
 
 
