@@ -649,10 +649,16 @@ def _shown_url(url: str | None) -> str:
     if len(several) > 1 and all("://" in part for part in several):  # NATS: one URL per server
         return ",".join(_shown_url(part) for part in several)
     parts = urlsplit(url)
-    if parts.password is None:
+    # The host part is kept as written: PostgreSQL's several hosts (h1:5432,h2:5432) and IPv6
+    # brackets are not one host and port to urlsplit.
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if ":" not in userinfo:  # PostgreSQL: a user name; NATS: a token, as secret as a password
+        if parts.scheme.startswith("postgres"):
+            return url
+        return urlunsplit(parts._replace(netloc=f"***@{hosts}"))
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hosts}"))
 
 
 def _announcer(settings: Settings, servers: EmbeddedServers | None) -> Callable[[], None]:
