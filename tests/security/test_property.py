@@ -404,7 +404,7 @@ class MemoryJournal(Journal):
 
     async def write(self, request: WriteRequest) -> Committed:
         before = self.state
-        event, after = self._decide(before, request)
+        event, after, _ = self._decide(before, request)
         self.events.append(event)
         self.state = after
         if after.doc is not None:
