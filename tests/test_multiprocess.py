@@ -127,7 +127,9 @@ class Watcher:
         self.live = live  # the servers still up (shared with the test)
         self.namespace = namespace
         self.seen: dict[str, set[int]] = {t: set() for t in things}
-        self.last: dict[str, int] = {t: 0 for t in things}
+        # The things were created (revision 1) before the client subscribed: a client that
+        # reconnects before any of a thing's live events asks for what follows that.
+        self.last: dict[str, int] = {t: 1 for t in things}
         self.out_of_order: list[tuple[str, int, int]] = []
         self.closes: list[int | None] = []  # close code received (None: no close frame)
         self.connections = 0
