@@ -178,9 +178,15 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing_running(tmp_path:
         try:
             status = proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGUSR1)  # its threads' stacks, to see where it waits
+            # Its signal masks (blocked, ignored, caught: a blocked or ignored SIGINT is inherited
+            # from the process that started it) and its threads' stacks, to see where it waits.
+            masks = [
+                line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                if line.startswith(("SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd"))
+            ]
+            proc.send_signal(signal.SIGUSR1)
             time.sleep(1)
-            raise AssertionError(f"no exit 60 s after Ctrl-C:\n{log.read_text()}") from None
+            raise AssertionError(f"no exit 60 s after Ctrl-C: {masks}\n{log.read_text()}") from None
         output = log.read_text()
         assert status == EXIT_INTERRUPTED, output
         assert "Traceback" not in output, output
