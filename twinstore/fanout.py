@@ -300,7 +300,7 @@ class FanOut:
 
     @property
     def listening_now(self) -> bool:
-        """Whether the process holds its NATS subscription (for tests and /metrics)."""
+        """Whether the process holds its NATS events subscription now."""
         return self._sub is not None
 
     async def listening(self) -> None:
