@@ -84,6 +84,27 @@ def require(condition: object, reason: str) -> None:
     pytest.skip(reason, allow_module_level=True)
 
 
+def twinstore_on(
+    database_url: str, *args: str, timeout: float = 120, **env: str | None
+) -> subprocess.CompletedProcess[str]:
+    """``twinstore <args>`` as a process against ``database_url`` (output captured); ``env``: more
+    variables for it, None removing one the test's own environment has."""
+    environ = {**os.environ, "TWINSTORE_DATABASE_URL": database_url}
+    for name, value in env.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return subprocess.run(
+        [sys.executable, "-m", "twinstore.cli", *args],
+        env=environ,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 Check = Callable[[], "bool | Awaitable[bool]"]
 
 

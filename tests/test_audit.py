@@ -9,17 +9,15 @@ stays intact for the other tests).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
-import sys
 from collections.abc import Sequence
 
 import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import ROOT, new_thing_id
+from tests.conftest import new_thing_id, twinstore_on
 from twinstore.audit import Report, Scope, verify_database
 from twinstore.settings import Settings
 from twinstore.store.recorder import Record, Recorder
@@ -98,15 +96,7 @@ async def sql(url: str, *statements: str) -> None:
 
 
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TWINSTORE_DATABASE_URL": url}
-    return subprocess.run(
-        [sys.executable, "-m", "twinstore.cli", "audit", "verify", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return twinstore_on(url, "audit", "verify", *args, timeout=60)
 
 
 def where(thing_id: str, revision: int) -> str:

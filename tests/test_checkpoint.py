@@ -9,10 +9,8 @@ database and tampered with there.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -21,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from tests.conftest import ROOT
+from tests.conftest import twinstore_on
 from tests.test_audit import copy_namespace, make_things, sql
 from twinstore.audit import (
     Scope,
@@ -48,18 +46,7 @@ def write_key(path: Path) -> str:
 
 
 def cli(url: str, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TWINSTORE_DATABASE_URL": url}
-    env.pop("TWINSTORE_AUDIT_SIGNING_KEY", None)
-    if key is not None:
-        env["TWINSTORE_AUDIT_SIGNING_KEY"] = key
-    return subprocess.run(
-        [sys.executable, "-m", "twinstore.cli", "audit", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return twinstore_on(url, "audit", *args, timeout=60, TWINSTORE_AUDIT_SIGNING_KEY=key)
 
 
 def test_merkle_root_is_order_independent_and_sensitive() -> None:

@@ -8,17 +8,15 @@ database, where `audit verify` and `replay` are OK and the things' documents equ
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import twinstore_on
 from tests.test_audit import make_things
 from twinstore.model.policy import default_policy
 from twinstore.settings import Settings
@@ -27,15 +25,7 @@ from twinstore.store.schema import stored_partitions
 
 
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TWINSTORE_DATABASE_URL": url}
-    return subprocess.run(
-        [sys.executable, "-m", "twinstore.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return twinstore_on(url, *args)
 
 
 @pytest.fixture

@@ -8,16 +8,14 @@ with (the session database stays intact for the other tests).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
-import sys
 
 import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import twinstore_on
 from tests.test_audit import copy_namespace, make_things, sql
 from twinstore.model.partition import partition_of
 from twinstore.model.policy import default_policy
@@ -52,15 +50,7 @@ async def copy_all(settings: Settings, scratch: str, namespace: str) -> None:
 
 
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TWINSTORE_DATABASE_URL": url}
-    return subprocess.run(
-        [sys.executable, "-m", "twinstore.cli", "replay", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return twinstore_on(url, "replay", *args, timeout=60)
 
 
 @pytest.fixture

@@ -15,10 +15,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import secrets
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ import httpx
 import pytest
 
 from tests.api.helpers import assert_error, url
-from tests.conftest import ROOT, new_thing_id
+from tests.conftest import new_thing_id, twinstore_on
 from tests.test_audit import COLUMNS, append_rows, make_things, sql, where
 from tests.test_checkpoint import write_key
 from twinstore.audit import (
@@ -59,19 +57,11 @@ def namespace() -> str:
 
 
 def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "TWINSTORE_DATABASE_URL": url, **env}
-    if "TWINSTORE_AUDIT_SIGNING_KEY" not in env:
-        environ.pop("TWINSTORE_AUDIT_SIGNING_KEY", None)
-    if "TWINSTORE_HISTORY_RETENTION_DAYS" not in env:
-        environ.pop("TWINSTORE_HISTORY_RETENTION_DAYS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "twinstore.cli", *args],
-        env=environ,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    # the test's own environment's key and retention do not reach it unless given
+    unset: dict[str, str | None] = dict.fromkeys(
+        ("TWINSTORE_AUDIT_SIGNING_KEY", "TWINSTORE_HISTORY_RETENTION_DAYS"), None
     )
+    return twinstore_on(url, *args, **{**unset, **env})
 
 
 async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:

@@ -31,7 +31,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from tests.conftest import ROOT, drop_database, fresh_database, require, with_database
+from tests.conftest import ROOT, drop_database, fresh_database, require, twinstore_on, with_database
 from twinstore.anomaly.store import label_anomaly
 from twinstore.model.partition import DEFAULT_PARTITIONS, partition_key, partition_of
 from twinstore.model.thing import Modify
@@ -236,15 +236,7 @@ def run_old(old_code: Path, script: Path, *args: str) -> dict[str, Any]:
 
 
 def cli(url: str, *args: str, key: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TWINSTORE_DATABASE_URL": url, "TWINSTORE_AUDIT_SIGNING_KEY": key}
-    return subprocess.run(
-        [sys.executable, "-m", "twinstore.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return twinstore_on(url, *args, TWINSTORE_AUDIT_SIGNING_KEY=key)
 
 
 # Everything the old code wrote, as (table, query); each must be unchanged by the upgrade.

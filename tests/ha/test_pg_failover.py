@@ -27,10 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,7 +39,7 @@ import msgspec
 import nats
 import pytest
 
-from tests.conftest import AUTH, ROOT, ServerProcess, bounded, eventually, new_thing_id
+from tests.conftest import AUTH, ServerProcess, bounded, eventually, new_thing_id, twinstore_on
 from tests.ha.blackhole import BlackHole
 from tests.ha.postgres import PgPair
 from tests.processes import Publisher
@@ -451,15 +449,7 @@ async def test_primary_vanished_without_a_reset_standby_promoted(settings: Setti
 
 
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TWINSTORE_DATABASE_URL": url}
-    return subprocess.run(
-        [sys.executable, "-m", "twinstore.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return twinstore_on(url, *args, timeout=60)
 
 
 async def _is_sync(pair: PgPair) -> bool:
