@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import secrets
 import statistics
 import sys
@@ -157,10 +158,19 @@ def things_by_partition(recorder: Recorder, things: int) -> dict[int, list[str]]
 
 
 async def bench_journal(
-    pool: asyncpg.Pool, recorder: Recorder, by_partition: dict[int, list[str]], batch: int, duration: float
+    pool: asyncpg.Pool,
+    recorder: Recorder,
+    by_partition: dict[int, list[str]],
+    batch: int,
+    duration: float,
+    *,
+    unit: bool = False,
 ) -> Measurement:
-    """``Journal.write`` from ``2 * batch`` concurrent writers, ``max_batch = batch``, spread over
-    as many partitions as the journal has commit loops (see the module)."""
+    """The Journal with ``max_batch = batch`` on as many partitions as it has commit loops (the
+    partitions holding the most things; see the module). ``Journal.write`` from ``2 * batch``
+    concurrent writers, or (``unit``) ``Journal.write_unit`` with ``batch`` requests per call, as
+    ``insert_events`` takes ``batch`` events per call (ingestion writes this way): two callers
+    per partition, one building its next unit while the other's commits."""
     journal = Journal(pool, max_batch=batch, recorder=recorder)
     busiest = sorted(by_partition, key=lambda p: (-len(by_partition[p]), p))
     partitions = busiest[: journal.writers]
@@ -168,73 +178,36 @@ async def bench_journal(
     try:
         batches0, events0 = journal.batches, journal.events_appended
         stop = time.monotonic() + duration
-        counter = 0
+        values = itertools.count(1)
 
-        async def writer(ids: list[str]) -> None:
-            nonlocal counter
+        def request(ids: list[str]) -> WriteRequest:
+            return WriteRequest(
+                thing_id=secrets.choice(ids),
+                command=Modify(path=PROPERTY, value=next(values)),
+                originator=ORIGINATOR,
+                correlation_id=str(uuid.uuid4()),
+            )
+
+        async def caller(ids: list[str]) -> None:
             while time.monotonic() < stop:
-                counter += 1
-                await journal.write(
-                    WriteRequest(
-                        thing_id=secrets.choice(ids),
-                        command=Modify(path=PROPERTY, value=counter),
-                        originator=ORIGINATOR,
-                        correlation_id=str(uuid.uuid4()),
-                    )
-                )
+                if unit:
+                    await journal.write_unit([request(ids) for _ in range(batch)])
+                else:
+                    await journal.write(request(ids))
 
+        if unit:
+            assigned = [p for p in partitions for _ in range(2)]
+        else:
+            assigned = [partitions[i % len(partitions)] for i in range(2 * batch)]
         t0 = time.monotonic()
-        await asyncio.gather(
-            *(writer(by_partition[partitions[i % len(partitions)]]) for i in range(2 * batch))
-        )
+        await asyncio.gather(*(caller(by_partition[p]) for p in assigned))
         elapsed = time.monotonic() - t0
         return Measurement(
-            "twinstore Journal",
+            UNIT if unit else JOURNAL,
             batch,
             journal.events_appended - events0,
             elapsed,
             journal.batches - batches0,
-        )
-    finally:
-        await journal.stop()
-
-
-async def bench_journal_unit(
-    pool: asyncpg.Pool, recorder: Recorder, by_partition: dict[int, list[str]], batch: int, duration: float
-) -> Measurement:
-    """``Journal.write_unit`` with ``batch`` requests per call, as ``insert_events`` takes
-    ``batch`` events per call (ingestion writes this way): two callers per commit loop, each
-    loop on its own partition's things (the partitions holding the most things)."""
-    journal = Journal(pool, max_batch=batch, recorder=recorder)
-    busiest = sorted(by_partition, key=lambda p: (-len(by_partition[p]), p))
-    journal.start()
-    try:
-        batches0, events0 = journal.batches, journal.events_appended
-        stop = time.monotonic() + duration
-        counter = 0
-
-        async def caller(ids: list[str]) -> None:
-            nonlocal counter
-            while time.monotonic() < stop:
-                requests = []
-                for _ in range(batch):
-                    counter += 1
-                    requests.append(
-                        WriteRequest(
-                            thing_id=secrets.choice(ids),
-                            command=Modify(path=PROPERTY, value=counter),
-                            originator=ORIGINATOR,
-                            correlation_id=str(uuid.uuid4()),
-                        )
-                    )
-                await journal.write_unit(requests)
-
-        t0 = time.monotonic()
-        # two callers per partition: one builds its next unit while the other's commits
-        await asyncio.gather(*(caller(by_partition[p]) for p in busiest[: journal.writers] for _ in range(2)))
-        elapsed = time.monotonic() - t0
-        return Measurement(
-            UNIT, batch, journal.events_appended - events0, elapsed, journal.batches - batches0
         )
     finally:
         await journal.stop()
@@ -562,7 +535,7 @@ async def main_async(args: argparse.Namespace) -> int:
                             versions,
                         ),
                         partial(bench_journal, pool, recorder, by_partition, batch, args.duration),
-                        partial(bench_journal_unit, pool, recorder, by_partition, batch, args.duration),
+                        partial(bench_journal, pool, recorder, by_partition, batch, args.duration, unit=True),
                         *(
                             partial(
                                 bench_sql, pool, args, recorder, by_partition, batch, append_chains,
