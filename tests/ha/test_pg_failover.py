@@ -287,6 +287,26 @@ def first_ack_after(load: Load, instant: float) -> float | None:
     return min(done) if done else None
 
 
+async def promote_and_recover(pair: PgPair, load: Load, probes: Probes) -> float:
+    """Promote the standby, then wait until writes are acknowledged again (and go on being)
+    and /ready says 200; when the promotion was made."""
+    await asyncio.to_thread(pair.promote)
+    promoted = time.monotonic()
+    acked_at_promotion = len(load.acked)
+    await load.wait_for(
+        "a write acknowledged after the promotion",
+        lambda: first_ack_after(load, promoted) is not None,
+        RECOVERY_BOUND + 15,
+    )
+    await load.wait_for(
+        "writes acknowledged after the recovery",
+        lambda: len(load.acked) >= acked_at_promotion + ACKS_AFTER_RECOVERY,
+        30,
+    )
+    await eventually(lambda: probes.statuses("/ready")[-1:] == [200], 15, "/ready 200 after the promotion")
+    return promoted
+
+
 async def test_primary_lost_mid_load_standby_promoted_no_acknowledged_write_lost(settings: Settings) -> None:
     async with pair_and_server(settings) as setup:
         pair = setup.pair
@@ -303,22 +323,7 @@ async def test_primary_lost_mid_load_standby_promoted_no_acknowledged_write_lost
             await eventually(
                 lambda: 503 in probes.statuses("/ready", since=killed), 15, "/ready 503 after the kill"
             )
-            await asyncio.to_thread(pair.promote)
-            promoted = time.monotonic()
-            acked_at_promotion = len(load.acked)
-            await load.wait_for(
-                "a write acknowledged after the promotion",
-                lambda: first_ack_after(load, promoted) is not None,
-                RECOVERY_BOUND + 15,
-            )
-            await load.wait_for(
-                "writes acknowledged after the recovery",
-                lambda: len(load.acked) >= acked_at_promotion + ACKS_AFTER_RECOVERY,
-                30,
-            )
-            await eventually(
-                lambda: probes.statuses("/ready")[-1:] == [200], 15, "/ready 200 after the promotion"
-            )
+            promoted = await promote_and_recover(pair, load, probes)
         recovered = first_ack_after(load, promoted)
         assert recovered is not None
         outage = recovered - promoted
@@ -415,22 +420,7 @@ async def test_primary_vanished_without_a_reset_standby_promoted(settings: Setti
             lost = time.monotonic()
             hole.swallow()
             await asyncio.to_thread(pair.kill_primary)
-            await asyncio.to_thread(pair.promote)
-            promoted = time.monotonic()
-            acked_at_promotion = len(load.acked)
-            await load.wait_for(
-                "a write acknowledged after the promotion",
-                lambda: first_ack_after(load, promoted) is not None,
-                RECOVERY_BOUND + 15,
-            )
-            await load.wait_for(
-                "writes acknowledged after the recovery",
-                lambda: len(load.acked) >= acked_at_promotion + ACKS_AFTER_RECOVERY,
-                30,
-            )
-            await eventually(
-                lambda: probes.statuses("/ready")[-1:] == [200], 15, "/ready 200 after the promotion"
-            )
+            promoted = await promote_and_recover(pair, load, probes)
         recovered = first_ack_after(load, promoted)
         assert recovered is not None
         outage = recovered - promoted
